@@ -1,0 +1,286 @@
+//! Single-threaded accumulation of messages into (topic, partition, bucket) cells.
+//!
+//! A [`Tally`] is what every hop counts into between two flushes: audit-lib's concurrent
+//! tracker keeps one per shard, chaperone-service keeps one per consumer loop. Draining it
+//! yields [`Entry`] values that become [`Counts`] records once the caller names the logical
+//! topic and the observer.
+
+use std::collections::HashMap;
+
+use crate::bucket::BucketWidth;
+use crate::histogram::Latency;
+use crate::record::{Counts, Observer};
+
+/// What one hop has counted in one (topic, partition, bucket).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Cell {
+    /// Messages counted, including untimed and malformed ones.
+    pub count: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Messages with no usable event time (bucketed by arrival time).
+    pub no_timestamp: u64,
+    /// Messages whose payload could not be parsed for an event time.
+    pub malformed: u64,
+    /// Earliest event time seen.
+    pub min_event_ms: Option<i64>,
+    /// Latest event time seen.
+    pub max_event_ms: Option<i64>,
+    /// Latency distribution of the timed messages.
+    pub latency: Latency,
+}
+
+impl Cell {
+    /// Adds one message with a known event time.
+    #[inline]
+    pub fn add_timed(&mut self, event_ms: i64, bytes: u64, seen_at_ms: i64) {
+        self.count += 1;
+        self.bytes += bytes;
+        self.min_event_ms = Some(self.min_event_ms.map_or(event_ms, |m| m.min(event_ms)));
+        self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
+        self.latency.record(seen_at_ms.saturating_sub(event_ms));
+    }
+
+    /// Adds one message without a usable event time; `malformed` when its payload could
+    /// not be parsed.
+    #[inline]
+    pub fn add_untimed(&mut self, bytes: u64, malformed: bool) {
+        self.count += 1;
+        self.bytes += bytes;
+        self.no_timestamp += 1;
+        if malformed {
+            self.malformed += 1;
+        }
+    }
+
+    /// Adds everything counted in `other`.
+    pub fn merge(&mut self, other: &Cell) {
+        self.count += other.count;
+        self.bytes += other.bytes;
+        self.no_timestamp += other.no_timestamp;
+        self.malformed += other.malformed;
+        self.min_event_ms = match (self.min_event_ms, other.min_event_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.max_event_ms = match (self.max_event_ms, other.max_event_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.latency.merge(&other.latency);
+    }
+}
+
+/// One drained cell with its key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// Topic the messages were counted under (the physical topic for a cluster tier).
+    pub topic: String,
+    /// Partition, when known.
+    pub partition: Option<i32>,
+    /// Start of the event-time bucket.
+    pub bucket_start_ms: i64,
+    /// What was counted.
+    pub cell: Cell,
+}
+
+impl Entry {
+    /// Turns this entry into a counts record.
+    pub fn into_counts(
+        self,
+        id: String,
+        logical_topic: String,
+        width: BucketWidth,
+        observer: Observer,
+        emitted_at_ms: i64,
+    ) -> Counts {
+        Counts {
+            id,
+            topic: logical_topic,
+            physical_topic: self.topic,
+            partition: self.partition,
+            bucket_start_ms: self.bucket_start_ms,
+            bucket_width: width,
+            observer,
+            count: self.cell.count,
+            bytes: self.cell.bytes,
+            no_timestamp: self.cell.no_timestamp,
+            malformed: self.cell.malformed,
+            min_event_ms: self.cell.min_event_ms,
+            max_event_ms: self.cell.max_event_ms,
+            latency: self.cell.latency,
+            emitted_at_ms,
+        }
+    }
+}
+
+/// Cells keyed by topic, then (partition, bucket start).
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    width: BucketWidth,
+    topics: HashMap<String, HashMap<(Option<i32>, i64), Cell>>,
+    cells: usize,
+}
+
+impl Tally {
+    /// An empty tally counting into buckets of `width`.
+    pub fn new(width: BucketWidth) -> Self {
+        Self {
+            width,
+            topics: HashMap::new(),
+            cells: 0,
+        }
+    }
+
+    /// The bucket width.
+    pub fn width(&self) -> BucketWidth {
+        self.width
+    }
+
+    /// Number of open cells.
+    pub fn len(&self) -> usize {
+        self.cells
+    }
+
+    /// Whether no cell is open.
+    pub fn is_empty(&self) -> bool {
+        self.cells == 0
+    }
+
+    /// Whether the cell for this key already exists (recording into it opens no new cell).
+    pub fn contains(&self, topic: &str, partition: Option<i32>, bucket_start_ms: i64) -> bool {
+        self.topics
+            .get(topic)
+            .is_some_and(|cells| cells.contains_key(&(partition, bucket_start_ms)))
+    }
+
+    /// The cell for (topic, partition, bucket), created when missing. Looks the topic up by
+    /// `&str`, so no allocation happens once the topic is known.
+    #[inline]
+    pub fn cell(&mut self, topic: &str, partition: Option<i32>, bucket_start_ms: i64) -> &mut Cell {
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(topic.to_owned(), HashMap::new());
+        }
+        #[allow(clippy::expect_used)]
+        let cells = self.topics.get_mut(topic).expect("the topic is present");
+        let created = &mut self.cells;
+        cells
+            .entry((partition, bucket_start_ms))
+            .or_insert_with(|| {
+                *created += 1;
+                Cell::default()
+            })
+    }
+
+    /// Counts one message with a known event time.
+    #[inline]
+    pub fn record(
+        &mut self,
+        topic: &str,
+        partition: Option<i32>,
+        event_ms: i64,
+        bytes: u64,
+        seen_at_ms: i64,
+    ) {
+        let start = self.width.start_of(event_ms);
+        self.cell(topic, partition, start)
+            .add_timed(event_ms, bytes, seen_at_ms);
+    }
+
+    /// Counts one message without a usable event time, in the bucket of its arrival.
+    #[inline]
+    pub fn record_untimed(
+        &mut self,
+        topic: &str,
+        partition: Option<i32>,
+        bytes: u64,
+        seen_at_ms: i64,
+        malformed: bool,
+    ) {
+        let start = self.width.start_of(seen_at_ms);
+        self.cell(topic, partition, start)
+            .add_untimed(bytes, malformed);
+    }
+
+    /// Adds every cell of `other` (which must use the same width) into `self`.
+    pub fn merge(&mut self, other: Tally) {
+        debug_assert_eq!(self.width, other.width);
+        for (topic, cells) in other.topics {
+            for ((partition, start), cell) in cells {
+                self.cell(&topic, partition, start).merge(&cell);
+            }
+        }
+    }
+
+    /// Removes and returns every cell, sorted by topic, partition and bucket.
+    pub fn drain(&mut self) -> Vec<Entry> {
+        let mut out = Vec::with_capacity(self.cells);
+        for (topic, cells) in self.topics.drain() {
+            for ((partition, bucket_start_ms), cell) in cells {
+                out.push(Entry {
+                    topic: topic.clone(),
+                    partition,
+                    bucket_start_ms,
+                    cell,
+                });
+            }
+        }
+        self.cells = 0;
+        out.sort_by(|a, b| {
+            (&a.topic, a.partition, a.bucket_start_ms).cmp(&(
+                &b.topic,
+                b.partition,
+                b.bucket_start_ms,
+            ))
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_into_buckets_and_drains() {
+        let mut t = Tally::new(BucketWidth::default());
+        t.record("orders", Some(0), 60_000, 10, 60_500);
+        t.record("orders", Some(0), 119_999, 10, 120_000);
+        t.record("orders", Some(0), 120_000, 5, 120_001);
+        t.record_untimed("orders", Some(1), 7, 61_000, true);
+        assert_eq!(t.len(), 3);
+        let drained = t.drain();
+        assert!(t.is_empty());
+        assert_eq!(drained.len(), 3);
+        let first = &drained[0];
+        assert_eq!((first.partition, first.bucket_start_ms), (Some(0), 60_000));
+        assert_eq!(first.cell.count, 2);
+        assert_eq!(first.cell.bytes, 20);
+        assert_eq!(first.cell.min_event_ms, Some(60_000));
+        assert_eq!(first.cell.max_event_ms, Some(119_999));
+        assert_eq!(first.cell.latency.len(), 2);
+        let untimed = &drained[2];
+        assert_eq!(
+            (untimed.partition, untimed.bucket_start_ms),
+            (Some(1), 60_000)
+        );
+        assert_eq!((untimed.cell.no_timestamp, untimed.cell.malformed), (1, 1));
+        assert!(untimed.cell.latency.is_empty());
+    }
+
+    #[test]
+    fn merge_adds_cells() {
+        let mut a = Tally::new(BucketWidth::default());
+        let mut b = Tally::new(BucketWidth::default());
+        a.record("t", None, 1_000, 1, 2_000);
+        b.record("t", None, 2_000, 2, 2_500);
+        b.record("u", None, 2_000, 2, 2_500);
+        a.merge(b);
+        assert_eq!(a.len(), 2);
+        let d = a.drain();
+        assert_eq!(d[0].cell.count, 2);
+        assert_eq!(d[0].cell.bytes, 3);
+        assert_eq!(d[0].cell.min_event_ms, Some(1_000));
+        assert_eq!(d[0].cell.max_event_ms, Some(2_000));
+    }
+}
