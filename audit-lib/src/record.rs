@@ -953,4 +953,18 @@ mod tests {
             Err(DecodeError::TooLarge(MAX_RECORD_LEN + 1))
         );
     }
+
+    #[test]
+    fn readme_examples_decode() {
+        let readme = include_str!("../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```json")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .collect();
+        assert_eq!(blocks.len(), 2, "the README shows one record of each kind");
+        for block in blocks {
+            AuditRecord::decode(block.as_bytes()).expect("README example decodes");
+        }
+    }
 }
