@@ -1,3 +1,81 @@
 //! Cross-component integration and end-to-end tests. They run against the real stack
 //! started by `dev/stack up` (two Apache Kafka clusters, MirrorMaker 2, PostgreSQL) and
 //! fail, never skip, when it is not there.
+//!
+//! This library holds what the tests in `tests/tests/` share: the stack's addresses, unique
+//! names, topic creation and polling with a deadline.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+
+/// Bootstrap servers of the regional cluster.
+pub fn regional_bootstrap() -> String {
+    env_or("CHAPERONE_REGIONAL_BOOTSTRAP", "127.0.0.1:19092")
+}
+
+/// Bootstrap servers of the aggregate cluster.
+pub fn aggregate_bootstrap() -> String {
+    env_or("CHAPERONE_AGGREGATE_BOOTSTRAP", "127.0.0.1:29092")
+}
+
+/// URL of the project's PostgreSQL database.
+pub fn database_url() -> String {
+    env_or(
+        "DATABASE_URL",
+        "postgres://chaperone:chaperone@127.0.0.1:55432/chaperone",
+    )
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A name no other test uses: `<prefix>-<uuid>`, valid as a topic, group or schema suffix.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Creates `topic` with `partitions` partitions on the cluster at `bootstrap`.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("creating admin client")?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .with_context(|| format!("creating topic {topic} on {bootstrap}"))?;
+    for r in results {
+        if let Err((name, code)) = r {
+            bail!("creating topic {name} on {bootstrap} failed: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// Polls `check` until it returns `Some`, failing with `what` once `timeout` has passed.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
