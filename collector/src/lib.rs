@@ -1,2 +1,153 @@
 //! `chaperone-collector`: consumes audit records from every cluster, stores them in
 //! PostgreSQL exactly once, reconciles tiers bucket by bucket and raises alerts.
+//!
+//! - [`config`]: the daemon's TOML configuration, environment overrides and validation.
+//! - [`ingest`]: Kafka consumers of the audit topics, validation, the dead-letter topic and
+//!   the batch writer.
+//! - [`store`]: PostgreSQL reads and writes of counts, progress, record ids and consumed
+//!   offsets, and the retention job (schema in `migrations/`).
+//! - [`api`]: the axum HTTP API, `/metrics`, `/healthz` and `/readyz`.
+//! - [`metrics`]: the Prometheus metrics of ingest and the API.
+//!
+//! [`run`] wires them together; `main.rs` only loads the configuration, connects, migrates
+//! and calls it.
+
+pub mod api;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod store;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use prometheus::Registry;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// The source of "now" for everything that depends on wall-clock time (retention cutoffs,
+/// default API ranges), injectable in tests.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self(Arc::new(Utc::now))
+    }
+
+    /// A clock reading `f`.
+    pub fn from_fn(f: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// The current time.
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Clock").field(&self.now()).finish()
+    }
+}
+
+/// What [`run`] needs from outside: injected so tests control them.
+#[derive(Debug)]
+pub struct Deps {
+    /// Pool of the migrated database.
+    pub pool: PgPool,
+    /// Bound listener of the HTTP API.
+    pub listener: TcpListener,
+    /// Registry every metric is registered on and `/metrics` serves.
+    pub registry: Registry,
+    /// Wall clock.
+    pub clock: Clock,
+    /// Bearer token required on `/api/` routes, if any.
+    pub api_token: Option<String>,
+}
+
+/// Applies the migrations in `migrations/` (embedded at build time).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("../migrations")
+        .run(pool)
+        .await
+        .context("applying database migrations")
+}
+
+/// Runs the collector until `shutdown` is cancelled, then stops in order: consumers stop,
+/// the last batch is stored, background jobs end, and finally the HTTP API stops.
+pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let Deps {
+        pool,
+        listener,
+        registry,
+        clock,
+        api_token,
+    } = deps;
+    let metrics =
+        metrics::IngestMetrics::register(&registry).context("registering the ingest metrics")?;
+    let status = Arc::new(ingest::IngestStatus::new(config.clusters.len()));
+
+    let http_shutdown = CancellationToken::new();
+    let state = api::ApiState {
+        pool: pool.clone(),
+        registry: registry.clone(),
+        token: api_token.map(Arc::from),
+        status: Arc::clone(&status),
+        clock: clock.clone(),
+        metrics: metrics.clone(),
+        max_range: config.api.max_range,
+    };
+    let addr = listener.local_addr().context("reading the API address")?;
+    tracing::info!(%addr, "api listening");
+    let http = tokio::spawn({
+        let http_shutdown = http_shutdown.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let result = api::serve(listener, api::router(state), http_shutdown).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "api server failed; shutting down");
+                shutdown.cancel();
+            }
+            result
+        }
+    });
+
+    let jobs = TaskTracker::new();
+    jobs.spawn(store::run_retention(
+        pool.clone(),
+        config.retention.clone(),
+        clock.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let ingested = ingest::run(
+        &config.clusters,
+        &config.ingest,
+        pool.clone(),
+        metrics,
+        status,
+        shutdown.clone(),
+    )
+    .await;
+    if let Err(e) = &ingested {
+        tracing::error!(error = %e, "ingest failed; shutting down");
+    }
+    shutdown.cancel();
+    jobs.close();
+    jobs.wait().await;
+    http_shutdown.cancel();
+    http.await
+        .context("api task panicked")?
+        .context("serving the api")?;
+    ingested
+}

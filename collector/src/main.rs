@@ -1,5 +1,113 @@
-//! Binary entry point of `chaperone-collector`.
+//! Binary entry point of `chaperone-collector`: loads the configuration, starts tracing,
+//! connects to PostgreSQL, applies the migrations, binds the API and calls
+//! [`chaperone_collector::run`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chaperone_collector::{Clock, Config, Deps};
+use clap::Parser;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+/// Stores audit records in PostgreSQL exactly once, reconciles tiers and raises alerts.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML). DATABASE_URL, CHAPERONE_COLLECTOR_LISTEN and
+    /// CHAPERONE_COLLECTOR_API_TOKEN override it.
+    #[arg(long, env = "CHAPERONE_COLLECTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("chaperone-collector is not available yet")
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = Config::load(args.config.as_deref())?;
+    config.validate()?;
+    if args.check_config {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(start(config))
+}
+
+async fn start(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let url = config.database.resolve_url()?;
+    let token = config.api.resolve_token(|k| std::env::var(k).ok())?;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .acquire_timeout(config.database.acquire_timeout)
+        .connect_lazy(&url)
+        .context("parsing the database URL")?;
+    // PostgreSQL may still be starting: retry the migrations until they apply.
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match chaperone_collector::migrate(&pool).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot migrate the database; retrying"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    tracing::info!("database migrated");
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("binding the api to {}", config.api.listen))?;
+    let deps = Deps {
+        pool,
+        listener,
+        registry: prometheus::Registry::new(),
+        clock: Clock::system(),
+        api_token: token,
+    };
+    chaperone_collector::run(config, deps, shutdown).await
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
 }

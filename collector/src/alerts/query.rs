@@ -1,0 +1,115 @@
+//! Read side of incidents and deliveries, for the HTTP API.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// Whether an incident is still open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentStatus {
+    /// Some of its buckets are still bad.
+    Open,
+    /// Every bucket is complete again.
+    Resolved,
+}
+
+impl IncidentStatus {
+    /// The status as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IncidentStatus::Open => "open",
+            IncidentStatus::Resolved => "resolved",
+        }
+    }
+}
+
+impl fmt::Display for IncidentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not an incident status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown incident status `{0}` (expected open or resolved)")]
+pub struct UnknownIncidentStatus(pub String);
+
+impl FromStr for IncidentStatus {
+    type Err = UnknownIncidentStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(IncidentStatus::Open),
+            "resolved" => Ok(IncidentStatus::Resolved),
+            _ => Err(UnknownIncidentStatus(s.to_owned())),
+        }
+    }
+}
+
+/// One incident as served by `/api/v1/alerts`.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Alert {
+    /// Incident id (also in webhook bodies).
+    pub id: i64,
+    /// Logical topic.
+    pub topic: String,
+    /// Edge name.
+    pub edge: String,
+    /// Datacenter compared, '' when the edge sums over datacenters.
+    pub datacenter: String,
+    /// Upstream tier.
+    pub from_tier: String,
+    /// Downstream tier.
+    pub to_tier: String,
+    /// `open` or `resolved`.
+    pub status: String,
+    /// Bucket width, ms.
+    pub bucket_width_ms: i64,
+    /// First bucket that joined the incident, epoch ms.
+    pub first_bucket_start_ms: i64,
+    /// Last bucket that joined the incident, epoch ms.
+    pub last_bucket_start_ms: i64,
+    /// Buckets that joined.
+    pub buckets: i32,
+    /// Buckets still bad.
+    pub bad_buckets: i32,
+    /// Largest missing count of one bucket.
+    pub max_missing: i64,
+    /// When opened (reconciler clock).
+    pub opened_at: DateTime<Utc>,
+    /// When resolved.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// Webhook notifications delivered for this incident.
+    pub notifications_sent: i64,
+    /// Webhook notifications still waiting to be delivered.
+    pub notifications_pending: i64,
+}
+
+/// Incidents, newest first, optionally of one status, at most `limit` (capped at 10 000).
+pub async fn list_alerts(
+    pool: &PgPool,
+    status: Option<IncidentStatus>,
+    limit: i64,
+) -> Result<Vec<Alert>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT i.id, i.topic, i.edge, i.datacenter, i.from_tier, i.to_tier, i.status,
+                i.bucket_width_ms, i.first_bucket_start_ms, i.last_bucket_start_ms, i.buckets,
+                i.bad_buckets, i.max_missing, i.opened_at, i.resolved_at,
+                (SELECT count(*) FROM alert_deliveries d
+                  WHERE d.incident_id = i.id AND d.sent_at IS NOT NULL) AS notifications_sent,
+                (SELECT count(*) FROM alert_deliveries d
+                  WHERE d.incident_id = i.id AND d.sent_at IS NULL) AS notifications_pending
+           FROM alert_incidents i
+          WHERE ($1::text IS NULL OR i.status = $1)
+          ORDER BY i.id DESC
+          LIMIT $2",
+    )
+    .bind(status.map(IncidentStatus::as_str))
+    .bind(limit.clamp(0, 10_000))
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,343 @@
+//! Configuration of the reconciler: the topology (tiers and the edges between them) and the
+//! timing rules that decide when a bucket is final.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration value that cannot work, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration key `{key}`: {message}")]
+#[non_exhaustive]
+pub struct ConfigError {
+    /// Dotted path of the offending key, for example `reconcile.edges[1].to`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `[reconcile]`: which tiers are compared and when a bucket is final.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Run the reconciler at all (a collector can be ingest-only while another one reconciles).
+    pub enabled: bool,
+    /// How often pending buckets are evaluated. Short intervals give faster verdicts at the
+    /// cost of more queries.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// How far past a bucket's end every partition of the downstream tier must have
+    /// progressed before the bucket is judged: room for records that arrive out of order.
+    #[serde(with = "duration")]
+    pub allowed_lateness: Duration,
+    /// A bucket is judged at the latest this long after its end, even when a tier never
+    /// reported progress past it (this is how a silent tier is noticed).
+    #[serde(with = "duration")]
+    pub max_wait: Duration,
+    /// Buckets evaluated per transaction: bounds memory and transaction length.
+    pub batch_buckets: usize,
+    /// Names of the tiers that take part in reconciliation (as reported in audit records).
+    pub tiers: Vec<String>,
+    /// Pairs of tiers to compare, upstream first.
+    pub edges: Vec<EdgeConfig>,
+    /// The `missing messages per topic` gauge sums topic-level missing verdicts of buckets
+    /// that started within this window before now.
+    #[serde(with = "duration")]
+    pub missing_metric_window: Duration,
+    /// At most this many topics get their own series in the missing-messages gauge; the
+    /// others are summed under the topic label `_other` (keeps label cardinality bounded).
+    pub missing_metric_max_topics: usize,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(10),
+            allowed_lateness: Duration::from_secs(120),
+            max_wait: Duration::from_secs(900),
+            batch_buckets: 500,
+            tiers: vec!["producer".into(), "regional".into(), "aggregate".into()],
+            edges: vec![
+                EdgeConfig {
+                    from: "producer".into(),
+                    to: "regional".into(),
+                    per_datacenter: true,
+                    ..EdgeConfig::default()
+                },
+                EdgeConfig {
+                    from: "regional".into(),
+                    to: "aggregate".into(),
+                    ..EdgeConfig::default()
+                },
+            ],
+            missing_metric_window: Duration::from_secs(3600),
+            missing_metric_max_topics: 100,
+        }
+    }
+}
+
+/// `[[reconcile.edges]]`: one comparison of an upstream tier with a downstream tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Name used in verdicts and alerts; defaults to `<from>-><to>`.
+    pub name: Option<String>,
+    /// Upstream tier: what should have arrived.
+    pub from: String,
+    /// Downstream tier: what did arrive.
+    pub to: String,
+    /// Compare each datacenter on its own (producer -> regional, where every datacenter has
+    /// its own regional cluster) instead of summing over datacenters (regional -> aggregate).
+    pub per_datacenter: bool,
+    /// Also judge every partition on its own. Only meaningful where partitions map one to
+    /// one between the tiers (a mirror that keeps partitioning); partition-level verdicts
+    /// are stored and queryable but do not raise alerts.
+    pub partition_level: bool,
+    /// Whether bad topic-level verdicts of this edge open incidents and notify webhooks.
+    pub alert: bool,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            from: String::new(),
+            to: String::new(),
+            per_datacenter: false,
+            partition_level: false,
+            alert: true,
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// The edge's name in verdicts and alerts.
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{}->{}", self.from, self.to))
+    }
+}
+
+impl ReconcileConfig {
+    /// Checks the configuration, naming the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.interval.is_zero() {
+            return Err(ConfigError::new("reconcile.interval", "must be above zero"));
+        }
+        if self.max_wait < self.allowed_lateness {
+            return Err(ConfigError::new(
+                "reconcile.max_wait",
+                "must be at least reconcile.allowed_lateness",
+            ));
+        }
+        if self.batch_buckets == 0 {
+            return Err(ConfigError::new(
+                "reconcile.batch_buckets",
+                "must be at least 1",
+            ));
+        }
+        if self.missing_metric_max_topics == 0 {
+            return Err(ConfigError::new(
+                "reconcile.missing_metric_max_topics",
+                "must be at least 1",
+            ));
+        }
+        let mut tiers = HashSet::new();
+        for (i, tier) in self.tiers.iter().enumerate() {
+            if tier.is_empty() {
+                return Err(ConfigError::new(
+                    format!("reconcile.tiers[{i}]"),
+                    "is empty",
+                ));
+            }
+            if !tiers.insert(tier.as_str()) {
+                return Err(ConfigError::new(
+                    format!("reconcile.tiers[{i}]"),
+                    format!("tier `{tier}` is listed twice"),
+                ));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, edge) in self.edges.iter().enumerate() {
+            for (field, tier) in [("from", &edge.from), ("to", &edge.to)] {
+                if !tiers.contains(tier.as_str()) {
+                    return Err(ConfigError::new(
+                        format!("reconcile.edges[{i}].{field}"),
+                        format!("`{tier}` is not one of reconcile.tiers"),
+                    ));
+                }
+            }
+            if edge.from == edge.to {
+                return Err(ConfigError::new(
+                    format!("reconcile.edges[{i}].to"),
+                    "must differ from `from`",
+                ));
+            }
+            let name = edge.name();
+            if name.is_empty() || name.len() > 255 {
+                return Err(ConfigError::new(
+                    format!("reconcile.edges[{i}].name"),
+                    "must be 1 to 255 characters",
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(ConfigError::new(
+                    format!("reconcile.edges[{i}].name"),
+                    format!("edge name `{name}` is used twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Durations written as `250ms`, `30s`, `5m`, `2h` or `1d` (or a bare number of seconds).
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de};
+
+    /// Parses `250ms`, `30s`, `5m`, `2h`, `1d` or a bare number of seconds.
+    pub(crate) fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration such as `30s`, `5m` or `250ms`"))?;
+        let ms = match unit.trim() {
+            "ms" => Some(n),
+            "" | "s" => n.checked_mul(1_000),
+            "m" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            "d" => n.checked_mul(86_400_000),
+            _ => None,
+        }
+        .ok_or_else(|| format!("`{s}` is not a duration such as `30s`, `5m` or `250ms`"))?;
+        Ok(Duration::from_millis(ms))
+    }
+
+    /// Formats a duration the way [`parse`] reads it.
+    pub(crate) fn format(d: &Duration) -> String {
+        let ms = d.as_millis();
+        if ms % 1_000 != 0 {
+            format!("{ms}ms")
+        } else {
+            format!("{}s", ms / 1_000)
+        }
+    }
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(d))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(s) => parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        ReconcileConfig::default()
+            .validate()
+            .expect("defaults validate");
+    }
+
+    #[test]
+    fn parses_a_topology() {
+        let cfg: ReconcileConfig = toml::from_str(
+            r#"
+            interval = "5s"
+            allowed_lateness = "90s"
+            max_wait = "10m"
+            tiers = ["producer", "regional", "aggregate"]
+            [[edges]]
+            from = "producer"
+            to = "regional"
+            per_datacenter = true
+            [[edges]]
+            from = "regional"
+            to = "aggregate"
+            partition_level = true
+            "#,
+        )
+        .expect("parses");
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.interval, Duration::from_secs(5));
+        assert_eq!(cfg.allowed_lateness, Duration::from_secs(90));
+        assert_eq!(cfg.max_wait, Duration::from_secs(600));
+        assert_eq!(cfg.edges.len(), 2);
+        assert_eq!(cfg.edges[0].name(), "producer->regional");
+        assert!(cfg.edges[0].per_datacenter);
+        assert!(cfg.edges[1].partition_level);
+        assert!(cfg.edges[1].alert);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<ReconcileConfig>("lateness = \"5s\"").unwrap_err();
+        assert!(err.to_string().contains("lateness"), "{err}");
+        let err =
+            toml::from_str::<ReconcileConfig>("[[edges]]\nfrom = \"a\"\ntoo = \"b\"").unwrap_err();
+        assert!(err.to_string().contains("too"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_bad_key() {
+        let mut cfg = ReconcileConfig::default();
+        cfg.edges[1].to = "mirror".into();
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.key, "reconcile.edges[1].to");
+
+        let mut cfg = ReconcileConfig::default();
+        cfg.max_wait = Duration::from_secs(1);
+        assert_eq!(cfg.validate().unwrap_err().key, "reconcile.max_wait");
+
+        let mut cfg = ReconcileConfig::default();
+        cfg.edges.push(cfg.edges[0].clone());
+        assert_eq!(cfg.validate().unwrap_err().key, "reconcile.edges[2].name");
+
+        let mut cfg = ReconcileConfig::default();
+        cfg.interval = Duration::ZERO;
+        assert_eq!(cfg.validate().unwrap_err().key, "reconcile.interval");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration::parse("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration::parse("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration::parse("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(duration::parse("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(duration::parse("1d"), Ok(Duration::from_secs(86_400)));
+        assert!(duration::parse("5 weeks").is_err());
+        assert!(duration::parse("m").is_err());
+        assert_eq!(duration::format(&Duration::from_millis(1500)), "1500ms");
+        assert_eq!(duration::format(&Duration::from_secs(90)), "90s");
+    }
+}

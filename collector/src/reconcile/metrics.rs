@@ -1,0 +1,70 @@
+//! Prometheus metrics of the reconciler (namespace `chaperone`, subsystem `reconcile`).
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// The reconciler's metrics; cheap to clone (every metric is shared).
+#[derive(Debug, Clone)]
+pub struct ReconcileMetrics {
+    /// Verdicts written (first judgements and changes), by new status.
+    pub verdicts: IntCounterVec,
+    /// Messages missing per topic in topic-level verdicts of recent buckets (capped topics).
+    pub missing_messages: IntGaugeVec,
+    /// Buckets waiting to be final.
+    pub pending_buckets: IntGauge,
+    /// Evaluation passes, by result (`ok` or `error`).
+    pub passes: IntCounterVec,
+    /// Duration of one evaluation pass.
+    pub pass_seconds: Histogram,
+}
+
+impl ReconcileMetrics {
+    /// Creates the metrics and registers them with `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let opts = |name: &str, help: &str| {
+            Opts::new(name, help)
+                .namespace("chaperone")
+                .subsystem("reconcile")
+        };
+        let verdicts = IntCounterVec::new(
+            opts(
+                "verdicts_total",
+                "Verdicts written (first judgements and changes) by status",
+            ),
+            &["status"],
+        )?;
+        let missing_messages = IntGaugeVec::new(
+            opts(
+                "missing_messages",
+                "Messages missing per topic in topic-level verdicts of recent buckets \
+                 (topics beyond the cap are summed under _other)",
+            ),
+            &["topic"],
+        )?;
+        let pending_buckets = IntGauge::with_opts(opts(
+            "pending_buckets",
+            "Buckets whose counts changed and that still wait for a final verdict",
+        ))?;
+        let passes = IntCounterVec::new(
+            opts("passes_total", "Evaluation passes by result"),
+            &["result"],
+        )?;
+        let pass_seconds = Histogram::with_opts(
+            HistogramOpts::new("pass_seconds", "Duration of one evaluation pass")
+                .namespace("chaperone")
+                .subsystem("reconcile")
+                .buckets(vec![0.005, 0.02, 0.1, 0.5, 2.0, 10.0, 60.0]),
+        )?;
+        registry.register(Box::new(verdicts.clone()))?;
+        registry.register(Box::new(missing_messages.clone()))?;
+        registry.register(Box::new(pending_buckets.clone()))?;
+        registry.register(Box::new(passes.clone()))?;
+        registry.register(Box::new(pass_seconds.clone()))?;
+        Ok(Self {
+            verdicts,
+            missing_messages,
+            pending_buckets,
+            passes,
+            pass_seconds,
+        })
+    }
+}

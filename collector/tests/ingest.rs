@@ -1,0 +1,208 @@
+//! Ingest against the real stack: duplicates, dead letters, progress marks.
+
+mod ingest_support;
+
+use std::time::Duration;
+
+use chaperone_audit::{AuditRecord, Tier};
+use ingest_support::*;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+
+fn metric(registry: &prometheus::Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| match label {
+            None => true,
+            Some((k, v)) => m
+                .get_label()
+                .iter()
+                .any(|l| l.name() == k && l.value() == v),
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
+/// Records of several topics, tiers, datacenters, partitions and buckets.
+fn mixed_records(prefix: &str, n: usize) -> Vec<AuditRecord> {
+    (0..n)
+        .map(|i| {
+            let tier = if i % 3 == 0 {
+                Tier::Producer
+            } else {
+                Tier::Regional
+            };
+            let dc = if i % 2 == 0 { "dc1" } else { "dc2" };
+            let lat: Vec<i64> = (0..(i % 7 + 1) as i64).map(|j| j * 13 + i as i64).collect();
+            AuditRecord::Counts(counts(
+                &format!("{prefix}-{i}"),
+                &format!("orders-{}", i % 3),
+                if i % 5 == 0 {
+                    None
+                } else {
+                    Some((i % 4) as i32)
+                },
+                BUCKET + 60_000 * (i % 4) as i64,
+                observer(tier, dc, &format!("host-{}", i % 6)),
+                &lat,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topics = Topics::create(3).await?;
+    let prefix = unique("dup");
+    let records = mixed_records(&prefix, 600);
+    // The first 150 again (a producer retrying), plus repeats of one id within what will be
+    // one batch.
+    let mut sent = records.clone();
+    sent.extend_from_slice(&records[..150]);
+    sent.extend(std::iter::repeat_n(records[599].clone(), 5));
+    let progress: Vec<AuditRecord> = (0..30)
+        .map(|i| {
+            AuditRecord::Progress(progress(
+                &format!("{prefix}-p{i}"),
+                "orders-0",
+                i % 2,
+                BUCKET + 1_000 * i64::from(i),
+                i64::from(i),
+            ))
+        })
+        .collect();
+    sent.extend(progress.iter().cloned());
+    sent.extend(progress.iter().cloned());
+    produce(&topics, &encode_all(&sent)).await?;
+
+    let collector = InProcess::start(config(&db, &topics), db.pool.clone(), None).await?;
+    wait_caught_up(&db.pool, &topics, Duration::from_secs(60)).await?;
+
+    assert_eq!(stored_totals(&db.pool).await?, expected_totals(&records));
+    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_record_ids")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(ids, 630);
+    // Progress keeps the furthest marks of each partition.
+    let marks: Vec<(i32, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT partition, watermark_ms, position FROM audit_progress ORDER BY partition",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        marks,
+        vec![
+            (0, BUCKET + 28_000, Some(28)),
+            (1, BUCKET + 29_000, Some(29))
+        ]
+    );
+    let dup = metric(
+        &collector.registry,
+        "chaperone_collector_records_duplicate_total",
+        None,
+    );
+    assert_eq!(dup, (150 + 5 + 30) as f64);
+    let counted = metric(
+        &collector.registry,
+        "chaperone_collector_records_ingested_total",
+        Some(("kind", "counts")),
+    );
+    assert_eq!(counted, 600.0);
+
+    collector.stop().await?;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_malformed_records_all_reach_the_dlq() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topics = Topics::create(2).await?;
+    let prefix = unique("bad");
+    let good = mixed_records(&prefix, 200);
+    let valid = encode_all(&good);
+    let mut payloads = Vec::new();
+    let mut expected_reasons = std::collections::BTreeMap::<&str, usize>::new();
+    for i in 0..10_000usize {
+        let (reason, p): (&str, Vec<u8>) = match i % 4 {
+            0 => ("json", format!("not json {i}").into_bytes()),
+            1 => ("unsupported_version", br#"{"version": 7}"#.to_vec()),
+            2 => {
+                // A valid record with a negative count.
+                let mut v: serde_json::Value = serde_json::from_slice(&valid[i % valid.len()])?;
+                v["count"] = serde_json::json!(-1);
+                v["id"] = serde_json::json!(format!("{prefix}-neg-{i}"));
+                ("negative", serde_json::to_vec(&v)?)
+            }
+            _ => {
+                let mut v: serde_json::Value = serde_json::from_slice(&valid[i % valid.len()])?;
+                v.as_object_mut().expect("object").remove("topic");
+                ("missing_field", serde_json::to_vec(&v)?)
+            }
+        };
+        *expected_reasons.entry(reason).or_default() += 1;
+        payloads.push(p);
+        if i % 50 == 0 {
+            payloads.push(valid[i / 50].clone());
+        }
+    }
+    produce(&topics, &payloads).await?;
+
+    let collector = InProcess::start(config(&db, &topics), db.pool.clone(), None).await?;
+    wait_caught_up(&db.pool, &topics, Duration::from_secs(90)).await?;
+    assert_eq!(stored_totals(&db.pool).await?, expected_totals(&good));
+    assert!(!collector.task.is_finished(), "the collector kept running");
+    for (reason, n) in &expected_reasons {
+        let got = metric(
+            &collector.registry,
+            "chaperone_collector_records_rejected_total",
+            Some(("reason", reason)),
+        );
+        assert_eq!(got, *n as f64, "rejected with reason {reason}");
+    }
+    let ready = reqwest::get(collector.url("/readyz")).await?;
+    assert_eq!(ready.status(), 200);
+
+    // Every rejected record is on the dead-letter topic with its reason.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", regional_bootstrap())
+        .set("group.id", unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(&[&topics.dlq])?;
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    let mut total = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while total < 10_000 {
+        let m = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("only {total} dead letters after 60 s"))??;
+        let headers = m.headers().expect("dead letters carry headers");
+        let reason = headers
+            .iter()
+            .find(|h| h.key == "chaperone-dlq-reason")
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .expect("reason header");
+        assert!(
+            headers.iter().any(|h| h.key == "chaperone-dlq-error"),
+            "error header"
+        );
+        assert!(m.payload().is_some_and(|p| !p.is_empty()));
+        *seen.entry(reason).or_default() += 1;
+        total += 1;
+    }
+    let expected: std::collections::BTreeMap<String, usize> = expected_reasons
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), *v))
+        .collect();
+    assert_eq!(seen, expected);
+
+    collector.stop().await?;
+    db.drop_db().await
+}

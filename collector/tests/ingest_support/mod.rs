@@ -1,0 +1,535 @@
+//! What the collector's integration tests share: the stack's addresses, a database and an
+//! audit topic per test, record builders, producing, polling with a deadline, and running the
+//! collector in-process or as its real binary.
+//!
+//! Tests fail (never skip) when the stack from `dev/stack up` is not there.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chaperone_audit::{AuditRecord, BucketWidth, Counts, Latency, Observer, Progress, Tier};
+use chaperone_collector::config::{ClusterConfig, Config};
+use chaperone_collector::{Clock, Deps};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+/// Start of the bucket most test records fall in.
+pub const BUCKET: i64 = 1_764_067_200_000;
+
+pub fn regional_bootstrap() -> String {
+    std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://chaperone:chaperone@127.0.0.1:55432/chaperone".into())
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The `dev/stack` script.
+pub fn stack_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dev/stack")
+}
+
+/// Polls `check` until it returns `Some`, failing with `what` once `timeout` has passed.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A database of its own for one test: `chaperone_test_<random>`, migrated.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    match url.rfind('/') {
+        Some(i) => {
+            let (base, rest) = url.split_at(i);
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{base}/{db}{query}")
+        }
+        None => format!("{url}/{db}"),
+    }
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin_url = database_url();
+        let name = format!("chaperone_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .context("connecting to the stack's PostgreSQL (is `dev/stack up` running?)")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .context("connecting to the test database")?;
+        chaperone_collector::migrate(&pool).await?;
+        Ok(Self { name, url, pool })
+    }
+
+    /// Drops the database; call at the end of a test that passed.
+    pub async fn drop_db(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let mut admin = PgConnection::connect(&database_url()).await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
+        Ok(())
+    }
+}
+
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("creating admin client")?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .with_context(|| format!("creating topic {topic}"))?;
+    for r in results {
+        if let Err((name, code)) = r {
+            bail!("creating topic {name} failed: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// An audit topic and its dead-letter topic, both new.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub audit: String,
+    pub dlq: String,
+    pub partitions: i32,
+}
+
+impl Topics {
+    pub async fn create(partitions: i32) -> anyhow::Result<Self> {
+        let t = Self {
+            audit: unique("audit"),
+            dlq: unique("audit-dlq"),
+            partitions,
+        };
+        create_topic(&regional_bootstrap(), &t.audit, partitions).await?;
+        create_topic(&regional_bootstrap(), &t.dlq, 1).await?;
+        Ok(t)
+    }
+
+    pub fn cluster(&self) -> ClusterConfig {
+        ClusterConfig {
+            alias: "regional".into(),
+            bootstrap: regional_bootstrap(),
+            audit_topic: self.audit.clone(),
+            dlq_topic: self.dlq.clone(),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// A configuration reading `topics` into `db`, with small batches so tests exercise many.
+pub fn config(db: &TestDb, topics: &Topics) -> Config {
+    let mut c = Config::default();
+    c.database.url = Some(db.url.clone());
+    c.clusters = vec![topics.cluster()];
+    c.ingest.batch_size = 500;
+    c.ingest.linger = Duration::from_millis(50);
+    c.ingest.partition_refresh = Duration::from_secs(2);
+    c.ingest.retry_max = Duration::from_secs(1);
+    c.api.listen = "127.0.0.1:0".parse().expect("address");
+    c
+}
+
+/// The TOML form of [`config`], for the binary.
+pub fn config_toml(db: &TestDb, topics: &Topics) -> String {
+    format!(
+        r#"
+[database]
+url = "{url}"
+
+[[clusters]]
+alias = "regional"
+bootstrap = "{bootstrap}"
+audit_topic = "{audit}"
+dlq_topic = "{dlq}"
+
+[ingest]
+batch_size = 500
+linger = "50ms"
+partition_refresh = "2s"
+retry_max = "1s"
+
+[api]
+listen = "127.0.0.1:0"
+
+[retention]
+days = 0
+"#,
+        url = db.url,
+        bootstrap = regional_bootstrap(),
+        audit = topics.audit,
+        dlq = topics.dlq,
+    )
+}
+
+/// A collector running in this process.
+pub struct InProcess {
+    pub shutdown: CancellationToken,
+    pub addr: std::net::SocketAddr,
+    pub registry: prometheus::Registry,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    pub async fn start(config: Config, pool: PgPool, token: Option<&str>) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let registry = prometheus::Registry::new();
+        let shutdown = CancellationToken::new();
+        let deps = Deps {
+            pool,
+            listener,
+            registry: registry.clone(),
+            clock: Clock::system(),
+            api_token: token.map(str::to_owned),
+        };
+        let task = tokio::spawn(chaperone_collector::run(config, deps, shutdown.clone()));
+        Ok(Self {
+            shutdown,
+            addr,
+            registry,
+            task,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("collector did not stop within 30 s")??
+    }
+}
+
+/// The collector binary, started with a configuration file.
+pub struct Binary {
+    pub child: std::process::Child,
+    _config: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file deleted on drop.
+    #[derive(Debug)]
+    pub struct TempPath(pub std::path::PathBuf);
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Binary {
+    pub fn spawn(toml: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique("collector-config")));
+        std::fs::write(&path, toml)?;
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chaperone-collector"))
+            .arg("--config")
+            .arg(&path)
+            .env_remove("DATABASE_URL")
+            .env_remove("CHAPERONE_COLLECTOR_LISTEN")
+            .env_remove("CHAPERONE_COLLECTOR_API_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("spawning chaperone-collector")?;
+        Ok(Self {
+            child,
+            _config: tempfile_path::TempPath(path),
+        })
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Fails if the process exited.
+    pub fn assert_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("collector exited unexpectedly: {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn observer(tier: Tier, dc: &str, host: &str) -> Observer {
+    Observer {
+        tier,
+        datacenter: dc.into(),
+        cluster: "regional".into(),
+        host: host.into(),
+        instance: "1".into(),
+    }
+}
+
+/// A counts record with `latencies` (ms) as its latency values and count.
+pub fn counts(
+    id: &str,
+    topic: &str,
+    partition: Option<i32>,
+    bucket_start_ms: i64,
+    observer: Observer,
+    latencies: &[i64],
+) -> Counts {
+    let mut latency = Latency::new();
+    for &l in latencies {
+        latency.record(l);
+    }
+    let n = latencies.len() as u64;
+    Counts {
+        id: id.into(),
+        topic: topic.into(),
+        physical_topic: topic.into(),
+        partition,
+        bucket_start_ms,
+        bucket_width: BucketWidth::default(),
+        observer,
+        count: n,
+        bytes: n * 100,
+        no_timestamp: 0,
+        malformed: 0,
+        min_event_ms: (n > 0).then_some(bucket_start_ms + 1),
+        max_event_ms: (n > 0).then_some(bucket_start_ms + 59_000),
+        latency,
+        emitted_at_ms: bucket_start_ms + 70_000,
+    }
+}
+
+pub fn progress(
+    id: &str,
+    topic: &str,
+    partition: i32,
+    watermark_ms: i64,
+    position: i64,
+) -> Progress {
+    Progress {
+        id: id.into(),
+        topic: topic.into(),
+        physical_topic: topic.into(),
+        partition: Some(partition),
+        observer: observer(Tier::Regional, "dc1", "svc-1"),
+        position: Some(position),
+        high_watermark: Some(position),
+        watermark_ms,
+        bucket_width: BucketWidth::default(),
+        emitted_at_ms: watermark_ms + 1_000,
+    }
+}
+
+pub fn producer() -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", regional_bootstrap())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?)
+}
+
+/// Produces `payloads` to `topic`, payload `i` to partition `i % partitions`, and waits for
+/// every acknowledgement.
+pub async fn produce(topic: &Topics, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
+    let producer = producer()?;
+    produce_with(&producer, topic, payloads, 0).await
+}
+
+pub async fn produce_with(
+    producer: &FutureProducer,
+    topic: &Topics,
+    payloads: &[Vec<u8>],
+    first_index: usize,
+) -> anyhow::Result<()> {
+    let mut inflight = Vec::with_capacity(payloads.len());
+    for (i, p) in payloads.iter().enumerate() {
+        let partition = ((first_index + i) % topic.partitions as usize) as i32;
+        loop {
+            let rec = FutureRecord::<(), [u8]>::to(&topic.audit)
+                .payload(p.as_slice())
+                .partition(partition);
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    inflight.push(f);
+                    break;
+                }
+                Err((e, _)) => {
+                    if inflight.is_empty() {
+                        bail!("cannot produce: {e}");
+                    }
+                    let f = inflight.remove(0);
+                    f.await?.map_err(|(e, _)| e)?;
+                }
+            }
+        }
+    }
+    for f in inflight {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// Encodes records.
+pub fn encode_all(records: &[AuditRecord]) -> Vec<Vec<u8>> {
+    records.iter().map(AuditRecord::encode).collect()
+}
+
+/// End offsets (high watermarks) of every partition of the audit topic.
+pub async fn end_offsets(topic: &Topics) -> anyhow::Result<BTreeMap<i32, i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let t = topic.clone();
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", regional_bootstrap())
+            .create()?;
+        let mut out = BTreeMap::new();
+        for p in 0..t.partitions {
+            let (_, high) = c.fetch_watermarks(&t.audit, p, Duration::from_secs(10))?;
+            out.insert(p, high);
+        }
+        Ok(out)
+    })
+    .await?
+}
+
+/// Stored next offsets of the test's audit topic.
+pub async fn stored_offsets(pool: &PgPool, topic: &Topics) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM ingest_offsets WHERE cluster = 'regional' AND topic = $1",
+    )
+    .bind(&topic.audit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Waits until the stored offsets reach the end of every partition.
+pub async fn wait_caught_up(
+    pool: &PgPool,
+    topic: &Topics,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let end = end_offsets(topic).await?;
+    eventually(
+        "the collector to store every audit record",
+        timeout,
+        || async {
+            let stored = match stored_offsets(pool, topic).await {
+                Ok(s) => s,
+                Err(_) => return Ok(None), // PostgreSQL may be restarting
+            };
+            Ok(end
+                .iter()
+                .all(|(p, &e)| e == 0 || stored.get(p).copied() == Some(e))
+                .then_some(()))
+        },
+    )
+    .await
+}
+
+/// Totals per (topic, bucket, tier, datacenter, partition) as stored.
+pub async fn stored_totals(
+    pool: &PgPool,
+) -> anyhow::Result<BTreeMap<(String, i64, String, String, i32), (i64, i64, i64)>> {
+    let rows: Vec<(String, i64, String, String, i32, i64, i64, i64)> = sqlx::query_as(
+        "SELECT topic, bucket_start_ms, tier, datacenter, partition, count, bytes, records \
+         FROM audit_counts",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(t, b, tier, dc, p, c, by, r)| ((t, b, tier, dc, p), (c, by, r)))
+        .collect())
+}
+
+/// Expected totals of `records` (each id once).
+pub fn expected_totals(
+    records: &[AuditRecord],
+) -> BTreeMap<(String, i64, String, String, i32), (i64, i64, i64)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: BTreeMap<_, (i64, i64, i64)> = BTreeMap::new();
+    for r in records {
+        if !seen.insert(r.id().to_owned()) {
+            continue;
+        }
+        if let AuditRecord::Counts(c) = r {
+            let e = out
+                .entry((
+                    c.topic.clone(),
+                    c.bucket_start_ms,
+                    c.observer.tier.to_string(),
+                    c.observer.datacenter.clone(),
+                    c.partition.unwrap_or(-1),
+                ))
+                .or_default();
+            e.0 += c.count as i64;
+            e.1 += c.bytes as i64;
+            e.2 += 1;
+        }
+    }
+    out
+}

@@ -1,0 +1,314 @@
+//! What the reconciliation and alert tests share: a database of their own, rows of counts and
+//! progress written straight into the ingest tables, a reconciler on a hand-moved clock and a
+//! webhook receiver on 127.0.0.1.
+//!
+//! Tests fail (never skip) when the PostgreSQL of `dev/stack up` is not there.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use chaperone_collector::reconcile::{
+    ManualClock, PassReport, ReconcileConfig, ReconcileMetrics, Reconciler, Verdict,
+};
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Start of the first bucket the tests use: 2026-01-01T00:00:00Z.
+pub const T0: i64 = 1_767_225_600_000;
+/// Bucket width of the tests.
+pub const WIDTH: i64 = 60_000;
+/// Allowed lateness of [`config`].
+pub const LATENESS: i64 = 30_000;
+/// Maximum wait of [`config`].
+pub const MAX_WAIT: i64 = 600_000;
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://chaperone:chaperone@127.0.0.1:55432/chaperone".into())
+}
+
+pub fn at(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().expect("valid time")
+}
+
+/// End of the `n`-th bucket after [`T0`].
+pub fn end(n: i64) -> i64 {
+    T0 + (n + 1) * WIDTH
+}
+
+/// Start of the `n`-th bucket after [`T0`].
+pub fn start(n: i64) -> i64 {
+    T0 + n * WIDTH
+}
+
+/// A database of its own for one test (`chaperone_test_<random>`), migrated; dropped when the
+/// value is dropped, also when the test panics.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<Self> {
+        let name = format!("chaperone_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&database_url())
+            .await
+            .context("connecting to the stack's PostgreSQL (is `dev/stack up` running?)")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        admin.close().await.ok();
+        let options = PgConnectOptions::from_str(&database_url())?.database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(6)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .context("connecting to the test database")?;
+        sqlx::migrate!("../migrations")
+            .run(&pool)
+            .await
+            .context("migrating the test database")?;
+        Ok(Self { name, pool })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let pool = self.pool.clone();
+        // Drop runs inside the test's runtime: clean up on a thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            rt.block_on(async move {
+                pool.close().await;
+                if let Ok(mut admin) = PgConnection::connect(&database_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Adds `count` messages seen by `tier` in `datacenter` to one bucket and partition, the way
+/// ingest does (a late record adds to the row and bumps its change sequence).
+pub async fn add_counts(
+    pool: &PgPool,
+    topic: &str,
+    bucket_start_ms: i64,
+    tier: &str,
+    datacenter: &str,
+    partition: i32,
+    count: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_counts (topic, bucket_start_ms, bucket_width_ms, tier, datacenter,
+             cluster, partition, count, latency, records)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, ''::bytea, 1)
+         ON CONFLICT (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition)
+         DO UPDATE SET count = audit_counts.count + EXCLUDED.count,
+             records = audit_counts.records + 1, updated_at = now(),
+             change_seq = nextval('audit_change_seq')",
+    )
+    .bind(topic)
+    .bind(bucket_start_ms)
+    .bind(WIDTH)
+    .bind(tier)
+    .bind(datacenter)
+    .bind(format!("{tier}-{datacenter}"))
+    .bind(partition)
+    .bind(count)
+    .execute(pool)
+    .await
+    .context("inserting counts")?;
+    Ok(())
+}
+
+/// Raises the watermark of one partition of `tier`.
+pub async fn progress(
+    pool: &PgPool,
+    topic: &str,
+    tier: &str,
+    datacenter: &str,
+    partition: i32,
+    watermark_ms: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_progress (tier, cluster, datacenter, topic, physical_topic, partition,
+             watermark_ms, bucket_width_ms, last_emitted_ms, host, instance)
+         VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $6, 'test-host', 'test')
+         ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition)
+         DO UPDATE SET watermark_ms = greatest(audit_progress.watermark_ms, EXCLUDED.watermark_ms),
+             last_seen_at = now(), change_seq = nextval('audit_change_seq')",
+    )
+    .bind(tier)
+    .bind(format!("{tier}-{datacenter}"))
+    .bind(datacenter)
+    .bind(topic)
+    .bind(partition)
+    .bind(watermark_ms)
+    .bind(WIDTH)
+    .execute(pool)
+    .await
+    .context("inserting progress")?;
+    Ok(())
+}
+
+/// Every tier of the default topology (producer per topic, regional and aggregate per
+/// partition 0) has progressed to `watermark_ms` in `datacenter`.
+pub async fn all_progress(
+    pool: &PgPool,
+    topic: &str,
+    datacenter: &str,
+    watermark_ms: i64,
+) -> anyhow::Result<()> {
+    progress(pool, topic, "producer", datacenter, -1, watermark_ms).await?;
+    progress(pool, topic, "regional", datacenter, 0, watermark_ms).await?;
+    progress(pool, topic, "aggregate", datacenter, 0, watermark_ms).await?;
+    Ok(())
+}
+
+/// The reconciler configuration of the tests: the default topology with short waits.
+pub fn config() -> ReconcileConfig {
+    ReconcileConfig {
+        allowed_lateness: Duration::from_millis(LATENESS as u64),
+        max_wait: Duration::from_millis(MAX_WAIT as u64),
+        ..ReconcileConfig::default()
+    }
+}
+
+/// A reconciler on a manual clock standing at `now_ms`.
+pub fn reconciler(pool: &PgPool, config: ReconcileConfig, now_ms: i64) -> (Reconciler, ManualClock) {
+    let clock = ManualClock::new(at(now_ms));
+    let metrics =
+        ReconcileMetrics::new(&prometheus::Registry::new()).expect("metrics register");
+    (
+        Reconciler::new(pool.clone(), config, clock.clock(), metrics),
+        clock,
+    )
+}
+
+/// Runs one pass, failing the test on error.
+pub async fn pass(r: &Reconciler) -> PassReport {
+    r.evaluate_once().await.expect("reconcile pass")
+}
+
+/// Every verdict of `topic`, ordered by edge, datacenter, partition and bucket.
+pub async fn verdicts(pool: &PgPool, topic: &str) -> Vec<Verdict> {
+    let mut all: Vec<Verdict> =
+        chaperone_collector::reconcile::list_verdicts(pool, None, None, None)
+            .await
+            .expect("list verdicts")
+            .into_iter()
+            .filter(|v| v.topic == topic)
+            .collect();
+    all.sort_by(|a, b| {
+        (&a.edge, &a.datacenter, a.partition, a.bucket_start_ms).cmp(&(
+            &b.edge,
+            &b.datacenter,
+            b.partition,
+            b.bucket_start_ms,
+        ))
+    });
+    all
+}
+
+/// The topic-level verdict of `edge` for the bucket starting at `bucket_start_ms`.
+pub async fn verdict(pool: &PgPool, topic: &str, edge: &str, bucket_start_ms: i64) -> Option<Verdict> {
+    verdicts(pool, topic)
+        .await
+        .into_iter()
+        .find(|v| v.edge == edge && v.partition.is_none() && v.bucket_start_ms == bucket_start_ms)
+}
+
+/// One request the test receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A webhook receiver on 127.0.0.1 that records every POST to `/hook`; stops when dropped.
+#[derive(Debug)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub stop: CancellationToken,
+}
+
+impl Receiver {
+    /// Starts on a free port.
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Ok(Self::serve(listener))
+    }
+
+    /// Starts on `addr` (a port the test reserved earlier).
+    pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self::serve(listener))
+    }
+
+    fn serve(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().expect("bound");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let log = Arc::clone(&received);
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let log = Arc::clone(&log);
+                async move {
+                    log.lock().unwrap().push(Received { headers, body });
+                    StatusCode::OK
+                }
+            }),
+        );
+        let token = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .ok();
+        });
+        Self {
+            addr,
+            received,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
