@@ -490,11 +490,15 @@ pub async fn wait_caught_up(
     .await
 }
 
+/// (topic, bucket start, tier, datacenter, partition).
+pub type TotalsKey = (String, i64, String, String, i32);
+/// (count, bytes, records).
+pub type Totals = BTreeMap<TotalsKey, (i64, i64, i64)>;
+type TotalsRow = (String, i64, String, String, i32, i64, i64, i64);
+
 /// Totals per (topic, bucket, tier, datacenter, partition) as stored.
-pub async fn stored_totals(
-    pool: &PgPool,
-) -> anyhow::Result<BTreeMap<(String, i64, String, String, i32), (i64, i64, i64)>> {
-    let rows: Vec<(String, i64, String, String, i32, i64, i64, i64)> = sqlx::query_as(
+pub async fn stored_totals(pool: &PgPool) -> anyhow::Result<Totals> {
+    let rows: Vec<TotalsRow> = sqlx::query_as(
         "SELECT topic, bucket_start_ms, tier, datacenter, partition, count, bytes, records \
          FROM audit_counts",
     )
@@ -507,9 +511,7 @@ pub async fn stored_totals(
 }
 
 /// Expected totals of `records` (each id once).
-pub fn expected_totals(
-    records: &[AuditRecord],
-) -> BTreeMap<(String, i64, String, String, i32), (i64, i64, i64)> {
+pub fn expected_totals(records: &[AuditRecord]) -> Totals {
     let mut seen = std::collections::HashSet::new();
     let mut out: BTreeMap<_, (i64, i64, i64)> = BTreeMap::new();
     for r in records {
