@@ -1,0 +1,151 @@
+//! Helpers shared by audit-lib's integration tests: they talk to the real regional Kafka of
+//! the dev stack (`dev/stack up`), and fail when it is not there.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chaperone_audit::{AuditConfig, AuditRecord};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+pub fn regional_bootstrap() -> String {
+    std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+pub fn client(bootstrap: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", bootstrap);
+    cc
+}
+
+/// Creates a topic and waits until its metadata shows every partition.
+pub async fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let bootstrap = regional_bootstrap();
+    let admin: AdminClient<DefaultClientContext> =
+        client(&bootstrap).create().context("admin client")?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .with_context(|| format!("creating {topic}: is the stack up (dev/stack up)?"))?;
+    for r in results {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        if md
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.partitions().len() == partitions as usize)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("topic {topic} did not appear");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Audit config for a test: its own audit topic and spool directory, fast flushes.
+pub fn audit_config(audit_topic: &str, spool_dir: PathBuf) -> AuditConfig {
+    AuditConfig {
+        topic: audit_topic.to_owned(),
+        flush_interval: Duration::from_millis(500),
+        spool_dir,
+        instance: Some(unique("test")),
+        ..AuditConfig::default()
+    }
+}
+
+/// Every message on `topic` up to its high watermarks at call time, read with
+/// `read_committed`, decoded (a record that does not decode fails the test).
+pub fn read_audit_topic(topic: &str) -> anyhow::Result<Vec<AuditRecord>> {
+    let consumer: BaseConsumer = client(&regional_bootstrap())
+        .set("group.id", unique("audit-reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        ends.insert(*p, high);
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let mut done: HashMap<i32, bool> = ends.iter().map(|(p, h)| (*p, *h == 0)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.values().any(|d| !d) {
+        if Instant::now() > deadline {
+            bail!("audit topic {topic} not read to its end in time: {done:?}");
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m?;
+        let payload = m.payload().context("audit message without payload")?;
+        out.push(AuditRecord::decode(payload).context("audit record decodes")?);
+        if m.offset() + 1 >= ends[&m.partition()] {
+            done.insert(m.partition(), true);
+        }
+    }
+    Ok(out)
+}
+
+/// Counts per (physical topic, partition, bucket start) over records with distinct ids;
+/// fails when two copies of one id differ.
+pub fn sum_counts(
+    records: &[AuditRecord],
+) -> anyhow::Result<(BTreeMap<(String, Option<i32>, i64), u64>, usize)> {
+    let mut seen: HashMap<String, &AuditRecord> = HashMap::new();
+    let mut duplicates = 0;
+    let mut sums = BTreeMap::new();
+    for r in records {
+        if let Some(prev) = seen.get(r.id()) {
+            if *prev != r {
+                bail!("two different records share id {}", r.id());
+            }
+            duplicates += 1;
+            continue;
+        }
+        seen.insert(r.id().to_owned(), r);
+        if let AuditRecord::Counts(c) = r {
+            *sums
+                .entry((c.physical_topic.clone(), c.partition, c.bucket_start_ms))
+                .or_insert(0) += c.count;
+        }
+    }
+    Ok((sums, duplicates))
+}
