@@ -124,11 +124,12 @@ pub fn read_audit_topic(topic: &str) -> anyhow::Result<Vec<AuditRecord>> {
     Ok(out)
 }
 
+/// Message counts per (physical topic, partition, bucket start).
+pub type Sums = BTreeMap<(String, Option<i32>, i64), u64>;
+
 /// Counts per (physical topic, partition, bucket start) over records with distinct ids;
 /// fails when two copies of one id differ.
-pub fn sum_counts(
-    records: &[AuditRecord],
-) -> anyhow::Result<(BTreeMap<(String, Option<i32>, i64), u64>, usize)> {
+pub fn sum_counts(records: &[AuditRecord]) -> anyhow::Result<(Sums, usize)> {
     let mut seen: HashMap<String, &AuditRecord> = HashMap::new();
     let mut duplicates = 0;
     let mut sums = BTreeMap::new();
