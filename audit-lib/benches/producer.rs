@@ -15,7 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const MESSAGES: usize = 200_000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 const PAYLOAD: usize = 100;
 
 fn bootstrap() -> String {

@@ -12,7 +12,7 @@
 //! Like `FutureProducer`, it runs librdkafka on a `ThreadedProducer` with its own polling
 //! thread; the delivery callback completes a tokio oneshot per message.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,17 +38,35 @@ use crate::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 use crate::reporter::{AuditError, Clock, Reporter, SystemClock, Watermarks};
 use crate::tracker::{Tracker, thread_index};
 
-/// Per topic: messages in flight per event-time bucket start.
-type InFlightShard = HashMap<Box<str>, BTreeMap<i64, i64>>;
+/// Messages in flight for one (topic, event-time bucket) on one shard.
+#[derive(Debug)]
+struct FlightSlot {
+    topic: Box<str>,
+    start: i64,
+    end: i64,
+    n: i64,
+}
+
+#[derive(Debug, Default)]
+struct FlightCells {
+    slots: Vec<FlightSlot>,
+    last: usize,
+}
+
+/// One shard on its own cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct FlightShard(Mutex<FlightCells>);
 
 /// Messages sent but not yet acknowledged, per topic and event-time bucket; gives the
 /// producer's event-time watermark (the start of the oldest bucket with a message in
 /// flight). Sharded like the tracker: a message may start on one shard and finish on
-/// another, only the sums over shards mean anything.
+/// another, only the sums over shards mean anything. A producer has few (topic, bucket)
+/// pairs in flight at once, so each shard is a short list with a last-used cache.
 #[derive(Debug)]
 struct InFlight {
     width: BucketWidth,
-    shards: Box<[Mutex<InFlightShard>]>,
+    shards: Box<[FlightShard]>,
     mask: usize,
 }
 
@@ -59,21 +77,45 @@ impl InFlight {
             .next_power_of_two();
         Self {
             width,
-            shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..n).map(|_| FlightShard::default()).collect(),
             mask: n - 1,
         }
     }
 
+    #[inline]
     fn add(&self, topic: &str, event_ms: i64, delta: i64) {
-        let bucket = self.width.start_of(event_ms);
-        let mut shard = self.shards[thread_index() & self.mask]
+        let mut cells = self.shards[thread_index() & self.mask]
+            .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(m) = shard.get_mut(topic) {
-            *m.entry(bucket).or_insert(0) += delta;
-        } else {
-            shard.insert(topic.into(), BTreeMap::from([(bucket, delta)]));
+        let last = cells.last;
+        if let Some(slot) = cells.slots.get_mut(last)
+            && event_ms >= slot.start
+            && event_ms < slot.end
+            && &*slot.topic == topic
+        {
+            slot.n += delta;
+            return;
         }
+        let start = self.width.start_of(event_ms);
+        let i = match cells
+            .slots
+            .iter()
+            .position(|s| s.start == start && &*s.topic == topic)
+        {
+            Some(i) => i,
+            None => {
+                cells.slots.push(FlightSlot {
+                    topic: topic.into(),
+                    start,
+                    end: self.width.end_of(start),
+                    n: 0,
+                });
+                cells.slots.len() - 1
+            }
+        };
+        cells.slots[i].n += delta;
+        cells.last = i;
     }
 }
 
@@ -82,26 +124,30 @@ impl Watermarks for InFlight {
         let mut guards: Vec<_> = self
             .shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner))
+            .map(|s| s.0.lock().unwrap_or_else(PoisonError::into_inner))
             .collect();
-        let mut totals: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut totals: BTreeMap<(&str, i64), i64> = BTreeMap::new();
+        let mut owned: Vec<(Box<str>, i64, i64)> = Vec::new();
         for g in &guards {
-            if let Some(m) = g.get(topic) {
-                for (b, n) in m {
-                    *totals.entry(*b).or_insert(0) += n;
-                }
+            for s in &g.slots {
+                owned.push((s.topic.clone(), s.start, s.n));
             }
         }
-        // Buckets with nothing in flight any more are forgotten everywhere.
+        for (t, b, n) in &owned {
+            *totals.entry((t, *b)).or_insert(0) += n;
+        }
+        // (topic, bucket) pairs with nothing in flight any more are forgotten everywhere.
         for g in &mut guards {
-            if let Some(m) = g.get_mut(topic) {
-                m.retain(|b, _| totals.get(b).is_some_and(|n| *n != 0));
-            }
+            g.slots
+                .retain(|s| totals.get(&(&*s.topic, s.start)).is_some_and(|n| *n != 0));
+            g.last = usize::MAX;
         }
         totals
             .iter()
-            .find(|(_, n)| **n > 0)
-            .map_or(now_ms, |(b, _)| (*b).min(now_ms))
+            .filter(|((t, _), n)| *t == topic && **n > 0)
+            .map(|((_, b), _)| *b)
+            .next()
+            .map_or(now_ms, |b| b.min(now_ms))
     }
 }
 
@@ -472,5 +518,33 @@ impl Drop for AuditedProducer {
             Err(e) => tracing::error!(error = %e, "audit counts lost on drop: spool write failed"),
         }
         reporter.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_is_the_oldest_bucket_in_flight() {
+        let f = Arc::new(InFlight::new(BucketWidth::default()));
+        let now = 10 * 60_000 + 5;
+        assert_eq!(f.watermark_ms("t", now), now, "nothing in flight");
+        f.add("t", 2 * 60_000 + 7, 1);
+        f.add("t", 5 * 60_000, 1);
+        f.add("u", 60_000, 1);
+        assert_eq!(f.watermark_ms("t", now), 2 * 60_000);
+        // The acknowledgement arrives on another thread (another shard).
+        let g = Arc::clone(&f);
+        std::thread::spawn(move || g.add("t", 2 * 60_000 + 7, -1))
+            .join()
+            .expect("thread");
+        assert_eq!(f.watermark_ms("t", now), 5 * 60_000);
+        f.add("t", 5 * 60_000 + 1, -1);
+        assert_eq!(f.watermark_ms("t", now), now);
+        assert_eq!(f.watermark_ms("u", now), 60_000);
+        // Future event times never push the watermark past now.
+        f.add("v", 20 * 60_000, 1);
+        assert_eq!(f.watermark_ms("v", now), now);
     }
 }

@@ -216,3 +216,50 @@ fn spool_file_ids(dir: &std::path::Path) -> anyhow::Result<HashSet<String>> {
     }
     Ok(ids)
 }
+
+/// Dropping the producer without `shutdown()` loses nothing: the counts are written to the
+/// spool on drop and the reporter delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_without_shutdown_loses_no_counts() -> anyhow::Result<()> {
+    let topic = unique("dropped");
+    let audit_topic = unique("audit");
+    create_topic(&topic, 1).await?;
+    create_topic(&audit_topic, 1).await?;
+    let spool = temp_dir("audit-spool");
+    let mut config = audit_config(&audit_topic, spool.clone());
+    // No periodic flush happens during the test: only the drop path can deliver the counts.
+    config.flush_interval = Duration::from_secs(3_600);
+    let producer = AuditedProducer::new(
+        &client(&regional_bootstrap()),
+        config,
+        &prometheus::Registry::new(),
+    )?;
+    let payload = b"payload".to_vec();
+    for _ in 0..100 {
+        producer
+            .send(
+                FutureRecord::<(), _>::to(&topic).payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    drop(producer);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = read_audit_topic(&audit_topic)?;
+        let (sums, _) = sum_counts(&records)?;
+        let total: u64 = sums.values().sum();
+        if total == 100 {
+            break;
+        }
+        assert!(total < 100, "more counted than sent: {total}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {total} of 100 counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    std::fs::remove_dir_all(spool).ok();
+    Ok(())
+}
