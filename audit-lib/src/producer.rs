@@ -338,7 +338,7 @@ impl AuditedProducer {
         }
     }
 
-    /// Not enqueued after all: undo the in-flight mark and count the failure.
+    /// Given up enqueueing: undo the in-flight mark and count a failed delivery.
     fn abandon(&self, topic: &str, event_ms: i64) {
         let ctx = self.context();
         ctx.in_flight.add(topic, event_ms, -1);
@@ -427,7 +427,11 @@ impl AuditedProducer {
         match self.producer.send(base) {
             Ok(()) => Ok(DeliveryFuture { rx }),
             Err((e, b)) => {
-                self.abandon(b.topic, b.delivery_opaque.event_ms);
+                // Not enqueued: the caller gets the record back (to retry, typically), so
+                // this is not a failed delivery.
+                self.context()
+                    .in_flight
+                    .add(b.topic, b.delivery_opaque.event_ms, -1);
                 Err((
                     e,
                     FutureRecord {
