@@ -414,29 +414,42 @@ impl Task {
             counts_records: counts.len(),
             ..FlushOutcome::default()
         };
-        // Write-ahead into the spool; records that do not fit are still sent.
+        // Write-ahead into the spool; records that do not fit, or all of them when the
+        // spool cannot be written, are still sent.
         let spool = Arc::clone(&core.spool);
-        let (mut batch, unspooled) = match tokio::task::spawn_blocking(move || {
+        let to_spool = counts.clone();
+        let written = tokio::task::spawn_blocking(move || {
             let mut spool = spool.lock().unwrap_or_else(PoisonError::into_inner);
-            let rejected: HashSet<String> = spool.append(counts.clone())?.into_iter().collect();
-            let unspooled: Vec<_> = counts
-                .into_iter()
-                .filter(|(id, _)| rejected.contains(id))
-                .collect();
-            Ok::<_, SpoolError>((spool.pending(), unspooled))
+            let rejected = spool.append(to_spool)?;
+            Ok::<_, SpoolError>((spool.pending(), rejected))
         })
-        .await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "audit spool write failed: sending without write-ahead");
-                (Vec::new(), Vec::new())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "audit spool task failed");
-                (Vec::new(), Vec::new())
+        .await;
+        let (mut batch, rejected): (Vec<(String, Vec<u8>)>, HashSet<String>) = match written {
+            Ok(Ok((pending, rejected))) => (pending, rejected.into_iter().collect()),
+            failed => {
+                match failed {
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "audit spool write failed: sending without write-ahead")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "audit spool task failed: sending without write-ahead")
+                    }
+                    Ok(Ok(_)) => {}
+                }
+                let pending = core.lock_spool().pending();
+                let held: HashSet<&String> = pending.iter().map(|(id, _)| id).collect();
+                let rejected = counts
+                    .iter()
+                    .filter(|(id, _)| !held.contains(id))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                (pending, rejected)
             }
         };
+        let unspooled: Vec<(String, Vec<u8>)> = counts
+            .into_iter()
+            .filter(|(id, _)| rejected.contains(id))
+            .collect();
         let unspooled_ids: HashSet<String> = unspooled.iter().map(|(id, _)| id.clone()).collect();
         batch.extend(unspooled);
         let progress_ids: HashSet<String>;
@@ -532,4 +545,44 @@ fn log_outcome(o: &FlushOutcome) {
         spooled = o.spooled,
         "audit flush"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safety_settings_win_over_user_properties() {
+        let mut config = AuditConfig {
+            delivery_timeout: Duration::from_secs(7),
+            ..AuditConfig::default()
+        };
+        config
+            .kafka
+            .insert("bootstrap.servers".into(), "a:1".into());
+        config.kafka.insert("acks".into(), "0".into());
+        config
+            .kafka
+            .insert("enable.idempotence".into(), "false".into());
+        config.kafka.insert("message.timeout.ms".into(), "1".into());
+        let cc = audit_client_config(&ClientConfig::new(), &config);
+        assert_eq!(cc.get("bootstrap.servers"), Some("a:1"));
+        assert_eq!(cc.get("acks"), Some("all"));
+        assert_eq!(cc.get("enable.idempotence"), Some("true"));
+        assert_eq!(cc.get("message.timeout.ms"), Some("7000"));
+    }
+
+    #[test]
+    fn audit_producer_inherits_the_audited_clients_properties_but_not_its_transactions() {
+        let mut base = ClientConfig::new();
+        base.set("bootstrap.servers", "b:2")
+            .set("transactional.id", "app-tx")
+            .set("security.protocol", "SASL_SSL")
+            .set("acks", "1");
+        let cc = audit_client_config(&base, &AuditConfig::default());
+        assert_eq!(cc.get("bootstrap.servers"), Some("b:2"));
+        assert_eq!(cc.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(cc.get("transactional.id"), None);
+        assert_eq!(cc.get("acks"), Some("all"));
+    }
 }
