@@ -83,6 +83,12 @@ impl ApiError {
     }
 }
 
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
 impl From<store::StoreError> for ApiError {
     fn from(e: store::StoreError) -> Self {
         Self::Internal(e.into())
@@ -125,6 +131,8 @@ pub fn router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/api/v1/topics", get(topics))
         .route("/api/v1/topics/{topic}/buckets", get(buckets))
+        .route("/api/v1/verdicts", get(verdicts))
+        .route("/api/v1/alerts", get(alerts))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(api)
@@ -332,14 +340,21 @@ async fn topics(
     let p = params(q)?;
     check_params(&p, &[])?;
     let rows = store::list_topics(&state.pool).await?;
+    let mut latest: std::collections::BTreeMap<String, Vec<crate::reconcile::Verdict>> =
+        std::collections::BTreeMap::new();
+    for v in crate::reconcile::latest_verdicts_by_topic(&state.pool).await? {
+        latest.entry(v.topic.clone()).or_default().push(v);
+    }
     let topics: Vec<serde_json::Value> = rows
         .into_iter()
         .map(|t| {
+            let verdicts = latest.remove(&t.topic).unwrap_or_default();
             json!({
                 "topic": t.topic,
                 "first_seen_at": t.first_seen_at,
                 "last_seen_at": t.last_seen_at,
                 "last_bucket_start_ms": t.last_bucket_start_ms,
+                "latest_verdicts": verdicts,
             })
         })
         .collect();
@@ -372,6 +387,77 @@ async fn buckets(
         "buckets": buckets,
     }))
     .into_response())
+}
+
+/// Parses optional `from` and `to` without defaults; when both are given, `from < to`.
+fn optional_range(params: &Params) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    let from = param(params, "from")
+        .map(|v| parse_time("from", v))
+        .transpose()?;
+    let to = param(params, "to")
+        .map(|v| parse_time("to", v))
+        .transpose()?;
+    if let (Some(f), Some(t)) = (from, to) {
+        if f >= t {
+            return Err(ApiError::bad("from", "must be earlier than `to`"));
+        }
+    }
+    Ok((
+        from.map(|t| t.timestamp_millis()),
+        to.map(|t| t.timestamp_millis()),
+    ))
+}
+
+async fn verdicts(
+    State(state): State<ApiState>,
+    q: Result<Query<Params>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    use crate::reconcile::VerdictStatus;
+    let p = params(q)?;
+    check_params(&p, &["status", "from", "to"])?;
+    let status = param(&p, "status")
+        .map(|s| {
+            s.parse::<VerdictStatus>().map_err(|_| {
+                let allowed: Vec<&str> = VerdictStatus::ALL.iter().map(|v| v.as_str()).collect();
+                ApiError::bad(
+                    "status",
+                    format!("`{s}` is not one of {}", allowed.join(", ")),
+                )
+            })
+        })
+        .transpose()?;
+    let (from, to) = optional_range(&p)?;
+    let verdicts = crate::reconcile::list_verdicts(&state.pool, status, from, to).await?;
+    Ok(Json(json!({ "verdicts": verdicts })).into_response())
+}
+
+async fn alerts(
+    State(state): State<ApiState>,
+    q: Result<Query<Params>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    use crate::alerts::IncidentStatus;
+    let p = params(q)?;
+    check_params(&p, &["status", "limit"])?;
+    let status = param(&p, "status")
+        .map(|s| {
+            s.parse::<IncidentStatus>()
+                .map_err(|e| ApiError::bad("status", e.to_string()))
+        })
+        .transpose()?;
+    let limit = match param(&p, "limit") {
+        None => 100,
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if (1..=10_000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad(
+                    "limit",
+                    format!("`{v}` is not a whole number from 1 to 10000"),
+                ));
+            }
+        },
+    };
+    let alerts = crate::alerts::list_alerts(&state.pool, status, limit).await?;
+    Ok(Json(json!({ "alerts": alerts })).into_response())
 }
 
 #[cfg(test)]

@@ -50,6 +50,10 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// The HTTP API.
     pub api: ApiConfig,
+    /// Tier reconciliation (see [`crate::reconcile`]).
+    pub reconcile: crate::reconcile::ReconcileConfig,
+    /// Webhook alerts (see [`crate::alerts`]).
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// PostgreSQL connection settings.
@@ -383,6 +387,12 @@ impl Config {
         }
         nonzero(self.retention.interval, "retention.interval")?;
         nonzero(self.api.max_range, "api.max_range")?;
+        self.reconcile
+            .validate()
+            .map_err(|e| ConfigError::new(e.key, e.message))?;
+        self.alerts
+            .validate()
+            .map_err(|e| ConfigError::new(e.key, e.message))?;
         Ok(())
     }
 }

@@ -286,14 +286,19 @@ pub async fn run(
     let stored: Stored = Arc::default();
     let consumers = tokio_util::task::TaskTracker::new();
     for source in &sources {
-        consumers.spawn(consume(
+        consumers.spawn(refresh_loop(
             Arc::clone(source),
             pool.clone(),
-            tx.clone(),
             Arc::clone(&stored),
             metrics.clone(),
             Arc::clone(&status),
             config.partition_refresh,
+            shutdown.clone(),
+        ));
+        consumers.spawn(consume(
+            Arc::clone(source),
+            tx.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ));
     }
@@ -314,11 +319,11 @@ pub async fn run(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn consume(
+/// Lists the audit topic's partitions every `refresh`, assigns new ones and publishes the
+/// lag. Runs beside [`consume`] so a slow broker answer never delays reading.
+async fn refresh_loop(
     source: Arc<Source>,
     pool: PgPool,
-    tx: mpsc::Sender<Consumed>,
     stored: Stored,
     metrics: IngestMetrics,
     status: Arc<IngestStatus>,
@@ -329,40 +334,72 @@ async fn consume(
     let mut assigned: BTreeMap<i32, i64> = BTreeMap::new();
     let mut ticker = tokio::time::interval(refresh);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let error_log = RateLimit::new(Duration::from_secs(10));
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {
-                match refresh_partitions(&source, &pool, &mut assigned, &stored).await {
-                    Ok(lag) => {
-                        status.sources[source.index].store(true, Ordering::Relaxed);
-                        metrics.partitions.with_label_values(&[&alias]).set(assigned.len() as i64);
-                        metrics.lag_records.with_label_values(&[&alias]).set(lag);
-                    }
-                    Err(e) => {
-                        tracing::warn!(cluster = %alias, error = %e, "cannot refresh the audit topic's partitions");
-                    }
-                }
+            _ = ticker.tick() => {}
+        }
+        let started = Instant::now();
+        let result = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            r = refresh_partitions(&source, &pool, &mut assigned, &stored) => r,
+        };
+        match result {
+            Ok(lag) => {
+                status.sources[source.index].store(true, Ordering::Relaxed);
+                metrics
+                    .partitions
+                    .with_label_values(&[&alias])
+                    .set(assigned.len() as i64);
+                metrics.lag_records.with_label_values(&[&alias]).set(lag);
+                tracing::debug!(cluster = %alias, lag, took_ms = started.elapsed().as_millis() as u64, "audit partitions refreshed");
             }
-            msg = source.consumer.recv() => {
-                let consumed = match msg {
-                    Ok(m) => decode(&source, &m),
-                    Err(e) => {
-                        metrics.kafka_errors.with_label_values(&[&alias]).inc();
-                        if let Some(suppressed) = error_log.allow() {
-                            tracing::warn!(cluster = %alias, error = %e, suppressed, "cannot read the audit topic");
-                        }
-                        continue;
-                    }
-                };
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break,
-                    sent = tx.send(consumed) => if sent.is_err() { break },
-                }
+            Err(e) => {
+                tracing::warn!(cluster = %alias, error = %e, "cannot refresh the audit topic's partitions");
             }
+        }
+    }
+}
+
+/// How long one wait for a message lasts before it is started again. librdkafka only
+/// signals a queue that goes from empty to non-empty, and a wake-up can be missed when
+/// other events are served from the same queue; polling again periodically makes a missed
+/// wake-up cost at most this much.
+const RECV_REPOLL: Duration = Duration::from_millis(250);
+
+async fn consume(
+    source: Arc<Source>,
+    tx: mpsc::Sender<Consumed>,
+    metrics: IngestMetrics,
+    shutdown: CancellationToken,
+) {
+    let alias = source.config.alias.clone();
+    let error_log = RateLimit::new(Duration::from_secs(10));
+    loop {
+        let msg = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            r = tokio::time::timeout(RECV_REPOLL, source.consumer.recv()) => match r {
+                Ok(m) => m,
+                Err(_) => continue,
+            },
+        };
+        let consumed = match msg {
+            Ok(m) => decode(&source, &m),
+            Err(e) => {
+                metrics.kafka_errors.with_label_values(&[&alias]).inc();
+                if let Some(suppressed) = error_log.allow() {
+                    tracing::warn!(cluster = %alias, error = %e, suppressed, "cannot read the audit topic");
+                }
+                continue;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            sent = tx.send(consumed) => if sent.is_err() { break },
         }
     }
     tracing::debug!(cluster = %alias, "consumer stopped");

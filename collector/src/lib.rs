@@ -8,14 +8,18 @@
 //!   offsets, and the retention job (schema in `migrations/`).
 //! - [`api`]: the axum HTTP API, `/metrics`, `/healthz` and `/readyz`.
 //! - [`metrics`]: the Prometheus metrics of ingest and the API.
+//! - [`reconcile`]: per-edge, per-bucket verdicts from the stored counts and progress.
+//! - [`alerts`]: incidents and webhook notifications through an outbox.
 //!
 //! [`run`] wires them together; `main.rs` only loads the configuration, connects, migrates
 //! and calls it.
 
+pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+pub mod reconcile;
 pub mod store;
 
 use std::sync::Arc;
@@ -94,6 +98,10 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
     } = deps;
     let metrics =
         metrics::IngestMetrics::register(&registry).context("registering the ingest metrics")?;
+    let reconcile_metrics =
+        reconcile::ReconcileMetrics::new(&registry).context("registering the reconcile metrics")?;
+    let alert_metrics =
+        alerts::AlertMetrics::new(&registry).context("registering the alert metrics")?;
     let status = Arc::new(ingest::IngestStatus::new(config.clusters.len()));
 
     let http_shutdown = CancellationToken::new();
@@ -129,6 +137,42 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
         metrics.clone(),
         shutdown.clone(),
     ));
+
+    // Reconciliation and alerts run until shutdown; a failure of either stops the collector.
+    for job in [
+        tokio::spawn(reconcile::run_with_clock(
+            pool.clone(),
+            config.reconcile.clone(),
+            clock.clone(),
+            reconcile_metrics,
+            shutdown.clone(),
+        )),
+        tokio::spawn(alerts::run_with_clock(
+            pool.clone(),
+            config.alerts.clone(),
+            clock.clone(),
+            alert_metrics,
+            shutdown.clone(),
+        )),
+    ] {
+        let shutdown = shutdown.clone();
+        jobs.spawn(async move {
+            match job.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "background job failed; shutting down"
+                    );
+                    shutdown.cancel();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "background job panicked; shutting down");
+                    shutdown.cancel();
+                }
+            }
+        });
+    }
 
     let ingested = ingest::run(
         &config.clusters,

@@ -4,55 +4,11 @@ mod ingest_support;
 
 use std::time::Duration;
 
-use chaperone_audit::{AuditRecord, Tier};
+use chaperone_audit::AuditRecord;
 use ingest_support::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-
-fn metric(registry: &prometheus::Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == name)
-        .flat_map(|f| f.get_metric().iter())
-        .filter(|m| match label {
-            None => true,
-            Some((k, v)) => m
-                .get_label()
-                .iter()
-                .any(|l| l.name() == k && l.value() == v),
-        })
-        .map(|m| m.get_counter().get_value())
-        .sum()
-}
-
-/// Records of several topics, tiers, datacenters, partitions and buckets.
-fn mixed_records(prefix: &str, n: usize) -> Vec<AuditRecord> {
-    (0..n)
-        .map(|i| {
-            let tier = if i % 3 == 0 {
-                Tier::Producer
-            } else {
-                Tier::Regional
-            };
-            let dc = if i % 2 == 0 { "dc1" } else { "dc2" };
-            let lat: Vec<i64> = (0..(i % 7 + 1) as i64).map(|j| j * 13 + i as i64).collect();
-            AuditRecord::Counts(counts(
-                &format!("{prefix}-{i}"),
-                &format!("orders-{}", i % 3),
-                if i % 5 == 0 {
-                    None
-                } else {
-                    Some((i % 4) as i32)
-                },
-                BUCKET + 60_000 * (i % 4) as i64,
-                observer(tier, dc, &format!("host-{}", i % 6)),
-                &lat,
-            ))
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {

@@ -97,7 +97,7 @@ impl TestDb {
         let url = with_database(&admin_url, &name);
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(2))
             .connect(&url)
             .await
             .context("connecting to the test database")?;
@@ -181,6 +181,9 @@ pub fn config(db: &TestDb, topics: &Topics) -> Config {
     c.ingest.partition_refresh = Duration::from_secs(2);
     c.ingest.retry_max = Duration::from_secs(1);
     c.api.listen = "127.0.0.1:0".parse().expect("address");
+    // These tests are about ingest; reconciliation and alerts have their own.
+    c.reconcile.enabled = false;
+    c.alerts.enabled = false;
     c
 }
 
@@ -208,6 +211,12 @@ listen = "127.0.0.1:0"
 
 [retention]
 days = 0
+
+[reconcile]
+enabled = false
+
+[alerts]
+enabled = false
 "#,
         url = db.url,
         bootstrap = regional_bootstrap(),
@@ -534,4 +543,49 @@ pub fn expected_totals(records: &[AuditRecord]) -> Totals {
         }
     }
     out
+}
+
+/// Records of several topics, tiers, datacenters, partitions and buckets.
+pub fn mixed_records(prefix: &str, n: usize) -> Vec<AuditRecord> {
+    (0..n)
+        .map(|i| {
+            let tier = if i % 3 == 0 {
+                Tier::Producer
+            } else {
+                Tier::Regional
+            };
+            let dc = if i % 2 == 0 { "dc1" } else { "dc2" };
+            let lat: Vec<i64> = (0..(i % 7 + 1) as i64).map(|j| j * 13 + i as i64).collect();
+            AuditRecord::Counts(counts(
+                &format!("{prefix}-{i}"),
+                &format!("orders-{}", i % 3),
+                if i % 5 == 0 {
+                    None
+                } else {
+                    Some((i % 4) as i32)
+                },
+                BUCKET + 60_000 * (i % 4) as i64,
+                observer(tier, dc, &format!("host-{}", i % 6)),
+                &lat,
+            ))
+        })
+        .collect()
+}
+
+/// Sum of a counter (optionally of one label value) in `registry`.
+pub fn metric(registry: &prometheus::Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| match label {
+            None => true,
+            Some((k, v)) => m
+                .get_label()
+                .iter()
+                .any(|l| l.name() == k && l.value() == v),
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum()
 }
