@@ -1,0 +1,792 @@
+//! The consume-count-commit loop, run on a dedicated thread.
+//!
+//! Messages are counted into a [`Tally`] in memory. Every flush interval, on partition
+//! revocation and on shutdown, [`Core::flush`] runs one Kafka transaction on the audited
+//! cluster: it produces a `counts` record per drained cell and a `progress` record per
+//! assigned partition to the audit topic, adds the consumer's positions with
+//! `send_offsets_to_transaction`, and commits. Counts and offsets therefore become visible
+//! together or not at all.
+//!
+//! When a transaction fails it is aborted, its counts are discarded and every assigned
+//! partition is rewound to its committed offset, so those messages are counted again. When
+//! partitions are revoked, the open counts are flushed and committed before they go; when the
+//! assignment was lost instead, the counts are discarded and the new owner recounts them.
+//! A fatal producer error (for example being fenced by a newer instance with the same
+//! transactional id) stops the service: its restart resumes from the committed offsets.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chaperone_audit::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
+use chaperone_audit::{AuditRecord, BucketWidth, Observer, Progress, Tally, Tier};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message as _, Timestamp};
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::event_time::{Dater, EventTime};
+use crate::http::Health;
+use crate::mapping::{Mapped, Mapping};
+use crate::metrics::Metrics;
+use crate::subscription::Selector;
+
+/// Milliseconds since the Unix epoch; injected so tests can control time.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| chrono::Utc::now().timestamp_millis())
+}
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// A Kafka call failed in a way that leaves no safe way to continue.
+    #[error("fatal kafka error while {action}: {source}")]
+    Fatal {
+        /// What was being done.
+        action: &'static str,
+        /// The error.
+        source: KafkaError,
+    },
+}
+
+fn fatal(action: &'static str, source: KafkaError) -> PipelineError {
+    PipelineError::Fatal { action, source }
+}
+
+/// How to react to a transactional error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxnFailure {
+    Retry,
+    Abort,
+    Fatal,
+}
+
+fn classify(e: &KafkaError) -> TxnFailure {
+    match e {
+        KafkaError::Transaction(rd) if rd.is_fatal() => TxnFailure::Fatal,
+        KafkaError::Transaction(rd) if rd.txn_requires_abort() => TxnFailure::Abort,
+        KafkaError::Transaction(rd) if rd.is_retriable() => TxnFailure::Retry,
+        _ => TxnFailure::Abort,
+    }
+}
+
+/// Settings of the pipeline that do not change at run time.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Tier, cluster, host and instance; the datacenter comes from the topic mapping.
+    pub tier: Tier,
+    /// Alias of the audited cluster.
+    pub cluster: String,
+    /// Host name reported.
+    pub host: String,
+    /// Instance name reported.
+    pub instance: String,
+    /// Audit topic on the audited cluster.
+    pub audit_topic: String,
+    /// Bucket width.
+    pub width: BucketWidth,
+    /// Flush interval.
+    pub flush_interval: Duration,
+    /// Timeout of each transactional call.
+    pub kafka_timeout: Duration,
+    /// Subtracted from event-time watermarks.
+    pub watermark_lateness: Duration,
+    /// Metadata refresh interval.
+    pub refresh_interval: Duration,
+    /// Whether partitions without a committed offset start at their end.
+    pub reset_to_end: bool,
+}
+
+/// Running totals of what has been counted since the last commit, published on commit.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    messages: u64,
+    bytes: u64,
+    no_timestamp: u64,
+    malformed: u64,
+}
+
+/// Cached end offsets of a partition, from client statistics.
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    high: i64,
+    stable: i64,
+}
+
+/// Everything the consume loop and the rebalance callback share.
+pub struct Core {
+    settings: Settings,
+    producer: BaseProducer<DefaultProducerContext>,
+    tally: Tally,
+    dater: Dater,
+    mapping: Mapping,
+    mapped: HashMap<String, Mapped>,
+    event_watermarks: HashMap<(String, i32), i64>,
+    ends: HashMap<(String, i32), Ends>,
+    log_append_warned: HashSet<String>,
+    malformed_warned: HashMap<String, Instant>,
+    metrics: Metrics,
+    health: Health,
+    clock: Clock,
+    assigned_once: bool,
+    closing: bool,
+    fatal: Option<PipelineError>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("settings", &self.settings)
+            .field("open_cells", &self.tally.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// A core around an initialised transactional producer.
+    pub fn new(
+        settings: Settings,
+        producer: BaseProducer<DefaultProducerContext>,
+        dater: Dater,
+        mapping: Mapping,
+        metrics: Metrics,
+        health: Health,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            tally: Tally::new(settings.width),
+            settings,
+            producer,
+            dater,
+            mapping,
+            mapped: HashMap::new(),
+            event_watermarks: HashMap::new(),
+            ends: HashMap::new(),
+            log_append_warned: HashSet::new(),
+            malformed_warned: HashMap::new(),
+            metrics,
+            health,
+            clock,
+            assigned_once: false,
+            closing: false,
+            fatal: None,
+        }
+    }
+
+    /// Counts one consumed message.
+    #[inline]
+    pub fn count(&mut self, m: &BorrowedMessage<'_>) {
+        let topic = m.topic();
+        let partition = m.partition();
+        let timestamp = m.timestamp();
+        if let Timestamp::LogAppendTime(_) = timestamp {
+            self.warn_log_append_time(topic);
+        }
+        let payload = m.payload();
+        let bytes = payload.map_or(0, <[u8]>::len) as u64;
+        let now = (self.clock)();
+        match self.dater.date(timestamp, payload) {
+            EventTime::Timed(ms) => self.tally.record(topic, Some(partition), ms, bytes, now),
+            EventTime::Untimed => {
+                self.tally
+                    .record_untimed(topic, Some(partition), bytes, now, false)
+            }
+            EventTime::Malformed => {
+                self.tally
+                    .record_untimed(topic, Some(partition), bytes, now, true);
+                self.warn_malformed(topic, partition, m.offset());
+            }
+        }
+    }
+
+    fn warn_log_append_time(&mut self, topic: &str) {
+        if !self.log_append_warned.contains(topic) {
+            self.log_append_warned.insert(topic.to_owned());
+            self.metrics.log_append_time_topics.inc();
+            tracing::warn!(
+                topic,
+                "topic uses LogAppendTime: record timestamps are broker times, not event times"
+            );
+        }
+    }
+
+    fn warn_malformed(&mut self, topic: &str, partition: i32, offset: i64) {
+        let now = Instant::now();
+        let due = self
+            .malformed_warned
+            .get(topic)
+            .is_none_or(|last| now.duration_since(*last) >= Duration::from_secs(60));
+        if due {
+            self.malformed_warned.insert(topic.to_owned(), now);
+            tracing::warn!(
+                topic,
+                partition,
+                offset,
+                "payload has no parsable event time: counted as malformed (logged once a minute per topic)"
+            );
+        }
+    }
+
+    /// Updates cached end offsets from client statistics.
+    fn update_ends(&mut self, stats: &Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, s) in &t.partitions {
+                if *p < 0 {
+                    continue;
+                }
+                self.ends.insert(
+                    (topic.clone(), *p),
+                    Ends {
+                        high: s.hi_offset,
+                        stable: s.ls_offset,
+                    },
+                );
+            }
+        }
+    }
+
+    fn mapped(&mut self, physical: &str) -> Mapped {
+        if let Some(m) = self.mapped.get(physical) {
+            return m.clone();
+        }
+        let m = self.mapping.map(physical);
+        self.mapped.insert(physical.to_owned(), m.clone());
+        m
+    }
+
+    fn observer(&self, datacenter: String) -> Observer {
+        Observer {
+            tier: self.settings.tier.clone(),
+            datacenter,
+            cluster: self.settings.cluster.clone(),
+            host: self.settings.host.clone(),
+            instance: self.settings.instance.clone(),
+        }
+    }
+
+    /// Sends one record, waiting for queue space when the producer queue is full.
+    fn send(&self, key: &str, payload: &[u8]) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + self.settings.kafka_timeout;
+        let mut record = BaseRecord::to(&self.settings.audit_topic)
+            .key(key)
+            .payload(payload);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if Instant::now() < deadline =>
+                {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Commits everything counted so far together with the consumer positions, in one
+    /// transaction. On failure the transaction is aborted, the counts are discarded and the
+    /// partitions are rewound (unless `rewind` is false because they are being revoked).
+    /// Returns `Err` only for fatal errors.
+    pub fn flush<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        rewind: bool,
+    ) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        let assignment = consumer
+            .assignment()
+            .map_err(|e| fatal("reading the assignment", e))?;
+        let positions = if assignment.count() == 0 {
+            TopicPartitionList::new()
+        } else {
+            consumer
+                .position()
+                .map_err(|e| fatal("reading consumer positions", e))?
+        };
+        if self.tally.is_empty() && positions.count() == 0 {
+            return Ok(());
+        }
+        let entries = self.tally.drain();
+        let now = (self.clock)();
+        let width = self.settings.width;
+        let mut totals = Totals::default();
+        let mut records: Vec<(String, Vec<u8>)> =
+            Vec::with_capacity(entries.len() + positions.count());
+        for e in entries {
+            totals.messages += e.cell.count;
+            totals.bytes += e.cell.bytes;
+            totals.no_timestamp += e.cell.no_timestamp;
+            totals.malformed += e.cell.malformed;
+            let partition = e.partition.unwrap_or(-1);
+            if let Some(max) = e.cell.max_event_ms {
+                let w = self
+                    .event_watermarks
+                    .entry((e.topic.clone(), partition))
+                    .or_insert(max);
+                *w = (*w).max(max);
+            }
+            let mapped = self.mapped(&e.topic);
+            let key = format!("{}/{}", e.topic, partition);
+            let observer = self.observer(mapped.datacenter);
+            let counts = e.into_counts(
+                uuid::Uuid::now_v7().to_string(),
+                mapped.topic,
+                width,
+                observer,
+                now,
+            );
+            records.push((key, AuditRecord::Counts(counts).encode()));
+        }
+        let mut lags = Vec::with_capacity(positions.count());
+        let lateness = i64::try_from(self.settings.watermark_lateness.as_millis()).unwrap_or(0);
+        let mut offsets = TopicPartitionList::with_capacity(positions.count());
+        for el in positions.elements() {
+            let topic = el.topic();
+            let partition = el.partition();
+            let position = match el.offset() {
+                Offset::Offset(n) if n >= 0 => Some(n),
+                _ => None,
+            };
+            if let Some(p) = position {
+                offsets
+                    .add_partition_offset(topic, partition, Offset::Offset(p))
+                    .map_err(|e| fatal("building the offsets to commit", e))?;
+            }
+            let ends = self.ends.get(&(topic.to_owned(), partition)).copied();
+            // The broker's high watermark is at least what we have read.
+            let high = match (ends.map(|e| e.high).filter(|h| *h >= 0), position) {
+                (Some(h), Some(p)) => Some(h.max(p)),
+                (h, p) => h.or(p),
+            };
+            let stable = ends.map(|e| e.stable).filter(|s| *s >= 0).or(high);
+            let lag = match (stable, position) {
+                (Some(s), Some(p)) => Some((s - p).max(0)),
+                _ => None,
+            };
+            if let Some(l) = lag {
+                lags.push((topic.to_owned(), partition, l));
+            }
+            let seen = self
+                .event_watermarks
+                .get(&(topic.to_owned(), partition))
+                .copied();
+            let watermark = if lag == Some(0) {
+                now
+            } else {
+                seen.unwrap_or(MIN_TIMESTAMP_MS).min(now)
+            };
+            let watermark = watermark
+                .saturating_sub(lateness)
+                .clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS);
+            let mapped = self.mapped(topic);
+            let progress = Progress {
+                id: uuid::Uuid::now_v7().to_string(),
+                topic: mapped.topic,
+                physical_topic: topic.to_owned(),
+                partition: Some(partition),
+                observer: self.observer(mapped.datacenter),
+                position,
+                high_watermark: high,
+                watermark_ms: watermark,
+                bucket_width: width,
+                emitted_at_ms: now.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
+            };
+            records.push((
+                format!("{topic}/{partition}"),
+                AuditRecord::Progress(progress).encode(),
+            ));
+        }
+        let n_counts = records.len() - positions.count();
+        let n_progress = positions.count();
+        match self.transact(consumer, &records, &offsets) {
+            Ok(()) => {
+                self.metrics
+                    .transactions
+                    .with_label_values(&["committed"])
+                    .inc();
+                self.metrics
+                    .records
+                    .with_label_values(&["counts"])
+                    .inc_by(n_counts as u64);
+                self.metrics
+                    .records
+                    .with_label_values(&["progress"])
+                    .inc_by(n_progress as u64);
+                self.metrics.committed(
+                    totals.messages,
+                    totals.bytes,
+                    totals.no_timestamp,
+                    totals.malformed,
+                );
+                self.metrics.set_lags(&lags);
+                self.metrics
+                    .flush_duration
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    messages = totals.messages,
+                    counts = n_counts,
+                    progress = n_progress,
+                    "committed flush"
+                );
+                Ok(())
+            }
+            Err(TxnFailure::Fatal) => Err(self
+                .fatal
+                .take()
+                .unwrap_or_else(|| fatal("committing a transaction", KafkaError::Canceled))),
+            Err(_) => {
+                self.metrics
+                    .transactions
+                    .with_label_values(&["aborted"])
+                    .inc();
+                tracing::warn!(
+                    discarded = totals.messages,
+                    "transaction aborted: its counts are discarded and will be recounted"
+                );
+                if rewind {
+                    self.rewind(consumer)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs one transaction. On a non-fatal failure the transaction has been aborted.
+    fn transact<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        records: &[(String, Vec<u8>)],
+        offsets: &TopicPartitionList,
+    ) -> Result<(), TxnFailure> {
+        let timeout = self.settings.kafka_timeout;
+        if let Err(e) = self.producer.begin_transaction() {
+            tracing::error!(error = %e, "cannot begin a transaction");
+            return Err(self.fail("beginning a transaction", e));
+        }
+        let result = (|| {
+            for (key, payload) in records {
+                self.send(key, payload)
+                    .map_err(|e| ("producing audit records", e))?;
+            }
+            self.producer.poll(Duration::ZERO);
+            if offsets.count() > 0 {
+                let group = consumer
+                    .group_metadata()
+                    .ok_or(("sending offsets to the transaction", KafkaError::Canceled))?;
+                self.producer
+                    .send_offsets_to_transaction(offsets, &group, timeout)
+                    .map_err(|e| ("sending offsets to the transaction", e))?;
+            }
+            self.producer
+                .flush(timeout)
+                .map_err(|e| ("flushing audit records", e))?;
+            let mut attempts = 0;
+            loop {
+                match self.producer.commit_transaction(timeout) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if classify(&e) == TxnFailure::Retry && attempts < 3 => {
+                        attempts += 1;
+                        tracing::warn!(error = %e, attempts, "retrying the transaction commit");
+                    }
+                    Err(e) => return Err(("committing a transaction", e)),
+                }
+            }
+        })();
+        match result {
+            Ok(()) => Ok(()),
+            Err((action, e)) => {
+                tracing::warn!(error = %e, action, "transaction failed");
+                match self.fail(action, e) {
+                    TxnFailure::Fatal => Err(TxnFailure::Fatal),
+                    _ => self.abort(),
+                }
+            }
+        }
+    }
+
+    /// Records a fatal error, or tells the caller to abort.
+    fn fail(&mut self, action: &'static str, e: KafkaError) -> TxnFailure {
+        match classify(&e) {
+            TxnFailure::Fatal => {
+                tracing::error!(error = %e, action, "fatal transactional error: stopping");
+                self.fatal = Some(fatal(action, e));
+                TxnFailure::Fatal
+            }
+            other => other,
+        }
+    }
+
+    fn abort(&mut self) -> Result<(), TxnFailure> {
+        let timeout = self.settings.kafka_timeout;
+        let mut attempts = 0;
+        loop {
+            match self.producer.abort_transaction(timeout) {
+                Ok(()) => return Err(TxnFailure::Abort),
+                Err(e) if classify(&e) != TxnFailure::Fatal && attempts < 3 => {
+                    attempts += 1;
+                    tracing::warn!(error = %e, attempts, "retrying the transaction abort");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot abort the transaction: stopping");
+                    self.fatal = Some(fatal("aborting a transaction", e));
+                    return Err(TxnFailure::Fatal);
+                }
+            }
+        }
+    }
+
+    /// Seeks every assigned partition back to its committed offset.
+    fn rewind<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), PipelineError> {
+        let timeout = self.settings.kafka_timeout;
+        let committed = consumer
+            .committed(timeout)
+            .map_err(|e| fatal("reading committed offsets to rewind", e))?;
+        for el in committed.elements() {
+            let target = match el.offset() {
+                Offset::Offset(n) => Offset::Offset(n),
+                _ if self.settings.reset_to_end => Offset::End,
+                _ => Offset::Beginning,
+            };
+            consumer
+                .seek(el.topic(), el.partition(), target, timeout)
+                .map_err(|e| fatal("rewinding a partition to its committed offset", e))?;
+            tracing::info!(
+                topic = el.topic(),
+                partition = el.partition(),
+                offset = ?target,
+                "rewound partition to its committed offset"
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops uncommitted counts (their partitions were lost to another instance).
+    fn discard(&mut self) {
+        let dropped: u64 = self.tally.drain().iter().map(|e| e.cell.count).sum();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "assignment lost: uncommitted counts discarded, the new owner recounts them"
+            );
+        }
+    }
+}
+
+/// The consumer context: rebalance handling and statistics, sharing the [`Core`].
+pub struct PipelineContext {
+    core: Arc<Mutex<Core>>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for PipelineContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineContext").finish_non_exhaustive()
+    }
+}
+
+impl PipelineContext {
+    /// A context sharing `core`.
+    pub fn new(core: Arc<Mutex<Core>>, metrics: Metrics) -> Self {
+        Self { core, metrics }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+}
+
+fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    match core.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl ClientContext for PipelineContext {
+    fn stats(&self, statistics: Statistics) {
+        self.lock().update_ends(&statistics);
+    }
+}
+
+impl ConsumerContext for PipelineContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let mut core = self.lock();
+                if core.fatal.is_some() {
+                    return;
+                }
+                if consumer.assignment_lost() {
+                    self.metrics.rebalances.with_label_values(&["lost"]).inc();
+                    tracing::warn!(partitions = tpl.count(), "assignment lost");
+                    core.discard();
+                    if matches!(
+                        consumer.rebalance_protocol(),
+                        RebalanceProtocol::Cooperative
+                    ) {
+                        if let Err(e) = core.rewind(consumer) {
+                            core.fatal = Some(e);
+                        }
+                    }
+                } else {
+                    self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+                    tracing::info!(
+                        partitions = tpl.count(),
+                        "partitions revoked: committing their counts"
+                    );
+                    if core.closing && core.tally.is_empty() {
+                        return;
+                    }
+                    let cooperative = matches!(
+                        consumer.rebalance_protocol(),
+                        RebalanceProtocol::Cooperative
+                    );
+                    if let Err(e) = core.flush(consumer, cooperative) {
+                        core.fatal = Some(e);
+                    }
+                }
+                for el in tpl.elements() {
+                    core.event_watermarks
+                        .remove(&(el.topic().to_owned(), el.partition()));
+                }
+                core.health.set_ready(false);
+            }
+            Rebalance::Assign(tpl) => {
+                self.metrics.rebalances.with_label_values(&["assign"]).inc();
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Error(e) => {
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let count = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics.assigned_partitions.set(count as i64);
+        if let Rebalance::Assign(_) = rebalance {
+            let mut core = self.lock();
+            core.assigned_once = true;
+            core.health.set_ready(true);
+        }
+    }
+}
+
+/// The consume loop. Returns when `shutdown` is cancelled (after a final flush) or on a
+/// fatal error.
+pub fn consume(
+    consumer: &BaseConsumer<PipelineContext>,
+    selector: &Selector,
+    settings: &Settings,
+    metrics: &Metrics,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let core = consumer.context().core.clone();
+    let mut subscribed: BTreeSet<String> = BTreeSet::new();
+    let mut next_refresh = Instant::now();
+    let mut next_flush = Instant::now() + settings.flush_interval;
+    let mut since_clock_check = 256u32;
+    let mut last_poll_error: Option<Instant> = None;
+    health.set_alive(true);
+    while !shutdown.is_cancelled() {
+        since_clock_check += 1;
+        if since_clock_check >= 256 {
+            since_clock_check = 0;
+            let now = Instant::now();
+            if now >= next_refresh {
+                refresh(
+                    consumer,
+                    selector,
+                    settings,
+                    metrics,
+                    health,
+                    &mut subscribed,
+                );
+                next_refresh = now + settings.refresh_interval;
+            }
+            if now >= next_flush {
+                lock(&core).flush(consumer, true)?;
+                next_flush = Instant::now() + settings.flush_interval;
+            }
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => lock(&core).count(&m),
+            Some(Err(e)) => {
+                since_clock_check = 256;
+                if last_poll_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    last_poll_error = Some(Instant::now());
+                    tracing::warn!(error = %e, "consumer error");
+                }
+            }
+            None => since_clock_check = 256,
+        }
+        if let Some(e) = lock(&core).fatal.take() {
+            health.set_alive(false);
+            return Err(e);
+        }
+    }
+    tracing::info!("stopping: flushing and committing open counts");
+    let result = {
+        let mut core = lock(&core);
+        core.closing = true;
+        core.flush(consumer, false)
+    };
+    health.set_ready(false);
+    result
+}
+
+/// Re-reads cluster metadata and re-subscribes when the audited topic set changed.
+fn refresh(
+    consumer: &BaseConsumer<PipelineContext>,
+    selector: &Selector,
+    settings: &Settings,
+    metrics: &Metrics,
+    health: &Health,
+    subscribed: &mut BTreeSet<String>,
+) {
+    let metadata = match consumer.fetch_metadata(None, settings.kafka_timeout) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read cluster metadata; keeping the current subscription");
+            return;
+        }
+    };
+    let selected = selector.select(metadata.topics().iter().map(|t| t.name()));
+    if &selected == subscribed {
+        return;
+    }
+    let added: Vec<&String> = selected.difference(subscribed).collect();
+    let removed: Vec<&String> = subscribed.difference(&selected).collect();
+    tracing::info!(
+        ?added,
+        ?removed,
+        topics = selected.len(),
+        "audited topics changed"
+    );
+    if selected.is_empty() {
+        consumer.unsubscribe();
+        health.set_ready(true);
+    } else {
+        let names: Vec<&str> = selected.iter().map(String::as_str).collect();
+        if let Err(e) = consumer.subscribe(&names) {
+            tracing::warn!(error = %e, "cannot subscribe");
+            return;
+        }
+    }
+    metrics.subscribed_topics.set(selected.len() as i64);
+    *subscribed = selected;
+}

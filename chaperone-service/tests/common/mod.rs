@@ -1,0 +1,507 @@
+//! Helpers for the integration tests: topics, producing known messages, spawning the real
+//! binary, and reading the audit topic back with `read_committed`.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chaperone_audit::{AuditRecord, Counts};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+pub fn regional() -> String {
+    std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+pub fn aggregate() -> String {
+    std::env::var("CHAPERONE_AGGREGATE_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:29092".into())
+}
+
+/// A random name, unique per test run.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Creates a topic (fails the test when the cluster is unreachable).
+pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let res = admin
+        .create_topics(
+            [&NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot create topic {name} on {bootstrap} (is `dev/stack up` running?): {e}")
+        });
+    for r in res {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => panic!("cannot create topic {t}: {e}"),
+        }
+    }
+}
+
+/// One message to produce: partition, CreateTime timestamp, payload.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub partition: i32,
+    pub timestamp: i64,
+    pub payload: Vec<u8>,
+}
+
+pub fn producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer")
+}
+
+/// Produces `msgs` to `topic` and waits until all are acknowledged.
+pub fn produce(p: &BaseProducer, topic: &str, msgs: &[Msg]) {
+    for m in msgs {
+        let mut rec = BaseRecord::<(), [u8]>::to(topic)
+            .partition(m.partition)
+            .timestamp(m.timestamp)
+            .payload(&m.payload);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    rec = r;
+                    p.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => panic!("produce to {topic} failed: {e}"),
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// Expected counts per (physical topic, partition, bucket start).
+pub type Expected = BTreeMap<(String, i32, i64), u64>;
+
+pub fn expect(expected: &mut Expected, topic: &str, msgs: &[Msg], width_ms: i64) {
+    for m in msgs {
+        let bucket = m.timestamp.div_euclid(width_ms) * width_ms;
+        *expected
+            .entry((topic.to_owned(), m.partition, bucket))
+            .or_default() += 1;
+    }
+}
+
+/// A service configuration for tests, as TOML.
+pub struct TestConfig {
+    pub toml: String,
+}
+
+impl TestConfig {
+    pub fn new(
+        bootstrap: &str,
+        tier: &str,
+        cluster: &str,
+        datacenter: &str,
+        group: &str,
+        audit: &str,
+        include: &str,
+    ) -> Self {
+        let toml = format!(
+            r#"
+tier = "{tier}"
+cluster = "{cluster}"
+datacenter = "{datacenter}"
+host = "test-host"
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+audit_topic = "{audit}"
+audit_topic_partitions = 3
+flush_interval = "1s"
+transaction_timeout = "30s"
+http_addr = "127.0.0.1:0"
+
+[topics]
+include = ['{include}']
+refresh_interval = "1s"
+
+[kafka]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+"#
+        );
+        Self { toml }
+    }
+
+    /// Replaces the flush interval.
+    pub fn flush_interval(mut self, d: &str) -> Self {
+        self.toml = self.toml.replace(
+            "flush_interval = \"1s\"",
+            &format!("flush_interval = \"{d}\""),
+        );
+        self
+    }
+
+    /// Appends TOML (for example an `[event_time]` table).
+    pub fn with(mut self, extra: &str) -> Self {
+        self.toml.push_str(extra);
+        self
+    }
+
+    pub fn parse(&self, instance: &str) -> chaperone_service::Config {
+        let mut c = chaperone_service::Config::from_toml(&self.toml).expect("test config parses");
+        c.instance = instance.to_owned();
+        c
+    }
+
+    pub fn write(&self, dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("service.toml");
+        std::fs::write(&path, &self.toml).expect("write config");
+        path
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(unique(name));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real binary, spawned with a config file and an instance name.
+pub struct Service {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Service {
+    pub fn spawn(config: &std::path::Path, instance: &str, log: PathBuf) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_chaperone-service"))
+            .arg("--config")
+            .arg(config)
+            .arg("--instance")
+            .arg(instance)
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn chaperone-service");
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGKILL: no flush, no commit, no leaving the group.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(status)) => {
+                        assert!(
+                            status.success(),
+                            "service exited with {status}; log:\n{}",
+                            self.log_text()
+                        );
+                        return;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        panic!(
+                            "service did not stop within 60 s; log:\n{}",
+                            self.log_text()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fails the test when the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!(
+                    "service exited early with {status}; log:\n{}",
+                    self.log_text()
+                );
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads a whole audit topic with `read_committed` and accumulates what it holds.
+pub struct AuditReader {
+    consumer: BaseConsumer,
+    pub ids: HashSet<String>,
+    pub duplicate_ids: Vec<String>,
+    pub counts: Vec<Counts>,
+    /// Latest progress position per (physical topic, partition).
+    pub positions: HashMap<(String, i32), i64>,
+    pub progress_records: usize,
+    /// Physical topics of interest (others are ignored).
+    topics: HashSet<String>,
+}
+
+impl AuditReader {
+    pub fn new(bootstrap: &str, audit_topic: &str, partitions: i32, topics: &[String]) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", unique("audit-reader"))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("audit reader");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(audit_topic, p, Offset::Beginning)
+                .expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign audit topic");
+        Self {
+            consumer,
+            ids: HashSet::new(),
+            duplicate_ids: Vec::new(),
+            counts: Vec::new(),
+            positions: HashMap::new(),
+            progress_records: 0,
+            topics: topics.iter().cloned().collect(),
+        }
+    }
+
+    /// Reads what is available for up to `max`.
+    pub fn poll_for(&mut self, max: Duration) {
+        let deadline = Instant::now() + max;
+        while Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let payload = m.payload().unwrap_or_default();
+                    let rec = AuditRecord::decode(payload).unwrap_or_else(|e| {
+                        panic!(
+                            "undecodable audit record ({e}): {}",
+                            String::from_utf8_lossy(payload)
+                        )
+                    });
+                    let physical = match &rec {
+                        AuditRecord::Counts(c) => &c.physical_topic,
+                        AuditRecord::Progress(p) => &p.physical_topic,
+                    };
+                    if !self.topics.contains(physical) {
+                        continue;
+                    }
+                    if !self.ids.insert(rec.id().to_owned()) {
+                        self.duplicate_ids.push(rec.id().to_owned());
+                    }
+                    match rec {
+                        AuditRecord::Counts(c) => self.counts.push(c),
+                        AuditRecord::Progress(p) => {
+                            self.progress_records += 1;
+                            if let (Some(part), Some(pos)) = (p.partition, p.position) {
+                                self.positions.insert((p.physical_topic.clone(), part), pos);
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => panic!("audit reader error: {e}"),
+                None => break,
+            }
+        }
+    }
+
+    /// Totals per (physical topic, partition, bucket).
+    pub fn totals(&self) -> Expected {
+        let mut t = Expected::new();
+        for c in &self.counts {
+            *t.entry((
+                c.physical_topic.clone(),
+                c.partition.unwrap_or(-1),
+                c.bucket_start_ms,
+            ))
+            .or_default() += c.count;
+        }
+        t
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|c| c.count).sum()
+    }
+
+    /// Reads until the totals equal `expected` and every partition's progress reached its
+    /// end offset in `ends`; panics on overshoot, duplicates or the deadline.
+    pub fn wait_exact(
+        &mut self,
+        expected: &Expected,
+        ends: &HashMap<(String, i32), i64>,
+        within: Duration,
+        context: &dyn Fn() -> String,
+    ) {
+        let want: u64 = expected.values().sum();
+        let deadline = Instant::now() + within;
+        loop {
+            self.poll_for(Duration::from_millis(500));
+            assert!(
+                self.duplicate_ids.is_empty(),
+                "duplicate record ids: {:?}",
+                &self.duplicate_ids[..self.duplicate_ids.len().min(5)]
+            );
+            let got = self.total();
+            if got > want {
+                panic!(
+                    "over-counted: {got} > {want}\n{}\n{}",
+                    diff(expected, &self.totals()),
+                    context()
+                );
+            }
+            let at_end = ends
+                .iter()
+                .all(|(k, end)| self.positions.get(k).copied().unwrap_or(-1) >= *end);
+            if got == want && at_end {
+                assert_eq!(&self.totals(), expected, "per-cell totals differ");
+                return;
+            }
+            if Instant::now() >= deadline {
+                let behind: Vec<_> = ends
+                    .iter()
+                    .filter(|(k, end)| self.positions.get(*k).copied().unwrap_or(-1) < **end)
+                    .map(|(k, end)| (k.clone(), self.positions.get(k).copied(), *end))
+                    .take(5)
+                    .collect();
+                panic!(
+                    "timed out: counted {got} of {want}; progress behind: {behind:?}\n{}\n{}",
+                    diff(expected, &self.totals()),
+                    context()
+                );
+            }
+        }
+    }
+}
+
+/// The first differing cells of two totals, for failure messages.
+pub fn diff(want: &Expected, got: &Expected) -> String {
+    let mut out = Vec::new();
+    for (k, w) in want {
+        let g = got.get(k).copied().unwrap_or(0);
+        if g != *w {
+            out.push(format!("{k:?}: want {w}, got {g}"));
+        }
+    }
+    for (k, g) in got {
+        if !want.contains_key(k) {
+            out.push(format!("{k:?}: unexpected {g}"));
+        }
+    }
+    out.truncate(10);
+    out.join("\n")
+}
+
+/// End offsets of every partition of `topics` on `bootstrap` (read_uncommitted high watermarks).
+pub fn ends(bootstrap: &str, topics: &[(String, i32)]) -> HashMap<(String, i32), i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("consumer");
+    let mut out = HashMap::new();
+    for (t, parts) in topics {
+        for p in 0..*parts {
+            let (_, high) = c
+                .fetch_watermarks(t, p, Duration::from_secs(10))
+                .expect("watermarks");
+            out.insert((t.clone(), p), high);
+        }
+    }
+    out
+}
+
+/// Cancels the in-process service when a test ends, even by a panic, so the runtime's
+/// blocking consume thread stops.
+pub struct CancelOnDrop(pub tokio_util::sync::CancellationToken);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Plain GET over HTTP/1.1; returns (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
