@@ -79,3 +79,60 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A database of its own for one test, with the project's migrations applied. Dropped by
+/// [`TestDb::drop_db`] when the test passed; a failed test leaves it behind for inspection.
+#[derive(Debug)]
+pub struct TestDb {
+    /// Name of the database.
+    pub name: String,
+    /// Pool connected to it.
+    pub pool: sqlx::PgPool,
+    admin: sqlx::PgPool,
+}
+
+impl TestDb {
+    /// Creates `chaperone_test_<random>` and applies `migrations/`.
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin = sqlx::PgPool::connect(&database_url())
+            .await
+            .with_context(|| format!("connecting to PostgreSQL at {}", database_url()))?;
+        let name = unique("chaperone_test").replace('-', "_");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        let url = db_url(&name)?;
+        let pool = sqlx::PgPool::connect(&url).await?;
+        sqlx::migrate!("../migrations")
+            .run(&pool)
+            .await
+            .context("applying migrations")?;
+        Ok(Self { name, pool, admin })
+    }
+
+    /// URL of this database.
+    pub fn url(&self) -> anyhow::Result<String> {
+        db_url(&self.name)
+    }
+
+    /// Drops the database.
+    pub async fn drop_db(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&self.admin)
+        .await?;
+        Ok(())
+    }
+}
+
+fn db_url(name: &str) -> anyhow::Result<String> {
+    let base = database_url();
+    let (server, _) = base
+        .rsplit_once('/')
+        .with_context(|| format!("DATABASE_URL {base} names no database"))?;
+    Ok(format!("{server}/{name}"))
+}
