@@ -144,7 +144,7 @@ http_addr = "127.0.0.1:0"
 include = ['{include}']
 refresh_interval = "1s"
 
-[kafka]
+[kafka_consumer]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "1000"
 "#
@@ -302,6 +302,8 @@ pub struct AuditReader {
     /// Latest progress position per (physical topic, partition).
     pub positions: HashMap<(String, i32), i64>,
     pub progress_records: usize,
+    /// Instances that wrote any record.
+    pub instances: HashSet<String>,
     /// Physical topics of interest (others are ignored).
     topics: HashSet<String>,
 }
@@ -328,6 +330,7 @@ impl AuditReader {
             counts: Vec::new(),
             positions: HashMap::new(),
             progress_records: 0,
+            instances: HashSet::new(),
             topics: topics.iter().cloned().collect(),
         }
     }
@@ -352,6 +355,7 @@ impl AuditReader {
                     if !self.topics.contains(physical) {
                         continue;
                     }
+                    self.instances.insert(rec.observer().instance.clone());
                     if !self.ids.insert(rec.id().to_owned()) {
                         self.duplicate_ids.push(rec.id().to_owned());
                     }
