@@ -83,11 +83,18 @@ impl AlertSender {
     }
 
     /// One round: fans out every pending event, then sends due deliveries until none is left
-    /// (failed ones wait for their backoff).
+    /// or none goes through (failed ones wait for their backoff).
     pub async fn run_once(&self) -> Result<SendReport, AlertError> {
         let mut report = SendReport::default();
         self.inner.fan_out(&mut report).await?;
-        while self.inner.deliver_batch(&mut report).await? >= self.inner.config.batch_size {}
+        // Keep going while deliveries go through: a sent firing may unblock its resolved.
+        loop {
+            let sent_before = report.sent;
+            let claimed = self.inner.deliver_batch(&mut report).await?;
+            if claimed == 0 || report.sent == sent_before {
+                break;
+            }
+        }
         self.inner.refresh_pending().await?;
         Ok(report)
     }

@@ -314,16 +314,20 @@ mod tests {
         let err = cfg.validate().unwrap_err();
         assert_eq!(err.key, "reconcile.edges[1].to");
 
-        let mut cfg = ReconcileConfig::default();
-        cfg.max_wait = Duration::from_secs(1);
+        let cfg = ReconcileConfig {
+            max_wait: Duration::from_secs(1),
+            ..ReconcileConfig::default()
+        };
         assert_eq!(cfg.validate().unwrap_err().key, "reconcile.max_wait");
 
         let mut cfg = ReconcileConfig::default();
         cfg.edges.push(cfg.edges[0].clone());
         assert_eq!(cfg.validate().unwrap_err().key, "reconcile.edges[2].name");
 
-        let mut cfg = ReconcileConfig::default();
-        cfg.interval = Duration::ZERO;
+        let cfg = ReconcileConfig {
+            interval: Duration::ZERO,
+            ..ReconcileConfig::default()
+        };
         assert_eq!(cfg.validate().unwrap_err().key, "reconcile.interval");
     }
 

@@ -90,15 +90,14 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let pool = self.pool.clone();
-        // Drop runs inside the test's runtime: clean up on a thread of its own.
+        // Drop runs inside the test's runtime, perhaps while tasks of a failed test still hold
+        // connections: drop the database from a thread of its own, with FORCE ending them.
         let cleanup = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("cleanup runtime");
             rt.block_on(async move {
-                pool.close().await;
                 if let Ok(mut admin) = PgConnection::connect(&database_url()).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .execute(&mut admin)
@@ -198,10 +197,13 @@ pub fn config() -> ReconcileConfig {
 }
 
 /// A reconciler on a manual clock standing at `now_ms`.
-pub fn reconciler(pool: &PgPool, config: ReconcileConfig, now_ms: i64) -> (Reconciler, ManualClock) {
+pub fn reconciler(
+    pool: &PgPool,
+    config: ReconcileConfig,
+    now_ms: i64,
+) -> (Reconciler, ManualClock) {
     let clock = ManualClock::new(at(now_ms));
-    let metrics =
-        ReconcileMetrics::new(&prometheus::Registry::new()).expect("metrics register");
+    let metrics = ReconcileMetrics::new(&prometheus::Registry::new()).expect("metrics register");
     (
         Reconciler::new(pool.clone(), config, clock.clock(), metrics),
         clock,
@@ -234,7 +236,12 @@ pub async fn verdicts(pool: &PgPool, topic: &str) -> Vec<Verdict> {
 }
 
 /// The topic-level verdict of `edge` for the bucket starting at `bucket_start_ms`.
-pub async fn verdict(pool: &PgPool, topic: &str, edge: &str, bucket_start_ms: i64) -> Option<Verdict> {
+pub async fn verdict(
+    pool: &PgPool,
+    topic: &str,
+    edge: &str,
+    bucket_start_ms: i64,
+) -> Option<Verdict> {
     verdicts(pool, topic)
         .await
         .into_iter()

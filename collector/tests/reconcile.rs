@@ -1,0 +1,540 @@
+//! Reconciliation against the real PostgreSQL of `dev/stack up`: counts and progress rows are
+//! written straight into the ingest tables, the reconciler runs on a hand-moved clock, and the
+//! verdicts, their history, incidents and outbox events are read back.
+
+mod reconcile_support;
+
+use chaperone_collector::reconcile::{
+    EdgeConfig, VerdictStatus, latest_verdicts_by_topic, list_verdicts, verdict_history,
+};
+use reconcile_support::*;
+
+const P2R: &str = "producer->regional";
+const R2A: &str = "regional->aggregate";
+
+/// producer -> regional -> aggregate counts for bucket `n` of `topic` in dc1, partition 0.
+async fn flow(db: &TestDb, topic: &str, n: i64, producer: i64, regional: i64, aggregate: i64) {
+    let pool = &db.pool;
+    add_counts(pool, topic, start(n), "producer", "dc1", -1, producer)
+        .await
+        .unwrap();
+    add_counts(pool, topic, start(n), "regional", "dc1", 0, regional)
+        .await
+        .unwrap();
+    if aggregate > 0 {
+        add_counts(pool, topic, start(n), "aggregate", "dc1", 0, aggregate)
+            .await
+            .unwrap();
+    }
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn complete_once_every_downstream_partition_is_past_the_lateness() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    flow(&db, "orders", 0, 10, 10, 10).await;
+    progress(&db.pool, "orders", "producer", "dc1", -1, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 1, end(0) + LATENESS)
+        .await
+        .unwrap();
+    // One aggregate partition lags: regional->aggregate is not final yet.
+    progress(&db.pool, "orders", "aggregate", "dc1", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(
+        &db.pool,
+        "orders",
+        "aggregate",
+        "dc1",
+        1,
+        end(0) + LATENESS - 1,
+    )
+    .await
+    .unwrap();
+
+    let report = pass(&r).await;
+    assert_eq!(report.queued, 1);
+    assert_eq!(
+        report.pending, 1,
+        "the bucket waits for aggregate partition 1"
+    );
+    let v = verdict(&db.pool, "orders", P2R, start(0))
+        .await
+        .expect("producer->regional judged");
+    assert_eq!(v.status, VerdictStatus::Complete);
+    assert_eq!((v.expected, v.actual, v.difference), (10, 10, 0));
+    assert_eq!(v.datacenter.as_deref(), Some("dc1"));
+    assert_eq!(v.final_reason, "progress");
+    assert!(verdict(&db.pool, "orders", R2A, start(0)).await.is_none());
+
+    progress(&db.pool, "orders", "aggregate", "dc1", 1, end(0) + LATENESS)
+        .await
+        .unwrap();
+    clock.advance(chrono::Duration::seconds(1));
+    let report = pass(&r).await;
+    assert_eq!(report.pending, 0);
+    let v = verdict(&db.pool, "orders", R2A, start(0))
+        .await
+        .expect("regional->aggregate judged");
+    assert_eq!(v.status, VerdictStatus::Complete);
+    assert_eq!(v.datacenter, None, "summed over datacenters");
+    // Nothing changes on another pass.
+    let report = pass(&r).await;
+    assert_eq!((report.evaluated, report.changed), (0, 0));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM reconcile_verdict_history").await,
+        2
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM alert_events").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 0);
+}
+
+#[tokio::test]
+async fn missing_duplicated_and_per_datacenter_counts() {
+    let db = TestDb::create().await.unwrap();
+    let (r, _clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    // orders: 3 lost between regional and aggregate.
+    flow(&db, "orders", 0, 10, 10, 7).await;
+    all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    // clicks: 2 duplicated by the mirror; dc2 lost 1 between producer and regional.
+    flow(&db, "clicks", 0, 5, 5, 8).await;
+    add_counts(&db.pool, "clicks", start(0), "producer", "dc2", -1, 4)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "clicks", start(0), "regional", "dc2", 0, 3)
+        .await
+        .unwrap();
+    all_progress(&db.pool, "clicks", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "clicks", "producer", "dc2", -1, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "clicks", "regional", "dc2", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    pass(&r).await;
+
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(v.status, VerdictStatus::Missing);
+    assert_eq!(
+        (v.expected, v.actual, v.difference, v.missing),
+        (10, 7, -3, 3)
+    );
+    assert_eq!(
+        verdict(&db.pool, "orders", P2R, start(0))
+            .await
+            .unwrap()
+            .status,
+        VerdictStatus::Complete
+    );
+
+    let clicks = verdicts(&db.pool, "clicks").await;
+    let find = |edge: &str, dc: Option<&str>| {
+        clicks
+            .iter()
+            .find(|v| v.edge == edge && v.datacenter.as_deref() == dc)
+            .unwrap_or_else(|| panic!("no verdict for {edge} {dc:?}: {clicks:#?}"))
+    };
+    assert_eq!(find(P2R, Some("dc1")).status, VerdictStatus::Complete);
+    let dc2 = find(P2R, Some("dc2"));
+    assert_eq!((dc2.status, dc2.missing), (VerdictStatus::Missing, 1));
+    // Regional summed over dc1 and dc2 (5 + 3) against the aggregate's 8.
+    let r2a = find(R2A, None);
+    assert_eq!((r2a.expected, r2a.actual), (8, 8));
+    assert_eq!(r2a.status, VerdictStatus::Complete);
+
+    // Two more at the aggregate: duplicated.
+    add_counts(&db.pool, "clicks", start(0), "aggregate", "dc1", 0, 2)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let r2a = verdict(&db.pool, "clicks", R2A, start(0)).await.unwrap();
+    assert_eq!(r2a.status, VerdictStatus::Duplicated);
+    assert_eq!((r2a.expected, r2a.actual, r2a.difference), (8, 10, 2));
+
+    let missing = list_verdicts(&db.pool, Some(VerdictStatus::Missing), None, None)
+        .await
+        .unwrap();
+    assert_eq!(missing.len(), 2, "{missing:#?}");
+    assert!(missing.iter().all(|v| v.status == VerdictStatus::Missing));
+    let none = list_verdicts(&db.pool, None, Some(start(1)), None)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "from excludes earlier buckets");
+    let latest = latest_verdicts_by_topic(&db.pool).await.unwrap();
+    assert_eq!(
+        latest.len(),
+        5,
+        "orders: 2 edges, clicks: dc1, dc2 and summed: {latest:#?}"
+    );
+}
+
+#[tokio::test]
+async fn silent_tier_is_judged_after_the_max_wait() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    // The aggregate never reports anything.
+    add_counts(&db.pool, "orders", start(0), "producer", "dc1", -1, 10)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 10)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "producer", "dc1", -1, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    pass(&r).await;
+    assert!(verdict(&db.pool, "orders", R2A, start(0)).await.is_none());
+
+    clock.set(at(end(0) + MAX_WAIT - 1));
+    pass(&r).await;
+    assert!(
+        verdict(&db.pool, "orders", R2A, start(0)).await.is_none(),
+        "not before max wait"
+    );
+
+    clock.set(at(end(0) + MAX_WAIT));
+    let report = pass(&r).await;
+    assert_eq!(report.pending, 0);
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(v.status, VerdictStatus::TierSilent);
+    assert_eq!(v.silent_tier.as_deref(), Some("aggregate"));
+    assert_eq!(v.final_reason, "max_wait");
+    assert_eq!((v.expected, v.actual), (10, 0));
+
+    // A downstream tier that stopped before the bucket is silent too, not "missing"; and a
+    // producer tier that stopped before it while regional counted messages is silent, not
+    // "duplicated".
+    progress(&db.pool, "payments", "producer", "dc1", -1, start(0))
+        .await
+        .unwrap();
+    add_counts(&db.pool, "payments", start(0), "regional", "dc1", 0, 4)
+        .await
+        .unwrap();
+    progress(
+        &db.pool,
+        "payments",
+        "regional",
+        "dc1",
+        0,
+        end(0) + LATENESS,
+    )
+    .await
+    .unwrap();
+    progress(&db.pool, "payments", "aggregate", "dc1", 0, start(0))
+        .await
+        .unwrap();
+    clock.set(at(end(0) + MAX_WAIT + 1));
+    pass(&r).await;
+    let v = verdict(&db.pool, "payments", R2A, start(0)).await.unwrap();
+    assert_eq!(v.status, VerdictStatus::TierSilent);
+    let v = verdict(&db.pool, "payments", P2R, start(0)).await.unwrap();
+    assert_eq!(v.status, VerdictStatus::TierSilent);
+    assert_eq!(v.silent_tier.as_deref(), Some("producer"));
+}
+
+#[tokio::test]
+async fn zero_messages_at_every_tier_is_complete() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    // Producers and regional flushed empty counts; the aggregate has no row at all.
+    add_counts(&db.pool, "quiet", start(0), "producer", "dc1", -1, 0)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "quiet", start(0), "regional", "dc1", 0, 0)
+        .await
+        .unwrap();
+    all_progress(&db.pool, "quiet", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    // Same, but nobody downstream ever reports: still nothing lost.
+    add_counts(&db.pool, "idle", start(0), "producer", "dc1", -1, 0)
+        .await
+        .unwrap();
+    progress(&db.pool, "idle", "producer", "dc1", -1, end(0) + LATENESS)
+        .await
+        .unwrap();
+    pass(&r).await;
+    for edge in [P2R, R2A] {
+        let v = verdict(&db.pool, "quiet", edge, start(0)).await.unwrap();
+        assert_eq!(v.status, VerdictStatus::Complete, "{edge}");
+        assert_eq!((v.expected, v.actual), (0, 0));
+    }
+    assert!(
+        verdict(&db.pool, "idle", P2R, start(0)).await.is_none(),
+        "waits for max wait"
+    );
+    clock.set(at(end(0) + MAX_WAIT));
+    pass(&r).await;
+    let v = verdict(&db.pool, "idle", P2R, start(0)).await.unwrap();
+    assert_eq!(v.status, VerdictStatus::Complete);
+    assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 0);
+}
+
+#[tokio::test]
+async fn an_upstream_tier_that_never_reported_the_topic_is_not_expected() {
+    let db = TestDb::create().await.unwrap();
+    let (r, _clock) = reconciler(&db.pool, config(), end(0) + MAX_WAIT);
+    // No producer uses the audit library for this topic: only the clusters report it.
+    add_counts(&db.pool, "legacy", start(0), "regional", "dc1", 0, 8)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "legacy", start(0), "aggregate", "dc1", 0, 8)
+        .await
+        .unwrap();
+    progress(&db.pool, "legacy", "regional", "dc1", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "legacy", "aggregate", "dc1", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    let report = pass(&r).await;
+    assert_eq!(report.pending, 0);
+    let all = verdicts(&db.pool, "legacy").await;
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(
+        (all[0].edge.as_str(), all[0].status),
+        (R2A, VerdictStatus::Complete)
+    );
+}
+
+#[tokio::test]
+async fn late_records_reopen_the_verdict_and_the_change_is_recorded() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    flow(&db, "orders", 0, 10, 10, 6).await;
+    all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(
+        (v.status, v.missing, v.revisions),
+        (VerdictStatus::Missing, 4, 0)
+    );
+    let incident = v.incident_id.expect("a missing bucket opens an incident");
+
+    // Part of the loss arrives late: still missing, with the new count.
+    clock.advance(chrono::Duration::minutes(5));
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 3)
+        .await
+        .unwrap();
+    let report = pass(&r).await;
+    assert_eq!(report.queued, 1);
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(
+        (v.status, v.missing, v.revisions),
+        (VerdictStatus::Missing, 1, 1)
+    );
+    assert_eq!(v.incident_id, Some(incident));
+
+    // The rest arrives: complete, the incident resolves.
+    clock.advance(chrono::Duration::minutes(5));
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 1)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(
+        (v.status, v.actual, v.revisions),
+        (VerdictStatus::Complete, 10, 2)
+    );
+
+    let history: Vec<_> = verdict_history(&db.pool, "orders", None, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.edge == R2A)
+        .map(|h| (h.old_status, h.status, h.actual))
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            (None, "missing".to_owned(), 6),
+            (Some("missing".to_owned()), "missing".to_owned(), 9),
+            (Some("missing".to_owned()), "complete".to_owned(), 10),
+        ]
+    );
+    let (status, resolved): (String, bool) =
+        sqlx::query_as("SELECT status, resolved_at IS NOT NULL FROM alert_incidents WHERE id = $1")
+            .bind(incident)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), resolved), ("resolved", true));
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM alert_events ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["bad_bucket", "bad_bucket", "resolved"]);
+}
+
+#[tokio::test]
+async fn consecutive_bad_buckets_form_one_incident() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(2) + 1_000);
+    flow(&db, "orders", 0, 10, 10, 9).await;
+    flow(&db, "orders", 1, 10, 10, 8).await;
+    flow(&db, "orders", 2, 10, 10, 10).await;
+    all_progress(&db.pool, "orders", "dc1", end(2) + LATENESS)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let incidents: Vec<(i64, i32, i32, String)> =
+        sqlx::query_as("SELECT id, buckets, bad_buckets, status FROM alert_incidents ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(incidents.len(), 1, "{incidents:?}");
+    assert_eq!((incidents[0].1, incidents[0].2), (2, 2));
+
+    // One bucket heals: still open.
+    clock.advance(chrono::Duration::minutes(1));
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 1)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let (bad, status): (i32, String) =
+        sqlx::query_as("SELECT bad_buckets, status FROM alert_incidents")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((bad, status.as_str()), (1, "open"));
+
+    // The other heals: resolved, exactly once.
+    add_counts(&db.pool, "orders", start(1), "aggregate", "dc1", 0, 2)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let (bad, status): (i32, String) =
+        sqlx::query_as("SELECT bad_buckets, status FROM alert_incidents")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((bad, status.as_str()), (0, "resolved"));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM alert_events WHERE kind = 'resolved'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM alert_events WHERE kind = 'bad_bucket'"
+        )
+        .await,
+        2
+    );
+
+    // A new loss later is a new incident.
+    flow(&db, "orders", 5, 10, 10, 0).await;
+    all_progress(&db.pool, "orders", "dc1", end(5) + LATENESS)
+        .await
+        .unwrap();
+    clock.set(at(end(5) + 1_000));
+    pass(&r).await;
+    assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 2);
+}
+
+#[tokio::test]
+async fn partition_level_verdicts_where_partitions_map_one_to_one() {
+    let db = TestDb::create().await.unwrap();
+    let mut cfg = config();
+    cfg.edges = vec![EdgeConfig {
+        from: "regional".into(),
+        to: "aggregate".into(),
+        partition_level: true,
+        ..EdgeConfig::default()
+    }];
+    let (r, _clock) = reconciler(&db.pool, cfg, end(0) + 1_000);
+    for (tier, p0, p1) in [("regional", 5, 5), ("aggregate", 3, 7)] {
+        add_counts(&db.pool, "orders", start(0), tier, "dc1", 0, p0)
+            .await
+            .unwrap();
+        add_counts(&db.pool, "orders", start(0), tier, "dc1", 1, p1)
+            .await
+            .unwrap();
+        for p in [0, 1] {
+            progress(&db.pool, "orders", tier, "dc1", p, end(0) + LATENESS)
+                .await
+                .unwrap();
+        }
+    }
+    pass(&r).await;
+    let all = verdicts(&db.pool, "orders").await;
+    let summary: Vec<_> = all
+        .iter()
+        .map(|v| (v.partition, v.status, v.expected, v.actual))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (None, VerdictStatus::Complete, 10, 10),
+            (Some(0), VerdictStatus::Missing, 5, 3),
+            (Some(1), VerdictStatus::Duplicated, 5, 7),
+        ]
+    );
+    // Partition-level verdicts are informative: no incident when the topic is complete.
+    assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 0);
+}
+
+#[tokio::test]
+async fn run_evaluates_periodically_until_shutdown() {
+    let db = TestDb::create().await.unwrap();
+    flow(&db, "orders", 0, 10, 10, 10).await;
+    all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    let mut cfg = config();
+    cfg.interval = std::time::Duration::from_millis(50);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let clock = chaperone_collector::reconcile::ManualClock::new(at(end(0) + 1_000));
+    let registry = prometheus::Registry::new();
+    let metrics = chaperone_collector::reconcile::ReconcileMetrics::new(&registry).unwrap();
+    let task = tokio::spawn(chaperone_collector::reconcile::run_with_clock(
+        db.pool.clone(),
+        cfg,
+        clock.clock(),
+        metrics,
+        shutdown.clone(),
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while verdict(&db.pool, "orders", R2A, start(0)).await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no verdict from the periodic run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(10), task)
+        .await
+        .expect("stops on shutdown")
+        .unwrap()
+        .unwrap();
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(
+        text.contains("chaperone_reconcile_verdicts_total{status=\"complete\"} 2"),
+        "{text}"
+    );
+}
