@@ -538,3 +538,44 @@ async fn run_evaluates_periodically_until_shutdown() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn retention_deletes_old_verdicts_and_resolved_incidents() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    flow(&db, "orders", 0, 10, 10, 9).await;
+    all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    pass(&r).await;
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 1)
+        .await
+        .unwrap();
+    pass(&r).await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM alert_incidents WHERE status = 'resolved'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(r.prune().await.unwrap(), 0, "nothing is 30 days old yet");
+
+    clock.advance(chrono::Duration::days(31));
+    let deleted = r.prune().await.unwrap();
+    for table in [
+        "reconcile_verdicts",
+        "reconcile_verdict_history",
+        "alert_events",
+        "alert_incidents",
+    ] {
+        assert_eq!(
+            count(&db, &format!("SELECT count(*) FROM {table}")).await,
+            0,
+            "{table}"
+        );
+    }
+    // 2 verdicts, 3 history entries (one per verdict, one change), 2 events, 1 incident.
+    assert_eq!(deleted, 8);
+}

@@ -57,6 +57,10 @@ pub struct ReconcileConfig {
     /// At most this many topics get their own series in the missing-messages gauge; the
     /// others are summed under the topic label `_other` (keeps label cardinality bounded).
     pub missing_metric_max_topics: usize,
+    /// Verdicts of buckets that started more than this many days ago, history entries older
+    /// than that, and incidents resolved longer ago (with their notifications) are deleted,
+    /// in small batches, once an hour. 0 keeps everything.
+    pub retention_days: u32,
 }
 
 impl Default for ReconcileConfig {
@@ -83,6 +87,7 @@ impl Default for ReconcileConfig {
             ],
             missing_metric_window: Duration::from_secs(3600),
             missing_metric_max_topics: 100,
+            retention_days: 30,
         }
     }
 }

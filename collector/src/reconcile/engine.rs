@@ -825,3 +825,56 @@ async fn refresh_missing_gauge(
     }
     Ok(())
 }
+
+/// Rows deleted per retention statement.
+const PRUNE_BATCH: i64 = 1_000;
+
+/// Deletes verdicts of buckets that started before `now - retention_days`, history entries
+/// older than that, and incidents resolved before it with their events and deliveries, in
+/// batches of [`PRUNE_BATCH`]. Returns the rows deleted.
+pub(crate) async fn prune(
+    pool: &PgPool,
+    retention_days: u32,
+    now: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    if retention_days == 0 {
+        return Ok(0);
+    }
+    let cutoff = now - chrono::Duration::days(i64::from(retention_days));
+    let cutoff_ms = cutoff.timestamp_millis();
+    let statements = [
+        "DELETE FROM reconcile_verdicts WHERE ctid IN (SELECT ctid FROM reconcile_verdicts
+          WHERE bucket_start_ms < $1 LIMIT $3)",
+        "DELETE FROM reconcile_verdict_history WHERE id IN (SELECT id
+           FROM reconcile_verdict_history WHERE changed_at < $2 LIMIT $3)",
+        "DELETE FROM alert_deliveries WHERE id IN (SELECT d.id FROM alert_deliveries d
+           JOIN alert_incidents i ON i.id = d.incident_id
+          WHERE i.status = 'resolved' AND i.resolved_at < $2 LIMIT $3)",
+        "DELETE FROM alert_events WHERE id IN (SELECT e.id FROM alert_events e
+           JOIN alert_incidents i ON i.id = e.incident_id
+          WHERE i.status = 'resolved' AND i.resolved_at < $2
+            AND NOT EXISTS (SELECT 1 FROM alert_deliveries d WHERE d.event_id = e.id)
+          LIMIT $3)",
+        "DELETE FROM alert_incidents WHERE id IN (SELECT i.id FROM alert_incidents i
+          WHERE i.status = 'resolved' AND i.resolved_at < $2
+            AND NOT EXISTS (SELECT 1 FROM alert_events e WHERE e.incident_id = i.id)
+          LIMIT $3)",
+    ];
+    let mut deleted = 0;
+    for sql in statements {
+        loop {
+            let n = sqlx::query(sql)
+                .bind(cutoff_ms)
+                .bind(cutoff)
+                .bind(PRUNE_BATCH)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            deleted += n;
+            if n < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+    }
+    Ok(deleted)
+}
