@@ -364,3 +364,79 @@ async fn two_senders_never_send_the_same_firing_twice() {
         ["topic-0", "topic-1", "topic-2", "topic-3", "topic-4"]
     );
 }
+
+#[tokio::test]
+async fn a_sender_that_dies_mid_delivery_leaves_the_notification_pending() {
+    let db = TestDb::create().await.unwrap();
+    // A receiver that takes the request and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = hung.accept().await {
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+                .await
+                .unwrap_or(0);
+            buf.truncate(n);
+            seen_tx.send(buf).await.ok();
+            held.push(conn);
+        }
+    });
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    bucket(&db, "orders", 0, 10, 7).await;
+    pass(&r).await;
+
+    let dying = sender(
+        &db,
+        alerts_config(vec![webhook("ops", format!("http://{hung_addr}/hook"))]),
+        &clock,
+    );
+    let mut round = Box::pin(dying.run_once());
+    // The request is on the wire: the sender "dies" (its future is dropped mid-transaction).
+    let first = tokio::select! {
+        got = seen_rx.recv() => got.expect("the hung receiver saw the request"),
+        _ = &mut round => panic!("the round cannot finish: the receiver never answers"),
+    };
+    drop(round);
+    drop(dying);
+    let first = String::from_utf8_lossy(&first).to_lowercase();
+    let key_line = first
+        .lines()
+        .find(|l| l.starts_with("idempotency-key:"))
+        .expect("idempotency key sent")
+        .to_owned();
+
+    // Another sender (the restarted collector) delivers it, with the same idempotency key.
+    let receiver = Receiver::start().await.unwrap();
+    let restarted = sender(
+        &db,
+        alerts_config(vec![webhook("ops", receiver.url())]),
+        &clock,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while receiver.received().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        // The dropped transaction is rolled back when its connection is cleaned up.
+        restarted.run_once().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    restarted.run_once().await.unwrap();
+    let got = receiver.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(body(&got[0]).event, NotificationKind::Firing);
+    let key = got[0]
+        .headers
+        .get(IDEMPOTENCY_HEADER)
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(key_line, format!("idempotency-key: {key}"));
+    let (sent, attempts): (bool, i32) =
+        sqlx::query_as("SELECT sent_at IS NOT NULL, attempts FROM alert_deliveries")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((sent, attempts), (true, 1));
+}
