@@ -14,8 +14,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-const MESSAGES: usize = 200_000;
-const ROUNDS: usize = 7;
+const MESSAGES: usize = 100_000;
+const ROUNDS: usize = 15;
 const PAYLOAD: usize = 100;
 
 fn bootstrap() -> String {
@@ -34,9 +34,30 @@ fn is_queue_full(e: &KafkaError) -> bool {
     *e == KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
 }
 
-/// Sends `MESSAGES` messages through `send`, waiting for every delivery; returns msgs/s.
+/// CPU time of the whole process (every thread, librdkafka's included), in clock ticks
+/// (1/100 s on Linux), from `/proc/self/stat`; 0 where unavailable.
+fn cpu_ticks() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// Sends `MESSAGES` messages, waiting for every delivery; returns (msgs/s, CPU µs/msg).
 macro_rules! run {
     ($producer:expr, $topic:expr, $payload:expr) => {{
+        let cpu = cpu_ticks();
         let start = Instant::now();
         let mut futures = Vec::with_capacity(MESSAGES);
         for i in 0..MESSAGES {
@@ -63,7 +84,9 @@ macro_rules! run {
             }
         }
         assert_eq!(ok, MESSAGES, "every message is delivered");
-        MESSAGES as f64 / start.elapsed().as_secs_f64()
+        let rate = MESSAGES as f64 / start.elapsed().as_secs_f64();
+        let cpu_us = (cpu_ticks() - cpu) as f64 * 10_000.0 / MESSAGES as f64;
+        (rate, cpu_us)
     }};
 }
 
@@ -113,30 +136,46 @@ async fn bench() -> anyhow::Result<()> {
             .await;
     }
     let (mut b, mut a) = (Vec::new(), Vec::new());
+    let (mut bc, mut ac) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        if round % 2 == 0 {
-            b.push(run!(bare, &topic, &payload));
-            a.push(run!(audited, &topic, &payload));
+        let (rb, ra) = if round % 2 == 0 {
+            let rb = run!(bare, &topic, &payload);
+            (rb, run!(audited, &topic, &payload))
         } else {
-            a.push(run!(audited, &topic, &payload));
-            b.push(run!(bare, &topic, &payload));
-        }
+            let ra = run!(audited, &topic, &payload);
+            (run!(bare, &topic, &payload), ra)
+        };
         println!(
-            "round {round}: bare {:>9.0} msg/s, audited {:>9.0} msg/s",
-            b[round], a[round]
+            "round {round:>2}: bare {:>8.0} msg/s {:>5.2} cpu-us/msg, audited {:>8.0} msg/s {:>5.2} cpu-us/msg",
+            rb.0, rb.1, ra.0, ra.1
         );
+        b.push(rb.0);
+        bc.push(rb.1);
+        a.push(ra.0);
+        ac.push(ra.1);
     }
     let stats = audited.shutdown().await;
     let pairwise = median(a.iter().zip(&b).map(|(a, b)| a / b).collect());
     let (mb, ma) = (median(b), median(a));
+    let (cb, ca) = (bc.iter().sum::<f64>(), ac.iter().sum::<f64>());
     println!();
     println!(
         "producer throughput, {MESSAGES} x {PAYLOAD} B messages per round, {ROUNDS} rounds, median"
     );
-    println!("  bare FutureProducer:  {mb:>9.0} msg/s");
-    println!("  AuditedProducer:      {ma:>9.0} msg/s");
+    println!(
+        "  bare FutureProducer:  {mb:>9.0} msg/s  {:.2} cpu-us/msg (mean)",
+        cb / ROUNDS as f64
+    );
+    println!(
+        "  AuditedProducer:      {ma:>9.0} msg/s  {:.2} cpu-us/msg (mean)",
+        ca / ROUNDS as f64
+    );
     println!("  ratio of medians:     {:.3}x (target >= 0.95x)", ma / mb);
     println!("  median round ratio:   {pairwise:.3}x (each round runs both back to back)");
+    println!(
+        "  cpu per message:      {:.3}x of bare (less sensitive to other load on the host)",
+        ca / cb
+    );
     println!(
         "  audited acked {} messages, {} failed",
         stats.acked, stats.failed

@@ -76,7 +76,8 @@ struct Args {
     /// Audit flush interval (such as 10s, 500ms).
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     flush_interval: Duration,
-    /// Audit spool directory (default: a per-run directory under the system temp dir).
+    /// Audit spool directory (default: `chaperone-loadgen-spool-<audit topic>` under the
+    /// system temp dir).
     #[arg(long)]
     spool_dir: Option<PathBuf>,
     /// Datacenter reported in audit records.
@@ -180,8 +181,9 @@ async fn main() -> anyhow::Result<()> {
         flush_interval: args.flush_interval,
         datacenter: args.datacenter.clone(),
         cluster: args.cluster.clone(),
+        // Stable per audit topic, so a restarted run re-sends what a killed one spooled.
         spool_dir: args.spool_dir.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("chaperone-loadgen-spool-{}", std::process::id()))
+            std::env::temp_dir().join(format!("chaperone-loadgen-spool-{}", args.audit_topic))
         }),
         ..AuditConfig::default()
     };

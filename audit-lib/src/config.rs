@@ -55,7 +55,8 @@ pub struct AuditConfig {
     pub max_open_cells: usize,
     /// Directory of the local spool holding audit records until Kafka acknowledges them.
     /// Keep it on local disk and stable across restarts: a restarted process re-sends what a
-    /// previous one left there.
+    /// previous one left there. Processes sharing a directory must share the audit topic:
+    /// spooled records carry no destination and go to the adopting process's topic.
     pub spool_dir: PathBuf,
     /// Largest spool size in bytes; records that do not fit are dropped, counted and logged.
     pub spool_max_bytes: u64,

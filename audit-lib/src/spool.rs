@@ -392,6 +392,16 @@ impl Spool {
     }
 }
 
+impl Drop for Spool {
+    /// An empty spool leaves nothing behind; one holding records stays for the next start.
+    fn drop(&mut self) {
+        if self.pending.is_empty() {
+            let _ = fs::remove_file(&self.path);
+            let _ = fs::remove_file(self.dir.join(format!("{}.{LOCK_EXT}", self.stem)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,6 +489,12 @@ mod tests {
         s2.remove(&all).expect("removes all");
         assert_eq!((s2.len(), s2.bytes()), (0, 0));
         assert_eq!(fs::metadata(s2.path()).expect("meta").len(), 0);
+        drop(s2);
+        assert_eq!(
+            fs::read_dir(&dir).expect("lists").count(),
+            0,
+            "an empty spool removes its files"
+        );
         fs::remove_dir_all(&dir).ok();
     }
 
