@@ -579,3 +579,18 @@ async fn retention_deletes_old_verdicts_and_resolved_incidents() {
     // 2 verdicts, 3 history entries (one per verdict, one change), 2 events, 1 incident.
     assert_eq!(deleted, 8);
 }
+
+#[tokio::test]
+async fn buckets_older_than_the_lookback_are_not_judged() {
+    let db = TestDb::create().await.unwrap();
+    // Started three days after a loss (the default lookback is two days).
+    let (r, _clock) = reconciler(&db.pool, config(), end(0) + 3 * 86_400_000);
+    flow(&db, "orders", 0, 10, 10, 5).await;
+    all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    let report = pass(&r).await;
+    assert_eq!((report.queued, report.pending), (0, 0));
+    assert!(verdicts(&db.pool, "orders").await.is_empty());
+    assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 0);
+}

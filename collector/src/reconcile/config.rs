@@ -44,6 +44,11 @@ pub struct ReconcileConfig {
     /// reported progress past it (this is how a silent tier is noticed).
     #[serde(with = "duration")]
     pub max_wait: Duration,
+    /// Buckets that ended longer ago than this are not judged (nor re-judged when very late
+    /// records arrive): a collector started on weeks of stored counts does not alert about
+    /// losses long past.
+    #[serde(with = "duration")]
+    pub lookback: Duration,
     /// Buckets evaluated per transaction: bounds memory and transaction length.
     pub batch_buckets: usize,
     /// Names of the tiers that take part in reconciliation (as reported in audit records).
@@ -70,6 +75,7 @@ impl Default for ReconcileConfig {
             interval: Duration::from_secs(10),
             allowed_lateness: Duration::from_secs(120),
             max_wait: Duration::from_secs(900),
+            lookback: Duration::from_secs(2 * 86_400),
             batch_buckets: 500,
             tiers: vec!["producer".into(), "regional".into(), "aggregate".into()],
             edges: vec![
@@ -145,6 +151,12 @@ impl ReconcileConfig {
             return Err(ConfigError::new(
                 "reconcile.max_wait",
                 "must be at least reconcile.allowed_lateness",
+            ));
+        }
+        if self.lookback < self.max_wait {
+            return Err(ConfigError::new(
+                "reconcile.lookback",
+                "must be at least reconcile.max_wait",
             ));
         }
         if self.batch_buckets == 0 {

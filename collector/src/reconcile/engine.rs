@@ -155,7 +155,14 @@ pub(crate) async fn pass(
         let mut done = Vec::new();
         let mut computed = Vec::new();
         let no_progress = Vec::new();
+        let oldest_end = now.timestamp_millis() - millis(config.lookback);
         for key in &keys {
+            if key.start.saturating_add(key.width) < oldest_end {
+                // Queued but not judged within the lookback (the collector was down): too old
+                // to alert about now.
+                done.push(key.clone());
+                continue;
+            }
             let Some(rows) = counts.get(key) else {
                 // The counts are gone (retention): nothing left to judge.
                 done.push(key.clone());
@@ -210,12 +217,14 @@ async fn enqueue(
          SELECT DISTINCT topic, bucket_start_ms, bucket_width_ms, $4::timestamptz
            FROM audit_counts
           WHERE change_seq > $1 AND change_seq <= $2 AND tier = ANY($3)
+            AND bucket_start_ms + bucket_width_ms >= $5
          ON CONFLICT DO NOTHING",
     )
     .bind(cursor)
     .bind(high)
     .bind(&config.tiers)
     .bind(now)
+    .bind(now.timestamp_millis() - millis(config.lookback))
     .execute(&mut *tx)
     .await?
     .rows_affected();
