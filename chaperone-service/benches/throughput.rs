@@ -159,12 +159,13 @@ bootstrap_servers = "{bootstrap}"
 group_id = "{group}"
 audit_topic = "{topic}-audit"
 audit_topic_partitions = 3
-flush_interval = "100ms"
+flush_interval = "{flush}"
 http_addr = "127.0.0.1:0"
 [topics]
 include = ['^{topic}$']
 "#,
         group = unique("bench-svc"),
+        flush = std::env::var("BENCH_FLUSH").unwrap_or_else(|_| "200ms".into()),
     ))
     .expect("config");
     let shutdown = CancellationToken::new();
@@ -195,6 +196,17 @@ include = ['^{topic}$']
         assert!(Instant::now() < deadline, "service counted only {n}");
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
+    let (flushes, flush_secs) = registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "chaperone_service_flush_duration_seconds")
+        .flat_map(|f| f.get_metric().iter().map(|m| m.get_histogram().clone()))
+        .map(|h| (h.get_sample_count(), h.get_sample_sum()))
+        .fold((0, 0.0), |(c, s), (c2, s2)| (c + c2, s + s2));
+    println!(
+        "service flushes: {flushes}, mean {:.1} ms",
+        flush_secs * 1000.0 / flushes.max(1) as f64
+    );
     shutdown.cancel();
     task.await.expect("task").expect("service");
     rate
@@ -362,6 +374,9 @@ fn main() {
         delete_topics(&bootstrap, &[topic.clone(), format!("{topic}-audit")]).await;
 
         let topics = env_num("BENCH_RSS_TOPICS", 100);
+        if topics == 0 {
+            return;
+        }
         let (now, peak) = rss(&bootstrap, topics).await;
         println!("RSS at {topics} topics x 12 partitions: {now:.1} MiB (peak {peak:.1} MiB)");
     });

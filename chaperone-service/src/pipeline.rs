@@ -139,6 +139,9 @@ pub struct Core {
     assigned_once: bool,
     closing: bool,
     fatal: Option<PipelineError>,
+    /// Set once a fatal error stopped the loop: nothing may be committed any more, since
+    /// positions may be ahead of what was counted.
+    poisoned: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -178,6 +181,7 @@ impl Core {
             assigned_once: false,
             closing: false,
             fatal: None,
+            poisoned: false,
         }
     }
 
@@ -486,13 +490,18 @@ impl Core {
                     .send_offsets_to_transaction(offsets, &group, timeout)
                     .map_err(|e| ("sending offsets to the transaction", e))?;
             }
-            self.producer
-                .flush(timeout)
-                .map_err(|e| ("flushing audit records", e))?;
+            // commit_transaction waits for every outstanding record itself. (BaseProducer's
+            // own flush polls in 100 ms steps, which would stall consumption on every flush.)
             let mut attempts = 0;
             loop {
                 match self.producer.commit_transaction(timeout) {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        // Serve what the commit left on the queue (error reports only).
+                        for _ in 0..4 {
+                            self.producer.poll(Duration::ZERO);
+                        }
+                        return Ok(());
+                    }
                     Err(e) if classify(&e) == TxnFailure::Retry && attempts < 3 => {
                         attempts += 1;
                         tracing::warn!(error = %e, attempts, "retrying the transaction commit");
@@ -625,7 +634,7 @@ impl ConsumerContext for PipelineContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let mut core = self.lock();
-                if core.fatal.is_some() {
+                if core.fatal.is_some() || core.poisoned {
                     return;
                 }
                 if consumer.assignment_lost() {
@@ -719,12 +728,19 @@ pub fn consume(
                 next_refresh = now + settings.refresh_interval;
             }
             if now >= next_flush {
-                lock(&core).flush(consumer, true)?;
+                let mut guard = lock(&core);
+                if let Err(e) = guard.flush(consumer, true) {
+                    guard.poisoned = true;
+                    health.set_alive(false);
+                    return Err(e);
+                }
                 next_flush = Instant::now() + settings.flush_interval;
             }
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => lock(&core).count(&m),
+        let polled = consumer.poll(Duration::from_millis(100));
+        let mut guard = lock(&core);
+        match polled {
+            Some(Ok(m)) => guard.count(&m),
             Some(Err(e)) => {
                 since_clock_check = 256;
                 if last_poll_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
@@ -734,16 +750,22 @@ pub fn consume(
             }
             None => since_clock_check = 256,
         }
-        if let Some(e) = lock(&core).fatal.take() {
+        if let Some(e) = guard.fatal.take() {
+            guard.poisoned = true;
             health.set_alive(false);
             return Err(e);
         }
+        drop(guard);
     }
     tracing::info!("stopping: flushing and committing open counts");
     let result = {
         let mut core = lock(&core);
         core.closing = true;
-        core.flush(consumer, false)
+        let result = core.flush(consumer, false);
+        if result.is_err() {
+            core.poisoned = true;
+        }
+        result
     };
     health.set_ready(false);
     result
