@@ -36,7 +36,7 @@ use crate::config::AuditConfig;
 use crate::metrics::AuditMetrics;
 use crate::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 use crate::reporter::{AuditError, Clock, Reporter, SystemClock, Watermarks};
-use crate::tracker::{Tracker, thread_index};
+use crate::tracker::{Tracker, lock_free_shard};
 
 /// Messages in flight for one (topic, event-time bucket) on one shard.
 #[derive(Debug)]
@@ -72,8 +72,8 @@ struct InFlight {
 
 impl InFlight {
     fn new(width: BucketWidth) -> Self {
-        let n = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 2)
-            .clamp(4, 256)
+        let n = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 4)
+            .clamp(8, 256)
             .next_power_of_two();
         Self {
             width,
@@ -84,10 +84,7 @@ impl InFlight {
 
     #[inline]
     fn add(&self, topic: &str, event_ms: i64, delta: i64) {
-        let mut cells = self.shards[thread_index() & self.mask]
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cells = lock_free_shard(&self.shards, self.mask, |s| &s.0);
         let last = cells.last;
         if let Some(slot) = cells.slots.get_mut(last)
             && event_ms >= slot.start

@@ -1,9 +1,9 @@
 //! The concurrent in-memory counter behind every audited producer.
 //!
 //! A [`Tracker`] keeps a fixed number of shards, each a mutex over its own cells; a thread
-//! always uses the same shard (picked round-robin on its first call), so with fewer busy
-//! threads than shards no lock is ever contended and there is no global lock on the hot
-//! path. Each shard remembers the cell it used last, so the common case (acknowledgements
+//! uses the same shard (picked round-robin on its first call) unless another thread holds
+//! it, in which case it takes the next free one, so no thread waits on a lock while a shard
+//! is free and there is no global lock on the hot path. Each shard remembers the cell it used last, so the common case (acknowledgements
 //! arrive batch by batch, one partition at a time) costs one uncontended lock, three
 //! comparisons and the cell update. [`Tracker::drain`] empties every shard and merges the
 //! cells through a [`Tally`] into sorted [`Entry`] values.
@@ -15,7 +15,7 @@
 use std::cell::Cell as StdCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 
 use crate::bucket::BucketWidth;
 use crate::tally::{Cell, Entry, Tally};
@@ -39,6 +39,27 @@ pub(crate) fn thread_index() -> usize {
             i
         }
     })
+}
+
+/// Locks this thread's shard or, when another thread holds it (two threads whose numbers
+/// collide, or a drain), the next free one: a thread never waits while a shard is free.
+#[inline]
+pub(crate) fn lock_free_shard<'a, S, T>(
+    shards: &'a [S],
+    mask: usize,
+    mutex: impl Fn(&'a S) -> &'a Mutex<T>,
+) -> MutexGuard<'a, T> {
+    let home = thread_index();
+    for k in 0..shards.len() {
+        match mutex(&shards[(home + k) & mask]).try_lock() {
+            Ok(g) => return g,
+            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(TryLockError::WouldBlock) => {}
+        }
+    }
+    mutex(&shards[home & mask])
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What [`Tracker::drain`] returns.
@@ -94,11 +115,11 @@ pub struct Tracker {
 
 impl Tracker {
     /// A tracker with buckets of `width`, at most `max_open_cells` cells open between two
-    /// drains, and a shard count suited to this machine (twice the available parallelism,
-    /// at least 4, rounded up to a power of two).
+    /// drains, and a shard count suited to this machine (four times the available
+    /// parallelism, at least 8, rounded up to a power of two).
     pub fn new(width: BucketWidth, max_open_cells: usize) -> Self {
         let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
-        Self::with_shards(width, max_open_cells, cpus * 2)
+        Self::with_shards(width, max_open_cells, (cpus * 4).max(8))
     }
 
     /// Like [`Tracker::new`] with an explicit shard count (rounded up to a power of two).
@@ -134,10 +155,7 @@ impl Tracker {
 
     #[inline]
     fn shard(&self) -> MutexGuard<'_, Cells> {
-        self.shards[thread_index() & self.mask]
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock_free_shard(&self.shards, self.mask, |s| &s.0)
     }
 
     /// Counts one message with a known event time: `bytes` of payload, seen (acknowledged)
