@@ -6,7 +6,7 @@
 //! commits or none of it does, so replaying a batch after a crash changes nothing twice.
 //!
 //! Latency histograms are stored as V2-serialized HdrHistograms and merged in Rust with
-//! HdrHistogram addition while the rows are locked, so stored percentiles are exact over
+//! HdrHistogram addition while the ingest lock is held, so stored percentiles are exact over
 //! every record.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -370,9 +370,15 @@ pub async fn write_batch(
     Ok(outcome)
 }
 
+/// Takes the ingest lock for the rest of `tx`, and lets `tx` commit without waiting for
+/// its WAL flush: a commit lost in a PostgreSQL crash takes its consumed offsets with it, so
+/// the records are read again from Kafka and applied again; nothing is lost or doubled.
 async fn lock_ingest(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(INGEST_LOCK)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -422,8 +428,9 @@ async fn upsert_counts(
     for k in counts.keys() {
         keys.push(k);
     }
-    // Lock the rows that exist and read their histograms; rows that do not exist yet cannot
-    // appear meanwhile because every writer holds the ingest lock.
+    // Read the stored histograms. No row lock is needed: every writer of `audit_counts`
+    // (ingest and retention) holds the ingest advisory lock for its whole transaction, so
+    // nothing changes these rows, or inserts missing ones, before the upsert below.
     let stored: Vec<StoredLatency> = sqlx::query_as(
         "SELECT c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.cluster, \
                 c.partition, c.latency \
@@ -431,8 +438,7 @@ async fn upsert_counts(
          JOIN UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int4[]) \
               AS k(topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
          USING (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
-         ORDER BY 1, 2, 3, 4, 5, 6, 7 \
-         FOR UPDATE OF c",
+         ",
     )
     .bind(&keys.topic)
     .bind(&keys.bucket_start_ms)
