@@ -165,7 +165,7 @@ http_addr = "127.0.0.1:0"
 include = ['^{topic}$']
 "#,
         group = unique("bench-svc"),
-        flush = std::env::var("BENCH_FLUSH").unwrap_or_else(|_| "200ms".into()),
+        flush = std::env::var("BENCH_FLUSH").unwrap_or_else(|_| "1s".into()),
     ))
     .expect("config");
     let shutdown = CancellationToken::new();

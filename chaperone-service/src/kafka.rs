@@ -100,7 +100,11 @@ pub fn consumer_config(c: &Config) -> ClientConfig {
 /// transactional id and transaction timeout, the bootstrap servers.
 pub fn producer_config(c: &Config) -> ClientConfig {
     let defaults = [
-        ("linger.ms", "5".to_owned()),
+        ("linger.ms", "1".to_owned()),
+        // A transaction started right after the previous commit may be told
+        // CONCURRENT_TRANSACTIONS while its markers are written; retry quickly (as the Java
+        // client does) instead of after librdkafka's default 100 ms.
+        ("retry.backoff.ms", "10".to_owned()),
         // Audit records are checked by commit_transaction; no per-record reports needed.
         ("delivery.report.only.error", "true".to_owned()),
         ("compression.type", "lz4".to_owned()),

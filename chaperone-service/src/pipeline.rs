@@ -476,11 +476,13 @@ impl Core {
             tracing::error!(error = %e, "cannot begin a transaction");
             return Err(self.fail("beginning a transaction", e));
         }
+        let started = Instant::now();
         let result = (|| {
             for (key, payload) in records {
                 self.send(key, payload)
                     .map_err(|e| ("producing audit records", e))?;
             }
+            let produced = started.elapsed();
             self.producer.poll(Duration::ZERO);
             if offsets.count() > 0 {
                 let group = consumer
@@ -490,12 +492,29 @@ impl Core {
                     .send_offsets_to_transaction(offsets, &group, timeout)
                     .map_err(|e| ("sending offsets to the transaction", e))?;
             }
-            // commit_transaction waits for every outstanding record itself. (BaseProducer's
-            // own flush polls in 100 ms steps, which would stall consumption on every flush.)
+            let offsets_sent = started.elapsed();
+            // rdkafka's commit_transaction first flushes, polling in 100 ms steps whenever a
+            // record is still in flight; wait for the records in 1 ms steps instead.
+            let deadline = Instant::now() + timeout;
+            while self.producer.in_flight_count() > 0 {
+                if Instant::now() >= deadline {
+                    return Err((
+                        "waiting for audit records to be acknowledged",
+                        KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut),
+                    ));
+                }
+                self.producer.poll(Duration::from_millis(1));
+            }
             let mut attempts = 0;
             loop {
                 match self.producer.commit_transaction(timeout) {
                     Ok(()) => {
+                        tracing::debug!(
+                            produce_ms = produced.as_millis() as u64,
+                            offsets_ms = (offsets_sent - produced).as_millis() as u64,
+                            commit_ms = (started.elapsed() - offsets_sent).as_millis() as u64,
+                            "transaction committed"
+                        );
                         // Serve what the commit left on the queue (error reports only).
                         for _ in 0..4 {
                             self.producer.poll(Duration::ZERO);
