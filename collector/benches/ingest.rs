@@ -375,6 +375,11 @@ async fn bench() -> anyhow::Result<()> {
     let bootstrap = env_or("CHAPERONE_AGGREGATE_BOOTSTRAP", "127.0.0.1:29092");
     let records = records(n);
     let payloads: Vec<Vec<u8>> = records.iter().map(AuditRecord::encode).collect();
+    let started = Instant::now();
+    for p in &payloads {
+        AuditRecord::decode(p)?;
+    }
+    let decode = started.elapsed();
     let (name, pool) = create_database(&admin_url).await?;
     let result = async {
         let e2e = collector_end_to_end(&pool, &bootstrap, &payloads).await?;
@@ -391,6 +396,11 @@ async fn bench() -> anyhow::Result<()> {
     let (e2e, store_only, plain, rows) = result?;
     let base = rate(n, plain);
     println!("ingest benchmark: {n} audit records, batches of {BATCH}, {rows} count rows");
+    println!(
+        "  AuditRecord::decode, one thread:    {:>9.0} records/s ({:.2} s)",
+        rate(n, decode),
+        decode.as_secs_f64()
+    );
     println!(
         "  baseline plain batched INSERT:      {:>9.0} records/s ({:.2} s)",
         base,
