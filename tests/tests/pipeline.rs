@@ -1,0 +1,448 @@
+//! End to end: audited producers -> regional Kafka -> MirrorMaker 2 -> aggregate Kafka, with a
+//! chaperone-service next to each cluster and a collector reconciling all three tiers in
+//! PostgreSQL. A topic that lost messages between the producer and the regional cluster gets a
+//! `missing` verdict with the exact count and one signed webhook; a healthy topic gets
+//! `complete` on both edges and no alert.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use chaperone_audit::{AuditConfig, AuditedProducer};
+use chaperone_tests::{
+    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
+};
+use hmac::{Hmac, Mac};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sha2::Sha256;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const MESSAGES_PER_TOPIC: usize = 3_000;
+const LOST: usize = 25;
+const BUCKET: &str = "10s";
+const SECRET: &str = "e2e-webhook-secret";
+
+type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
+
+async fn webhook_receiver() -> anyhow::Result<(String, Received)> {
+    let received: Received = Arc::default();
+    let app = Router::new()
+        .route(
+            "/hook",
+            post(
+                |State(r): State<Received>, headers: HeaderMap, body: Bytes| async move {
+                    r.lock().expect("receiver lock").push((headers, body));
+                    "ok"
+                },
+            ),
+        )
+        .with_state(received.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, received))
+}
+
+fn service_config(
+    tier: &str,
+    bootstrap: &str,
+    include: &str,
+    audit_topic: &str,
+    id: &str,
+) -> anyhow::Result<chaperone_service::Config> {
+    let toml = format!(
+        r#"
+tier = "{tier}"
+cluster = "{tier}"
+datacenter = "regional"
+instance = "{tier}-1"
+bootstrap_servers = "{bootstrap}"
+group_id = "{id}-{tier}"
+audit_topic = "{audit_topic}"
+bucket_width = "{BUCKET}"
+flush_interval = "1s"
+http_addr = "127.0.0.1:0"
+
+[topics]
+include = ['{include}']
+refresh_interval = "2s"
+"#
+    );
+    Ok(chaperone_service::Config::from_toml(&toml)?)
+}
+
+fn collector_config(
+    db_url: &str,
+    audit_topic: &str,
+    hook: &str,
+    secret_file: &std::path::Path,
+    topics: &[&str],
+) -> anyhow::Result<chaperone_collector::Config> {
+    let toml = format!(
+        r#"
+[database]
+url = "{db_url}"
+
+[[clusters]]
+alias = "regional"
+bootstrap = "{regional}"
+audit_topic = "{audit_topic}"
+dlq_topic = "{audit_topic}-dlq"
+
+[[clusters]]
+alias = "aggregate"
+bootstrap = "{aggregate}"
+audit_topic = "{audit_topic}"
+dlq_topic = "{audit_topic}-dlq"
+
+[ingest]
+linger = "200ms"
+
+[reconcile]
+interval = "1s"
+allowed_lateness = "2s"
+max_wait = "90s"
+
+[alerts]
+poll_interval = "500ms"
+
+[[alerts.webhooks]]
+name = "e2e"
+url = "{hook}"
+secret_file = "{secret_file}"
+
+[alerts.webhooks.filters]
+topics = {topics:?}
+"#,
+        regional = regional_bootstrap(),
+        aggregate = aggregate_bootstrap(),
+        secret_file = secret_file.display(),
+    );
+    Ok(chaperone_collector::Config::from_toml(&toml)?)
+}
+
+/// Sums of topic-level verdicts per (edge, status): (buckets, expected, actual).
+async fn verdicts(
+    pool: &sqlx::PgPool,
+    topic: &str,
+) -> anyhow::Result<Vec<(String, String, i64, i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT edge, status, count(*), sum(expected)::bigint, sum(actual)::bigint
+         FROM reconcile_verdicts WHERE topic = $1 AND partition = -1
+         GROUP BY edge, status ORDER BY edge, status",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await?)
+}
+
+fn edge_totals(rows: &[(String, String, i64, i64, i64)], edge: &str) -> (i64, i64) {
+    rows.iter()
+        .filter(|r| r.0 == edge)
+        .fold((0, 0), |(e, a), r| (e + r.3, a + r.4))
+}
+
+/// The daemons of one pipeline, running in this process.
+struct Pipeline {
+    shutdown: CancellationToken,
+    daemons: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    collector_addr: std::net::SocketAddr,
+    /// `/metrics` of every daemon.
+    scrape: Vec<String>,
+}
+
+impl Pipeline {
+    /// Starts the collector and a chaperone-service next to each cluster, auditing `topics`.
+    async fn start(
+        db: &TestDb,
+        audit_topic: &str,
+        hook: &str,
+        secret_file: &std::path::Path,
+        topics: &[&str],
+        id: &str,
+    ) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let mut daemons = Vec::new();
+        let collector = collector_config(&db.url()?, audit_topic, hook, secret_file, topics)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let collector_addr = listener.local_addr()?;
+        let mut scrape = vec![format!("http://{collector_addr}/metrics")];
+        let deps = chaperone_collector::Deps {
+            pool: db.pool.clone(),
+            listener,
+            registry: prometheus::Registry::new(),
+            clock: chaperone_collector::Clock::system(),
+            api_token: None,
+        };
+        daemons.push(tokio::spawn(chaperone_collector::run(
+            collector,
+            deps,
+            shutdown.clone(),
+        )));
+
+        // Topic names are lowercase hex and dashes: nothing to escape in the patterns.
+        let names = topics.join("|");
+        for (tier, bootstrap, include) in [
+            ("regional", regional_bootstrap(), format!("^({names})$")),
+            (
+                "aggregate",
+                aggregate_bootstrap(),
+                format!("^regional\\.({names})$"),
+            ),
+        ] {
+            let config = service_config(tier, &bootstrap, &include, audit_topic, id)?;
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            scrape.push(format!("http://{}/metrics", listener.local_addr()?));
+            let deps = chaperone_service::Deps {
+                listener: Some(listener),
+                ..chaperone_service::Deps::default()
+            };
+            daemons.push(tokio::spawn(chaperone_service::run(
+                config,
+                deps,
+                shutdown.clone(),
+            )));
+        }
+        Ok(Self {
+            shutdown,
+            daemons,
+            collector_addr,
+            scrape,
+        })
+    }
+
+    /// Stops every daemon in order and reports the first one that failed.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        for d in self.daemons {
+            tokio::time::timeout(Duration::from_secs(60), d)
+                .await
+                .context("a daemon did not stop within 60 s")???;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::Result<()> {
+    let id = unique("e2e");
+    let secret_file = std::env::temp_dir().join(format!("{id}-secret"));
+    std::fs::write(&secret_file, SECRET)?;
+    let healthy = format!("{id}-healthy");
+    let lossy = format!("{id}-lossy");
+    let audit_topic = format!("{id}-audit");
+    for t in [&healthy, &lossy] {
+        create_topic(&regional_bootstrap(), t, 3).await?;
+    }
+    create_topic(&regional_bootstrap(), &audit_topic, 1).await?;
+    create_topic(&aggregate_bootstrap(), &audit_topic, 1).await?;
+
+    let db = TestDb::create().await?;
+    let (hook, received) = webhook_receiver().await?;
+    let pipeline = Pipeline::start(
+        &db,
+        &audit_topic,
+        &hook,
+        &secret_file,
+        &[&healthy, &lossy],
+        &id,
+    )
+    .await?;
+    // Whatever the scenario's outcome, the daemons are stopped: a daemon left running would keep
+    // the test process alive.
+    let outcome = scenario(&db, &pipeline, &received, &healthy, &lossy, &audit_topic).await;
+    let stopped = pipeline.stop().await;
+    outcome?;
+    stopped?;
+    let _ = std::fs::remove_file(secret_file);
+    db.drop_db().await
+}
+
+async fn scenario(
+    db: &TestDb,
+    pipeline: &Pipeline,
+    received: &Received,
+    healthy: &str,
+    lossy: &str,
+    audit_topic: &str,
+) -> anyhow::Result<()> {
+    // Producers: every message of both topics through the audited producer; on the lossy topic
+    // LOST more messages are counted as acknowledged but never reach Kafka.
+    let spool = std::env::temp_dir().join(unique("e2e-spool"));
+    let audit = AuditConfig {
+        topic: audit_topic.to_owned(),
+        flush_interval: Duration::from_secs(1),
+        bucket_width: Duration::from_secs(10),
+        spool_dir: spool.clone(),
+        ..AuditConfig::default()
+    };
+    let mut kafka = ClientConfig::new();
+    kafka
+        .set("bootstrap.servers", regional_bootstrap())
+        .set("linger.ms", "5");
+    let registry = prometheus::Registry::new();
+    let producer = AuditedProducer::new(&kafka, audit, &registry)?;
+    let mut pending = Vec::with_capacity(2 * MESSAGES_PER_TOPIC);
+    for i in 0..MESSAGES_PER_TOPIC {
+        for topic in [healthy, lossy] {
+            let payload = format!("{{\"n\":{i}}}");
+            let key = i.to_string();
+            let record = FutureRecord::to(topic).key(&key).payload(&payload);
+            pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        }
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    for i in 0..LOST {
+        producer
+            .tracker()
+            .record(lossy, Some((i % 3) as i32), now, 10, now);
+    }
+    for delivery in pending {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    // A record that is not an audit record on the audit topic: dead-lettered, never stored.
+    let plain: FutureProducer = kafka.create()?;
+    plain
+        .send(
+            FutureRecord::<(), _>::to(audit_topic).payload("not an audit record"),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let stats = producer.shutdown().await;
+    anyhow::ensure!(
+        stats.acked == 2 * MESSAGES_PER_TOPIC as u64,
+        "not every message was acknowledged: {stats:?}"
+    );
+
+    let producer_regional = "producer->regional";
+    let regional_aggregate = "regional->aggregate";
+    let expected_lossy = (MESSAGES_PER_TOPIC + LOST) as i64;
+    let produced = MESSAGES_PER_TOPIC as i64;
+    eventually(
+        "final verdicts for both topics on both edges",
+        Duration::from_secs(180),
+        || async {
+            let h = verdicts(&db.pool, healthy).await?;
+            let l = verdicts(&db.pool, lossy).await?;
+            Ok((edge_totals(&h, producer_regional) == (produced, produced)
+                && edge_totals(&h, regional_aggregate) == (produced, produced)
+                && edge_totals(&l, producer_regional) == (expected_lossy, produced)
+                && edge_totals(&l, regional_aggregate) == (produced, produced))
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    let healthy_verdicts = verdicts(&db.pool, healthy).await?;
+    anyhow::ensure!(
+        healthy_verdicts.iter().all(|r| r.1 == "complete"),
+        "healthy topic has bad verdicts: {healthy_verdicts:?}"
+    );
+    let lossy_verdicts = verdicts(&db.pool, lossy).await?;
+    let bad: Vec<_> = lossy_verdicts
+        .iter()
+        .filter(|r| r.1 != "complete")
+        .collect();
+    anyhow::ensure!(
+        bad.len() == 1
+            && bad[0].0 == producer_regional
+            && bad[0].1 == "missing"
+            && bad[0].3 - bad[0].4 == LOST as i64,
+        "lossy topic: expected one missing verdict of {LOST} on {producer_regional}, got {lossy_verdicts:?}"
+    );
+
+    // One firing for the lossy topic, signed; nothing for the healthy one.
+    eventually(
+        "the webhook delivered and marked sent",
+        Duration::from_secs(60),
+        || async {
+            let (unsent,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM alert_deliveries WHERE sent_at IS NULL")
+                    .fetch_one(&db.pool)
+                    .await?;
+            let got = received.lock().expect("receiver lock").len();
+            Ok((unsent == 0 && got > 0).then_some(()))
+        },
+    )
+    .await?;
+    let all = received.lock().expect("receiver lock").clone();
+    anyhow::ensure!(
+        all.len() == 1,
+        "expected exactly one notification, got {}",
+        all.len()
+    );
+    let (headers, body) = &all[0];
+    let json: serde_json::Value = serde_json::from_slice(body)?;
+    anyhow::ensure!(
+        json["topic"] == serde_json::json!(lossy) && json["event"] == serde_json::json!("firing"),
+        "notification: {json}"
+    );
+    let difference = json["expected"].as_i64().context("expected")?
+        - json["actual"].as_i64().context("actual")?;
+    anyhow::ensure!(
+        difference == LOST as i64,
+        "notification reports {difference} missing: {json}"
+    );
+    let signature = headers
+        .get("x-chaperone-signature")
+        .context("signature header")?
+        .to_str()?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes())?;
+    mac.update(body);
+    anyhow::ensure!(
+        signature == format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+        "bad signature {signature}"
+    );
+
+    // The API serves the same story.
+    let api = format!("http://{}/api/v1/alerts", pipeline.collector_addr);
+    let alerts: serde_json::Value = reqwest::get(&api).await?.error_for_status()?.json().await?;
+    anyhow::ensure!(alerts.to_string().contains(lossy), "alerts API: {alerts}");
+
+    // The bad record went to the dead-letter topic; every metric the daemons dashboard charts is
+    // exported by some part of the pipeline.
+    let exposition = eventually(
+        "the rejected record counted",
+        Duration::from_secs(30),
+        || async {
+            let mut text = prometheus::TextEncoder::new().encode_to_string(&registry.gather())?;
+            for url in &pipeline.scrape {
+                text.push_str(&reqwest::get(url).await?.error_for_status()?.text().await?);
+            }
+            Ok(text
+                .contains("chaperone_collector_records_rejected_total{")
+                .then_some(text))
+        },
+    )
+    .await?;
+    let dashboard = include_str!("../../dashboards/daemons.json");
+    let unknown: Vec<String> = metric_names(dashboard)
+        .into_iter()
+        .filter(|name| {
+            let family = name.strip_suffix("_bucket").unwrap_or(name);
+            !exposition.contains(&format!("# TYPE {family} "))
+        })
+        .collect();
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "dashboards/daemons.json charts metrics nobody exports: {unknown:?}"
+    );
+    let _ = std::fs::remove_dir_all(spool);
+    Ok(())
+}
+
+/// Names of the `chaperone_*` metrics an expression text refers to.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("chaperone_"))
+        .map(str::to_owned)
+        .collect()
+}
