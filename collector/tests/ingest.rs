@@ -162,3 +162,47 @@ async fn ten_thousand_malformed_records_all_reach_the_dlq() -> anyhow::Result<()
     collector.stop().await?;
     db.drop_db().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_buckets_in_small_batches() -> anyhow::Result<()> {
+    use chaperone_collector::store;
+    let db = TestDb::create().await?;
+    let prefix = unique("ret");
+    // 25 rows in an old bucket, 5 in a recent one.
+    let old = BUCKET - 40 * 86_400_000;
+    let mut records: Vec<AuditRecord> = (0..25)
+        .map(|i| {
+            AuditRecord::Counts(counts(
+                &format!("{prefix}-old-{i}"),
+                "orders",
+                Some(i),
+                old,
+                observer(chaperone_audit::Tier::Producer, "dc1", "h"),
+                &[1, 2],
+            ))
+        })
+        .collect();
+    records.extend((0..5).map(|i| {
+        AuditRecord::Counts(counts(
+            &format!("{prefix}-new-{i}"),
+            "orders",
+            Some(i),
+            BUCKET,
+            observer(chaperone_audit::Tier::Producer, "dc1", "h"),
+            &[1, 2],
+        ))
+    }));
+    store::write_batch(&db.pool, &records, &[]).await?;
+    let cutoff_ms = BUCKET - 30 * 86_400_000;
+    let far_past =
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(cutoff_ms).expect("timestamp");
+    let out = store::delete_expired(&db.pool, cutoff_ms, far_past, 4).await?;
+    assert_eq!(out.counts, 25);
+    // Ids, progress and topics were all touched just now: kept.
+    assert_eq!((out.record_ids, out.progress, out.topics), (0, 0, 0));
+    let left: Vec<i64> = sqlx::query_scalar("SELECT bucket_start_ms FROM audit_counts")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(left, vec![BUCKET; 5]);
+    db.drop_db().await
+}
