@@ -76,6 +76,9 @@ struct Args {
     /// Audit flush interval (such as 10s, 500ms).
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     flush_interval: Duration,
+    /// Event-time bucket width of the audit counts (must match the other tiers').
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    bucket_width: Duration,
     /// Audit spool directory (default: `chaperone-loadgen-spool-<audit topic>` under the
     /// system temp dir).
     #[arg(long)]
@@ -179,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
     let audit = AuditConfig {
         topic: args.audit_topic.clone(),
         flush_interval: args.flush_interval,
+        bucket_width: args.bucket_width,
         datacenter: args.datacenter.clone(),
         cluster: args.cluster.clone(),
         // Stable per audit topic, so a restarted run re-sends what a killed one spooled.
