@@ -124,6 +124,10 @@ impl Latency {
         if h.high() > MAX_LATENCY_MS {
             return Err(HistogramError::Range(h.high()));
         }
+        // What `encode` writes already has this crate's bounds: keep it as it is.
+        if h.low() == 1 && h.high() == MAX_LATENCY_MS && h.sigfig() == SIGFIG {
+            return Ok(Self(h));
+        }
         let mut out = Self::new();
         out.0
             .add(&h)
@@ -188,6 +192,21 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h.quantile(0.0), Some(0));
         assert!(h.max().expect("non-empty") >= MAX_LATENCY_MS);
+    }
+
+    #[test]
+    fn histograms_with_other_bounds_are_normalised() {
+        let mut foreign = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("bounds");
+        foreign.record(1_500).expect("in range");
+        let mut buf = Vec::new();
+        V2Serializer::new().serialize(&foreign, &mut buf).expect("serializes");
+        let h = Latency::decode(&STANDARD.encode(buf)).expect("decodes");
+        assert_eq!(h.inner().high(), MAX_LATENCY_MS);
+        assert_eq!(h.inner().sigfig(), SIGFIG);
+        assert_eq!(h.len(), 1);
+        let mut merged = Latency::new();
+        merged.merge(&h);
+        assert_eq!(merged.len(), 1);
     }
 
     #[test]
