@@ -199,7 +199,9 @@ mod tests {
         let mut foreign = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("bounds");
         foreign.record(1_500).expect("in range");
         let mut buf = Vec::new();
-        V2Serializer::new().serialize(&foreign, &mut buf).expect("serializes");
+        V2Serializer::new()
+            .serialize(&foreign, &mut buf)
+            .expect("serializes");
         let h = Latency::decode(&STANDARD.encode(buf)).expect("decodes");
         assert_eq!(h.inner().high(), MAX_LATENCY_MS);
         assert_eq!(h.inner().sigfig(), SIGFIG);
