@@ -391,8 +391,15 @@ impl Task {
             // records it sent are not re-sent by the final flush.
             log_outcome(&self.flush().await);
         }
-        // Final flush; what is not acknowledged in time stays in the spool.
-        match tokio::time::timeout(self.shutdown_timeout, self.flush()).await {
+        // Final flush; what is not acknowledged in time stays in the spool. A flush reports
+        // progress for the partitions known before its drain, so a second one follows: it
+        // drains what arrived meanwhile and reports progress for the partitions the first one
+        // learned (a producer that only ever flushed at shutdown would report none otherwise).
+        let last_two = async {
+            log_outcome(&self.flush().await);
+            self.flush().await
+        };
+        match tokio::time::timeout(self.shutdown_timeout, last_two).await {
             Ok(outcome) => log_outcome(&outcome),
             Err(_) => tracing::warn!(
                 spooled = self.core.lock_spool().len(),
