@@ -387,12 +387,8 @@ impl Config {
         }
         nonzero(self.retention.interval, "retention.interval")?;
         nonzero(self.api.max_range, "api.max_range")?;
-        self.reconcile
-            .validate()
-            .map_err(|e| ConfigError::new(e.key, e.message))?;
-        self.alerts
-            .validate()
-            .map_err(|e| ConfigError::new(e.key, e.message))?;
+        self.reconcile.validate()?;
+        self.alerts.validate()?;
         Ok(())
     }
 }

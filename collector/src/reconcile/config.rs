@@ -6,25 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// A configuration value that cannot work, naming the key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration key `{key}`: {message}")]
-#[non_exhaustive]
-pub struct ConfigError {
-    /// Dotted path of the offending key, for example `reconcile.edges[1].to`.
-    pub key: String,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl ConfigError {
-    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::config::ConfigError;
 
 /// `[reconcile]`: which tiers are compared and when a bucket is final.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
