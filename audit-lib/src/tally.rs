@@ -5,7 +5,9 @@
 //! yields [`Entry`] values that become [`Counts`] records once the caller names the logical
 //! topic and the observer.
 
-use std::collections::HashMap;
+// Topic names and partition numbers come from the audited cluster, not from strangers, so a
+// fast non-cryptographic hash is safe here; it is on the per-message path.
+use foldhash::HashMap;
 
 use crate::bucket::BucketWidth;
 use crate::histogram::Latency;
@@ -114,21 +116,31 @@ impl Entry {
     }
 }
 
-/// Cells keyed by topic, then (partition, bucket start).
+/// Cells keyed by (topic, partition, bucket start).
+///
+/// Consumers see messages in runs of one partition and bucket, so the cell of the previous
+/// message is remembered and reached without hashing.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
     width: BucketWidth,
-    topics: HashMap<String, HashMap<(Option<i32>, i64), Cell>>,
-    cells: usize,
+    /// Topic name -> index into `names`; kept across drains (topics are few and recur).
+    topics: HashMap<String, usize>,
+    names: Vec<String>,
+    /// (topic index, partition, bucket start) -> index into `cells`.
+    slots: HashMap<(usize, Option<i32>, i64), usize>,
+    cells: Vec<(Slot, Cell)>,
+    last: Option<(Slot, usize)>,
 }
+
+/// (topic index, partition, bucket start).
+type Slot = (usize, Option<i32>, i64);
 
 impl Tally {
     /// An empty tally counting into buckets of `width`.
     pub fn new(width: BucketWidth) -> Self {
         Self {
             width,
-            topics: HashMap::new(),
-            cells: 0,
+            ..Self::default()
         }
     }
 
@@ -139,37 +151,48 @@ impl Tally {
 
     /// Number of open cells.
     pub fn len(&self) -> usize {
-        self.cells
+        self.cells.len()
     }
 
     /// Whether no cell is open.
     pub fn is_empty(&self) -> bool {
-        self.cells == 0
+        self.cells.is_empty()
     }
 
     /// Whether the cell for this key already exists (recording into it opens no new cell).
     pub fn contains(&self, topic: &str, partition: Option<i32>, bucket_start_ms: i64) -> bool {
         self.topics
             .get(topic)
-            .is_some_and(|cells| cells.contains_key(&(partition, bucket_start_ms)))
+            .is_some_and(|&t| self.slots.contains_key(&(t, partition, bucket_start_ms)))
     }
 
     /// The cell for (topic, partition, bucket), created when missing. Looks the topic up by
     /// `&str`, so no allocation happens once the topic is known.
     #[inline]
     pub fn cell(&mut self, topic: &str, partition: Option<i32>, bucket_start_ms: i64) -> &mut Cell {
-        if !self.topics.contains_key(topic) {
-            self.topics.insert(topic.to_owned(), HashMap::new());
+        if let Some(((t, p, b), i)) = self.last
+            && p == partition
+            && b == bucket_start_ms
+            && self.names[t] == topic
+        {
+            return &mut self.cells[i].1;
         }
-        #[allow(clippy::expect_used)]
-        let cells = self.topics.get_mut(topic).expect("the topic is present");
-        let created = &mut self.cells;
-        cells
-            .entry((partition, bucket_start_ms))
-            .or_insert_with(|| {
-                *created += 1;
-                Cell::default()
-            })
+        let t = match self.topics.get(topic) {
+            Some(&t) => t,
+            None => {
+                self.names.push(topic.to_owned());
+                self.topics.insert(topic.to_owned(), self.names.len() - 1);
+                self.names.len() - 1
+            }
+        };
+        let slot = (t, partition, bucket_start_ms);
+        let cells = &mut self.cells;
+        let i = *self.slots.entry(slot).or_insert_with(|| {
+            cells.push((slot, Cell::default()));
+            cells.len() - 1
+        });
+        self.last = Some((slot, i));
+        &mut self.cells[i].1
     }
 
     /// Counts one message with a known event time.
@@ -205,27 +228,26 @@ impl Tally {
     /// Adds every cell of `other` (which must use the same width) into `self`.
     pub fn merge(&mut self, other: Tally) {
         debug_assert_eq!(self.width, other.width);
-        for (topic, cells) in other.topics {
-            for ((partition, start), cell) in cells {
-                self.cell(&topic, partition, start).merge(&cell);
-            }
+        for ((t, partition, start), cell) in other.cells {
+            self.cell(&other.names[t], partition, start).merge(&cell);
         }
     }
 
     /// Removes and returns every cell, sorted by topic, partition and bucket.
     pub fn drain(&mut self) -> Vec<Entry> {
-        let mut out = Vec::with_capacity(self.cells);
-        for (topic, cells) in self.topics.drain() {
-            for ((partition, bucket_start_ms), cell) in cells {
-                out.push(Entry {
-                    topic: topic.clone(),
-                    partition,
-                    bucket_start_ms,
-                    cell,
-                });
-            }
-        }
-        self.cells = 0;
+        self.slots.clear();
+        self.last = None;
+        let names = &self.names;
+        let mut out: Vec<Entry> = self
+            .cells
+            .drain(..)
+            .map(|((t, partition, bucket_start_ms), cell)| Entry {
+                topic: names[t].clone(),
+                partition,
+                bucket_start_ms,
+                cell,
+            })
+            .collect();
         out.sort_by(|a, b| {
             (&a.topic, a.partition, a.bucket_start_ms).cmp(&(
                 &b.topic,
@@ -266,6 +288,49 @@ mod tests {
         );
         assert_eq!((untimed.cell.no_timestamp, untimed.cell.malformed), (1, 1));
         assert!(untimed.cell.latency.is_empty());
+    }
+
+    #[test]
+    fn runs_and_switches_between_cells_count_into_the_right_cell() {
+        let mut t = Tally::new(BucketWidth::default());
+        let keys = [
+            ("a", Some(0), 1_000),
+            ("a", Some(0), 1_000),
+            ("b", Some(0), 1_000),
+            ("a", Some(0), 1_000),
+            ("a", Some(1), 1_000),
+            ("a", Some(1), 700_000),
+            ("a", Some(0), 1_000),
+        ];
+        for (topic, partition, event) in keys {
+            t.record(topic, partition, event, 1, event);
+        }
+        t.drain();
+        // Cells and the remembered cell start afresh after a drain.
+        for (topic, partition, event) in keys {
+            t.record(topic, partition, event, 1, event);
+        }
+        let d = t.drain();
+        let got: Vec<(&str, Option<i32>, i64, u64)> = d
+            .iter()
+            .map(|e| {
+                (
+                    e.topic.as_str(),
+                    e.partition,
+                    e.bucket_start_ms,
+                    e.cell.count,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", Some(0), 0, 4),
+                ("a", Some(1), 0, 1),
+                ("a", Some(1), 660_000, 1),
+                ("b", Some(0), 0, 1),
+            ]
+        );
     }
 
     #[test]

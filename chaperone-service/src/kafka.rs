@@ -67,6 +67,12 @@ fn ms(d: Duration) -> String {
     d.as_millis().to_string()
 }
 
+/// librdkafka waits this long (default 1 s) before fetching again for a partition whose
+/// local queue was full. An auditor drains its queue faster than that, and would then sit
+/// idle for the rest of the second: with the default a consumer reads ~200-300k messages/s
+/// on loopback, with 10 ms over 1M. Users can still override it.
+pub const FETCH_QUEUE_BACKOFF: (&str, &str) = ("fetch.queue.backoff.ms", "10");
+
 /// The consumer configuration. Forced: no auto commit, no auto offset store,
 /// `read_committed` isolation, the configured group and bootstrap servers.
 pub fn consumer_config(c: &Config) -> ClientConfig {
@@ -77,6 +83,7 @@ pub fn consumer_config(c: &Config) -> ClientConfig {
             ms(c.flush_interval.min(Duration::from_secs(5))),
         ),
         ("enable.partition.eof", "false".to_owned()),
+        (FETCH_QUEUE_BACKOFF.0, FETCH_QUEUE_BACKOFF.1.to_owned()),
     ];
     let forced = [
         ("bootstrap.servers", c.bootstrap_servers.clone()),

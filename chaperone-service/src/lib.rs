@@ -9,6 +9,7 @@
 //! - [`kafka`]: client configurations with forced safety settings, audit topic creation.
 //! - [`pipeline`]: the consume loop, counting into a tally and committing counts together
 //!   with consumer offsets in Kafka transactions.
+//! - [`transaction`]: the thread that runs those transactions while the loop counts on.
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //!
 //! [`run`] wires them together; `main.rs` only parses flags and starts tracing.
@@ -21,6 +22,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod pipeline;
 pub mod subscription;
+pub mod transaction;
 
 use std::sync::{Arc, Mutex};
 
@@ -165,9 +167,16 @@ async fn start_pipeline(
         producer.init_transactions(kafka_timeout).context(
             "cannot initialise transactions (is another instance using the same transactional id?)",
         )?;
+        let committer = transaction::Committer::spawn(
+            producer,
+            settings.audit_topic.clone(),
+            kafka_timeout,
+            metrics.clone(),
+        )
+        .context("cannot start the transaction thread")?;
         let core = Arc::new(Mutex::new(Core::new(
             settings.clone(),
-            producer,
+            committer,
             dater,
             mapping,
             metrics.clone(),

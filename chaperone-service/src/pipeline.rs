@@ -1,16 +1,19 @@
 //! The consume-count-commit loop, run on a dedicated thread.
 //!
-//! Messages are counted into a [`Tally`] in memory. Every flush interval, on partition
-//! revocation and on shutdown, [`Core::flush`] runs one Kafka transaction on the audited
-//! cluster: it produces a `counts` record per drained cell and a `progress` record per
-//! assigned partition to the audit topic, adds the consumer's positions with
-//! `send_offsets_to_transaction`, and commits. Counts and offsets therefore become visible
-//! together or not at all.
+//! Messages are counted into a [`Tally`] in memory. Every flush interval, the tally is
+//! drained together with the consumer's positions into one Kafka transaction on the audited
+//! cluster (see [`crate::transaction`]): a `counts` record per drained cell and a `progress`
+//! record per assigned partition go to the audit topic, the positions are added with
+//! `send_offsets_to_transaction`, and it commits. Counts and offsets therefore become visible
+//! together or not at all. The transaction runs on the committer thread while this loop
+//! counts on; one is in flight at a time. On partition revocation and on shutdown,
+//! [`Core::flush`] waits for it and commits what is left before returning.
 //!
-//! When a transaction fails it is aborted, its counts are discarded and every assigned
-//! partition is rewound to its committed offset, so those messages are counted again. When
-//! partitions are revoked, the open counts are flushed and committed before they go; when the
-//! assignment was lost instead, the counts are discarded and the new owner recounts them.
+//! When a transaction fails it is aborted, its counts and everything counted since are
+//! discarded and every assigned partition is rewound to its committed offset, so those
+//! messages are counted again. When partitions are revoked, the open counts are flushed and
+//! committed before they go; when the assignment was lost instead, the counts are discarded
+//! and the new owner recounts them.
 //! A fatal producer error (for example being fenced by a newer instance with the same
 //! transactional id) stops the service: its restart resumes from the committed offsets.
 
@@ -23,9 +26,7 @@ use chaperone_audit::{AuditRecord, BucketWidth, Observer, Progress, Tally, Tier}
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _, Timestamp};
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::statistics::Statistics;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -34,13 +35,19 @@ use crate::http::Health;
 use crate::mapping::{Mapped, Mapping};
 use crate::metrics::Metrics;
 use crate::subscription::Selector;
+use crate::transaction::{Batch, Committer, Outcome, Totals};
 
 /// Milliseconds since the Unix epoch; injected so tests can control time.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// The wall clock.
 pub fn system_clock() -> Clock {
-    Arc::new(|| chrono::Utc::now().timestamp_millis())
+    // Read on every message: `SystemTime` avoids chrono's calendar conversion.
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    })
 }
 
 /// Why the pipeline stopped.
@@ -59,23 +66,6 @@ pub enum PipelineError {
 
 fn fatal(action: &'static str, source: KafkaError) -> PipelineError {
     PipelineError::Fatal { action, source }
-}
-
-/// How to react to a transactional error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TxnFailure {
-    Retry,
-    Abort,
-    Fatal,
-}
-
-fn classify(e: &KafkaError) -> TxnFailure {
-    match e {
-        KafkaError::Transaction(rd) if rd.is_fatal() => TxnFailure::Fatal,
-        KafkaError::Transaction(rd) if rd.txn_requires_abort() => TxnFailure::Abort,
-        KafkaError::Transaction(rd) if rd.is_retriable() => TxnFailure::Retry,
-        _ => TxnFailure::Abort,
-    }
 }
 
 /// Settings of the pipeline that do not change at run time.
@@ -105,15 +95,6 @@ pub struct Settings {
     pub reset_to_end: bool,
 }
 
-/// Running totals of what has been counted since the last commit, published on commit.
-#[derive(Debug, Default, Clone, Copy)]
-struct Totals {
-    messages: u64,
-    bytes: u64,
-    no_timestamp: u64,
-    malformed: u64,
-}
-
 /// Cached end offsets of a partition, from client statistics.
 #[derive(Debug, Clone, Copy)]
 struct Ends {
@@ -124,7 +105,7 @@ struct Ends {
 /// Everything the consume loop and the rebalance callback share.
 pub struct Core {
     settings: Settings,
-    producer: BaseProducer<DefaultProducerContext>,
+    committer: Committer,
     tally: Tally,
     dater: Dater,
     mapping: Mapping,
@@ -136,6 +117,8 @@ pub struct Core {
     metrics: Metrics,
     health: Health,
     clock: Clock,
+    /// The clock as last read; see [`Core::read_clock`].
+    now_ms: i64,
     assigned_once: bool,
     closing: bool,
     fatal: Option<PipelineError>,
@@ -154,10 +137,10 @@ impl std::fmt::Debug for Core {
 }
 
 impl Core {
-    /// A core around an initialised transactional producer.
+    /// A core committing through `committer`.
     pub fn new(
         settings: Settings,
-        producer: BaseProducer<DefaultProducerContext>,
+        committer: Committer,
         dater: Dater,
         mapping: Mapping,
         metrics: Metrics,
@@ -167,7 +150,7 @@ impl Core {
         Self {
             tally: Tally::new(settings.width),
             settings,
-            producer,
+            committer,
             dater,
             mapping,
             mapped: HashMap::new(),
@@ -177,6 +160,7 @@ impl Core {
             malformed_warned: HashMap::new(),
             metrics,
             health,
+            now_ms: clock(),
             clock,
             assigned_once: false,
             closing: false,
@@ -185,7 +169,14 @@ impl Core {
         }
     }
 
-    /// Counts one consumed message.
+    /// Reads the clock that [`Core::count`] uses as the arrival time. Reading it for every
+    /// message costs more than the rest of the counting, so the consume loop reads it after
+    /// any wait and every few dozen messages: arrival times are then off by microseconds.
+    pub fn read_clock(&mut self) {
+        self.now_ms = (self.clock)();
+    }
+
+    /// Counts one consumed message, arrived at the time of the last [`Core::read_clock`].
     #[inline]
     pub fn count(&mut self, m: &BorrowedMessage<'_>) {
         let topic = m.topic();
@@ -196,7 +187,7 @@ impl Core {
         }
         let payload = m.payload();
         let bytes = payload.map_or(0, <[u8]>::len) as u64;
-        let now = (self.clock)();
+        let now = self.now_ms;
         match self.dater.date(timestamp, payload) {
             EventTime::Timed(ms) => self.tally.record(topic, Some(partition), ms, bytes, now),
             EventTime::Untimed => {
@@ -276,35 +267,84 @@ impl Core {
         }
     }
 
-    /// Sends one record, waiting for queue space when the producer queue is full.
-    fn send(&self, key: &str, payload: &[u8]) -> Result<(), KafkaError> {
-        let deadline = Instant::now() + self.settings.kafka_timeout;
-        let mut record = BaseRecord::to(&self.settings.audit_topic)
-            .key(key)
-            .payload(payload);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                    if Instant::now() < deadline =>
-                {
-                    record = r;
-                    self.producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
-    }
-
     /// Commits everything counted so far together with the consumer positions, in one
-    /// transaction. On failure the transaction is aborted, the counts are discarded and the
-    /// partitions are rewound (unless `rewind` is false because they are being revoked).
-    /// Returns `Err` only for fatal errors.
+    /// transaction, and waits for it (after waiting for the batch already in flight). On
+    /// failure the transaction is aborted, the counts are discarded and the partitions are
+    /// rewound (unless `rewind` is false because they are being revoked). Returns `Err` only
+    /// for fatal errors.
     pub fn flush<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         rewind: bool,
     ) -> Result<(), PipelineError> {
+        if let Some(outcome) = self.committer.wait() {
+            if !self.settle(outcome, consumer, rewind)? {
+                // Nothing counted since the aborted batch is left, and the positions are
+                // (or, when revoked, no longer matter) back at the committed offsets.
+                return Ok(());
+            }
+        }
+        if let Some(batch) = self.prepare(consumer)? {
+            self.committer.submit(batch);
+            if let Some(outcome) = self.committer.wait() {
+                self.settle(outcome, consumer, rewind)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects the outcome of the batch in flight, if it has ended, and, when `due` and no
+    /// batch is in flight, hands the counts so far to the committer without waiting.
+    /// Returns whether the due flush was started (or had nothing to do).
+    fn tick<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        due: bool,
+    ) -> Result<bool, PipelineError> {
+        if let Some(outcome) = self.committer.try_outcome() {
+            self.settle(outcome, consumer, true)?;
+        }
+        if !due || self.committer.in_flight() {
+            return Ok(false);
+        }
+        if let Some(batch) = self.prepare(consumer)? {
+            self.committer.submit(batch);
+        }
+        Ok(true)
+    }
+
+    /// Acts on how a batch ended. Returns whether it was committed. After an abort, the
+    /// counts made since that batch are discarded too, and the partitions are rewound to
+    /// their committed offsets when `rewind`.
+    fn settle<C: ConsumerContext>(
+        &mut self,
+        outcome: Outcome,
+        consumer: &BaseConsumer<C>,
+        rewind: bool,
+    ) -> Result<bool, PipelineError> {
+        match outcome {
+            Outcome::Committed => Ok(true),
+            Outcome::Fatal(e) => Err(e),
+            Outcome::Aborted { discarded } => {
+                let since: u64 = self.tally.drain().iter().map(|e| e.cell.count).sum();
+                tracing::warn!(
+                    discarded = discarded + since,
+                    "transaction aborted: its counts and those made since are discarded and will be recounted"
+                );
+                if rewind {
+                    self.rewind(consumer)?;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Drains the tally into a batch together with the consumer positions (which are
+    /// exactly past the messages counted in it). `None` when there is nothing to commit.
+    fn prepare<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<Option<Batch>, PipelineError> {
         let started = Instant::now();
         let assignment = consumer
             .assignment()
@@ -317,7 +357,7 @@ impl Core {
                 .map_err(|e| fatal("reading consumer positions", e))?
         };
         if self.tally.is_empty() && positions.count() == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let entries = self.tally.drain();
         let now = (self.clock)();
@@ -410,166 +450,20 @@ impl Core {
             ));
         }
         let n_counts = records.len() - positions.count();
-        let n_progress = positions.count();
-        match self.transact(consumer, &records, &offsets) {
-            Ok(()) => {
-                self.metrics
-                    .transactions
-                    .with_label_values(&["committed"])
-                    .inc();
-                self.metrics
-                    .records
-                    .with_label_values(&["counts"])
-                    .inc_by(n_counts as u64);
-                self.metrics
-                    .records
-                    .with_label_values(&["progress"])
-                    .inc_by(n_progress as u64);
-                self.metrics.committed(
-                    totals.messages,
-                    totals.bytes,
-                    totals.no_timestamp,
-                    totals.malformed,
-                );
-                self.metrics.set_lags(&lags);
-                self.metrics
-                    .flush_duration
-                    .observe(started.elapsed().as_secs_f64());
-                tracing::debug!(
-                    messages = totals.messages,
-                    counts = n_counts,
-                    progress = n_progress,
-                    "committed flush"
-                );
-                Ok(())
-            }
-            Err(TxnFailure::Fatal) => Err(self
-                .fatal
-                .take()
-                .unwrap_or_else(|| fatal("committing a transaction", KafkaError::Canceled))),
-            Err(_) => {
-                self.metrics
-                    .transactions
-                    .with_label_values(&["aborted"])
-                    .inc();
-                tracing::warn!(
-                    discarded = totals.messages,
-                    "transaction aborted: its counts are discarded and will be recounted"
-                );
-                if rewind {
-                    self.rewind(consumer)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Runs one transaction. On a non-fatal failure the transaction has been aborted.
-    fn transact<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        records: &[(String, Vec<u8>)],
-        offsets: &TopicPartitionList,
-    ) -> Result<(), TxnFailure> {
-        let timeout = self.settings.kafka_timeout;
-        if let Err(e) = self.producer.begin_transaction() {
-            tracing::error!(error = %e, "cannot begin a transaction");
-            return Err(self.fail("beginning a transaction", e));
-        }
-        let started = Instant::now();
-        let result = (|| {
-            for (key, payload) in records {
-                self.send(key, payload)
-                    .map_err(|e| ("producing audit records", e))?;
-            }
-            let produced = started.elapsed();
-            self.producer.poll(Duration::ZERO);
-            if offsets.count() > 0 {
-                let group = consumer
-                    .group_metadata()
-                    .ok_or(("sending offsets to the transaction", KafkaError::Canceled))?;
-                self.producer
-                    .send_offsets_to_transaction(offsets, &group, timeout)
-                    .map_err(|e| ("sending offsets to the transaction", e))?;
-            }
-            let offsets_sent = started.elapsed();
-            // rdkafka's commit_transaction first flushes, polling in 100 ms steps whenever a
-            // record is still in flight; wait for the records in 1 ms steps instead.
-            let deadline = Instant::now() + timeout;
-            while self.producer.in_flight_count() > 0 {
-                if Instant::now() >= deadline {
-                    return Err((
-                        "waiting for audit records to be acknowledged",
-                        KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut),
-                    ));
-                }
-                self.producer.poll(Duration::from_millis(1));
-            }
-            let mut attempts = 0;
-            loop {
-                match self.producer.commit_transaction(timeout) {
-                    Ok(()) => {
-                        tracing::debug!(
-                            produce_ms = produced.as_millis() as u64,
-                            offsets_ms = (offsets_sent - produced).as_millis() as u64,
-                            commit_ms = (started.elapsed() - offsets_sent).as_millis() as u64,
-                            "transaction committed"
-                        );
-                        // Serve what the commit left on the queue (error reports only).
-                        for _ in 0..4 {
-                            self.producer.poll(Duration::ZERO);
-                        }
-                        return Ok(());
-                    }
-                    Err(e) if classify(&e) == TxnFailure::Retry && attempts < 3 => {
-                        attempts += 1;
-                        tracing::warn!(error = %e, attempts, "retrying the transaction commit");
-                    }
-                    Err(e) => return Err(("committing a transaction", e)),
-                }
-            }
-        })();
-        match result {
-            Ok(()) => Ok(()),
-            Err((action, e)) => {
-                tracing::warn!(error = %e, action, "transaction failed");
-                match self.fail(action, e) {
-                    TxnFailure::Fatal => Err(TxnFailure::Fatal),
-                    _ => self.abort(),
-                }
-            }
-        }
-    }
-
-    /// Records a fatal error, or tells the caller to abort.
-    fn fail(&mut self, action: &'static str, e: KafkaError) -> TxnFailure {
-        match classify(&e) {
-            TxnFailure::Fatal => {
-                tracing::error!(error = %e, action, "fatal transactional error: stopping");
-                self.fatal = Some(fatal(action, e));
-                TxnFailure::Fatal
-            }
-            other => other,
-        }
-    }
-
-    fn abort(&mut self) -> Result<(), TxnFailure> {
-        let timeout = self.settings.kafka_timeout;
-        let mut attempts = 0;
-        loop {
-            match self.producer.abort_transaction(timeout) {
-                Ok(()) => return Err(TxnFailure::Abort),
-                Err(e) if classify(&e) != TxnFailure::Fatal && attempts < 3 => {
-                    attempts += 1;
-                    tracing::warn!(error = %e, attempts, "retrying the transaction abort");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot abort the transaction: stopping");
-                    self.fatal = Some(fatal("aborting a transaction", e));
-                    return Err(TxnFailure::Fatal);
-                }
-            }
-        }
+        let group = if offsets.count() > 0 {
+            consumer.group_metadata()
+        } else {
+            None
+        };
+        Ok(Some(Batch {
+            records,
+            n_counts,
+            offsets,
+            group,
+            totals,
+            lags,
+            started,
+        }))
     }
 
     /// Seeks every assigned partition back to its committed offset.
@@ -601,7 +495,12 @@ impl Core {
     }
 
     /// Drops uncommitted counts (their partitions were lost to another instance).
-    fn discard(&mut self) {
+    /// Waits for the batch in flight first: whether it commits or aborts, its partitions
+    /// resume from what the broker has committed.
+    fn discard(&mut self) -> Result<(), PipelineError> {
+        if let Some(Outcome::Fatal(e)) = self.committer.wait() {
+            return Err(e);
+        }
         let dropped: u64 = self.tally.drain().iter().map(|e| e.cell.count).sum();
         if dropped > 0 {
             tracing::warn!(
@@ -609,6 +508,7 @@ impl Core {
                 "assignment lost: uncommitted counts discarded, the new owner recounts them"
             );
         }
+        Ok(())
     }
 }
 
@@ -659,8 +559,9 @@ impl ConsumerContext for PipelineContext {
                 if consumer.assignment_lost() {
                     self.metrics.rebalances.with_label_values(&["lost"]).inc();
                     tracing::warn!(partitions = tpl.count(), "assignment lost");
-                    core.discard();
-                    if matches!(
+                    if let Err(e) = core.discard() {
+                        core.fatal = Some(e);
+                    } else if matches!(
                         consumer.rebalance_protocol(),
                         RebalanceProtocol::Cooperative
                     ) {
@@ -713,6 +614,13 @@ impl ConsumerContext for PipelineContext {
     }
 }
 
+/// Messages between two checks of the shutdown token, the flush and refresh deadlines and
+/// the transaction in flight (also checked whenever the consumer is idle).
+const CHECK_EVERY: u32 = 256;
+
+/// Messages between two reads of the clock while messages arrive without waiting.
+const READ_CLOCK_EVERY: u32 = 64;
+
 /// The consume loop. Returns when `shutdown` is cancelled (after a final flush) or on a
 /// fatal error.
 pub fn consume(
@@ -727,13 +635,17 @@ pub fn consume(
     let mut subscribed: BTreeSet<String> = BTreeSet::new();
     let mut next_refresh = Instant::now();
     let mut next_flush = Instant::now() + settings.flush_interval;
-    let mut since_clock_check = 256u32;
+    let mut since_check = CHECK_EVERY;
+    let mut clock_stale = true;
     let mut last_poll_error: Option<Instant> = None;
     health.set_alive(true);
-    while !shutdown.is_cancelled() {
-        since_clock_check += 1;
-        if since_clock_check >= 256 {
-            since_clock_check = 0;
+    loop {
+        since_check += 1;
+        if since_check >= CHECK_EVERY {
+            since_check = 0;
+            if shutdown.is_cancelled() {
+                break;
+            }
             let now = Instant::now();
             if now >= next_refresh {
                 refresh(
@@ -746,28 +658,46 @@ pub fn consume(
                 );
                 next_refresh = now + settings.refresh_interval;
             }
-            if now >= next_flush {
-                let mut guard = lock(&core);
-                if let Err(e) = guard.flush(consumer, true) {
+            let due = now >= next_flush;
+            let mut guard = lock(&core);
+            match guard.tick(consumer, due) {
+                // A due flush waits while the previous one is still committing.
+                Ok(true) => next_flush = now + settings.flush_interval,
+                Ok(false) => {}
+                Err(e) => {
                     guard.poisoned = true;
                     health.set_alive(false);
                     return Err(e);
                 }
-                next_flush = Instant::now() + settings.flush_interval;
             }
+            drop(guard);
+            clock_stale = true;
         }
-        let polled = consumer.poll(Duration::from_millis(100));
+        // Take what is queued without waiting; wait only when nothing is.
+        let polled = match consumer.poll(Duration::ZERO) {
+            Some(polled) => Some(polled),
+            None => {
+                clock_stale = true;
+                consumer.poll(Duration::from_millis(100))
+            }
+        };
         let mut guard = lock(&core);
         match polled {
-            Some(Ok(m)) => guard.count(&m),
+            Some(Ok(m)) => {
+                if clock_stale || since_check % READ_CLOCK_EVERY == 0 {
+                    guard.read_clock();
+                    clock_stale = false;
+                }
+                guard.count(&m);
+            }
             Some(Err(e)) => {
-                since_clock_check = 256;
+                since_check = CHECK_EVERY;
                 if last_poll_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     last_poll_error = Some(Instant::now());
                     tracing::warn!(error = %e, "consumer error");
                 }
             }
-            None => since_clock_check = 256,
+            None => since_check = CHECK_EVERY,
         }
         if let Some(e) = guard.fatal.take() {
             guard.poisoned = true;
