@@ -42,7 +42,6 @@ fn env_or(key: &str, default: &str) -> String {
 /// and the regional and aggregate tiers, over 10 buckets, each with a small latency
 /// histogram; one in ten is a progress heartbeat.
 fn records(n: usize) -> Vec<AuditRecord> {
-    let run = uuid::Uuid::new_v4().simple().to_string();
     (0..n)
         .map(|i| {
             let topic = format!("topic-{}", i % 40);
@@ -58,7 +57,7 @@ fn records(n: usize) -> Vec<AuditRecord> {
             let bucket = BUCKET + 60_000 * ((i / 2_880) % 10) as i64;
             if i % 10 == 9 {
                 return AuditRecord::Progress(Progress {
-                    id: format!("{run}-{i}"),
+                    id: uuid::Uuid::now_v7().to_string(),
                     topic: topic.clone(),
                     physical_topic: topic,
                     partition: Some(partition),
@@ -76,7 +75,8 @@ fn records(n: usize) -> Vec<AuditRecord> {
                 latency.record(((i as i64 * 7 + j as i64 * 13) % 900) + 5);
             }
             AuditRecord::Counts(Counts {
-                id: format!("{run}-{i}"),
+                // Ids as audit-lib and chaperone-service make them.
+                id: uuid::Uuid::now_v7().to_string(),
                 topic: topic.clone(),
                 physical_topic: topic,
                 partition: Some(partition),
@@ -240,7 +240,8 @@ async fn collector_end_to_end(
 async fn collector_store_only(pool: &PgPool, records: &[AuditRecord]) -> anyhow::Result<Duration> {
     // A fresh database state for this phase: the end-to-end phase stored the same ids.
     sqlx::query(
-        "TRUNCATE audit_record_ids, audit_counts, audit_progress, audit_topics, ingest_offsets",
+        "TRUNCATE audit_record_seen, audit_count_changes, audit_counts, audit_progress, audit_topics, \
+         ingest_offsets",
     )
     .execute(pool)
     .await?;

@@ -18,7 +18,7 @@ pub const SUBSYSTEM: &str = "collector";
 pub struct IngestMetrics {
     /// Audit records applied to the store, by kind (`counts`, `progress`).
     pub records_ingested: IntCounterVec,
-    /// Audit records skipped because their id was already stored.
+    /// Counts records skipped because their id was already applied.
     pub records_duplicate: IntCounter,
     /// Records that failed validation and went to the dead-letter topic, by reason.
     pub records_rejected: IntCounterVec,
@@ -70,7 +70,7 @@ impl IngestMetrics {
             )?,
             records_duplicate: IntCounter::with_opts(opts(
                 "records_duplicate_total",
-                "Audit records ignored because their id was already stored",
+                "Counts records ignored because their id was already applied",
             ))?,
             records_rejected: IntCounterVec::new(
                 opts(

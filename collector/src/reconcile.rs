@@ -5,7 +5,7 @@
 //! * [`config`]: the topology and timing rules ([`ReconcileConfig`]).
 //! * [`verdict`]: the rules themselves, pure functions ([`finality`], [`judge`]).
 //! * `engine`: one evaluation pass over PostgreSQL: buckets whose counts changed (found through
-//!   `audit_counts.change_seq`) are queued; queued buckets that are final get verdicts, written
+//!   `audit_count_changes`) are queued; queued buckets that are final get verdicts, written
 //!   with their history, incident changes and alert outbox events in one transaction.
 //! * [`query`]: what the API serves.
 //! * [`clock`]: a hand-moved clock for tests (the crate's [`crate::Clock`] is injected).

@@ -15,7 +15,9 @@ use chaperone_audit::{AuditRecord, Counts, Latency, Progress};
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer as _, V2Serializer};
+use sha2::{Digest as _, Sha256};
 use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
 
 /// Key of the advisory lock every ingest (and retention) transaction holds, so writers of
 /// the counts tables are serialized and `change_seq` becomes visible in order.
@@ -218,6 +220,25 @@ pub fn merge_histogram(into: &mut Histogram<u64>, from: &Histogram<u64>) {
     }
 }
 
+/// The 128-bit key a record id is stored under in `audit_record_seen`: the id itself when it
+/// is a UUID in canonical lowercase form (as audit-lib and chaperone-service write them),
+/// otherwise the first 16 bytes of the SHA-256 of the id. `migrations/0013_*.sql` converts
+/// stored ids with the same rule.
+pub fn record_key(id: &str) -> Uuid {
+    let canonical = id.len() == 36
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        });
+    if canonical && let Ok(u) = Uuid::parse_str(id) {
+        return u;
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::from_bytes(bytes)
+}
+
 /// Writes one batch of validated records and the offsets that follow them, in one
 /// transaction. Records whose id is already stored (or that repeat an id earlier in the
 /// batch) are skipped. On error nothing is written; the caller retries the same batch.
@@ -229,48 +250,63 @@ pub async fn write_batch(
     let mut tx = pool.begin().await?;
     lock_ingest(&mut tx).await?;
 
-    // First occurrence of every id in the batch.
+    // First occurrence of every counts id in the batch. Progress records need no duplicate
+    // filter: applying one twice changes nothing, every mark keeps its maximum.
     let mut seen = HashSet::with_capacity(records.len());
-    let mut first: Vec<&AuditRecord> = Vec::with_capacity(records.len());
+    let mut first: Vec<(&AuditRecord, Uuid)> = Vec::with_capacity(records.len());
+    let mut duplicates = 0;
     for r in records {
-        if seen.insert(r.id()) {
-            first.push(r);
+        match r {
+            AuditRecord::Counts(c) => {
+                let key = record_key(&c.id);
+                if seen.insert(key) {
+                    first.push((r, key));
+                } else {
+                    duplicates += 1;
+                }
+            }
+            AuditRecord::Progress(_) => first.push((r, Uuid::nil())),
         }
     }
     let mut outcome = BatchOutcome {
-        duplicates: records.len() - first.len(),
+        duplicates,
         ..BatchOutcome::default()
     };
 
-    let fresh: HashSet<String> = if first.is_empty() {
+    // The ingest lock keeps other writers out, so probing and then inserting only the new
+    // ids is safe, and cheaper than ON CONFLICT DO NOTHING.
+    let keys: Vec<Uuid> = first
+        .iter()
+        .filter(|(r, _)| matches!(r, AuditRecord::Counts(_)))
+        .map(|(_, k)| *k)
+        .collect();
+    let stored: HashSet<Uuid> = if keys.is_empty() {
         HashSet::new()
     } else {
-        let ids: Vec<&str> = first.iter().map(|r| r.id()).collect();
-        let kinds: Vec<&str> = first
-            .iter()
-            .map(|r| match r {
-                AuditRecord::Counts(_) => "counts",
-                AuditRecord::Progress(_) => "progress",
-            })
-            .collect();
-        sqlx::query_scalar(
-            "INSERT INTO audit_record_ids (id, kind) \
-             SELECT * FROM UNNEST($1::text[], $2::text[]) \
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-        )
-        .bind(&ids)
-        .bind(&kinds)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect()
+        sqlx::query_scalar("SELECT id FROM audit_record_seen WHERE id = ANY($1)")
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect()
     };
-    outcome.duplicates += first.len() - fresh.len();
+    let fresh_keys: Vec<Uuid> = keys.into_iter().filter(|k| !stored.contains(k)).collect();
+    if !fresh_keys.is_empty() {
+        sqlx::query("INSERT INTO audit_record_seen (id) SELECT UNNEST($1::uuid[])")
+            .bind(&fresh_keys)
+            .execute(&mut *tx)
+            .await?;
+    }
+    outcome.duplicates += stored.len();
 
     let mut counts: BTreeMap<CountsKey, CountsSum<'_>> = BTreeMap::new();
     let mut progress: BTreeMap<ProgressKey, ProgressMax<'_>> = BTreeMap::new();
     let mut topics: BTreeSet<&str> = BTreeSet::new();
-    for r in first.iter().filter(|r| fresh.contains(r.id())) {
+    let fresh = first.iter().filter(|(r, key)| match r {
+        AuditRecord::Counts(_) => !stored.contains(key),
+        AuditRecord::Progress(_) => true,
+    });
+    for (r, _) in fresh {
         match r {
             AuditRecord::Counts(c) => {
                 outcome.counts += 1;
@@ -474,8 +510,8 @@ async fn upsert_counts(
     let mut malformed = Vec::with_capacity(n);
     let mut min_event = Vec::with_capacity(n);
     let mut max_event = Vec::with_capacity(n);
-    let mut latency: Vec<Vec<u8>> = Vec::with_capacity(n);
     let mut records = Vec::with_capacity(n);
+    let mut merges = Vec::with_capacity(n);
     for (key, sum) in &counts {
         count.push(sum.count);
         bytes.push(sum.bytes);
@@ -484,8 +520,9 @@ async fn upsert_counts(
         min_event.push(sum.min_event_ms);
         max_event.push(sum.max_event_ms);
         records.push(sum.records);
-        latency.push(merged_latency(key, existing.remove(key), &sum.latencies));
+        merges.push((key, existing.remove(key), sum.latencies.as_slice()));
     }
+    let latency = merge_all(merges);
 
     sqlx::query(
         "INSERT INTO audit_counts AS c (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, \
@@ -524,7 +561,84 @@ async fn upsert_counts(
     .bind(&records)
     .execute(&mut **tx)
     .await?;
+
+    // Tell readers which buckets changed (see migrations/0013_*.sql).
+    let changed: BTreeSet<(&str, i64, i64, &str)> = counts
+        .keys()
+        .map(|k| {
+            (
+                k.topic.as_str(),
+                k.bucket_start_ms,
+                k.bucket_width_ms,
+                k.tier.as_str(),
+            )
+        })
+        .collect();
+    let mut topic = Vec::with_capacity(changed.len());
+    let mut start = Vec::with_capacity(changed.len());
+    let mut width = Vec::with_capacity(changed.len());
+    let mut tier = Vec::with_capacity(changed.len());
+    for (t, s, w, tr) in changed {
+        topic.push(t);
+        start.push(s);
+        width.push(w);
+        tier.push(tr);
+    }
+    sqlx::query(
+        "INSERT INTO audit_count_changes (topic, bucket_start_ms, bucket_width_ms, tier) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[])",
+    )
+    .bind(&topic)
+    .bind(&start)
+    .bind(&width)
+    .bind(&tier)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
+}
+
+/// One row's histogram work: its key, the stored histogram, the batch's histograms.
+type Merge<'a> = (&'a CountsKey, Option<Vec<u8>>, &'a [&'a Latency]);
+
+/// [`merged_latency`] of every row, in order, spread over the available cores: decoding,
+/// adding and encoding histograms is the CPU-heavy part of a batch, and PostgreSQL is idle
+/// meanwhile, waiting for the upsert.
+fn merge_all(merges: Vec<Merge<'_>>) -> Vec<Vec<u8>> {
+    const MIN_PER_THREAD: usize = 256;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(merges.len() / MIN_PER_THREAD)
+        .max(1);
+    let one = |part: Vec<Merge<'_>>| -> Vec<Vec<u8>> {
+        part.into_iter()
+            .map(|(key, stored, new)| merged_latency(key, stored, new))
+            .collect()
+    };
+    if threads == 1 {
+        return one(merges);
+    }
+    let per = merges.len().div_ceil(threads);
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = merges;
+    while rest.len() > per {
+        let tail = rest.split_off(per);
+        parts.push(rest);
+        rest = tail;
+    }
+    parts.push(rest);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| scope.spawn(move || one(part)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 /// The stored histogram of `key` plus every new one, serialized.
@@ -654,16 +768,19 @@ pub async fn load_offsets(
 pub struct RetentionOutcome {
     /// `audit_counts` rows.
     pub counts: u64,
-    /// `audit_record_ids` rows.
+    /// `audit_record_seen` rows (ids of applied counts records).
     pub record_ids: u64,
+    /// `audit_count_changes` rows.
+    pub changes: u64,
     /// `audit_progress` rows.
     pub progress: u64,
     /// `audit_topics` rows.
     pub topics: u64,
 }
 
-/// Deletes count rows of buckets that started before `cutoff_ms`, and record ids, progress
-/// rows and topics last touched before `cutoff_at`, `batch` rows per transaction.
+/// Deletes count rows of buckets that started before `cutoff_ms`, and record ids, bucket
+/// changes, progress rows and topics last touched before `cutoff_at`, `batch` rows per
+/// transaction.
 pub async fn delete_expired(
     pool: &PgPool,
     cutoff_ms: i64,
@@ -680,8 +797,16 @@ pub async fn delete_expired(
     .await?;
     let record_ids = delete_in_batches(
         pool,
-        "DELETE FROM audit_record_ids WHERE ctid = ANY(ARRAY( \
-             SELECT ctid FROM audit_record_ids WHERE ingested_at < $1 LIMIT $2))",
+        "DELETE FROM audit_record_seen WHERE ctid = ANY(ARRAY( \
+             SELECT ctid FROM audit_record_seen WHERE ingested_at < $1 LIMIT $2))",
+        |q| q.bind(cutoff_at).bind(batch),
+        batch,
+    )
+    .await?;
+    let changes = delete_in_batches(
+        pool,
+        "DELETE FROM audit_count_changes WHERE ctid = ANY(ARRAY( \
+             SELECT ctid FROM audit_count_changes WHERE changed_at < $1 LIMIT $2))",
         |q| q.bind(cutoff_at).bind(batch),
         batch,
     )
@@ -706,6 +831,7 @@ pub async fn delete_expired(
     let out = RetentionOutcome {
         counts,
         record_ids,
+        changes,
         progress,
         topics,
     };
@@ -743,7 +869,8 @@ pub async fn run_retention(
             Ok(out) => {
                 for (table, n) in [
                     ("audit_counts", out.counts),
-                    ("audit_record_ids", out.record_ids),
+                    ("audit_record_seen", out.record_ids),
+                    ("audit_count_changes", out.changes),
                     ("audit_progress", out.progress),
                     ("audit_topics", out.topics),
                 ] {
@@ -756,6 +883,7 @@ pub async fn run_retention(
                     %cutoff_at,
                     counts = out.counts,
                     record_ids = out.record_ids,
+                    changes = out.changes,
                     progress = out.progress,
                     topics = out.topics,
                     "retention run finished"

@@ -5,6 +5,7 @@ mod ingest_support;
 use std::time::Duration;
 
 use chaperone_audit::AuditRecord;
+use chaperone_collector::store;
 use ingest_support::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -40,10 +41,11 @@ async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {
     wait_caught_up(&db.pool, &topics, Duration::from_secs(60)).await?;
 
     assert_eq!(stored_totals(&db.pool).await?, expected_totals(&records));
-    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_record_ids")
+    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_record_seen")
         .fetch_one(&db.pool)
         .await?;
-    assert_eq!(ids, 630);
+    // Ids of counts records only: progress records need no duplicate filter.
+    assert_eq!(ids, 600);
     // Progress keeps the furthest marks of each partition.
     let marks: Vec<(i32, i64, Option<i64>)> = sqlx::query_as(
         "SELECT partition, watermark_ms, position FROM audit_progress ORDER BY partition",
@@ -62,7 +64,8 @@ async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {
         "chaperone_collector_records_duplicate_total",
         None,
     );
-    assert_eq!(dup, (150 + 5 + 30) as f64);
+    // Repeated progress records are applied again (a no-op), not counted as duplicates.
+    assert_eq!(dup, (150 + 5) as f64);
     let counted = metric(
         &collector.registry,
         "chaperone_collector_records_ingested_total",
@@ -198,11 +201,76 @@ async fn retention_deletes_old_buckets_in_small_batches() -> anyhow::Result<()> 
         chrono::DateTime::<chrono::Utc>::from_timestamp_millis(cutoff_ms).expect("timestamp");
     let out = store::delete_expired(&db.pool, cutoff_ms, far_past, 4).await?;
     assert_eq!(out.counts, 25);
-    // Ids, progress and topics were all touched just now: kept.
-    assert_eq!((out.record_ids, out.progress, out.topics), (0, 0, 0));
+    // Ids, changes, progress and topics were all touched just now: kept.
+    assert_eq!(
+        (out.record_ids, out.changes, out.progress, out.topics),
+        (0, 0, 0, 0)
+    );
     let left: Vec<i64> = sqlx::query_scalar("SELECT bucket_start_ms FROM audit_counts")
         .fetch_all(&db.pool)
         .await?;
     assert_eq!(left, vec![BUCKET; 5]);
+    db.drop_db().await
+}
+
+/// Ids stored as text before `0013_ingest_write_path.sql` are still recognised afterwards:
+/// the migration converts them with the same rule as `store::record_key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_stored_before_the_uuid_migration_still_filter_duplicates() -> anyhow::Result<()> {
+    let db = TestDb::create_empty().await?;
+    for sql in [
+        include_str!("../../migrations/0001_ingest_store.sql"),
+        include_str!("../../migrations/0010_reconcile_verdicts.sql"),
+        include_str!("../../migrations/0011_alert_outbox.sql"),
+        include_str!("../../migrations/0012_alert_indexes.sql"),
+    ] {
+        sqlx::raw_sql(sql).execute(&db.pool).await?;
+    }
+    let prefix = unique("upgrade");
+    let ids = [
+        uuid::Uuid::now_v7().to_string(),
+        uuid::Uuid::now_v7().to_string().to_uppercase(),
+        format!("{prefix}-plain"),
+        "ünïcödé-id".to_owned(),
+    ];
+    for id in &ids {
+        sqlx::query("INSERT INTO audit_record_ids (id, kind) VALUES ($1, 'counts')")
+            .bind(id)
+            .execute(&db.pool)
+            .await?;
+    }
+    sqlx::query("INSERT INTO audit_record_ids (id, kind) VALUES ($1, 'progress')")
+        .bind(format!("{prefix}-progress"))
+        .execute(&db.pool)
+        .await?;
+    sqlx::raw_sql(include_str!("../../migrations/0013_ingest_write_path.sql"))
+        .execute(&db.pool)
+        .await?;
+
+    let mut stored: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM audit_record_seen")
+        .fetch_all(&db.pool)
+        .await?;
+    stored.sort();
+    let mut expected: Vec<uuid::Uuid> = ids.iter().map(|id| store::record_key(id)).collect();
+    expected.sort();
+    assert_eq!(stored, expected);
+    // The uppercase form is not canonical: hashed, not parsed.
+    assert_ne!(store::record_key(&ids[1]), uuid::Uuid::parse_str(&ids[1])?);
+
+    let again: Vec<AuditRecord> = ids
+        .iter()
+        .map(|id| {
+            AuditRecord::Counts(counts(
+                id,
+                "orders",
+                Some(0),
+                BUCKET,
+                observer(chaperone_audit::Tier::Producer, "dc1", "h"),
+                &[1, 2],
+            ))
+        })
+        .collect();
+    let out = store::write_batch(&db.pool, &again, &[]).await?;
+    assert_eq!((out.counts, out.duplicates), (0, ids.len()));
     db.drop_db().await
 }

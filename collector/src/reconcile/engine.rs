@@ -204,7 +204,7 @@ async fn enqueue(
     // Ingest makes change_seq values visible in increasing order, so everything up to the
     // highest value seen now is here; later changes get higher values.
     let high: Option<i64> =
-        sqlx::query_scalar("SELECT max(change_seq) FROM audit_counts WHERE change_seq > $1")
+        sqlx::query_scalar("SELECT max(change_seq) FROM audit_count_changes WHERE change_seq > $1")
             .bind(cursor)
             .fetch_one(&mut *tx)
             .await?;
@@ -215,7 +215,7 @@ async fn enqueue(
     let queued = sqlx::query(
         "INSERT INTO reconcile_pending (topic, bucket_start_ms, bucket_width_ms, queued_at)
          SELECT DISTINCT topic, bucket_start_ms, bucket_width_ms, $4::timestamptz
-           FROM audit_counts
+           FROM audit_count_changes
           WHERE change_seq > $1 AND change_seq <= $2 AND tier = ANY($3)
             AND bucket_start_ms + bucket_width_ms >= $5
          ON CONFLICT DO NOTHING",

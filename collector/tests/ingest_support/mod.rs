@@ -84,6 +84,13 @@ fn with_database(url: &str, db: &str) -> String {
 
 impl TestDb {
     pub async fn create() -> anyhow::Result<Self> {
+        let db = Self::create_empty().await?;
+        chaperone_collector::migrate(&db.pool).await?;
+        Ok(db)
+    }
+
+    /// A database without the schema.
+    pub async fn create_empty() -> anyhow::Result<Self> {
         let admin_url = database_url();
         let name = format!("chaperone_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url)
@@ -101,7 +108,6 @@ impl TestDb {
             .connect(&url)
             .await
             .context("connecting to the test database")?;
-        chaperone_collector::migrate(&pool).await?;
         Ok(Self { name, url, pool })
     }
 

@@ -110,7 +110,7 @@ impl Drop for TestDb {
 }
 
 /// Adds `count` messages seen by `tier` in `datacenter` to one bucket and partition, the way
-/// ingest does (a late record adds to the row and bumps its change sequence).
+/// ingest does (a late record adds to the row and records the bucket as changed).
 pub async fn add_counts(
     pool: &PgPool,
     topic: &str,
@@ -140,6 +140,17 @@ pub async fn add_counts(
     .execute(pool)
     .await
     .context("inserting counts")?;
+    sqlx::query(
+        "INSERT INTO audit_count_changes (topic, bucket_start_ms, bucket_width_ms, tier)
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(topic)
+    .bind(bucket_start_ms)
+    .bind(WIDTH)
+    .bind(tier)
+    .execute(pool)
+    .await
+    .context("recording the changed bucket")?;
     Ok(())
 }
 
