@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer as _};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DefaultProducerContext, Producer as _, PurgeConfig,
+};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::metrics::Metrics;
@@ -309,9 +311,20 @@ impl Worker {
                 .group
                 .as_ref()
                 .ok_or(("sending offsets to the transaction", KafkaError::Canceled))?;
-            self.producer
-                .send_offsets_to_transaction(&batch.offsets, group, self.timeout)
-                .map_err(|e| ("sending offsets to the transaction", e))?;
+            let mut attempts = 0;
+            loop {
+                match self
+                    .producer
+                    .send_offsets_to_transaction(&batch.offsets, group, self.timeout)
+                {
+                    Ok(()) => break,
+                    Err(e) if classify(&e) == TxnFailure::Retry && attempts < 3 => {
+                        attempts += 1;
+                        tracing::warn!(error = %e, attempts, "retrying sending offsets to the transaction");
+                    }
+                    Err(e) => return Err(("sending offsets to the transaction", e)),
+                }
+            }
         }
         let offsets_sent = started.elapsed();
         // rdkafka's commit_transaction first flushes, polling in 100 ms steps whenever a
@@ -363,6 +376,15 @@ impl Worker {
     }
 
     fn abort(&self) -> Result<(), Option<PipelineError>> {
+        // abort_transaction waits for every outstanding record to be reported, and a
+        // BaseProducer only reports them when polled: drop what is queued or in flight and
+        // serve the reports first.
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+        let deadline = Instant::now() + self.timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
         let mut attempts = 0;
         loop {
             match self.producer.abort_transaction(self.timeout) {

@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chaperone_audit::{AuditRecord, Counts};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -58,6 +60,33 @@ pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
 }
 
 /// One message to produce: partition, CreateTime timestamp, payload.
+/// Replaces the topic's configuration with `configs` (empty: every setting back to its
+/// default).
+pub async fn set_topic_config(bootstrap: &str, name: &str, configs: &[(&str, &str)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let mut alter = AlterConfig::new(ResourceSpecifier::Topic(name));
+    for (k, v) in configs {
+        alter = alter.set(k, v);
+    }
+    let results = admin
+        .alter_configs([&alter], &AdminOptions::new())
+        .await
+        .expect("alter configs");
+    for r in results {
+        r.unwrap_or_else(|(resource, e)| panic!("cannot configure {resource:?}: {e}"));
+    }
+}
+
+/// The value of a counter or gauge line in a Prometheus text exposition, 0 when absent.
+pub fn metric_value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[derive(Debug, Clone)]
 pub struct Msg {
     pub partition: i32,
