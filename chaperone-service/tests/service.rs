@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use chaperone_audit::Tier;
 use common::*;
 use rand::Rng as _;
-use tokio_util::sync::CancellationToken;
 
 const WIDTH_MS: i64 = 60_000;
 
@@ -58,20 +57,8 @@ async fn counts_known_messages_exactly_per_topic_partition_bucket() {
         &audit,
         &format!("^{prefix}-t"),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = CancellationToken::new();
-    let _guard = CancelOnDrop(shutdown.clone());
-    let service = tokio::spawn(chaperone_service::run(
-        cfg.parse("0"),
-        chaperone_service::Deps {
-            listener: Some(listener),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
+    let service = InProcess::start(cfg.parse("0")).await;
+    let addr = service.addr;
 
     // Ready once the group assigned partitions.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -128,11 +115,7 @@ async fn counts_known_messages_exactly_per_topic_partition_bucket() {
     }
     assert!(reader.progress_records > 0);
 
-    shutdown.cancel();
-    service
-        .await
-        .expect("service task")
-        .expect("service stopped cleanly");
+    service.stop().await;
 }
 
 /// Transactions that the broker rejects (here: audit records larger than the audit topic
@@ -160,20 +143,8 @@ async fn aborted_transactions_are_recounted_exactly_once() {
         &format!("^{topic}$"),
     )
     .flush_interval("200ms");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = CancellationToken::new();
-    let _guard = CancelOnDrop(shutdown.clone());
-    let service = tokio::spawn(chaperone_service::run(
-        cfg.parse("0"),
-        chaperone_service::Deps {
-            listener: Some(listener),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
+    let service = InProcess::start(cfg.parse("0")).await;
+    let addr = service.addr;
     let metric = |series: &'static str| async move {
         let (_, body) = http_get(addr, "/metrics").await;
         metric_value(&body, series)
@@ -226,11 +197,7 @@ async fn aborted_transactions_are_recounted_exactly_once() {
     assert!(metric(committed).await > committed_while_rejecting);
     assert_eq!(metric(counted).await, 8_000.0);
 
-    shutdown.cancel();
-    service
-        .await
-        .expect("service task")
-        .expect("service stopped cleanly");
+    service.stop().await;
 }
 
 /// `kill -9` at random moments during a 200k-message run, restarting each time: every
@@ -425,19 +392,7 @@ async fn garbage_payloads_are_counted_as_malformed() {
         &format!("^{topic}$"),
     )
     .with("\n[event_time]\nsources = [\"json_field\", \"create_time\"]\njson_field = \"ts\"\n");
-    let shutdown = CancellationToken::new();
-    let _guard = CancelOnDrop(shutdown.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let service = tokio::spawn(chaperone_service::run(
-        cfg.parse("0"),
-        chaperone_service::Deps {
-            listener: Some(listener),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
+    let service = InProcess::start(cfg.parse("0")).await;
 
     let ends = ends(&bootstrap, &[(topic.clone(), 2)]);
     let topics = vec![topic.clone()];
@@ -461,11 +416,7 @@ async fn garbage_payloads_are_counted_as_malformed() {
     })
     .await
     .expect("reader");
-    shutdown.cancel();
-    service
-        .await
-        .expect("task")
-        .expect("service stopped cleanly");
+    service.stop().await;
 
     let p0: Vec<_> = reader
         .counts
@@ -517,19 +468,7 @@ async fn aggregate_tier_maps_mirrored_topics_to_logical_topic_and_source() {
         &audit,
         &format!("^regional\\.{prefix}-"),
     );
-    let shutdown = CancellationToken::new();
-    let _guard = CancelOnDrop(shutdown.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let service = tokio::spawn(chaperone_service::run(
-        cfg.parse("0"),
-        chaperone_service::Deps {
-            listener: Some(listener),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
+    let service = InProcess::start(cfg.parse("0")).await;
 
     let topics = vec![mirrored.clone()];
     let reader = tokio::task::spawn_blocking(move || {
@@ -557,11 +496,7 @@ async fn aggregate_tier_maps_mirrored_topics_to_logical_topic_and_source() {
     })
     .await
     .expect("reader");
-    shutdown.cancel();
-    service
-        .await
-        .expect("task")
-        .expect("service stopped cleanly");
+    service.stop().await;
 
     for c in &reader.counts {
         assert_eq!(c.topic, topic, "logical topic");

@@ -510,7 +510,47 @@ pub fn ends(bootstrap: &str, topics: &[(String, i32)]) -> HashMap<(String, i32),
 
 /// Cancels the in-process service when a test ends, even by a panic, so the runtime's
 /// blocking consume thread stops.
-pub struct CancelOnDrop(pub tokio_util::sync::CancellationToken);
+/// The service running in this process with an HTTP listener on loopback; cancelled when
+/// dropped, so a failing test does not leave it running.
+pub struct InProcess {
+    pub addr: std::net::SocketAddr,
+    shutdown: CancelOnDrop,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    pub async fn start(config: chaperone_service::Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(chaperone_service::run(
+            config,
+            chaperone_service::Deps {
+                listener: Some(listener),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        ));
+        Self {
+            addr,
+            shutdown: CancelOnDrop(shutdown),
+            task,
+        }
+    }
+
+    /// Shuts the service down and checks that it stopped cleanly.
+    pub async fn stop(self) {
+        self.shutdown.0.cancel();
+        self.task
+            .await
+            .expect("service task")
+            .expect("service stopped cleanly");
+    }
+}
+
+struct CancelOnDrop(tokio_util::sync::CancellationToken);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
