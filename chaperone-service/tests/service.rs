@@ -127,22 +127,9 @@ async fn aborted_transactions_are_recounted_exactly_once() {
     const PARTITIONS: i32 = 3;
     // `local-*` topics are not mirrored (dev/kafka/mm2.properties): MirrorMaker would copy
     // the audit topic's size limit below to the aggregate cluster and stop on it.
-    let prefix = unique("local-svc-abort");
-    let audit = format!("{prefix}-audit");
-    let topic = format!("{prefix}-events");
-    let bootstrap = regional();
-    create_topic(&bootstrap, &audit, 3).await;
-    create_topic(&bootstrap, &topic, PARTITIONS).await;
-    let cfg = TestConfig::new(
-        &bootstrap,
-        "regional",
-        "regional",
-        "dc-test",
-        &format!("{prefix}-g"),
-        &audit,
-        &format!("^{topic}$"),
-    )
-    .flush_interval("200ms");
+    let (prefix, audit, topic, bootstrap) =
+        regional_topic("local-svc-abort", "events", PARTITIONS).await;
+    let cfg = regional_config(&prefix, &bootstrap, &audit, &topic).flush_interval("200ms");
     let service = InProcess::start(cfg.parse("0")).await;
     let addr = service.addr;
     let metric = |series: &'static str| async move {
@@ -206,24 +193,10 @@ async fn aborted_transactions_are_recounted_exactly_once() {
 async fn kill_nine_and_restart_counts_every_message_exactly_once() {
     const TOTAL: usize = 200_000;
     const PARTITIONS: i32 = 6;
-    let prefix = unique("svc-kill");
-    let audit = format!("{prefix}-audit");
-    let topic = format!("{prefix}-events");
-    let bootstrap = regional();
-    create_topic(&bootstrap, &audit, 3).await;
-    create_topic(&bootstrap, &topic, PARTITIONS).await;
+    let (prefix, audit, topic, bootstrap) = regional_topic("svc-kill", "events", PARTITIONS).await;
 
     let dir = TempDir::new("chaperone-kill");
-    let cfg = TestConfig::new(
-        &bootstrap,
-        "regional",
-        "regional",
-        "dc-test",
-        &format!("{prefix}-g"),
-        &audit,
-        &format!("^{topic}$"),
-    )
-    .flush_interval("500ms");
+    let cfg = regional_config(&prefix, &bootstrap, &audit, &topic).flush_interval("500ms");
     let path = cfg.write(&dir.0);
     let log = dir.0.join("service.log");
 
@@ -280,22 +253,9 @@ async fn kill_nine_and_restart_counts_every_message_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_one_stopped_midway_count_exactly() {
     const PARTITIONS: i32 = 6;
-    let prefix = unique("svc-pair");
-    let audit = format!("{prefix}-audit");
-    let topic = format!("{prefix}-events");
-    let bootstrap = regional();
-    create_topic(&bootstrap, &audit, 3).await;
-    create_topic(&bootstrap, &topic, PARTITIONS).await;
+    let (prefix, audit, topic, bootstrap) = regional_topic("svc-pair", "events", PARTITIONS).await;
     let dir = TempDir::new("chaperone-pair");
-    let cfg = TestConfig::new(
-        &bootstrap,
-        "regional",
-        "regional",
-        "dc-test",
-        &format!("{prefix}-g"),
-        &audit,
-        &format!("^{topic}$"),
-    );
+    let cfg = regional_config(&prefix, &bootstrap, &audit, &topic);
     let path = cfg.write(&dir.0);
 
     let base = now_ms();
@@ -348,12 +308,7 @@ async fn two_instances_one_stopped_midway_count_exactly() {
 /// without timestamp), never skipped; valid JSON in the same topic is dated by the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_payloads_are_counted_as_malformed() {
-    let prefix = unique("svc-garbage");
-    let audit = format!("{prefix}-audit");
-    let topic = format!("{prefix}-junk");
-    let bootstrap = regional();
-    create_topic(&bootstrap, &audit, 3).await;
-    create_topic(&bootstrap, &topic, 2).await;
+    let (prefix, audit, topic, bootstrap) = regional_topic("svc-garbage", "junk", 2).await;
 
     let base = now_ms();
     let mut rng = rand::rng();
@@ -382,16 +337,8 @@ async fn garbage_payloads_are_counted_as_malformed() {
     produce(&p, &topic, &garbage);
     produce(&p, &topic, &dated);
 
-    let cfg = TestConfig::new(
-        &bootstrap,
-        "regional",
-        "regional",
-        "dc-test",
-        &format!("{prefix}-g"),
-        &audit,
-        &format!("^{topic}$"),
-    )
-    .with("\n[event_time]\nsources = [\"json_field\", \"create_time\"]\njson_field = \"ts\"\n");
+    let cfg = regional_config(&prefix, &bootstrap, &audit, &topic)
+        .with("\n[event_time]\nsources = [\"json_field\", \"create_time\"]\njson_field = \"ts\"\n");
     let service = InProcess::start(cfg.parse("0")).await;
 
     let ends = ends(&bootstrap, &[(topic.clone(), 2)]);

@@ -795,30 +795,11 @@ pub async fn delete_expired(
         batch,
     )
     .await?;
-    let record_ids = delete_in_batches(
-        pool,
-        "DELETE FROM audit_record_seen WHERE ctid = ANY(ARRAY( \
-             SELECT ctid FROM audit_record_seen WHERE ingested_at < $1 LIMIT $2))",
-        |q| q.bind(cutoff_at).bind(batch),
-        batch,
-    )
-    .await?;
-    let changes = delete_in_batches(
-        pool,
-        "DELETE FROM audit_count_changes WHERE ctid = ANY(ARRAY( \
-             SELECT ctid FROM audit_count_changes WHERE changed_at < $1 LIMIT $2))",
-        |q| q.bind(cutoff_at).bind(batch),
-        batch,
-    )
-    .await?;
-    let progress = delete_in_batches(
-        pool,
-        "DELETE FROM audit_progress WHERE ctid = ANY(ARRAY( \
-             SELECT ctid FROM audit_progress WHERE last_seen_at < $1 LIMIT $2))",
-        |q| q.bind(cutoff_at).bind(batch),
-        batch,
-    )
-    .await?;
+    let record_ids =
+        delete_before(pool, "audit_record_seen", "ingested_at", cutoff_at, batch).await?;
+    let changes =
+        delete_before(pool, "audit_count_changes", "changed_at", cutoff_at, batch).await?;
+    let progress = delete_before(pool, "audit_progress", "last_seen_at", cutoff_at, batch).await?;
     let topics = delete_in_batches(
         pool,
         "DELETE FROM audit_topics WHERE ctid = ANY(ARRAY( \
@@ -898,9 +879,25 @@ pub async fn run_retention(
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
+/// Deletes the rows of `table` whose `column` is before `cutoff`, `batch` per transaction.
+/// `table` and `column` are names from this file, never input.
+async fn delete_before(
+    pool: &PgPool,
+    table: &str,
+    column: &str,
+    cutoff: DateTime<Utc>,
+    batch: i64,
+) -> Result<u64, StoreError> {
+    let sql = format!(
+        "DELETE FROM {table} WHERE ctid = ANY(ARRAY( \
+             SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))"
+    );
+    delete_in_batches(pool, &sql, |q| q.bind(cutoff).bind(batch), batch).await
+}
+
 async fn delete_in_batches(
     pool: &PgPool,
-    sql: &'static str,
+    sql: &str,
     bind: impl for<'q> Fn(PgQuery<'q>) -> PgQuery<'q>,
     batch: i64,
 ) -> Result<u64, StoreError> {

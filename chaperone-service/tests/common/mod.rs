@@ -60,6 +60,36 @@ pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
 }
 
 /// One message to produce: partition, CreateTime timestamp, payload.
+/// A fresh topic `<prefix>-<suffix>` with `partitions` partitions and a 3-partition audit topic
+/// `<prefix>-audit` on the regional cluster, `prefix` being unique per call. Returns (prefix,
+/// audit topic, topic, bootstrap servers).
+pub async fn regional_topic(
+    name: &str,
+    suffix: &str,
+    partitions: i32,
+) -> (String, String, String, String) {
+    let prefix = unique(name);
+    let audit = format!("{prefix}-audit");
+    let topic = format!("{prefix}-{suffix}");
+    let bootstrap = regional();
+    create_topic(&bootstrap, &audit, 3).await;
+    create_topic(&bootstrap, &topic, partitions).await;
+    (prefix, audit, topic, bootstrap)
+}
+
+/// A regional-tier configuration in group `<prefix>-g` auditing exactly `topic`.
+pub fn regional_config(prefix: &str, bootstrap: &str, audit: &str, topic: &str) -> TestConfig {
+    TestConfig::new(
+        bootstrap,
+        "regional",
+        "regional",
+        "dc-test",
+        &format!("{prefix}-g"),
+        audit,
+        &format!("^{topic}$"),
+    )
+}
+
 /// Replaces the topic's configuration with `configs` (empty: every setting back to its
 /// default).
 pub async fn set_topic_config(bootstrap: &str, name: &str, configs: &[(&str, &str)]) {
