@@ -64,7 +64,7 @@ pub enum PipelineError {
     },
 }
 
-fn fatal(action: &'static str, source: KafkaError) -> PipelineError {
+pub(crate) fn fatal(action: &'static str, source: KafkaError) -> PipelineError {
     PipelineError::Fatal { action, source }
 }
 

@@ -21,7 +21,7 @@ use rdkafka::producer::{
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::metrics::Metrics;
-use crate::pipeline::PipelineError;
+use crate::pipeline::{PipelineError, fatal};
 
 /// How to react to a transactional error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +40,23 @@ fn classify(e: &KafkaError) -> TxnFailure {
     }
 }
 
-fn fatal(action: &'static str, source: KafkaError) -> PipelineError {
-    PipelineError::Fatal { action, source }
+/// Runs a transactional call, again up to three times while it fails with an error librdkafka
+/// calls retriable.
+fn retried(
+    action: &'static str,
+    call: impl Fn() -> Result<(), KafkaError>,
+) -> Result<(), (&'static str, KafkaError)> {
+    let mut attempts = 0;
+    loop {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(e) if classify(&e) == TxnFailure::Retry && attempts < 3 => {
+                attempts += 1;
+                tracing::warn!(error = %e, attempts, action, "retrying");
+            }
+            Err(e) => return Err((action, e)),
+        }
+    }
 }
 
 /// What a batch counted, published once it is committed.
@@ -311,20 +326,10 @@ impl Worker {
                 .group
                 .as_ref()
                 .ok_or(("sending offsets to the transaction", KafkaError::Canceled))?;
-            let mut attempts = 0;
-            loop {
-                match self
-                    .producer
+            retried("sending offsets to the transaction", || {
+                self.producer
                     .send_offsets_to_transaction(&batch.offsets, group, self.timeout)
-                {
-                    Ok(()) => break,
-                    Err(e) if classify(&e) == TxnFailure::Retry && attempts < 3 => {
-                        attempts += 1;
-                        tracing::warn!(error = %e, attempts, "retrying sending offsets to the transaction");
-                    }
-                    Err(e) => return Err(("sending offsets to the transaction", e)),
-                }
-            }
+            })?;
         }
         let offsets_sent = started.elapsed();
         // rdkafka's commit_transaction first flushes, polling in 100 ms steps whenever a
@@ -339,29 +344,20 @@ impl Worker {
             }
             self.producer.poll(Duration::from_millis(1));
         }
-        let mut attempts = 0;
-        loop {
-            match self.producer.commit_transaction(self.timeout) {
-                Ok(()) => {
-                    tracing::debug!(
-                        produce_ms = produced.as_millis() as u64,
-                        offsets_ms = (offsets_sent - produced).as_millis() as u64,
-                        commit_ms = (started.elapsed() - offsets_sent).as_millis() as u64,
-                        "transaction committed"
-                    );
-                    // Serve what the commit left on the queue (error reports only).
-                    for _ in 0..4 {
-                        self.producer.poll(Duration::ZERO);
-                    }
-                    return Ok(());
-                }
-                Err(e) if classify(&e) == TxnFailure::Retry && attempts < 3 => {
-                    attempts += 1;
-                    tracing::warn!(error = %e, attempts, "retrying the transaction commit");
-                }
-                Err(e) => return Err(("committing a transaction", e)),
-            }
+        retried("committing a transaction", || {
+            self.producer.commit_transaction(self.timeout)
+        })?;
+        tracing::debug!(
+            produce_ms = produced.as_millis() as u64,
+            offsets_ms = (offsets_sent - produced).as_millis() as u64,
+            commit_ms = (started.elapsed() - offsets_sent).as_millis() as u64,
+            "transaction committed"
+        );
+        // Serve what the commit left on the queue (error reports only).
+        for _ in 0..4 {
+            self.producer.poll(Duration::ZERO);
         }
+        Ok(())
     }
 
     /// The fatal error for `e`, or `None` when the transaction can be aborted.

@@ -253,19 +253,20 @@ pub async fn write_batch(
     // First occurrence of every counts id in the batch. Progress records need no duplicate
     // filter: applying one twice changes nothing, every mark keeps its maximum.
     let mut seen = HashSet::with_capacity(records.len());
-    let mut first: Vec<(&AuditRecord, Uuid)> = Vec::with_capacity(records.len());
+    // Each record with its id key; progress records have none.
+    let mut first: Vec<(&AuditRecord, Option<Uuid>)> = Vec::with_capacity(records.len());
     let mut duplicates = 0;
     for r in records {
         match r {
             AuditRecord::Counts(c) => {
                 let key = record_key(&c.id);
                 if seen.insert(key) {
-                    first.push((r, key));
+                    first.push((r, Some(key)));
                 } else {
                     duplicates += 1;
                 }
             }
-            AuditRecord::Progress(_) => first.push((r, Uuid::nil())),
+            AuditRecord::Progress(_) => first.push((r, None)),
         }
     }
     let mut outcome = BatchOutcome {
@@ -275,11 +276,7 @@ pub async fn write_batch(
 
     // The ingest lock keeps other writers out, so probing and then inserting only the new
     // ids is safe, and cheaper than ON CONFLICT DO NOTHING.
-    let keys: Vec<Uuid> = first
-        .iter()
-        .filter(|(r, _)| matches!(r, AuditRecord::Counts(_)))
-        .map(|(_, k)| *k)
-        .collect();
+    let keys: Vec<Uuid> = first.iter().filter_map(|(_, k)| *k).collect();
     let stored: HashSet<Uuid> = if keys.is_empty() {
         HashSet::new()
     } else {
@@ -302,10 +299,9 @@ pub async fn write_batch(
     let mut counts: BTreeMap<CountsKey, CountsSum<'_>> = BTreeMap::new();
     let mut progress: BTreeMap<ProgressKey, ProgressMax<'_>> = BTreeMap::new();
     let mut topics: BTreeSet<&str> = BTreeSet::new();
-    let fresh = first.iter().filter(|(r, key)| match r {
-        AuditRecord::Counts(_) => !stored.contains(key),
-        AuditRecord::Progress(_) => true,
-    });
+    let fresh = first
+        .iter()
+        .filter(|(_, key)| key.is_none_or(|k| !stored.contains(&k)));
     for (r, _) in fresh {
         match r {
             AuditRecord::Counts(c) => {
