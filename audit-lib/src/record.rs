@@ -169,6 +169,10 @@ pub struct Progress {
     pub bucket_width: BucketWidth,
     /// When the record was made (epoch ms).
     pub emitted_at_ms: i64,
+    /// The observer stops reporting this partition after this record because it shut down
+    /// cleanly: every count it made was sent before it (JSON `"final": true`, omitted when
+    /// false). The collector stops waiting for an instance once it has said so.
+    pub closing: bool,
 }
 
 /// One audit record, as carried on the audit topic.
@@ -241,6 +245,12 @@ pub enum DecodeError {
         /// Longest allowed.
         max: usize,
     },
+    /// A string holds a NUL character, which PostgreSQL's `text` cannot store.
+    #[error("field `{field}` contains a NUL character")]
+    NulCharacter {
+        /// Field name.
+        field: &'static str,
+    },
     /// Fields contradict each other.
     #[error("field `{field}` is inconsistent: {reason}")]
     Inconsistent {
@@ -294,6 +304,8 @@ struct Wire {
     high_watermark: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     watermark_ms: Option<i64>,
+    #[serde(rename = "final", default, skip_serializing_if = "Option::is_none")]
+    closing: Option<bool>,
     emitted_at_ms: Option<i64>,
 }
 
@@ -306,6 +318,9 @@ fn name(v: Option<String>, field: &'static str, max: usize) -> Result<String, De
     let len = s.chars().count();
     if len == 0 || len > max {
         return Err(DecodeError::StringLength { field, len, max });
+    }
+    if s.contains('\0') {
+        return Err(DecodeError::NulCharacter { field });
     }
     Ok(s)
 }
@@ -399,6 +414,7 @@ impl Counts {
         forbid(w.position.is_some(), "position")?;
         forbid(w.high_watermark.is_some(), "high_watermark")?;
         forbid(w.watermark_ms.is_some(), "watermark_ms")?;
+        forbid(w.closing.is_some(), "final")?;
         let id = name(w.id.take(), "id", MAX_NAME_LEN)?;
         let topic = name(w.topic.take(), "topic", MAX_TOPIC_LEN)?;
         let physical_topic = name(w.physical_topic.take(), "physical_topic", MAX_TOPIC_LEN)?;
@@ -552,6 +568,7 @@ impl Progress {
             watermark_ms,
             bucket_width,
             emitted_at_ms,
+            closing: w.closing.unwrap_or(false),
         })
     }
 
@@ -567,6 +584,7 @@ impl Progress {
             position: self.position,
             high_watermark: self.high_watermark,
             watermark_ms: Some(self.watermark_ms),
+            closing: self.closing.then_some(true),
             emitted_at_ms: Some(self.emitted_at_ms),
             ..Wire::default()
         };
@@ -699,6 +717,7 @@ mod tests {
             watermark_ms: 1_764_067_200_000,
             bucket_width: BucketWidth::default(),
             emitted_at_ms: 1_764_067_270_000,
+            closing: false,
         }
     }
 
@@ -888,6 +907,10 @@ mod tests {
                 ..
             })
         ));
+        assert_eq!(
+            with("host", json!("web\u{0}1")),
+            Err(DecodeError::NulCharacter { field: "host" })
+        );
     }
 
     #[test]
@@ -916,6 +939,22 @@ mod tests {
             with("latency", json!("@@@")),
             Err(DecodeError::Histogram(HistogramError::Base64(_)))
         ));
+    }
+
+    #[test]
+    fn final_progress_round_trips_and_counts_reject_it() {
+        let closing = Progress {
+            closing: true,
+            ..progress()
+        };
+        let v = json_of(&AuditRecord::Progress(closing.clone()));
+        assert_eq!(v["final"], json!(true));
+        assert_eq!(decode_value(&v), Ok(AuditRecord::Progress(closing)));
+        assert!(json_of(&AuditRecord::Progress(progress())).get("final").is_none());
+        assert_eq!(
+            with("final", json!(true)),
+            Err(DecodeError::UnknownField("final".into()))
+        );
     }
 
     #[test]

@@ -217,6 +217,7 @@ impl Core {
                     watermark_ms,
                     bucket_width: self.width,
                     emitted_at_ms: now_ms,
+                    closing: false,
                 };
                 (id, AuditRecord::Progress(p).encode())
             })

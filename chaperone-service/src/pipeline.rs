@@ -443,6 +443,7 @@ impl Core {
                 watermark_ms: watermark,
                 bucket_width: width,
                 emitted_at_ms: now.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
+                closing: false,
             };
             records.push((
                 format!("{topic}/{partition}"),

@@ -67,6 +67,7 @@ fn records(n: usize) -> Vec<AuditRecord> {
                     watermark_ms: bucket,
                     bucket_width: BucketWidth::default(),
                     emitted_at_ms: bucket + 1_000,
+                    closing: false,
                 });
             }
             let mut latency = Latency::new();

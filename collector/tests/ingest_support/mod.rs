@@ -395,6 +395,7 @@ pub fn progress(
         watermark_ms,
         bucket_width: BucketWidth::default(),
         emitted_at_ms: watermark_ms + 1_000,
+        closing: false,
     }
 }
 
