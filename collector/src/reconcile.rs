@@ -3,7 +3,8 @@
 //! downstream tier saw every message the upstream tier saw.
 //!
 //! * [`config`]: the topology and timing rules ([`ReconcileConfig`]).
-//! * [`verdict`]: the rules themselves, pure functions ([`finality`], [`judge`]).
+//! * [`verdict`]: the rules themselves, pure functions ([`evaluate`], [`judge`]); the model
+//!   is written down in `docs/verdicts.md`.
 //! * `engine`: one evaluation pass over PostgreSQL: buckets whose counts changed (found through
 //!   `audit_count_changes`) are queued; queued buckets that are final get verdicts, written
 //!   with their history, incident changes and alert outbox events in one transaction.
@@ -20,6 +21,8 @@ pub mod metrics;
 pub mod query;
 pub mod verdict;
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +32,7 @@ pub use config::{ConfigError, EdgeConfig, ReconcileConfig};
 pub use engine::{PassReport, ReconcileError};
 pub use metrics::ReconcileMetrics;
 pub use query::{Verdict, VerdictChange, latest_verdicts_by_topic, list_verdicts, verdict_history};
-pub use verdict::{Finality, VerdictStatus, finality, judge};
+pub use verdict::{Finality, VerdictStatus, evaluate, judge};
 
 use crate::Clock;
 
@@ -40,6 +43,7 @@ pub struct Reconciler {
     config: ReconcileConfig,
     clock: Clock,
     metrics: ReconcileMetrics,
+    notices: Arc<Mutex<engine::Notices>>,
 }
 
 impl Reconciler {
@@ -55,6 +59,7 @@ impl Reconciler {
             config,
             clock,
             metrics,
+            notices: Arc::default(),
         }
     }
 
@@ -67,7 +72,14 @@ impl Reconciler {
     /// One pass: queues changed buckets and judges every queued bucket that is final now.
     pub async fn evaluate_once(&self) -> Result<PassReport, ReconcileError> {
         let timer = self.metrics.pass_seconds.start_timer();
-        let result = engine::pass(&self.pool, &self.config, self.clock.now(), &self.metrics).await;
+        let result = engine::pass(
+            &self.pool,
+            &self.config,
+            self.clock.now(),
+            &self.metrics,
+            &self.notices,
+        )
+        .await;
         timer.observe_duration();
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics.passes.with_label_values(&[label]).inc();

@@ -133,6 +133,8 @@ struct ProgressKey {
     topic: String,
     physical_topic: String,
     partition: i32,
+    host: String,
+    instance: String,
 }
 
 impl ProgressKey {
@@ -144,6 +146,8 @@ impl ProgressKey {
             topic: p.topic.clone(),
             physical_topic: p.physical_topic.clone(),
             partition: p.partition.unwrap_or(NO_PARTITION),
+            host: p.observer.host.clone(),
+            instance: p.observer.instance.clone(),
         }
     }
 }
@@ -689,6 +693,7 @@ async fn upsert_progress(
     let mut emitted = Vec::with_capacity(n);
     let mut host = Vec::with_capacity(n);
     let mut instance = Vec::with_capacity(n);
+    let mut closing = Vec::with_capacity(n);
     for (k, m) in &progress {
         tier.push(k.tier.as_str());
         cluster.push(k.cluster.as_str());
@@ -701,26 +706,26 @@ async fn upsert_progress(
         high.push(m.high_watermark);
         width.push(m.latest.bucket_width.as_millis());
         emitted.push(m.last_emitted_ms);
-        host.push(m.latest.observer.host.as_str());
-        instance.push(m.latest.observer.instance.as_str());
+        host.push(k.host.as_str());
+        instance.push(k.instance.as_str());
+        closing.push(m.latest.closing);
     }
     sqlx::query(
         "INSERT INTO audit_progress AS p (tier, cluster, datacenter, topic, physical_topic, \
              partition, watermark_ms, position, high_watermark, bucket_width_ms, last_emitted_ms, \
-             host, instance) \
+             host, instance, closing) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], \
-             $12::text[], $13::text[]) \
-         ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition) DO UPDATE SET \
+             $12::text[], $13::text[], $14::bool[]) \
+         ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition, host, instance) \
+         DO UPDATE SET \
              watermark_ms = GREATEST(p.watermark_ms, EXCLUDED.watermark_ms), \
              position = GREATEST(p.position, EXCLUDED.position), \
              high_watermark = GREATEST(p.high_watermark, EXCLUDED.high_watermark), \
              bucket_width_ms = CASE WHEN EXCLUDED.last_emitted_ms >= p.last_emitted_ms \
                  THEN EXCLUDED.bucket_width_ms ELSE p.bucket_width_ms END, \
-             host = CASE WHEN EXCLUDED.last_emitted_ms >= p.last_emitted_ms \
-                 THEN EXCLUDED.host ELSE p.host END, \
-             instance = CASE WHEN EXCLUDED.last_emitted_ms >= p.last_emitted_ms \
-                 THEN EXCLUDED.instance ELSE p.instance END, \
+             closing = CASE WHEN EXCLUDED.last_emitted_ms >= p.last_emitted_ms \
+                 THEN EXCLUDED.closing ELSE p.closing END, \
              last_emitted_ms = GREATEST(p.last_emitted_ms, EXCLUDED.last_emitted_ms), \
              last_seen_at = now(), \
              change_seq = nextval('audit_change_seq')",
@@ -738,6 +743,7 @@ async fn upsert_progress(
     .bind(&emitted)
     .bind(&host)
     .bind(&instance)
+    .bind(&closing)
     .execute(&mut **tx)
     .await?;
     Ok(())

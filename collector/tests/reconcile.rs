@@ -5,7 +5,8 @@
 mod reconcile_support;
 
 use chaperone_collector::reconcile::{
-    EdgeConfig, VerdictStatus, latest_verdicts_by_topic, list_verdicts, verdict_history,
+    EdgeConfig, ReconcileConfig, ReconcileMetrics, Reconciler, VerdictStatus,
+    latest_verdicts_by_topic, list_verdicts, verdict_history,
 };
 use reconcile_support::*;
 
@@ -36,7 +37,18 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
 async fn complete_once_every_downstream_partition_is_past_the_lateness() {
     let db = TestDb::create().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
-    flow(&db, "orders", 0, 10, 10, 10).await;
+    add_counts(&db.pool, "orders", start(0), "producer", "dc1", -1, 15)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 10)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 1, 5)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 10)
+        .await
+        .unwrap();
     progress(&db.pool, "orders", "producer", "dc1", -1, end(0) + LATENESS)
         .await
         .unwrap();
@@ -46,7 +58,8 @@ async fn complete_once_every_downstream_partition_is_past_the_lateness() {
     progress(&db.pool, "orders", "regional", "dc1", 1, end(0) + LATENESS)
         .await
         .unwrap();
-    // One aggregate partition lags: regional->aggregate is not final yet.
+    // Aggregate partition 1 has counted fewer than regional and has not passed the bucket:
+    // regional->aggregate is not final yet.
     progress(&db.pool, "orders", "aggregate", "dc1", 0, end(0) + LATENESS)
         .await
         .unwrap();
@@ -60,6 +73,10 @@ async fn complete_once_every_downstream_partition_is_past_the_lateness() {
     )
     .await
     .unwrap();
+    // A partition nobody wrote to holds nothing back, even without progress past the bucket.
+    progress(&db.pool, "orders", "aggregate", "dc1", 2, start(0))
+        .await
+        .unwrap();
 
     let report = pass(&r).await;
     assert_eq!(report.queued, 1);
@@ -71,7 +88,7 @@ async fn complete_once_every_downstream_partition_is_past_the_lateness() {
         .await
         .expect("producer->regional judged");
     assert_eq!(v.status, VerdictStatus::Complete);
-    assert_eq!((v.expected, v.actual, v.difference), (10, 10, 0));
+    assert_eq!((v.expected, v.actual, v.difference), (15, 15, 0));
     assert_eq!(v.datacenter.as_deref(), Some("dc1"));
     assert_eq!(v.final_reason, "progress");
     assert!(verdict(&db.pool, "orders", R2A, start(0)).await.is_none());
@@ -85,7 +102,11 @@ async fn complete_once_every_downstream_partition_is_past_the_lateness() {
     let v = verdict(&db.pool, "orders", R2A, start(0))
         .await
         .expect("regional->aggregate judged");
-    assert_eq!(v.status, VerdictStatus::Complete);
+    assert_eq!(
+        v.status,
+        VerdictStatus::Missing,
+        "partition 1 passed without its 5"
+    );
     assert_eq!(v.datacenter, None, "summed over datacenters");
     // Nothing changes on another pass.
     let report = pass(&r).await;
@@ -94,6 +115,27 @@ async fn complete_once_every_downstream_partition_is_past_the_lateness() {
         count(&db, "SELECT count(*) FROM reconcile_verdict_history").await,
         2
     );
+}
+
+#[tokio::test]
+async fn an_idle_partition_equal_on_both_sides_does_not_wait() {
+    let db = TestDb::create().await.unwrap();
+    let (r, _clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    flow(&db, "orders", 0, 10, 10, 10).await;
+    all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    // Aggregate partition 1 was never written: its progress stays at the start.
+    progress(&db.pool, "orders", "aggregate", "dc1", 1, start(0))
+        .await
+        .unwrap();
+    let report = pass(&r).await;
+    assert_eq!(report.pending, 0);
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(
+        (v.status, v.final_reason.as_str()),
+        (VerdictStatus::Complete, "progress")
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM alert_events").await, 0);
     assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 0);
 }
@@ -101,7 +143,7 @@ async fn complete_once_every_downstream_partition_is_past_the_lateness() {
 #[tokio::test]
 async fn missing_duplicated_and_per_datacenter_counts() {
     let db = TestDb::create().await.unwrap();
-    let (r, _clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     // orders: 3 lost between regional and aggregate.
     flow(&db, "orders", 0, 10, 10, 7).await;
     all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
@@ -155,10 +197,20 @@ async fn missing_duplicated_and_per_datacenter_counts() {
     assert_eq!((r2a.expected, r2a.actual), (8, 8));
     assert_eq!(r2a.status, VerdictStatus::Complete);
 
-    // Two more at the aggregate: duplicated.
+    // Two more at the aggregate: duplicated, once they settled.
     add_counts(&db.pool, "clicks", start(0), "aggregate", "dc1", 0, 2)
         .await
         .unwrap();
+    pass(&r).await;
+    assert_eq!(
+        verdict(&db.pool, "clicks", R2A, start(0))
+            .await
+            .unwrap()
+            .status,
+        VerdictStatus::Complete,
+        "not judged again before the settle time"
+    );
+    clock.advance(chrono::Duration::milliseconds(SETTLE));
     pass(&r).await;
     let r2a = verdict(&db.pool, "clicks", R2A, start(0)).await.unwrap();
     assert_eq!(r2a.status, VerdictStatus::Duplicated);
@@ -219,7 +271,7 @@ async fn silent_tier_is_judged_after_the_max_wait() {
 
     // A downstream tier that stopped before the bucket is silent too, not "missing"; and a
     // producer tier that stopped before it while regional counted messages is silent, not
-    // "duplicated".
+    // "duplicated". Stopped: no progress for longer than the instance timeout.
     progress(&db.pool, "payments", "producer", "dc1", -1, start(0))
         .await
         .unwrap();
@@ -239,6 +291,12 @@ async fn silent_tier_is_judged_after_the_max_wait() {
     progress(&db.pool, "payments", "aggregate", "dc1", 0, start(0))
         .await
         .unwrap();
+    stop_reporting(&db.pool, "payments", "producer")
+        .await
+        .unwrap();
+    stop_reporting(&db.pool, "payments", "aggregate")
+        .await
+        .unwrap();
     clock.set(at(end(0) + MAX_WAIT + 1));
     pass(&r).await;
     let v = verdict(&db.pool, "payments", R2A, start(0)).await.unwrap();
@@ -251,7 +309,7 @@ async fn silent_tier_is_judged_after_the_max_wait() {
 #[tokio::test]
 async fn zero_messages_at_every_tier_is_complete() {
     let db = TestDb::create().await.unwrap();
-    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let (r, _clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     // Producers and regional flushed empty counts; the aggregate has no row at all.
     add_counts(&db.pool, "quiet", start(0), "producer", "dc1", -1, 0)
         .await
@@ -275,14 +333,12 @@ async fn zero_messages_at_every_tier_is_complete() {
         assert_eq!(v.status, VerdictStatus::Complete, "{edge}");
         assert_eq!((v.expected, v.actual), (0, 0));
     }
-    assert!(
-        verdict(&db.pool, "idle", P2R, start(0)).await.is_none(),
-        "waits for max wait"
-    );
-    clock.set(at(end(0) + MAX_WAIT));
-    pass(&r).await;
     let v = verdict(&db.pool, "idle", P2R, start(0)).await.unwrap();
-    assert_eq!(v.status, VerdictStatus::Complete);
+    assert_eq!(
+        (v.status, v.final_reason.as_str()),
+        (VerdictStatus::Complete, "progress"),
+        "a final upstream that counted nothing needs no downstream progress"
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 0);
 }
 
@@ -334,7 +390,7 @@ async fn late_records_reopen_the_verdict_and_the_change_is_recorded() {
     add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 3)
         .await
         .unwrap();
-    let report = pass(&r).await;
+    let report = rejudge(&r, &clock).await;
     assert_eq!(report.queued, 1);
     let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
     assert_eq!(
@@ -348,7 +404,7 @@ async fn late_records_reopen_the_verdict_and_the_change_is_recorded() {
     add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 1)
         .await
         .unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
     assert_eq!(
         (v.status, v.actual, v.revisions),
@@ -408,7 +464,7 @@ async fn consecutive_bad_buckets_form_one_incident() {
     add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 1)
         .await
         .unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     let (bad, status): (i32, String) =
         sqlx::query_as("SELECT bad_buckets, status FROM alert_incidents")
             .fetch_one(&db.pool)
@@ -420,7 +476,7 @@ async fn consecutive_bad_buckets_form_one_incident() {
     add_counts(&db.pool, "orders", start(1), "aggregate", "dc1", 0, 2)
         .await
         .unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     let (bad, status): (i32, String) =
         sqlx::query_as("SELECT bad_buckets, status FROM alert_incidents")
             .fetch_one(&db.pool)
@@ -508,7 +564,7 @@ async fn run_evaluates_periodically_until_shutdown() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let clock = chaperone_collector::reconcile::ManualClock::new(at(end(0) + 1_000));
     let registry = prometheus::Registry::new();
-    let metrics = chaperone_collector::reconcile::ReconcileMetrics::new(&registry).unwrap();
+    let metrics = ReconcileMetrics::new(&registry).unwrap();
     let task = tokio::spawn(chaperone_collector::reconcile::run_with_clock(
         db.pool.clone(),
         cfg,
@@ -551,7 +607,7 @@ async fn retention_deletes_old_verdicts_and_resolved_incidents() {
     add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 1)
         .await
         .unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     assert_eq!(
         count(
             &db,
@@ -593,4 +649,307 @@ async fn buckets_older_than_the_lookback_are_not_judged() {
     assert_eq!((report.queued, report.pending), (0, 0));
     assert!(verdicts(&db.pool, "orders").await.is_empty());
     assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 0);
+}
+
+async fn events(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar("SELECT kind FROM alert_events ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn revisions(db: &TestDb) -> i64 {
+    count(
+        db,
+        "SELECT coalesce(sum(revisions), 0)::bigint FROM reconcile_verdicts",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn every_live_producer_instance_must_pass_the_bucket() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let due = end(0) + LATENESS;
+    // Two instances; the fast one has reported past the bucket, the slow one has not yet,
+    // and its 4 messages have not been counted yet.
+    add_counts(&db.pool, "orders", start(0), "producer", "dc1", 0, 6)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 10)
+        .await
+        .unwrap();
+    instance_progress(&db.pool, "orders", "dc1", "fast", due, due, false)
+        .await
+        .unwrap();
+    instance_progress(&db.pool, "orders", "dc1", "slow", start(0), start(0), false)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, due)
+        .await
+        .unwrap();
+    let report = pass(&r).await;
+    assert_eq!(report.pending, 1);
+    assert!(verdict(&db.pool, "orders", P2R, start(0)).await.is_none());
+
+    // The slow instance reports 30 s later: its counts, then its progress.
+    clock.advance(chrono::Duration::seconds(30));
+    add_counts(&db.pool, "orders", start(0), "producer", "dc1", 0, 4)
+        .await
+        .unwrap();
+    instance_progress(&db.pool, "orders", "dc1", "slow", due, due, false)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", P2R, start(0)).await.unwrap();
+    assert_eq!(
+        (v.status, v.expected, v.actual),
+        (VerdictStatus::Complete, 10, 10)
+    );
+    assert_eq!(revisions(&db).await, 0);
+    assert!(events(&db).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_clean_shutdown_is_not_waited_for_and_a_killed_instance_is_named() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let due = end(0) + LATENESS;
+    // "gone" shut down cleanly before the bucket ended; "live" passed it.
+    add_counts(&db.pool, "orders", start(0), "producer", "dc1", 0, 10)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 10)
+        .await
+        .unwrap();
+    instance_progress(&db.pool, "orders", "dc1", "gone", start(0), start(0), true)
+        .await
+        .unwrap();
+    instance_progress(&db.pool, "orders", "dc1", "live", due, due, false)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, due)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", P2R, start(0)).await.unwrap();
+    assert_eq!(
+        (v.status, v.final_reason.as_str()),
+        (VerdictStatus::Complete, "progress")
+    );
+    assert!(v.stale_instances.is_empty());
+
+    // Next bucket: "killed" counted 3 of its messages before kill -9; regional saw all 8.
+    add_counts(&db.pool, "payments", start(0), "producer", "dc1", 0, 3)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "payments", start(0), "regional", "dc1", 0, 8)
+        .await
+        .unwrap();
+    instance_progress(
+        &db.pool,
+        "payments",
+        "dc1",
+        "killed",
+        start(0),
+        start(0),
+        false,
+    )
+    .await
+    .unwrap();
+    instance_progress(&db.pool, "payments", "dc1", "live", due, due, false)
+        .await
+        .unwrap();
+    progress(&db.pool, "payments", "regional", "dc1", 0, due)
+        .await
+        .unwrap();
+    pass(&r).await;
+    assert!(
+        verdict(&db.pool, "payments", P2R, start(0)).await.is_none(),
+        "waits for the killed instance until it times out"
+    );
+    sqlx::query("UPDATE audit_progress SET last_seen_at = $1 WHERE instance = 'killed'")
+        .bind(at(end(0) + 1_000 - 121_000))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    clock.advance(chrono::Duration::seconds(1));
+    pass(&r).await;
+    let v = verdict(&db.pool, "payments", P2R, start(0)).await.unwrap();
+    assert_eq!(v.status, VerdictStatus::UpstreamIncomplete, "{v:#?}");
+    assert_eq!(v.stale_instances, vec!["host/killed".to_owned()]);
+    assert_eq!((v.expected, v.actual), (3, 8));
+    assert!(
+        events(&db).await.is_empty(),
+        "the auditor's gap notifies nobody"
+    );
+}
+
+#[tokio::test]
+async fn a_lagging_tier_is_lag_until_it_catches_up_or_proves_the_loss() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let due = end(0) + LATENESS;
+    // The mirror is paused: the aggregate stays at the bucket start for both topics.
+    for topic in ["orders", "payments"] {
+        flow(&db, topic, 0, 10, 10, 4).await;
+        progress(&db.pool, topic, "producer", "dc1", -1, due)
+            .await
+            .unwrap();
+        progress(&db.pool, topic, "regional", "dc1", 0, due)
+            .await
+            .unwrap();
+        progress(&db.pool, topic, "aggregate", "dc1", 0, start(0))
+            .await
+            .unwrap();
+    }
+    pass(&r).await;
+    clock.set(at(end(0) + MAX_WAIT - 1));
+    pass(&r).await;
+    assert!(
+        verdict(&db.pool, "orders", R2A, start(0)).await.is_none(),
+        "nothing before max_wait"
+    );
+
+    clock.set(at(end(0) + MAX_WAIT));
+    let report = pass(&r).await;
+    assert_eq!(report.pending, 2, "lagging buckets stay queued");
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(
+        (v.status, v.final_reason.as_str()),
+        (VerdictStatus::Lagging, "max_wait")
+    );
+    assert_eq!(v.lag_ms, Some(MAX_WAIT + WIDTH));
+    assert!(events(&db).await.is_empty(), "delay is not loss");
+
+    // orders: the mirror resumes and copies everything.
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 6)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "aggregate", "dc1", 0, due)
+        .await
+        .unwrap();
+    // payments: the aggregate moves past the bucket without the 6.
+    progress(&db.pool, "payments", "aggregate", "dc1", 0, due)
+        .await
+        .unwrap();
+    rejudge(&r, &clock).await;
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!((v.status, v.actual), (VerdictStatus::Complete, 10));
+    let v = verdict(&db.pool, "payments", R2A, start(0)).await.unwrap();
+    assert_eq!((v.status, v.missing), (VerdictStatus::Missing, 6));
+    assert_eq!(
+        events(&db).await,
+        ["bad_bucket"],
+        "one firing, for the real loss"
+    );
+    assert_eq!(pass(&r).await.pending, 0);
+}
+
+#[tokio::test]
+async fn a_lag_that_outlasts_loss_after_is_loss() {
+    let db = TestDb::create().await.unwrap();
+    let cfg = ReconcileConfig {
+        loss_after: std::time::Duration::from_millis(2 * MAX_WAIT as u64),
+        ..config()
+    };
+    let (r, clock) = reconciler(&db.pool, cfg, end(0) + MAX_WAIT);
+    flow(&db, "orders", 0, 10, 10, 4).await;
+    progress(&db.pool, "orders", "producer", "dc1", -1, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "aggregate", "dc1", 0, start(0))
+        .await
+        .unwrap();
+    pass(&r).await;
+    assert_eq!(
+        verdict(&db.pool, "orders", R2A, start(0))
+            .await
+            .unwrap()
+            .status,
+        VerdictStatus::Lagging
+    );
+    clock.set(at(end(0) + 2 * MAX_WAIT));
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(
+        (v.status, v.final_reason.as_str()),
+        (VerdictStatus::Missing, "loss_after")
+    );
+    assert_eq!(events(&db).await, ["bad_bucket"]);
+}
+
+#[tokio::test]
+async fn producers_event_time_lag_holds_consumer_tiers_back() {
+    let db = TestDb::create().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let due = end(0) + LATENESS;
+    // A producer whose event times run 90 s behind its clock: its watermark passed the bucket
+    // at a time 90 s later, so the regional tier (caught up at `due`) may not have its last
+    // messages yet.
+    add_counts(&db.pool, "orders", start(0), "producer", "dc1", 0, 10)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 7)
+        .await
+        .unwrap();
+    instance_progress(
+        &db.pool,
+        "orders",
+        "dc1",
+        "skewed",
+        due,
+        due + 90_000,
+        false,
+    )
+    .await
+    .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, due)
+        .await
+        .unwrap();
+    pass(&r).await;
+    assert!(verdict(&db.pool, "orders", P2R, start(0)).await.is_none());
+    // The regional tier reads the rest and moves on.
+    clock.advance(chrono::Duration::seconds(90));
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 3)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, due + 90_000)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", P2R, start(0)).await.unwrap();
+    assert_eq!((v.status, v.revisions), (VerdictStatus::Complete, 0));
+    assert!(events(&db).await.is_empty());
+}
+
+#[tokio::test]
+async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
+    let db = TestDb::create().await.unwrap();
+    let (_, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    flow(&db, "orders", 0, 10, 10, 10).await;
+    all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_progress SET bucket_width_ms = 10000 WHERE tier = 'aggregate'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let registry = prometheus::Registry::new();
+    let metrics = ReconcileMetrics::new(&registry).unwrap();
+    let r2 = Reconciler::new(db.pool.clone(), config(), clock.clock(), metrics.clone());
+    let report = pass(&r2).await;
+    assert_eq!(report.pending, 0);
+    assert!(verdict(&db.pool, "orders", R2A, start(0)).await.is_none());
+    assert_eq!(
+        verdict(&db.pool, "orders", P2R, start(0))
+            .await
+            .unwrap()
+            .status,
+        VerdictStatus::Complete
+    );
+    assert_eq!(metrics.width_mismatches.get(), 1);
 }

@@ -215,6 +215,14 @@ pub(crate) fn slack_body(
             data.expected,
             data.actual
         ),
+        (_, VerdictStatus::Lagging) => format!(
+            ":hourglass: tier `{}` is behind: {whereabouts}, bucket {bucket} ({} expected, {} seen so far)",
+            data.to_tier, data.expected, data.actual
+        ),
+        (_, VerdictStatus::UpstreamIncomplete) => format!(
+            ":grey_question: counts of tier `{}` are incomplete: {whereabouts}, bucket {bucket} ({} counted, {} seen)",
+            data.from_tier, data.expected, data.actual
+        ),
         (_, VerdictStatus::Complete) => {
             format!("{whereabouts}: bucket {bucket} is complete")
         }

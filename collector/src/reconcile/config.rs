@@ -26,6 +26,21 @@ pub struct ReconcileConfig {
     /// reported progress past it (this is how a silent tier is noticed).
     #[serde(with = "duration")]
     pub max_wait: Duration,
+    /// A judged bucket whose counts change again (late records) is judged again only once its
+    /// counts have not changed for this long, so that every tier involved has had the
+    /// chance to deliver its late counts too: a re-judgement compares settled numbers.
+    #[serde(with = "duration")]
+    pub settle: Duration,
+    /// A producer instance (an observer without consumer positions) that sent no progress
+    /// for this long, and did not say it shut down, stops holding buckets back. Verdicts of
+    /// the buckets it had not passed name it (`stale_instances`): its counts of them may be
+    /// incomplete. Keep it well above the producers' flush interval.
+    #[serde(with = "duration")]
+    pub instance_timeout: Duration,
+    /// A downstream tier that has not shown it read past a bucket by `max_wait` is
+    /// `lagging`; what it still lacks this long after the bucket end is called `missing`.
+    #[serde(with = "duration")]
+    pub loss_after: Duration,
     /// Buckets that ended longer ago than this are not judged (nor re-judged when very late
     /// records arrive): a collector started on weeks of stored counts does not alert about
     /// losses long past.
@@ -57,6 +72,9 @@ impl Default for ReconcileConfig {
             interval: Duration::from_secs(10),
             allowed_lateness: Duration::from_secs(120),
             max_wait: Duration::from_secs(900),
+            settle: Duration::from_secs(30),
+            instance_timeout: Duration::from_secs(120),
+            loss_after: Duration::from_secs(3_600),
             lookback: Duration::from_secs(2 * 86_400),
             batch_buckets: 500,
             tiers: vec!["producer".into(), "regional".into(), "aggregate".into()],
@@ -135,10 +153,28 @@ impl ReconcileConfig {
                 "must be at least reconcile.allowed_lateness",
             ));
         }
-        if self.lookback < self.max_wait {
+        if self.loss_after < self.max_wait {
+            return Err(ConfigError::new(
+                "reconcile.loss_after",
+                "must be at least reconcile.max_wait",
+            ));
+        }
+        if self.lookback < self.loss_after {
             return Err(ConfigError::new(
                 "reconcile.lookback",
-                "must be at least reconcile.max_wait",
+                "must be at least reconcile.loss_after",
+            ));
+        }
+        if self.settle > self.max_wait {
+            return Err(ConfigError::new(
+                "reconcile.settle",
+                "must be at most reconcile.max_wait",
+            ));
+        }
+        if self.instance_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "reconcile.instance_timeout",
+                "must be above zero",
             ));
         }
         if self.batch_buckets == 0 {

@@ -2,14 +2,17 @@
 //! and write verdicts, their history, incidents and outbox events, one transaction per batch
 //! of buckets.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::config::{EdgeConfig, ReconcileConfig};
 use super::metrics::ReconcileMetrics;
-use super::verdict::{Finality, Side, VerdictStatus, finality, judge};
+use super::verdict::{
+    EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate, event_lag_ms, judge,
+};
 use crate::alerts::payload::EventData;
 
 /// Advisory lock key (hashed by PostgreSQL) held by every reconciler transaction.
@@ -64,7 +67,33 @@ struct CountRow {
 struct ProgressRow {
     tier: String,
     datacenter: String,
-    watermark_ms: i64,
+    width: i64,
+    mark: Mark,
+}
+
+/// What the reconciler has already logged, so that a lasting condition is logged when it
+/// starts and ends, not on every pass.
+#[derive(Debug, Default)]
+pub(crate) struct Notices {
+    stale: BTreeSet<String>,
+    widths: BTreeSet<String>,
+}
+
+impl Notices {
+    /// Logs the stale instances that appeared or recovered since the last call.
+    fn stale(&mut self, now: BTreeSet<String>) {
+        for gone in now.difference(&self.stale) {
+            tracing::warn!(
+                instance = %gone,
+                "producer instance stopped reporting without a clean shutdown: buckets no \
+                 longer wait for it, and its counts of buckets it had not passed may be incomplete"
+            );
+        }
+        for back in self.stale.difference(&now) {
+            tracing::info!(instance = %back, "producer instance reports again or expired");
+        }
+        self.stale = now;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -83,6 +112,7 @@ struct Existing {
     expected: i64,
     actual: i64,
     silent_tier: Option<String>,
+    stale_instances: Vec<String>,
     incident_id: Option<i64>,
 }
 
@@ -95,16 +125,21 @@ struct Computed {
     expected: i64,
     actual: i64,
     silent_tier: Option<String>,
+    lag_ms: Option<i64>,
+    stale_instances: Vec<String>,
     finality: Finality,
     alert: bool,
 }
 
 impl Computed {
+    /// Whether nothing a person would read changed (a lagging bucket's lag grows on every
+    /// pass; it is refreshed only with a change that is written anyway).
     fn same_as(&self, old: &Existing) -> bool {
         self.status == old.status
             && self.expected == old.expected
             && self.actual == old.actual
             && self.silent_tier == old.silent_tier
+            && self.stale_instances == old.stale_instances
     }
 }
 
@@ -126,6 +161,7 @@ pub(crate) async fn pass(
     config: &ReconcileConfig,
     now: DateTime<Utc>,
     metrics: &ReconcileMetrics,
+    notices: &Mutex<Notices>,
 ) -> Result<PassReport, ReconcileError> {
     let mut report = PassReport {
         queued: enqueue(pool, config, now).await?,
@@ -135,12 +171,13 @@ pub(crate) async fn pass(
     loop {
         let mut tx = pool.begin().await?;
         lock(&mut tx).await?;
-        let keys = next_pending(&mut tx, after.as_ref(), config.batch_buckets).await?;
-        let Some(last) = keys.last().cloned() else {
+        let pending = next_pending(&mut tx, after.as_ref(), config.batch_buckets).await?;
+        let Some((last, _)) = pending.last().cloned() else {
             tx.commit().await?;
             break;
         };
         after = Some(last);
+        let keys: Vec<BucketKey> = pending.iter().map(|(k, _)| k.clone()).collect();
         report.evaluated += keys.len() as u64;
         let counts = load_counts(&mut tx, &keys, &config.tiers).await?;
         let topics: Vec<String> = keys
@@ -149,14 +186,16 @@ pub(crate) async fn pass(
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let progress = load_progress(&mut tx, &topics, &config.tiers).await?;
+        let progress = load_progress(&mut tx, &topics, &config.tiers, config, now).await?;
         let existing = load_verdicts(&mut tx, &keys).await?;
+        let settle = chrono::Duration::milliseconds(millis(config.settle));
 
         let mut done = Vec::new();
         let mut computed = Vec::new();
+        let mut mismatches = BTreeSet::new();
         let no_progress = Vec::new();
         let oldest_end = now.timestamp_millis() - millis(config.lookback);
-        for key in &keys {
+        for (key, changed_at) in &pending {
             if key.start.saturating_add(key.width) < oldest_end {
                 // Queued but not judged within the lookback (the collector was down): too old
                 // to alert about now.
@@ -169,7 +208,15 @@ pub(crate) async fn pass(
                 continue;
             };
             let topic_progress = progress.get(&key.topic).unwrap_or(&no_progress);
-            let (verdicts, all_final) = judge_bucket(config, now, key, rows, topic_progress);
+            let (mut verdicts, mut all_final) =
+                judge_bucket(config, now, key, rows, topic_progress, &mut mismatches);
+            if now - *changed_at < settle {
+                // Verdicts judged before whose counts changed again wait until every tier
+                // has had the chance to deliver its late counts.
+                let before = verdicts.len();
+                verdicts.retain(|c| existing.get(&c.key).is_none_or(|old| c.same_as(old)));
+                all_final &= verdicts.len() == before;
+            }
             report.judged += verdicts.len() as u64;
             computed.extend(verdicts);
             if all_final {
@@ -179,13 +226,33 @@ pub(crate) async fn pass(
         report.changed += write_verdicts(&mut tx, computed, &existing, now, metrics).await?;
         delete_pending(&mut tx, &done).await?;
         tx.commit().await?;
+        let mut notices = notices
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for m in mismatches {
+            if notices.widths.insert(m.clone()) {
+                tracing::error!(
+                    mismatch = %m,
+                    "tiers of one edge count a topic in different bucket widths: the edge is \
+                     not compared for this topic until they agree (set the same bucket_width)"
+                );
+            }
+        }
+        metrics.width_mismatches.set(notices.widths.len() as i64);
     }
+    refresh_stale_instances(pool, config, now, metrics, notices).await?;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM reconcile_pending")
         .fetch_one(pool)
         .await?;
     report.pending = u64::try_from(pending).unwrap_or(0);
     metrics.pending_buckets.set(pending);
     refresh_missing_gauge(pool, config, now, metrics).await?;
+    let lagging: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reconcile_verdicts WHERE status = 'lagging' AND partition = -1",
+    )
+    .fetch_one(pool)
+    .await?;
+    metrics.lagging_buckets.set(lagging);
     Ok(report)
 }
 
@@ -218,7 +285,8 @@ async fn enqueue(
            FROM audit_count_changes
           WHERE change_seq > $1 AND change_seq <= $2 AND tier = ANY($3)
             AND bucket_start_ms + bucket_width_ms >= $5
-         ON CONFLICT DO NOTHING",
+         ON CONFLICT (topic, bucket_start_ms, bucket_width_ms)
+         DO UPDATE SET queued_at = EXCLUDED.queued_at",
     )
     .bind(cursor)
     .bind(high)
@@ -236,13 +304,14 @@ async fn enqueue(
     Ok(queued)
 }
 
+/// The next queued buckets after `after`, with when their counts last changed.
 async fn next_pending(
     tx: &mut Transaction<'_, Postgres>,
     after: Option<&BucketKey>,
     limit: usize,
-) -> Result<Vec<BucketKey>, sqlx::Error> {
+) -> Result<Vec<(BucketKey, DateTime<Utc>)>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT topic, bucket_start_ms, bucket_width_ms FROM reconcile_pending
+        "SELECT topic, bucket_start_ms, bucket_width_ms, queued_at FROM reconcile_pending
           WHERE $1::bigint IS NULL
              OR (bucket_start_ms, topic, bucket_width_ms) > ($1, $2::text, $3::bigint)
           ORDER BY bucket_start_ms, topic, bucket_width_ms
@@ -256,11 +325,14 @@ async fn next_pending(
     .await?;
     rows.iter()
         .map(|r| {
-            Ok(BucketKey {
-                topic: r.try_get(0)?,
-                start: r.try_get(1)?,
-                width: r.try_get(2)?,
-            })
+            Ok((
+                BucketKey {
+                    topic: r.try_get(0)?,
+                    start: r.try_get(1)?,
+                    width: r.try_get(2)?,
+                },
+                r.try_get(3)?,
+            ))
         })
         .collect()
 }
@@ -316,13 +388,20 @@ async fn load_progress(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
     tiers: &[String],
+    config: &ReconcileConfig,
+    now: DateTime<Utc>,
 ) -> Result<HashMap<String, Vec<ProgressRow>>, sqlx::Error> {
+    let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
     let rows = sqlx::query(
-        "SELECT topic, tier, datacenter, watermark_ms FROM audit_progress
+        "SELECT topic, tier, datacenter, partition, host || '/' || instance, watermark_ms,
+                last_emitted_ms, position IS NOT NULL, closing, last_seen_at < $3,
+                bucket_width_ms
+           FROM audit_progress
           WHERE topic = ANY($1) AND tier = ANY($2)",
     )
     .bind(topics)
     .bind(tiers)
+    .bind(stale_before)
     .fetch_all(&mut **tx)
     .await?;
     let mut out: HashMap<String, Vec<ProgressRow>> = HashMap::new();
@@ -330,7 +409,16 @@ async fn load_progress(
         out.entry(r.try_get(0)?).or_default().push(ProgressRow {
             tier: r.try_get(1)?,
             datacenter: r.try_get(2)?,
-            watermark_ms: r.try_get(3)?,
+            width: r.try_get(10)?,
+            mark: Mark {
+                partition: r.try_get(3)?,
+                observer: r.try_get(4)?,
+                watermark_ms: r.try_get(5)?,
+                last_emitted_ms: r.try_get(6)?,
+                consumer: r.try_get(7)?,
+                closing: r.try_get(8)?,
+                stale: r.try_get(9)?,
+            },
         });
     }
     Ok(out)
@@ -343,7 +431,7 @@ async fn load_verdicts(
     let (topics, starts, widths) = key_arrays(keys);
     let rows = sqlx::query(
         "SELECT v.edge, v.topic, v.datacenter, v.partition, v.bucket_start_ms, v.bucket_width_ms,
-                v.status, v.expected, v.actual, v.silent_tier, v.incident_id
+                v.status, v.expected, v.actual, v.silent_tier, v.incident_id, v.stale_instances
            FROM reconcile_verdicts v
            JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
              ON v.topic = k.topic AND v.bucket_start_ms = k.start_ms
@@ -374,6 +462,7 @@ async fn load_verdicts(
                 expected: r.try_get(7)?,
                 actual: r.try_get(8)?,
                 silent_tier: r.try_get(9)?,
+                stale_instances: r.try_get(11)?,
                 incident_id: r.try_get(10)?,
             },
         );
@@ -403,18 +492,24 @@ async fn delete_pending(
     Ok(())
 }
 
-/// Judges one bucket on every edge and scope that is final. Returns the verdicts and whether
-/// every edge and scope was final.
+/// Judges one bucket on every edge and scope that is final (see [`evaluate`]). Returns the
+/// verdicts and whether every edge and scope is settled (the bucket can leave the queue).
+/// Edges whose tiers count the topic in different bucket widths are not compared; they are
+/// added to `mismatches`.
 fn judge_bucket(
     config: &ReconcileConfig,
     now: DateTime<Utc>,
     key: &BucketKey,
     rows: &[CountRow],
     progress: &[ProgressRow],
+    mismatches: &mut BTreeSet<String>,
 ) -> (Vec<Computed>, bool) {
     let end = key.start.saturating_add(key.width);
-    let lateness = millis(config.allowed_lateness);
-    let max_wait = millis(config.max_wait);
+    let rules = Rules {
+        lateness_ms: millis(config.allowed_lateness),
+        max_wait_ms: millis(config.max_wait),
+        loss_after_ms: millis(config.loss_after),
+    };
     let now_ms = now.timestamp_millis();
     let mut all_final = true;
     let mut out = Vec::new();
@@ -433,37 +528,80 @@ fn judge_bucket(
         };
         for scope in scopes {
             let in_scope = |dc: &str| scope.is_empty() || dc == scope;
-            let watermarks = |tier: &str| -> Vec<i64> {
-                progress
+            let scoped: Vec<&ProgressRow> = progress
+                .iter()
+                .filter(|p| in_scope(&p.datacenter))
+                .collect();
+            let marks = |tier: &str| -> Vec<Mark> {
+                scoped
                     .iter()
-                    .filter(|p| p.tier == tier && in_scope(&p.datacenter))
-                    .map(|p| p.watermark_ms)
+                    .filter(|p| p.tier == tier)
+                    .map(|p| p.mark.clone())
                     .collect()
             };
-            let up_wm = watermarks(&edge.from);
-            let down_wm = watermarks(&edge.to);
-            let sum = |tier: &str, partition: Option<i32>| -> i64 {
-                on_edge
+            let widths = |tier: &str| -> BTreeSet<i64> {
+                scoped
                     .iter()
-                    .filter(|r| {
-                        r.tier == tier
-                            && in_scope(&r.datacenter)
-                            && partition.is_none_or(|p| r.partition == p)
-                    })
-                    .map(|r| r.count)
-                    .sum()
+                    .filter(|p| p.tier == tier && !p.mark.stale)
+                    .map(|p| p.width)
+                    .collect()
             };
-            if up_wm.is_empty() && sum(&edge.from, None) == 0 {
+            let (up_widths, down_widths) = (widths(&edge.from), widths(&edge.to));
+            if !up_widths.is_empty()
+                && !down_widths.is_empty()
+                && up_widths.is_disjoint(&down_widths)
+            {
+                mismatches.insert(format!(
+                    "topic `{}` on `{}`: {} counts in {:?} ms buckets, {} in {:?} ms",
+                    key.topic,
+                    edge.name(),
+                    edge.from,
+                    up_widths,
+                    edge.to,
+                    down_widths
+                ));
+                continue;
+            }
+            let up = marks(&edge.from);
+            let down = marks(&edge.to);
+            let by_partition = |tier: &str| -> BTreeMap<i32, i64> {
+                let mut m = BTreeMap::new();
+                for r in on_edge
+                    .iter()
+                    .filter(|r| r.tier == tier && in_scope(&r.datacenter))
+                {
+                    *m.entry(r.partition).or_insert(0) += r.count;
+                }
+                m
+            };
+            let expected = by_partition(&edge.from);
+            let actual = by_partition(&edge.to);
+            if up.is_empty() && expected.values().all(|&n| n == 0) {
                 // The upstream tier never reported this topic here (for example producers
                 // without the audit library): nothing to compare against.
                 continue;
             }
-            let Some(fin) = finality(end, lateness, max_wait, now_ms, &up_wm, &down_wm) else {
+            // Producers' event-time lag is a property of the topic's sources: every tier
+            // waits for it, whichever edge it is on.
+            let sources: Vec<Mark> = scoped.iter().map(|p| p.mark.clone()).collect();
+            let bucket = EdgeBucket {
+                end_ms: end,
+                now_ms,
+                upstream: &up,
+                downstream: &down,
+                expected: &expected,
+                actual: &actual,
+                event_lag_ms: event_lag_ms(&sources, rules.max_wait_ms),
+            };
+            let Some(outcome) = evaluate(&rules, &bucket) else {
                 all_final = false;
                 continue;
             };
-            let mut push = |partition: i32, expected: i64, actual: i64| {
-                let j = judge(end, expected, actual, &up_wm, &down_wm);
+            if !outcome.settled {
+                all_final = false;
+            }
+            let mut push = |partition: i32, e: i64, a: i64| {
+                let j = judge(&outcome, now_ms, e, a);
                 out.push(Computed {
                     key: VerdictKey {
                         edge: edge.name(),
@@ -476,32 +614,32 @@ fn judge_bucket(
                     from_tier: edge.from.clone(),
                     to_tier: edge.to.clone(),
                     status: j.status,
-                    expected,
-                    actual,
+                    expected: e,
+                    actual: a,
                     silent_tier: j.silent.map(|s| silent_tier(edge, s)),
-                    finality: fin,
+                    lag_ms: j.lag_ms,
+                    stale_instances: outcome.upstream.stale.clone(),
+                    finality: outcome.finality,
                     alert: edge.alert,
                 });
             };
-            push(-1, sum(&edge.from, None), sum(&edge.to, None));
+            push(-1, expected.values().sum(), actual.values().sum());
             if edge.partition_level {
-                let in_scope_rows = on_edge.iter().filter(|r| in_scope(&r.datacenter));
-                let unknown = in_scope_rows
-                    .clone()
-                    .any(|r| r.partition < 0 && r.count > 0);
-                if unknown {
+                if expected.contains_key(&-1) || actual.contains_key(&-1) {
                     tracing::debug!(
                         topic = %key.topic, edge = %edge.name(),
                         "partition-level verdict skipped: a tier counted without partitions"
                     );
                     continue;
                 }
-                let partitions: BTreeSet<i32> = in_scope_rows
-                    .map(|r| r.partition)
-                    .filter(|&p| p >= 0)
-                    .collect();
+                let partitions: BTreeSet<i32> =
+                    expected.keys().chain(actual.keys()).copied().collect();
                 for p in partitions {
-                    push(p, sum(&edge.from, Some(p)), sum(&edge.to, Some(p)));
+                    push(
+                        p,
+                        expected.get(&p).copied().unwrap_or(0),
+                        actual.get(&p).copied().unwrap_or(0),
+                    );
                 }
             }
         }
@@ -553,15 +691,17 @@ async fn write_verdicts(
         sqlx::query(
             "INSERT INTO reconcile_verdicts (edge, topic, datacenter, partition, bucket_start_ms,
                  bucket_width_ms, from_tier, to_tier, status, expected, actual, difference, missing,
-                 silent_tier, final_reason, incident_id, revisions, first_judged_at, changed_at)
+                 silent_tier, final_reason, incident_id, revisions, first_judged_at, changed_at,
+                 lag_ms, stale_instances)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 0,
-                 $17, $17)
+                 $17, $17, $18, $19)
              ON CONFLICT (edge, topic, datacenter, partition, bucket_start_ms, bucket_width_ms)
              DO UPDATE SET status = EXCLUDED.status, expected = EXCLUDED.expected,
                  actual = EXCLUDED.actual, difference = EXCLUDED.difference,
                  missing = EXCLUDED.missing, silent_tier = EXCLUDED.silent_tier,
                  final_reason = EXCLUDED.final_reason, incident_id = EXCLUDED.incident_id,
-                 revisions = reconcile_verdicts.revisions + 1, changed_at = EXCLUDED.changed_at",
+                 revisions = reconcile_verdicts.revisions + 1, changed_at = EXCLUDED.changed_at,
+                 lag_ms = EXCLUDED.lag_ms, stale_instances = EXCLUDED.stale_instances",
         )
         .bind(&c.key.edge)
         .bind(&c.key.topic)
@@ -580,13 +720,15 @@ async fn write_verdicts(
         .bind(c.finality.as_str())
         .bind(incident_id)
         .bind(now)
+        .bind(c.lag_ms)
+        .bind(&c.stale_instances)
         .execute(&mut **tx)
         .await?;
         sqlx::query(
             "INSERT INTO reconcile_verdict_history (edge, topic, datacenter, partition,
                  bucket_start_ms, bucket_width_ms, old_status, status, expected, actual, difference,
-                 silent_tier, final_reason, changed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                 silent_tier, final_reason, changed_at, lag_ms, stale_instances)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&c.key.edge)
         .bind(&c.key.topic)
@@ -602,12 +744,21 @@ async fn write_verdicts(
         .bind(&c.silent_tier)
         .bind(c.finality.as_str())
         .bind(now)
+        .bind(c.lag_ms)
+        .bind(&c.stale_instances)
         .execute(&mut **tx)
         .await?;
         metrics
             .verdicts
             .with_label_values(&[c.status.as_str()])
             .inc();
+        if c.key.partition == -1 && !c.stale_instances.is_empty() {
+            tracing::info!(
+                topic = %c.key.topic, edge = %c.key.edge, bucket_start_ms = c.key.start,
+                stale_instances = ?c.stale_instances, status = %c.status,
+                "bucket judged without instances that stopped reporting"
+            );
+        }
         if c.status.is_bad() && c.key.partition == -1 {
             tracing::info!(
                 topic = %c.key.topic, edge = %c.key.edge, datacenter = %c.key.datacenter,
@@ -794,6 +945,35 @@ async fn insert_event(
     .bind(now)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Sets the stale-instances gauge and logs instances that became stale or recovered.
+async fn refresh_stale_instances(
+    pool: &PgPool,
+    config: &ReconcileConfig,
+    now: DateTime<Utc>,
+    metrics: &ReconcileMetrics,
+    notices: &Mutex<Notices>,
+) -> Result<(), sqlx::Error> {
+    let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
+    let since = now - chrono::Duration::milliseconds(millis(config.lookback));
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT tier || ':' || host || '/' || instance FROM audit_progress
+          WHERE position IS NULL AND tier = ANY($3)
+          GROUP BY tier, host, instance
+         HAVING NOT bool_and(closing) AND max(last_seen_at) < $1 AND max(last_seen_at) >= $2",
+    )
+    .bind(stale_before)
+    .bind(since)
+    .bind(&config.tiers)
+    .fetch_all(pool)
+    .await?;
+    metrics.stale_instances.set(rows.len() as i64);
+    notices
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .stale(rows.into_iter().map(|(s,)| s).collect());
     Ok(())
 }
 

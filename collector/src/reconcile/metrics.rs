@@ -15,6 +15,13 @@ pub struct ReconcileMetrics {
     pub passes: IntCounterVec,
     /// Duration of one evaluation pass.
     pub pass_seconds: Histogram,
+    /// Producer instances that stopped reporting without a clean shutdown (within the
+    /// lookback): they no longer hold buckets back, and their counts may be incomplete.
+    pub stale_instances: IntGauge,
+    /// Topic-level verdicts currently `lagging`.
+    pub lagging_buckets: IntGauge,
+    /// (topic, edge) pairs whose tiers report different bucket widths: not compared.
+    pub width_mismatches: IntGauge,
 }
 
 impl ReconcileMetrics {
@@ -54,6 +61,24 @@ impl ReconcileMetrics {
                 .subsystem("reconcile")
                 .buckets(vec![0.005, 0.02, 0.1, 0.5, 2.0, 10.0, 60.0]),
         )?;
+        let stale_instances = IntGauge::with_opts(opts(
+            "stale_instances",
+            "Producer instances silent for longer than reconcile.instance_timeout without a \
+             clean shutdown: no longer waited for, their counts may be incomplete",
+        ))?;
+        let lagging_buckets = IntGauge::with_opts(opts(
+            "lagging_buckets",
+            "Topic-level verdicts that are lagging: the downstream tier has not shown it read \
+             past the bucket by max_wait",
+        ))?;
+        let width_mismatches = IntGauge::with_opts(opts(
+            "width_mismatches",
+            "Topic and edge pairs not compared because their tiers count in different bucket \
+             widths",
+        ))?;
+        registry.register(Box::new(stale_instances.clone()))?;
+        registry.register(Box::new(lagging_buckets.clone()))?;
+        registry.register(Box::new(width_mismatches.clone()))?;
         registry.register(Box::new(verdicts.clone()))?;
         registry.register(Box::new(missing_messages.clone()))?;
         registry.register(Box::new(pending_buckets.clone()))?;
@@ -65,6 +90,9 @@ impl ReconcileMetrics {
             pending_buckets,
             passes,
             pass_seconds,
+            stale_instances,
+            lagging_buckets,
+            width_mismatches,
         })
     }
 }

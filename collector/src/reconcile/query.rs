@@ -26,6 +26,8 @@ struct VerdictDbRow {
     difference: i64,
     missing: i64,
     silent_tier: Option<String>,
+    lag_ms: Option<i64>,
+    stale_instances: Vec<String>,
     final_reason: String,
     incident_id: Option<i64>,
     revisions: i32,
@@ -64,7 +66,13 @@ pub struct Verdict {
     pub missing: i64,
     /// For `tier_silent`, the silent tier.
     pub silent_tier: Option<String>,
-    /// `progress` or `max_wait`: why the bucket was final.
+    /// For `lagging`: how far the least advanced downstream observer was behind when judged,
+    /// ms.
+    pub lag_ms: Option<i64>,
+    /// Upstream instances (`host/instance`) that stopped reporting without a clean shutdown
+    /// before passing the bucket: their counts of it may be incomplete.
+    pub stale_instances: Vec<String>,
+    /// `progress`, `max_wait` or `loss_after`: why the bucket was final.
     pub final_reason: String,
     /// Incident the bucket belongs or belonged to.
     pub incident_id: Option<i64>,
@@ -99,6 +107,8 @@ impl TryFrom<VerdictDbRow> for Verdict {
             difference: r.difference,
             missing: r.missing,
             silent_tier: r.silent_tier,
+            lag_ms: r.lag_ms,
+            stale_instances: r.stale_instances,
             final_reason: r.final_reason,
             incident_id: r.incident_id,
             revisions: r.revisions,
@@ -110,7 +120,8 @@ impl TryFrom<VerdictDbRow> for Verdict {
 
 const VERDICT_COLUMNS: &str = "edge, topic, datacenter, partition, bucket_start_ms, \
      bucket_width_ms, from_tier, to_tier, status, expected, actual, difference, missing, \
-     silent_tier, final_reason, incident_id, revisions, first_judged_at, changed_at";
+     silent_tier, lag_ms, stale_instances, final_reason, incident_id, revisions, \
+     first_judged_at, changed_at";
 
 /// Verdicts of buckets starting in `[from_ms, to_ms)` (either bound optional), optionally of
 /// one status, newest bucket first, at most [`MAX_ROWS`].
@@ -178,7 +189,11 @@ pub struct VerdictChange {
     pub difference: i64,
     /// For `tier_silent`, the silent tier.
     pub silent_tier: Option<String>,
-    /// `progress` or `max_wait`.
+    /// For `lagging`, how far behind, ms.
+    pub lag_ms: Option<i64>,
+    /// Upstream instances whose counts of the bucket may be incomplete.
+    pub stale_instances: Vec<String>,
+    /// `progress`, `max_wait` or `loss_after`.
     pub final_reason: String,
     /// When (reconciler clock).
     pub changed_at: DateTime<Utc>,
@@ -194,7 +209,8 @@ pub async fn verdict_history(
 ) -> Result<Vec<VerdictChange>, sqlx::Error> {
     sqlx::query_as(
         "SELECT edge, topic, datacenter, partition, bucket_start_ms, bucket_width_ms, old_status,
-                status, expected, actual, difference, silent_tier, final_reason, changed_at
+                status, expected, actual, difference, silent_tier, lag_ms, stale_instances,
+                final_reason, changed_at
            FROM reconcile_verdict_history
           WHERE topic = $1
             AND ($2::bigint IS NULL OR bucket_start_ms >= $2)

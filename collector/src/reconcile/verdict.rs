@@ -1,6 +1,7 @@
 //! The judgement itself: a pure function of counts, progress marks and the time, so that the
 //! rules can be read (and tested) without a database.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -18,15 +19,24 @@ pub enum VerdictStatus {
     Duplicated,
     /// A tier that should report progress did not get past the bucket.
     TierSilent,
+    /// The downstream tier has not shown that it read past the bucket by the maximum wait:
+    /// what it lacks may still arrive (delay, not loss).
+    Lagging,
+    /// The downstream tier saw more than the upstream tier counted, while an upstream
+    /// instance that stopped without a clean shutdown may have lost counts of the bucket:
+    /// the auditor's own gap, not the pipeline's.
+    UpstreamIncomplete,
 }
 
 impl VerdictStatus {
     /// Every status, in a stable order.
-    pub const ALL: [VerdictStatus; 4] = [
+    pub const ALL: [VerdictStatus; 6] = [
         VerdictStatus::Complete,
         VerdictStatus::Missing,
         VerdictStatus::Duplicated,
         VerdictStatus::TierSilent,
+        VerdictStatus::Lagging,
+        VerdictStatus::UpstreamIncomplete,
     ];
 
     /// The status as stored and served.
@@ -36,12 +46,19 @@ impl VerdictStatus {
             VerdictStatus::Missing => "missing",
             VerdictStatus::Duplicated => "duplicated",
             VerdictStatus::TierSilent => "tier_silent",
+            VerdictStatus::Lagging => "lagging",
+            VerdictStatus::UpstreamIncomplete => "upstream_incomplete",
         }
     }
 
-    /// Whether the status is something to tell people about.
+    /// Whether the status is a fault of the audited pipeline, which opens incidents and
+    /// notifies. `lagging` (delay) and `upstream_incomplete` (the auditor's own gap) are
+    /// stored, served and exported as metrics, but do not notify.
     pub fn is_bad(self) -> bool {
-        self != VerdictStatus::Complete
+        matches!(
+            self,
+            VerdictStatus::Missing | VerdictStatus::Duplicated | VerdictStatus::TierSilent
+        )
     }
 }
 
@@ -53,7 +70,10 @@ impl fmt::Display for VerdictStatus {
 
 /// A string that is not a verdict status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown verdict status `{0}` (expected complete, missing, duplicated or tier_silent)")]
+#[error(
+    "unknown verdict status `{0}` (expected complete, missing, duplicated, tier_silent, \
+     lagging or upstream_incomplete)"
+)]
 pub struct UnknownStatus(pub String);
 
 impl FromStr for VerdictStatus {
@@ -71,10 +91,12 @@ impl FromStr for VerdictStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Finality {
-    /// Every partition of the tiers progressed past the bucket end plus the allowed lateness.
+    /// Both tiers proved they passed the bucket (see [`evaluate`]).
     Progress,
     /// The maximum wait after the bucket end passed.
     MaxWait,
+    /// A lag lasted `loss_after`: what never arrived is called lost.
+    LossAfter,
 }
 
 impl Finality {
@@ -83,6 +105,7 @@ impl Finality {
         match self {
             Finality::Progress => "progress",
             Finality::MaxWait => "max_wait",
+            Finality::LossAfter => "loss_after",
         }
     }
 }
@@ -96,71 +119,288 @@ pub enum Side {
     Downstream,
 }
 
-/// Whether a bucket ending at `bucket_end_ms` can be judged at `now_ms`.
-///
-/// Final by progress when the downstream tier has reported at least one partition and every
-/// partition of both tiers (upstream ones, when it reports any) has a watermark at or past
-/// `bucket_end_ms + lateness_ms`; final anyway once `now_ms >= bucket_end_ms + max_wait_ms`.
-pub fn finality(
-    bucket_end_ms: i64,
-    lateness_ms: i64,
-    max_wait_ms: i64,
-    now_ms: i64,
-    upstream_watermarks: &[i64],
-    downstream_watermarks: &[i64],
-) -> Option<Finality> {
-    let due = bucket_end_ms.saturating_add(lateness_ms);
-    if !downstream_watermarks.is_empty()
-        && downstream_watermarks.iter().all(|&w| w >= due)
-        && upstream_watermarks.iter().all(|&w| w >= due)
-    {
-        Some(Finality::Progress)
-    } else if now_ms >= bucket_end_ms.saturating_add(max_wait_ms) {
-        Some(Finality::MaxWait)
+/// One progress row: how far one observer (host + instance) got in one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// Partition, -1 when the observer does not know it.
+    pub partition: i32,
+    /// `host/instance` of the observer.
+    pub observer: String,
+    /// Event-time watermark, epoch ms.
+    pub watermark_ms: i64,
+    /// When the observer made its latest progress record (its clock), epoch ms.
+    pub last_emitted_ms: i64,
+    /// The observer consumes the partition with committed offsets (it reports a position):
+    /// one owner at a time, handed over through the offsets, so the furthest mark of any
+    /// owner stands for the partition. Producer instances have no such hand-over.
+    pub consumer: bool,
+    /// The observer shut down cleanly after sending every count.
+    pub closing: bool,
+    /// No progress from the observer within `instance_timeout`.
+    pub stale: bool,
+}
+
+/// The timing rules, in ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// How far past a bucket end a watermark must be.
+    pub lateness_ms: i64,
+    /// Longest wait after a bucket end before judging anyway.
+    pub max_wait_ms: i64,
+    /// A lag this long after a bucket end is called loss.
+    pub loss_after_ms: i64,
+}
+
+/// What is known of one edge, scope and bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeBucket<'a> {
+    /// Bucket end (exclusive), epoch ms.
+    pub end_ms: i64,
+    /// The reconciler's clock, epoch ms.
+    pub now_ms: i64,
+    /// Progress rows of the upstream tier in scope.
+    pub upstream: &'a [Mark],
+    /// Progress rows of the downstream tier in scope.
+    pub downstream: &'a [Mark],
+    /// Upstream counts by partition (-1: partition unknown).
+    pub expected: &'a BTreeMap<i32, i64>,
+    /// Downstream counts by partition (-1: partition unknown).
+    pub actual: &'a BTreeMap<i32, i64>,
+    /// How far the topic's producers' event times trail their clocks ([`event_lag_ms`]).
+    pub event_lag_ms: i64,
+}
+
+/// How far a tier got, for one bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TierState {
+    /// Every observer the tier waits for proved it passed the bucket.
+    pub passed: bool,
+    /// The tier has observers that still report (or shut down cleanly).
+    pub live: bool,
+    /// Observers that stopped reporting without a clean shutdown before passing the bucket
+    /// (only instance observers: a consumer partition is never given up on).
+    pub stale: Vec<String>,
+    /// Lowest watermark among the live observers that have not passed.
+    pub behind_ms: Option<i64>,
+}
+
+/// The judgement of one edge, scope and bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Why now.
+    pub finality: Finality,
+    /// Whether the judgement stands (the bucket leaves the queue). A `lagging` bucket stays
+    /// queued and is judged again on every pass.
+    pub settled: bool,
+    /// Upstream progress.
+    pub upstream: TierState,
+    /// Downstream progress.
+    pub downstream: TierState,
+}
+
+/// The largest `last_emitted - watermark` over the live instance observers (producers):
+/// how far behind their own clock the event times of a topic's producers run (clock skew,
+/// backfills), plus at most one flush interval and bucket. A consumer tier whose watermark is
+/// a time on its clock (it read everything written up to then) proves it read a bucket only
+/// once that time is this much later. Capped at `cap_ms`.
+pub fn event_lag_ms(marks: &[Mark], cap_ms: i64) -> i64 {
+    marks
+        .iter()
+        .filter(|m| !m.consumer && !m.stale)
+        .map(|m| m.last_emitted_ms.saturating_sub(m.watermark_ms).max(0))
+        .max()
+        .unwrap_or(0)
+        .min(cap_ms)
+}
+
+/// How far a tier got past `due` (instances) and `consumer_due` (consumer partitions).
+/// `partition_done` says, for a consumer partition that has not passed, whether other
+/// evidence makes it final anyway; `partitions` lists partitions that must be final even
+/// without a progress row of their own.
+fn tier_state(
+    marks: &[Mark],
+    due: i64,
+    consumer_due: i64,
+    partitions: &BTreeSet<i32>,
+    partition_done: impl Fn(i32) -> bool,
+) -> TierState {
+    let mut state = TierState {
+        passed: true,
+        ..TierState::default()
+    };
+    let behind = |w: i64, state: &mut TierState| {
+        state.passed = false;
+        state.behind_ms = Some(state.behind_ms.map_or(w, |b: i64| b.min(w)));
+    };
+    // Instances: each on its own, the lowest mark over its partitions.
+    let mut instances: BTreeMap<&str, (i64, bool, bool)> = BTreeMap::new();
+    for m in marks.iter().filter(|m| !m.consumer) {
+        let e = instances
+            .entry(m.observer.as_str())
+            .or_insert((m.watermark_ms, true, true));
+        e.0 = e.0.min(m.watermark_ms);
+        e.1 &= m.closing;
+        e.2 &= m.stale;
+    }
+    for (observer, (watermark, closing, stale)) in instances {
+        if closing {
+            state.live = true;
+        } else if stale {
+            if watermark < due {
+                state.stale.push(observer.to_owned());
+            }
+        } else {
+            state.live = true;
+            if watermark < due {
+                behind(watermark, &mut state);
+            }
+        }
+    }
+    // Consumer partitions: the furthest mark of any owner.
+    let mut owned: BTreeMap<i32, (i64, bool)> = BTreeMap::new();
+    for m in marks.iter().filter(|m| m.consumer) {
+        let e = owned.entry(m.partition).or_insert((m.watermark_ms, true));
+        e.0 = e.0.max(m.watermark_ms);
+        e.1 &= m.stale;
+    }
+    for (&p, &(watermark, stale)) in &owned {
+        state.live |= !stale;
+        if watermark < consumer_due && !partition_done(p) {
+            behind(watermark, &mut state);
+        }
+    }
+    for &p in partitions {
+        if !owned.contains_key(&p) && !partition_done(p) {
+            state.passed = false;
+        }
+    }
+    state
+}
+
+/// Whether the counts of `p` are known to be equal on both sides.
+fn equal_at(expected: &BTreeMap<i32, i64>, actual: &BTreeMap<i32, i64>, p: i32) -> bool {
+    let total = |c: &BTreeMap<i32, i64>| c.values().sum::<i64>();
+    let unknown = |c: &BTreeMap<i32, i64>| c.get(&-1).is_some_and(|&n| n != 0);
+    if unknown(expected) || unknown(actual) {
+        // A side counted without partitions: only the whole topic can be compared.
+        total(expected) == total(actual)
     } else {
-        None
+        expected.get(&p).copied().unwrap_or(0) == actual.get(&p).copied().unwrap_or(0)
     }
 }
 
+/// Decides whether one edge, scope and bucket can be judged now; `None` while it must wait.
+///
+/// * The upstream tier passed the bucket when every live instance observer has a watermark
+///   at or past `end + lateness` (an instance that shut down cleanly is not waited for; one
+///   silent for `instance_timeout` is not waited for either, and is named) and every
+///   consumer partition has one at or past `end + lateness + event_lag`.
+/// * The downstream tier passed it when the same holds, where a consumer partition also
+///   counts as passed when the upstream tier passed and both tiers counted the same in that
+///   partition (an idle partition does not hold the bucket back).
+/// * Both passed: final by progress. Otherwise, at `end + max_wait`, final by the maximum
+///   wait, where a downstream tier that has not passed and saw fewer is `lagging` (and stays
+///   queued), turning `missing` at `end + loss_after`.
+pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
+    let due = b.end_ms.saturating_add(rules.lateness_ms);
+    let consumer_due = due.saturating_add(b.event_lag_ms);
+    let partitions: BTreeSet<i32> = b
+        .expected
+        .keys()
+        .chain(b.actual.keys())
+        .copied()
+        .filter(|&p| p >= 0)
+        .collect();
+    let upstream = tier_state(b.upstream, due, consumer_due, &BTreeSet::new(), |_| false);
+    let downstream = tier_state(b.downstream, due, consumer_due, &partitions, |p| {
+        upstream.passed && equal_at(b.expected, b.actual, p)
+    });
+    let (finality, settled) = if upstream.passed && downstream.passed {
+        (Finality::Progress, true)
+    } else if b.now_ms >= b.end_ms.saturating_add(rules.max_wait_ms) {
+        let short = b.actual.values().sum::<i64>() < b.expected.values().sum::<i64>();
+        if short && !downstream.passed && downstream.live {
+            if b.now_ms >= b.end_ms.saturating_add(rules.loss_after_ms) {
+                (Finality::LossAfter, true)
+            } else {
+                (Finality::MaxWait, false)
+            }
+        } else {
+            (Finality::MaxWait, true)
+        }
+    } else {
+        return None;
+    };
+    Some(Outcome {
+        finality,
+        settled,
+        upstream,
+        downstream,
+    })
+}
+
 /// A judged bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Judgement {
     /// The verdict.
     pub status: VerdictStatus,
     /// For [`VerdictStatus::TierSilent`], which tier was silent.
     pub silent: Option<Side>,
+    /// For [`VerdictStatus::Lagging`], how far the downstream tier was behind `now`, ms.
+    pub lag_ms: Option<i64>,
 }
 
-/// Judges a final bucket.
+/// Judges `expected` against `actual` (of the topic or of one partition) once [`evaluate`]
+/// gave an outcome:
 ///
-/// * zero messages on both sides: complete, whatever the progress marks say;
-/// * the downstream tier has no partition whose watermark reached `bucket_end_ms`: tier silent
-///   (downstream);
-/// * the upstream tier counted nothing, the downstream tier counted something and no upstream
-///   partition reached `bucket_end_ms`: tier silent (upstream), not duplicated;
-/// * otherwise the counts decide: missing, duplicated or complete.
-pub fn judge(
-    bucket_end_ms: i64,
-    expected: i64,
-    actual: i64,
-    upstream_watermarks: &[i64],
-    downstream_watermarks: &[i64],
-) -> Judgement {
-    let reached = |w: &[i64]| w.iter().any(|&w| w >= bucket_end_ms);
-    let (status, silent) = if expected == 0 && actual == 0 {
-        (VerdictStatus::Complete, None)
-    } else if !reached(downstream_watermarks) {
-        (VerdictStatus::TierSilent, Some(Side::Downstream))
-    } else if expected == 0 && !reached(upstream_watermarks) {
-        (VerdictStatus::TierSilent, Some(Side::Upstream))
-    } else if actual < expected {
-        (VerdictStatus::Missing, None)
-    } else if actual > expected {
-        (VerdictStatus::Duplicated, None)
-    } else {
-        (VerdictStatus::Complete, None)
+/// * the same on both sides: complete;
+/// * a downstream tier with no live observer: tier silent (downstream); an upstream tier
+///   with none that counted nothing: tier silent (upstream);
+/// * downstream saw more: duplicated, unless the upstream tier did not pass the bucket or
+///   an upstream instance stopped without a clean shutdown before passing it: then
+///   `upstream_incomplete`;
+/// * downstream saw fewer: missing once the downstream tier passed the bucket (or at
+///   `loss_after`), lagging until then.
+pub fn judge(outcome: &Outcome, now_ms: i64, expected: i64, actual: i64) -> Judgement {
+    let status = |status| Judgement {
+        status,
+        silent: None,
+        lag_ms: None,
     };
-    Judgement { status, silent }
+    let silent = |side| Judgement {
+        status: VerdictStatus::TierSilent,
+        silent: Some(side),
+        lag_ms: None,
+    };
+    let (up, down) = (&outcome.upstream, &outcome.downstream);
+    if expected == actual {
+        status(VerdictStatus::Complete)
+    } else if !down.live {
+        silent(Side::Downstream)
+    } else if expected == 0 && !up.live {
+        silent(Side::Upstream)
+    } else if actual > expected {
+        if up.passed && up.stale.is_empty() {
+            status(VerdictStatus::Duplicated)
+        } else {
+            status(VerdictStatus::UpstreamIncomplete)
+        }
+    } else if actual < expected {
+        if down.passed || outcome.finality == Finality::LossAfter {
+            status(VerdictStatus::Missing)
+        } else {
+            Judgement {
+                status: VerdictStatus::Lagging,
+                silent: None,
+                lag_ms: Some(
+                    down.behind_ms
+                        .map_or(0, |w| now_ms.saturating_sub(w).max(0)),
+                ),
+            }
+        }
+    } else {
+        status(VerdictStatus::Complete)
+    }
 }
 
 #[cfg(test)]
@@ -168,62 +408,253 @@ mod tests {
     use super::*;
 
     const END: i64 = 120_000;
+    const RULES: Rules = Rules {
+        lateness_ms: 10,
+        max_wait_ms: 1_000,
+        loss_after_ms: 5_000,
+    };
+
+    fn instance(observer: &str, watermark_ms: i64) -> Mark {
+        Mark {
+            partition: 0,
+            observer: observer.to_owned(),
+            watermark_ms,
+            last_emitted_ms: watermark_ms,
+            consumer: false,
+            closing: false,
+            stale: false,
+        }
+    }
+
+    fn consumer(partition: i32, watermark_ms: i64) -> Mark {
+        Mark {
+            partition,
+            consumer: true,
+            ..instance("svc/1", watermark_ms)
+        }
+    }
+
+    fn counts(pairs: &[(i32, i64)]) -> BTreeMap<i32, i64> {
+        pairs.iter().copied().collect()
+    }
+
+    struct Case {
+        up: Vec<Mark>,
+        down: Vec<Mark>,
+        expected: BTreeMap<i32, i64>,
+        actual: BTreeMap<i32, i64>,
+        lag: i64,
+    }
+
+    impl Case {
+        fn new(
+            up: Vec<Mark>,
+            down: Vec<Mark>,
+            expected: &[(i32, i64)],
+            actual: &[(i32, i64)],
+        ) -> Self {
+            Self {
+                up,
+                down,
+                expected: counts(expected),
+                actual: counts(actual),
+                lag: 0,
+            }
+        }
+
+        fn at(&self, now_ms: i64) -> Option<(Outcome, Judgement)> {
+            let b = EdgeBucket {
+                end_ms: END,
+                now_ms,
+                upstream: &self.up,
+                downstream: &self.down,
+                expected: &self.expected,
+                actual: &self.actual,
+                event_lag_ms: self.lag,
+            };
+            let o = evaluate(&RULES, &b)?;
+            let e = self.expected.values().sum();
+            let a = self.actual.values().sum();
+            let j = judge(&o, now_ms, e, a);
+            Some((o, j))
+        }
+
+        fn status(&self, now_ms: i64) -> Option<VerdictStatus> {
+            self.at(now_ms).map(|(_, j)| j.status)
+        }
+    }
+
+    const SOON: i64 = END + 20;
 
     #[test]
-    fn final_when_every_downstream_partition_is_past_lateness() {
-        assert_eq!(
-            finality(END, 10, 1_000, 0, &[], &[END + 10, END + 50]),
-            Some(Finality::Progress)
+    fn every_live_producer_instance_must_pass() {
+        let mut c = Case::new(
+            vec![instance("a/1", END + 10), instance("b/2", END + 9)],
+            vec![consumer(0, END + 10)],
+            &[(0, 10)],
+            &[(0, 10)],
         );
-        assert_eq!(finality(END, 10, 1_000, 0, &[], &[END + 10, END + 9]), None);
-        assert_eq!(
-            finality(END, 10, 1_000, 0, &[END], &[END + 10]),
-            None,
-            "upstream lags"
-        );
-        assert_eq!(
-            finality(END, 10, 1_000, 0, &[], &[]),
-            None,
-            "no downstream progress"
-        );
-        assert_eq!(finality(END, 10, 1_000, END + 999, &[], &[]), None);
-        assert_eq!(
-            finality(END, 10, 1_000, END + 1_000, &[], &[]),
-            Some(Finality::MaxWait)
-        );
+        assert_eq!(c.status(SOON), None, "instance b has not passed");
+        c.up[1].watermark_ms = END + 10;
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Complete));
     }
 
     #[test]
-    fn counts_decide_once_both_tiers_reported() {
-        let j = |e, a| judge(END, e, a, &[END], &[END]).status;
-        assert_eq!(j(10, 10), VerdictStatus::Complete);
-        assert_eq!(j(10, 7), VerdictStatus::Missing);
-        assert_eq!(j(10, 12), VerdictStatus::Duplicated);
-        assert_eq!(j(0, 0), VerdictStatus::Complete);
+    fn a_cleanly_closed_instance_is_not_waited_for() {
+        let mut c = Case::new(
+            vec![instance("a/1", END + 10), instance("b/2", END - 5_000)],
+            vec![consumer(0, END + 10)],
+            &[(0, 10)],
+            &[(0, 10)],
+        );
+        assert_eq!(c.status(SOON), None);
+        c.up[1].closing = true;
+        let (o, j) = c.at(SOON).unwrap();
+        assert_eq!(
+            (j.status, o.finality),
+            (VerdictStatus::Complete, Finality::Progress)
+        );
+        assert!(o.upstream.stale.is_empty());
     }
 
     #[test]
-    fn zero_everywhere_is_complete_even_without_progress() {
-        assert_eq!(judge(END, 0, 0, &[], &[]).status, VerdictStatus::Complete);
+    fn a_stale_instance_is_named_and_its_gap_is_not_called_duplication() {
+        let mut killed = instance("b/2", END - 5_000);
+        killed.stale = true;
+        let c = Case::new(
+            vec![instance("a/1", END + 10), killed],
+            vec![consumer(0, END + 10)],
+            &[(0, 10)],
+            &[(0, 13)],
+        );
+        let (o, j) = c.at(SOON).unwrap();
+        assert_eq!(j.status, VerdictStatus::UpstreamIncomplete);
+        assert_eq!(o.upstream.stale, vec!["b/2".to_owned()]);
+        // Loss is still loss: the upstream counted at least what it counted.
+        let c = Case {
+            actual: counts(&[(0, 7)]),
+            ..c
+        };
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Missing));
+    }
+
+    #[test]
+    fn consumer_partitions_take_the_furthest_owner_and_wait_for_event_lag() {
+        let mut old_owner = consumer(0, END - 1_000);
+        old_owner.observer = "svc/old".into();
+        old_owner.stale = true;
+        let mut c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![old_owner, consumer(0, END + 10), consumer(1, END + 10)],
+            &[(0, 10), (1, 4)],
+            &[(0, 9), (1, 4)],
+        );
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Missing));
+        // Producers whose event times trail by 90 ms: the consumer must be 90 ms further.
+        c.lag = 90;
+        assert_eq!(c.status(SOON), None);
+        // Partition 0 passes; partition 1 has not, but counted what the upstream counted.
+        c.down[1].watermark_ms = END + 100;
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Missing));
+    }
+
+    #[test]
+    fn idle_or_equal_partitions_do_not_wait_for_the_downstream() {
+        // Partition 1 was never written: no downstream progress past the bucket, counts equal.
+        let c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![consumer(0, END + 10), consumer(1, 0)],
+            &[(0, 10)],
+            &[(0, 10)],
+        );
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Complete));
+        // Equal counts and a final upstream: complete without downstream progress.
+        let c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![],
+            &[(0, 5)],
+            &[(0, 5)],
+        );
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Complete));
+    }
+
+    #[test]
+    fn a_downstream_that_has_not_passed_is_lagging_then_lost() {
+        let c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![consumer(0, END - 300)],
+            &[(0, 10)],
+            &[(0, 4)],
+        );
+        assert_eq!(c.status(SOON), None);
+        assert_eq!(c.status(END + 999), None);
+        let (o, j) = c.at(END + 1_000).unwrap();
+        assert_eq!(j.status, VerdictStatus::Lagging);
+        assert_eq!(j.lag_ms, Some(1_300));
+        assert!(!o.settled, "a lagging bucket stays queued");
+        let (o, j) = c.at(END + 5_000).unwrap();
+        assert_eq!(
+            (j.status, o.finality),
+            (VerdictStatus::Missing, Finality::LossAfter)
+        );
+        assert!(o.settled);
     }
 
     #[test]
     fn silence_is_told_apart_from_loss() {
-        let down = judge(END, 10, 0, &[END], &[END - 1]);
-        assert_eq!(down.status, VerdictStatus::TierSilent);
-        assert_eq!(down.silent, Some(Side::Downstream));
-        let down = judge(END, 10, 0, &[END], &[]);
-        assert_eq!(down.silent, Some(Side::Downstream));
-        let up = judge(END, 0, 5, &[], &[END]);
-        assert_eq!(up.status, VerdictStatus::TierSilent);
-        assert_eq!(up.silent, Some(Side::Upstream));
-        // An upstream tier that reported progress but counted nothing: duplicates downstream.
+        let mut gone = consumer(0, END - 300);
+        gone.stale = true;
+        let c = Case::new(vec![instance("a/1", END + 10)], vec![gone], &[(0, 10)], &[]);
+        let (_, j) = c.at(END + 1_000).unwrap();
         assert_eq!(
-            judge(END, 0, 5, &[END], &[END]).status,
-            VerdictStatus::Duplicated
+            (j.status, j.silent),
+            (VerdictStatus::TierSilent, Some(Side::Downstream))
         );
-        // Upstream counts prove it was there, even without progress.
-        assert_eq!(judge(END, 5, 3, &[], &[END]).status, VerdictStatus::Missing);
+        let c = Case::new(vec![], vec![consumer(0, END + 10)], &[], &[(0, 5)]);
+        let (_, j) = c.at(END + 1_000).unwrap();
+        assert_eq!(
+            (j.status, j.silent),
+            (VerdictStatus::TierSilent, Some(Side::Upstream))
+        );
+        // An upstream that passed and counted nothing: the downstream duplicated.
+        let c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![consumer(0, END + 10)],
+            &[],
+            &[(0, 5)],
+        );
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Duplicated));
+    }
+
+    #[test]
+    fn more_downstream_while_the_upstream_never_passed_is_not_duplication() {
+        let c = Case::new(
+            vec![instance("a/1", END - 500)],
+            vec![consumer(0, END + 10)],
+            &[(0, 10)],
+            &[(0, 12)],
+        );
+        assert_eq!(c.status(SOON), None);
+        assert_eq!(
+            c.status(END + 1_000),
+            Some(VerdictStatus::UpstreamIncomplete)
+        );
+    }
+
+    #[test]
+    fn event_lag_is_the_largest_over_live_instances() {
+        let mut a = instance("a/1", 1_000);
+        a.last_emitted_ms = 91_000;
+        let mut stale = instance("b/1", 0);
+        stale.last_emitted_ms = 500_000;
+        stale.stale = true;
+        let svc = Mark {
+            last_emitted_ms: 900_000,
+            ..consumer(0, 0)
+        };
+        assert_eq!(event_lag_ms(&[a.clone(), stale, svc], 1_000_000), 90_000);
+        assert_eq!(event_lag_ms(&[a], 60_000), 60_000, "capped");
+        assert_eq!(event_lag_ms(&[], 60_000), 0);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub const WIDTH: i64 = 60_000;
 pub const LATENESS: i64 = 30_000;
 /// Maximum wait of [`config`].
 pub const MAX_WAIT: i64 = 600_000;
+/// Settle time of [`config`].
+pub const SETTLE: i64 = 5_000;
 
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -154,7 +156,9 @@ pub async fn add_counts(
     Ok(())
 }
 
-/// Raises the watermark of one partition of `tier`.
+/// Raises the watermark of one partition of `tier`: for `producer` as the producer instance
+/// `test-host/test`, for any other tier as the consumer that owns the partition (a row with a
+/// position).
 pub async fn progress(
     pool: &PgPool,
     topic: &str,
@@ -165,10 +169,12 @@ pub async fn progress(
 ) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO audit_progress (tier, cluster, datacenter, topic, physical_topic, partition,
-             watermark_ms, bucket_width_ms, last_emitted_ms, host, instance)
-         VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $6, 'test-host', 'test')
-         ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition)
+             watermark_ms, bucket_width_ms, last_emitted_ms, host, instance, position)
+         VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $6, 'test-host', 'test',
+             CASE WHEN $1 = 'producer' THEN NULL ELSE 0 END)
+         ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition, host, instance)
          DO UPDATE SET watermark_ms = greatest(audit_progress.watermark_ms, EXCLUDED.watermark_ms),
+             last_emitted_ms = greatest(audit_progress.last_emitted_ms, EXCLUDED.last_emitted_ms),
              last_seen_at = now(), change_seq = nextval('audit_change_seq')",
     )
     .bind(tier)
@@ -181,6 +187,39 @@ pub async fn progress(
     .execute(pool)
     .await
     .context("inserting progress")?;
+    Ok(())
+}
+
+/// Progress of one producer instance (`host/<instance>`) for `topic` in `datacenter`: its
+/// watermark, when it made the record, and whether it said it shut down cleanly.
+pub async fn instance_progress(
+    pool: &PgPool,
+    topic: &str,
+    datacenter: &str,
+    instance: &str,
+    watermark_ms: i64,
+    emitted_ms: i64,
+    closing: bool,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_progress (tier, cluster, datacenter, topic, physical_topic, partition,
+             watermark_ms, bucket_width_ms, last_emitted_ms, host, instance, closing)
+         VALUES ('producer', 'producer-' || $1, $1, $2, $2, 0, $3, $4, $5, 'host', $6, $7)
+         ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition, host, instance)
+         DO UPDATE SET watermark_ms = greatest(audit_progress.watermark_ms, EXCLUDED.watermark_ms),
+             last_emitted_ms = EXCLUDED.last_emitted_ms, closing = EXCLUDED.closing,
+             last_seen_at = now()",
+    )
+    .bind(datacenter)
+    .bind(topic)
+    .bind(watermark_ms)
+    .bind(WIDTH)
+    .bind(emitted_ms)
+    .bind(instance)
+    .bind(closing)
+    .execute(pool)
+    .await
+    .context("inserting instance progress")?;
     Ok(())
 }
 
@@ -203,6 +242,7 @@ pub fn config() -> ReconcileConfig {
     ReconcileConfig {
         allowed_lateness: Duration::from_millis(LATENESS as u64),
         max_wait: Duration::from_millis(MAX_WAIT as u64),
+        settle: Duration::from_millis(SETTLE as u64),
         ..ReconcileConfig::default()
     }
 }
@@ -224,6 +264,30 @@ pub fn reconciler(
 /// Runs one pass, failing the test on error.
 pub async fn pass(r: &Reconciler) -> PassReport {
     r.evaluate_once().await.expect("reconcile pass")
+}
+
+/// Queues what changed, lets it settle and judges it again: one pass, then another
+/// [`SETTLE`] later. Returns the first pass's report.
+pub async fn rejudge(r: &Reconciler, clock: &ManualClock) -> PassReport {
+    let first = pass(r).await;
+    clock.advance(chrono::Duration::milliseconds(SETTLE));
+    pass(r).await;
+    first
+}
+
+/// Marks every progress row of `tier` for `topic` as last seen long ago: the observer
+/// stopped reporting.
+pub async fn stop_reporting(pool: &PgPool, topic: &str, tier: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE audit_progress SET last_seen_at = '2000-01-01T00:00:00Z'
+          WHERE topic = $1 AND tier = $2",
+    )
+    .bind(topic)
+    .bind(tier)
+    .execute(pool)
+    .await
+    .context("ageing progress")?;
+    Ok(())
 }
 
 /// Every verdict of `topic`, ordered by edge, datacenter, partition and bucket.
