@@ -9,6 +9,9 @@
 -- 3. `reconcile_pending.queued_at` is the time of the latest count change of the bucket (it is
 --    refreshed on every change): a judged bucket is re-judged only once it has been quiet for
 --    `reconcile.settle`.
+--    `first_queued_at` is when the bucket entered the queue: `max_wait` and `loss_after` count
+--    from the later of the bucket end and this time, so that counts that arrive late as a
+--    whole (a backfill, a producer whose clock runs behind) are waited for like on-time ones.
 -- 4. New verdicts: `lagging` (the downstream tier has not shown it read past the bucket by
 --    `max_wait`; how far behind is in `lag_ms`) and `upstream_incomplete` (the downstream saw
 --    more than the upstream counted while an upstream instance that stopped without a clean
@@ -18,6 +21,11 @@ ALTER TABLE audit_progress DROP CONSTRAINT audit_progress_pkey;
 ALTER TABLE audit_progress
     ADD PRIMARY KEY (tier, cluster, datacenter, topic, physical_topic, partition, host, instance);
 ALTER TABLE audit_progress ADD COLUMN closing boolean NOT NULL DEFAULT false;
+
+ALTER TABLE reconcile_pending ADD COLUMN first_queued_at timestamptz;
+UPDATE reconcile_pending SET first_queued_at = queued_at;
+ALTER TABLE reconcile_pending ALTER COLUMN first_queued_at SET NOT NULL;
+ALTER TABLE reconcile_pending ALTER COLUMN first_queued_at SET DEFAULT now();
 
 ALTER TABLE reconcile_verdicts DROP CONSTRAINT reconcile_verdicts_status_check;
 ALTER TABLE reconcile_verdicts ADD CONSTRAINT reconcile_verdicts_status_check

@@ -236,7 +236,7 @@ async fn missing_duplicated_and_per_datacenter_counts() {
 #[tokio::test]
 async fn silent_tier_is_judged_after_the_max_wait() {
     let db = TestDb::create().await.unwrap();
-    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let (r, clock) = reconciler(&db.pool, config(), end(0) - 1_000);
     // The aggregate never reports anything.
     add_counts(&db.pool, "orders", start(0), "producer", "dc1", -1, 10)
         .await
@@ -788,7 +788,7 @@ async fn a_clean_shutdown_is_not_waited_for_and_a_killed_instance_is_named() {
 #[tokio::test]
 async fn a_lagging_tier_is_lag_until_it_catches_up_or_proves_the_loss() {
     let db = TestDb::create().await.unwrap();
-    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let (r, clock) = reconciler(&db.pool, config(), end(0) - 1_000);
     let due = end(0) + LATENESS;
     // The mirror is paused: the aggregate stays at the bucket start for both topics.
     for topic in ["orders", "payments"] {
@@ -853,7 +853,7 @@ async fn a_lag_that_outlasts_loss_after_is_loss() {
         loss_after: std::time::Duration::from_millis(2 * MAX_WAIT as u64),
         ..config()
     };
-    let (r, clock) = reconciler(&db.pool, cfg, end(0) + MAX_WAIT);
+    let (r, clock) = reconciler(&db.pool, cfg, end(0) - 1_000);
     flow(&db, "orders", 0, 10, 10, 4).await;
     progress(&db.pool, "orders", "producer", "dc1", -1, end(0) + LATENESS)
         .await
@@ -864,6 +864,8 @@ async fn a_lag_that_outlasts_loss_after_is_loss() {
     progress(&db.pool, "orders", "aggregate", "dc1", 0, start(0))
         .await
         .unwrap();
+    pass(&r).await;
+    clock.set(at(end(0) + MAX_WAIT));
     pass(&r).await;
     assert_eq!(
         verdict(&db.pool, "orders", R2A, start(0))

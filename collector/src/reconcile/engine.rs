@@ -172,12 +172,12 @@ pub(crate) async fn pass(
         let mut tx = pool.begin().await?;
         lock(&mut tx).await?;
         let pending = next_pending(&mut tx, after.as_ref(), config.batch_buckets).await?;
-        let Some((last, _)) = pending.last().cloned() else {
+        let Some(last) = pending.last() else {
             tx.commit().await?;
             break;
         };
-        after = Some(last);
-        let keys: Vec<BucketKey> = pending.iter().map(|(k, _)| k.clone()).collect();
+        after = Some(last.key.clone());
+        let keys: Vec<BucketKey> = pending.iter().map(|q| q.key.clone()).collect();
         report.evaluated += keys.len() as u64;
         let counts = load_counts(&mut tx, &keys, &config.tiers).await?;
         let topics: Vec<String> = keys
@@ -195,7 +195,8 @@ pub(crate) async fn pass(
         let mut mismatches = BTreeSet::new();
         let no_progress = Vec::new();
         let oldest_end = now.timestamp_millis() - millis(config.lookback);
-        for (key, changed_at) in &pending {
+        for q in &pending {
+            let key = &q.key;
             if key.start.saturating_add(key.width) < oldest_end {
                 // Queued but not judged within the lookback (the collector was down): too old
                 // to alert about now.
@@ -209,8 +210,8 @@ pub(crate) async fn pass(
             };
             let topic_progress = progress.get(&key.topic).unwrap_or(&no_progress);
             let (mut verdicts, mut all_final) =
-                judge_bucket(config, now, key, rows, topic_progress, &mut mismatches);
-            if now - *changed_at < settle {
+                judge_bucket(config, now, q, rows, topic_progress, &mut mismatches);
+            if now - q.changed_at < settle {
                 // Verdicts judged before whose counts changed again wait until every tier
                 // has had the chance to deliver its late counts.
                 let before = verdicts.len();
@@ -280,8 +281,9 @@ async fn enqueue(
         return Ok(0);
     };
     let queued = sqlx::query(
-        "INSERT INTO reconcile_pending (topic, bucket_start_ms, bucket_width_ms, queued_at)
-         SELECT DISTINCT topic, bucket_start_ms, bucket_width_ms, $4::timestamptz
+        "INSERT INTO reconcile_pending (topic, bucket_start_ms, bucket_width_ms, queued_at,
+             first_queued_at)
+         SELECT DISTINCT topic, bucket_start_ms, bucket_width_ms, $4::timestamptz, $4::timestamptz
            FROM audit_count_changes
           WHERE change_seq > $1 AND change_seq <= $2 AND tier = ANY($3)
             AND bucket_start_ms + bucket_width_ms >= $5
@@ -304,14 +306,25 @@ async fn enqueue(
     Ok(queued)
 }
 
-/// The next queued buckets after `after`, with when their counts last changed.
+/// A queued bucket.
+#[derive(Debug, Clone)]
+struct Queued {
+    key: BucketKey,
+    /// When its counts last changed.
+    changed_at: DateTime<Utc>,
+    /// When it entered the queue.
+    first_queued_at: DateTime<Utc>,
+}
+
+/// The next queued buckets after `after`.
 async fn next_pending(
     tx: &mut Transaction<'_, Postgres>,
     after: Option<&BucketKey>,
     limit: usize,
-) -> Result<Vec<(BucketKey, DateTime<Utc>)>, sqlx::Error> {
+) -> Result<Vec<Queued>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT topic, bucket_start_ms, bucket_width_ms, queued_at FROM reconcile_pending
+        "SELECT topic, bucket_start_ms, bucket_width_ms, queued_at, first_queued_at
+           FROM reconcile_pending
           WHERE $1::bigint IS NULL
              OR (bucket_start_ms, topic, bucket_width_ms) > ($1, $2::text, $3::bigint)
           ORDER BY bucket_start_ms, topic, bucket_width_ms
@@ -325,14 +338,15 @@ async fn next_pending(
     .await?;
     rows.iter()
         .map(|r| {
-            Ok((
-                BucketKey {
+            Ok(Queued {
+                key: BucketKey {
                     topic: r.try_get(0)?,
                     start: r.try_get(1)?,
                     width: r.try_get(2)?,
                 },
-                r.try_get(3)?,
-            ))
+                changed_at: r.try_get(3)?,
+                first_queued_at: r.try_get(4)?,
+            })
         })
         .collect()
 }
@@ -499,11 +513,12 @@ async fn delete_pending(
 fn judge_bucket(
     config: &ReconcileConfig,
     now: DateTime<Utc>,
-    key: &BucketKey,
+    queued: &Queued,
     rows: &[CountRow],
     progress: &[ProgressRow],
     mismatches: &mut BTreeSet<String>,
 ) -> (Vec<Computed>, bool) {
+    let key = &queued.key;
     let end = key.start.saturating_add(key.width);
     let rules = Rules {
         lateness_ms: millis(config.allowed_lateness),
@@ -586,12 +601,13 @@ fn judge_bucket(
             let sources: Vec<Mark> = scoped.iter().map(|p| p.mark.clone()).collect();
             let bucket = EdgeBucket {
                 end_ms: end,
+                queued_ms: queued.first_queued_at.timestamp_millis(),
                 now_ms,
                 upstream: &up,
                 downstream: &down,
                 expected: &expected,
                 actual: &actual,
-                event_lag_ms: event_lag_ms(&sources, rules.max_wait_ms),
+                event_lag_ms: event_lag_ms(&sources),
             };
             let Some(outcome) = evaluate(&rules, &bucket) else {
                 all_final = false;

@@ -156,6 +156,8 @@ pub struct Rules {
 pub struct EdgeBucket<'a> {
     /// Bucket end (exclusive), epoch ms.
     pub end_ms: i64,
+    /// When the bucket entered the queue (its first counts arrived), epoch ms.
+    pub queued_ms: i64,
     /// The reconciler's clock, epoch ms.
     pub now_ms: i64,
     /// Progress rows of the upstream tier in scope.
@@ -202,15 +204,14 @@ pub struct Outcome {
 /// how far behind their own clock the event times of a topic's producers run (clock skew,
 /// backfills), plus at most one flush interval and bucket. A consumer tier whose watermark is
 /// a time on its clock (it read everything written up to then) proves it read a bucket only
-/// once that time is this much later. Capped at `cap_ms`.
-pub fn event_lag_ms(marks: &[Mark], cap_ms: i64) -> i64 {
+/// once that time is this much later.
+pub fn event_lag_ms(marks: &[Mark]) -> i64 {
     marks
         .iter()
         .filter(|m| !m.consumer && !m.stale)
         .map(|m| m.last_emitted_ms.saturating_sub(m.watermark_ms).max(0))
         .max()
         .unwrap_or(0)
-        .min(cap_ms)
 }
 
 /// How far a tier got past `due` (instances) and `consumer_due` (consumer partitions).
@@ -298,10 +299,13 @@ fn equal_at(expected: &BTreeMap<i32, i64>, actual: &BTreeMap<i32, i64>, p: i32) 
 /// * The downstream tier passed it when the same holds, where a consumer partition also
 ///   counts as passed when the upstream tier passed and both tiers counted the same in that
 ///   partition (an idle partition does not hold the bucket back).
-/// * Both passed: final by progress. Otherwise, at `end + max_wait`, final by the maximum
-///   wait, where a downstream tier that has not passed and saw fewer is `lagging` (and stays
-///   queued), turning `missing` at `end + loss_after`.
+/// * Both passed: final by progress. Otherwise, `max_wait` after the bucket end (or after
+///   the bucket entered the queue, when its first counts came later than its end: a
+///   backfill), final by the maximum wait, where a downstream tier that has not passed and
+///   saw fewer is `lagging` (and stays queued), turning `missing` `loss_after` after the
+///   same point.
 pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
+    let waited_from = b.end_ms.max(b.queued_ms);
     let due = b.end_ms.saturating_add(rules.lateness_ms);
     let consumer_due = due.saturating_add(b.event_lag_ms);
     let partitions: BTreeSet<i32> = b
@@ -317,10 +321,10 @@ pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
     });
     let (finality, settled) = if upstream.passed && downstream.passed {
         (Finality::Progress, true)
-    } else if b.now_ms >= b.end_ms.saturating_add(rules.max_wait_ms) {
+    } else if b.now_ms >= waited_from.saturating_add(rules.max_wait_ms) {
         let short = b.actual.values().sum::<i64>() < b.expected.values().sum::<i64>();
         if short && !downstream.passed && downstream.live {
-            if b.now_ms >= b.end_ms.saturating_add(rules.loss_after_ms) {
+            if b.now_ms >= waited_from.saturating_add(rules.loss_after_ms) {
                 (Finality::LossAfter, true)
             } else {
                 (Finality::MaxWait, false)
@@ -444,6 +448,7 @@ mod tests {
         expected: BTreeMap<i32, i64>,
         actual: BTreeMap<i32, i64>,
         lag: i64,
+        queued: i64,
     }
 
     impl Case {
@@ -459,12 +464,14 @@ mod tests {
                 expected: counts(expected),
                 actual: counts(actual),
                 lag: 0,
+                queued: END - 100,
             }
         }
 
         fn at(&self, now_ms: i64) -> Option<(Outcome, Judgement)> {
             let b = EdgeBucket {
                 end_ms: END,
+                queued_ms: self.queued,
                 now_ms,
                 upstream: &self.up,
                 downstream: &self.down,
@@ -601,6 +608,22 @@ mod tests {
     }
 
     #[test]
+    fn a_bucket_that_arrives_late_as_a_whole_gets_the_full_wait() {
+        // A backfill: the bucket's first counts came long after its end; the downstream has
+        // not read them all yet.
+        let mut c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![consumer(0, END - 300)],
+            &[(0, 10)],
+            &[(0, 4)],
+        );
+        c.queued = END + 50_000;
+        assert_eq!(c.status(END + 50_000), None);
+        assert_eq!(c.status(END + 50_999), None);
+        assert_eq!(c.status(END + 51_000), Some(VerdictStatus::Lagging));
+    }
+
+    #[test]
     fn silence_is_told_apart_from_loss() {
         let mut gone = consumer(0, END - 300);
         gone.stale = true;
@@ -652,9 +675,8 @@ mod tests {
             last_emitted_ms: 900_000,
             ..consumer(0, 0)
         };
-        assert_eq!(event_lag_ms(&[a.clone(), stale, svc], 1_000_000), 90_000);
-        assert_eq!(event_lag_ms(&[a], 60_000), 60_000, "capped");
-        assert_eq!(event_lag_ms(&[], 60_000), 0);
+        assert_eq!(event_lag_ms(&[a, stale, svc]), 90_000);
+        assert_eq!(event_lag_ms(&[]), 0);
     }
 
     #[test]
