@@ -55,6 +55,10 @@ struct Args {
     /// Stop after this long (such as 30s, 5m); default 10s when --count is not given.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// Use only this many distinct keys, so that messages reach only the partitions those keys
+    /// hash to (0: every message has a key of its own).
+    #[arg(long, default_value_t = 0)]
+    keys: u64,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 100)]
     payload_bytes: usize,
@@ -223,7 +227,11 @@ async fn main() -> anyhow::Result<()> {
         }
         let ti = (n % args.topics.len() as u64) as usize;
         let topic = &args.topics[ti];
-        let key = format!("{n}");
+        let key = if args.keys > 0 {
+            format!("{}", n % args.keys)
+        } else {
+            format!("{n}")
+        };
         let now = chrono::Utc::now().timestamp_millis();
         let event = now - args.event_lag_ms;
         n += 1;

@@ -3,7 +3,10 @@
 //! fail, never skip, when it is not there.
 //!
 //! This library holds what the tests in `tests/tests/` share: the stack's addresses, unique
-//! names, topic creation and polling with a deadline.
+//! names, topic creation and polling with a deadline; [`pipeline`] runs the daemons and a
+//! webhook receiver in the test process.
+
+pub mod pipeline;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

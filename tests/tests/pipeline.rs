@@ -4,16 +4,11 @@
 //! `missing` verdict with the exact count and one signed webhook; a healthy topic gets
 //! `complete` on both edges and no alert.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::routing::post;
 use chaperone_audit::{AuditConfig, AuditedProducer};
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec, Receiver};
 use chaperone_tests::{
     TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
 };
@@ -21,112 +16,10 @@ use hmac::{Hmac, Mac};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sha2::Sha256;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 const MESSAGES_PER_TOPIC: usize = 3_000;
 const LOST: usize = 25;
-const BUCKET: &str = "10s";
 const SECRET: &str = "e2e-webhook-secret";
-
-type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
-
-async fn webhook_receiver() -> anyhow::Result<(String, Received)> {
-    let received: Received = Arc::default();
-    let app = Router::new()
-        .route(
-            "/hook",
-            post(
-                |State(r): State<Received>, headers: HeaderMap, body: Bytes| async move {
-                    r.lock().expect("receiver lock").push((headers, body));
-                    "ok"
-                },
-            ),
-        )
-        .with_state(received.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((url, received))
-}
-
-fn service_config(
-    tier: &str,
-    bootstrap: &str,
-    include: &str,
-    audit_topic: &str,
-    id: &str,
-) -> anyhow::Result<chaperone_service::Config> {
-    let toml = format!(
-        r#"
-tier = "{tier}"
-cluster = "{tier}"
-datacenter = "regional"
-instance = "{tier}-1"
-bootstrap_servers = "{bootstrap}"
-group_id = "{id}-{tier}"
-audit_topic = "{audit_topic}"
-bucket_width = "{BUCKET}"
-flush_interval = "1s"
-http_addr = "127.0.0.1:0"
-
-[topics]
-include = ['{include}']
-refresh_interval = "2s"
-"#
-    );
-    Ok(chaperone_service::Config::from_toml(&toml)?)
-}
-
-fn collector_config(
-    db_url: &str,
-    audit_topic: &str,
-    hook: &str,
-    secret_file: &std::path::Path,
-    topics: &[&str],
-) -> anyhow::Result<chaperone_collector::Config> {
-    let toml = format!(
-        r#"
-[database]
-url = "{db_url}"
-
-[[clusters]]
-alias = "regional"
-bootstrap = "{regional}"
-audit_topic = "{audit_topic}"
-dlq_topic = "{audit_topic}-dlq"
-
-[[clusters]]
-alias = "aggregate"
-bootstrap = "{aggregate}"
-audit_topic = "{audit_topic}"
-dlq_topic = "{audit_topic}-dlq"
-
-[ingest]
-linger = "200ms"
-
-[reconcile]
-interval = "1s"
-allowed_lateness = "2s"
-max_wait = "90s"
-
-[alerts]
-poll_interval = "500ms"
-
-[[alerts.webhooks]]
-name = "e2e"
-url = "{hook}"
-secret_file = "{secret_file}"
-
-[alerts.webhooks.filters]
-topics = {topics:?}
-"#,
-        regional = regional_bootstrap(),
-        aggregate = aggregate_bootstrap(),
-        secret_file = secret_file.display(),
-    );
-    Ok(chaperone_collector::Config::from_toml(&toml)?)
-}
 
 /// Sums of topic-level verdicts per (edge, status): (buckets, expected, actual).
 async fn verdicts(
@@ -149,87 +42,6 @@ fn edge_totals(rows: &[(String, String, i64, i64, i64)], edge: &str) -> (i64, i6
         .fold((0, 0), |(e, a), r| (e + r.3, a + r.4))
 }
 
-/// The daemons of one pipeline, running in this process.
-struct Pipeline {
-    shutdown: CancellationToken,
-    daemons: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    collector_addr: std::net::SocketAddr,
-    /// `/metrics` of every daemon.
-    scrape: Vec<String>,
-}
-
-impl Pipeline {
-    /// Starts the collector and a chaperone-service next to each cluster, auditing `topics`.
-    async fn start(
-        db: &TestDb,
-        audit_topic: &str,
-        hook: &str,
-        secret_file: &std::path::Path,
-        topics: &[&str],
-        id: &str,
-    ) -> anyhow::Result<Self> {
-        let shutdown = CancellationToken::new();
-        let mut daemons = Vec::new();
-        let collector = collector_config(&db.url()?, audit_topic, hook, secret_file, topics)?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let collector_addr = listener.local_addr()?;
-        let mut scrape = vec![format!("http://{collector_addr}/metrics")];
-        let deps = chaperone_collector::Deps {
-            pool: db.pool.clone(),
-            listener,
-            registry: prometheus::Registry::new(),
-            clock: chaperone_collector::Clock::system(),
-            api_token: None,
-        };
-        daemons.push(tokio::spawn(chaperone_collector::run(
-            collector,
-            deps,
-            shutdown.clone(),
-        )));
-
-        // Topic names are lowercase hex and dashes: nothing to escape in the patterns.
-        let names = topics.join("|");
-        for (tier, bootstrap, include) in [
-            ("regional", regional_bootstrap(), format!("^({names})$")),
-            (
-                "aggregate",
-                aggregate_bootstrap(),
-                format!("^regional\\.({names})$"),
-            ),
-        ] {
-            let config = service_config(tier, &bootstrap, &include, audit_topic, id)?;
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
-            scrape.push(format!("http://{}/metrics", listener.local_addr()?));
-            let deps = chaperone_service::Deps {
-                listener: Some(listener),
-                ..chaperone_service::Deps::default()
-            };
-            daemons.push(tokio::spawn(chaperone_service::run(
-                config,
-                deps,
-                shutdown.clone(),
-            )));
-        }
-        Ok(Self {
-            shutdown,
-            daemons,
-            collector_addr,
-            scrape,
-        })
-    }
-
-    /// Stops every daemon in order and reports the first one that failed.
-    async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        for d in self.daemons {
-            tokio::time::timeout(Duration::from_secs(60), d)
-                .await
-                .context("a daemon did not stop within 60 s")???;
-        }
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::Result<()> {
     let id = unique("e2e");
@@ -245,16 +57,24 @@ async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::
     create_topic(&aggregate_bootstrap(), &audit_topic, 1).await?;
 
     let db = TestDb::create().await?;
-    let (hook, received) = webhook_receiver().await?;
-    let pipeline = Pipeline::start(
-        &db,
-        &audit_topic,
-        &hook,
-        &secret_file,
-        &[&healthy, &lossy],
-        &id,
-    )
-    .await?;
+    let received = Receiver::start().await?;
+    let spec = PipelineSpec {
+        id: id.clone(),
+        audit_topic: audit_topic.clone(),
+        // Topic names are lowercase hex and dashes: nothing to escape in the pattern.
+        topics_regex: format!("{healthy}|{lossy}"),
+        bucket_width: "10s".into(),
+        reconcile:
+            "interval = \"1s\"\nallowed_lateness = \"2s\"\nsettle = \"2s\"\nmax_wait = \"90s\""
+                .into(),
+        webhooks: format!(
+            "[[alerts.webhooks]]\nname = \"e2e\"\nurl = \"{}\"\nsecret_file = \"{}\"\n\
+             [alerts.webhooks.filters]\ntopics = [\"{healthy}\", \"{lossy}\"]\n",
+            received.url,
+            secret_file.display()
+        ),
+    };
+    let pipeline = Pipeline::start(&db, &spec).await?;
     // Whatever the scenario's outcome, the daemons are stopped: a daemon left running would keep
     // the test process alive.
     let outcome = scenario(&db, &pipeline, &received, &healthy, &lossy, &audit_topic).await;
@@ -268,7 +88,7 @@ async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::
 async fn scenario(
     db: &TestDb,
     pipeline: &Pipeline,
-    received: &Received,
+    received: &Receiver,
     healthy: &str,
     lossy: &str,
     audit_topic: &str,
@@ -368,19 +188,19 @@ async fn scenario(
                 sqlx::query_as("SELECT count(*) FROM alert_deliveries WHERE sent_at IS NULL")
                     .fetch_one(&db.pool)
                     .await?;
-            let got = received.lock().expect("receiver lock").len();
+            let got = received.all().len();
             Ok((unsent == 0 && got > 0).then_some(()))
         },
     )
     .await?;
-    let all = received.lock().expect("receiver lock").clone();
+    let all = received.all();
     anyhow::ensure!(
         all.len() == 1,
         "expected exactly one notification, got {}",
         all.len()
     );
-    let (headers, body) = &all[0];
-    let json: serde_json::Value = serde_json::from_slice(body)?;
+    let (headers, body) = (&all[0].headers, &all[0].body);
+    let json = all[0].json()?;
     anyhow::ensure!(
         json["topic"] == serde_json::json!(lossy) && json["event"] == serde_json::json!("firing"),
         "notification: {json}"

@@ -1,0 +1,759 @@
+//! Fault scenarios against the real stack, each asserting what a person would receive: the
+//! verdicts, their revisions and the notifications at a webhook receiver. Nothing is lost in
+//! a scenario unless it says so; where nothing is lost nobody may be notified, and a real loss
+//! is notified exactly once.
+//!
+//! One pipeline (collector, a chaperone-service per cluster) serves every scenario, each on
+//! topics of its own, with 10 s buckets. Producers are `loadgen` processes (audit-lib's example),
+//! so that they can be killed with SIGKILL. Scenarios that stop MirrorMaker run one after the
+//! other, after the ones that need it running. At the end a table of verdicts, revisions,
+//! notifications and detection times per scenario is printed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use chaperone_tests::pipeline::{Notification, Pipeline, PipelineSpec, Receiver};
+use chaperone_tests::{
+    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
+};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::process::{Child, Command};
+
+const WIDTH: &str = "10s";
+const WIDTH_MS: i64 = 10_000;
+const MAX_WAIT_S: u64 = 40;
+
+fn reconcile_section() -> String {
+    format!(
+        "interval = \"1s\"\nallowed_lateness = \"3s\"\nsettle = \"5s\"\nmax_wait = \"{MAX_WAIT_S}s\"\n\
+         loss_after = \"600s\"\ninstance_timeout = \"20s\""
+    )
+}
+
+/// audit-lib's load generator, built by `cargo test` next to this test binary.
+fn loadgen_path() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let debug = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary has no target directory")?;
+    let path = debug.join("examples").join("loadgen");
+    ensure!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p chaperone-audit --example loadgen` \
+         (cargo test --workspace builds it)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// One load generator process.
+struct Loadgen {
+    child: Child,
+}
+
+impl Loadgen {
+    /// Starts `loadgen` for `topics` with extra arguments.
+    fn start(audit_topic: &str, topics: &[&str], args: &[&str]) -> anyhow::Result<Self> {
+        let spool = std::env::temp_dir().join(unique("faults-spool"));
+        let child = Command::new(loadgen_path()?)
+            .arg("--bootstrap")
+            .arg(regional_bootstrap())
+            .arg("--topics")
+            .arg(topics.join(","))
+            .arg("--audit-topic")
+            .arg(audit_topic)
+            .arg("--bucket-width")
+            .arg(WIDTH)
+            .arg("--flush-interval")
+            .arg("1s")
+            .arg("--spool-dir")
+            .arg(spool)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting loadgen")?;
+        Ok(Self { child })
+    }
+
+    /// Waits for a clean exit; returns messages acknowledged and skipped per topic.
+    async fn finish(self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        let out = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())
+            .await
+            .context("loadgen did not finish in 120 s")??;
+        ensure!(out.status.success(), "loadgen failed: {}", out.status);
+        let line = String::from_utf8(out.stdout)?;
+        let json: serde_json::Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("loadgen output: {line}"))?;
+        let mut totals = BTreeMap::new();
+        for (topic, t) in json["topics"].as_object().context("loadgen topics")? {
+            totals.insert(
+                topic.clone(),
+                (
+                    t["acked"].as_u64().unwrap_or(0),
+                    t["skipped"].as_u64().unwrap_or(0),
+                ),
+            );
+        }
+        Ok(totals)
+    }
+
+    /// SIGKILL, as a crash would.
+    async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await.context("killing loadgen")
+    }
+}
+
+/// What a scenario ended with.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// (edge, status) -> (buckets, expected, actual), topic-level.
+    verdicts: BTreeMap<(String, String), (i64, i64, i64)>,
+    revisions: i64,
+    /// Verdict changes to anything but `complete` in the history.
+    ever_bad: i64,
+    firing: usize,
+    resolved: usize,
+    /// Seconds from the end of the first bad bucket to its firing notification.
+    detection_s: Option<f64>,
+}
+
+async fn outcome(db: &TestDb, hooks: &[Notification], topics: &[&str]) -> anyhow::Result<Outcome> {
+    let rows: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT edge, status, count(*), sum(expected)::bigint, sum(actual)::bigint,
+                sum(revisions)::bigint
+           FROM reconcile_verdicts WHERE topic = ANY($1) AND partition = -1
+          GROUP BY edge, status ORDER BY edge, status",
+    )
+    .bind(topics)
+    .fetch_all(&db.pool)
+    .await?;
+    let mut o = Outcome {
+        ever_bad: sqlx::query_scalar(
+            "SELECT count(*) FROM reconcile_verdict_history
+              WHERE topic = ANY($1) AND partition = -1 AND status <> 'complete'",
+        )
+        .bind(topics)
+        .fetch_one(&db.pool)
+        .await?,
+        ..Outcome::default()
+    };
+    for (edge, status, n, e, a, r) in rows {
+        o.verdicts.insert((edge, status), (n, e, a));
+        o.revisions += r;
+    }
+    for h in hooks {
+        let json = h.json()?;
+        let topic = json["topic"].as_str().unwrap_or_default();
+        if !topics.contains(&topic) {
+            continue;
+        }
+        match json["event"].as_str() {
+            Some("firing") => {
+                o.firing += 1;
+                let end = json["bucket_start_ms"].as_i64().unwrap_or(0) + WIDTH_MS;
+                let s = (h.at.timestamp_millis() - end) as f64 / 1_000.0;
+                o.detection_s = Some(o.detection_s.map_or(s, |d: f64| d.min(s)));
+            }
+            Some("resolved") => o.resolved += 1,
+            _ => {}
+        }
+    }
+    Ok(o)
+}
+
+impl Outcome {
+    fn count(&self, edge: &str, status: &str) -> (i64, i64, i64) {
+        self.verdicts
+            .get(&(edge.to_owned(), status.to_owned()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn bad(&self) -> Vec<(&String, &String)> {
+        self.verdicts
+            .keys()
+            .filter(|(_, s)| s != "complete")
+            .map(|(e, s)| (e, s))
+            .collect()
+    }
+
+    /// Totals of an edge over every status: (expected, actual).
+    fn totals(&self, edge: &str) -> (i64, i64) {
+        self.verdicts
+            .iter()
+            .filter(|((e, _), _)| e == edge)
+            .fold((0, 0), |(x, y), (_, v)| (x + v.1, y + v.2))
+    }
+
+    fn quiet(&self, name: &str) -> anyhow::Result<()> {
+        ensure!(
+            self.bad().is_empty() && self.ever_bad == 0 && self.firing == 0 && self.resolved == 0,
+            "{name}: nothing was lost, yet: {self:#?}"
+        );
+        Ok(())
+    }
+}
+
+const P2R: &str = "producer->regional";
+const R2A: &str = "regional->aggregate";
+
+/// Waits until no bucket of `topics` is queued and the verdicts hold `expected` messages on
+/// both edges (checked by `done`).
+async fn settled(
+    db: &TestDb,
+    topics: &[&str],
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&Outcome) -> bool,
+) -> anyhow::Result<()> {
+    eventually(what, timeout, || async {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM reconcile_pending WHERE topic = ANY($1)")
+                .bind(topics)
+                .fetch_one(&db.pool)
+                .await?;
+        let o = outcome(db, &[], topics).await?;
+        Ok((pending == 0 && done(&o)).then_some(()))
+    })
+    .await
+}
+
+async fn topics(names: &[&str], partitions: i32) -> anyhow::Result<()> {
+    for t in names {
+        create_topic(&regional_bootstrap(), t, partitions).await?;
+    }
+    Ok(())
+}
+
+fn stack(cmd: &str) -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = std::process::Command::new(root.join("dev/stack"))
+        .arg(cmd)
+        .status()
+        .with_context(|| format!("running dev/stack {cmd}"))?;
+    ensure!(status.success(), "dev/stack {cmd} failed: {status}");
+    Ok(())
+}
+
+/// Offsets of the end of every partition of `topic` on the cluster at `bootstrap`.
+fn end_offsets(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            Ok(high)
+        })
+        .collect()
+}
+
+/// Messages with the current time, `n` per partition, straight to `topic` on `bootstrap`.
+async fn produce(bootstrap: &str, topic: &str, partitions: i32, n: usize) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    for p in 0..partitions {
+        for i in 0..n {
+            let payload = format!("{{\"n\":{i}}}");
+            producer
+                .send(
+                    FutureRecord::<(), _>::to(topic)
+                        .partition(p)
+                        .payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+    }
+    Ok(())
+}
+
+struct Report(Vec<(String, Outcome)>);
+
+impl Report {
+    fn print(&self) {
+        println!(
+            "\n| scenario | verdicts (edge status: buckets, expected, actual) | revisions | firing | resolved | detection |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (name, o) in &self.0 {
+            let verdicts: Vec<String> = o
+                .verdicts
+                .iter()
+                .map(|((e, s), (n, x, a))| format!("{e} {s}: {n}, {x}, {a}"))
+                .collect();
+            let detection = o
+                .detection_s
+                .map_or("-".to_owned(), |s| format!("{s:.1} s"));
+            println!(
+                "| {name} | {} | {} | {} | {} | {detection} |",
+                verdicts.join("; "),
+                o.revisions,
+                o.firing,
+                o.resolved
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_scenarios() -> anyhow::Result<()> {
+    let id = unique("faults");
+    let audit_topic = format!("{id}-audit");
+    create_topic(&regional_bootstrap(), &audit_topic, 3).await?;
+    create_topic(&aggregate_bootstrap(), &audit_topic, 3).await?;
+    let db = TestDb::create().await?;
+    let receiver = Receiver::start().await?;
+    let spec = PipelineSpec {
+        id: id.clone(),
+        audit_topic: audit_topic.clone(),
+        topics_regex: format!("{id}-.*"),
+        bucket_width: WIDTH.into(),
+        reconcile: reconcile_section(),
+        webhooks: format!(
+            "[[alerts.webhooks]]\nname = \"faults\"\nurl = \"{}\"\n",
+            receiver.url
+        ),
+    };
+    let pipeline = Pipeline::start(&db, &spec).await?;
+    let result = scenarios(&db, &receiver, &id, &audit_topic).await;
+    // MirrorMaker runs again whatever happened.
+    let mirror = stack("start-mirror");
+    let stopped = pipeline.stop().await;
+    let report = result?;
+    report.print();
+    mirror?;
+    stopped?;
+    db.drop_db().await
+}
+
+async fn scenarios(
+    db: &TestDb,
+    receiver: &Receiver,
+    id: &str,
+    audit: &str,
+) -> anyhow::Result<Report> {
+    let mut report = Report(Vec::new());
+    let t = |name: &str| format!("{id}-{name}");
+    let (clean_a, clean_b) = (t("clean-a"), t("clean-b"));
+    let (slow, skew, exit, killed) = (t("slow"), t("skew"), t("exit"), t("killed"));
+    let (lossy, dup, idle) = (t("lossy"), t("dup"), t("idle"));
+    topics(
+        &[&clean_a, &clean_b, &skew, &exit, &killed, &lossy, &dup],
+        3,
+    )
+    .await?;
+    topics(&[&slow], 1).await?;
+    topics(&[&idle], 4).await?;
+    // MirrorMaker picks new topics up on its refresh interval: wait for the copies.
+    let mirrored: Vec<String> = [
+        &clean_a, &clean_b, &slow, &skew, &exit, &killed, &lossy, &dup, &idle,
+    ]
+    .iter()
+    .map(|t| format!("regional.{t}"))
+    .collect();
+    wait_for_topics(&aggregate_bootstrap(), &mirrored).await?;
+
+    // Phase 1: the faults that need MirrorMaker running, all at once.
+    let rate = ["--rate", "200", "--duration", "30s"];
+    let clean = [
+        Loadgen::start(audit, &[&clean_a, &clean_b], &rate)?,
+        Loadgen::start(audit, &[&clean_a, &clean_b], &rate)?,
+    ];
+    let fast = Loadgen::start(audit, &[&slow], &rate)?;
+    let late = Loadgen::start(
+        audit,
+        &[&slow],
+        &[
+            "--rate",
+            "100",
+            "--duration",
+            "40s",
+            "--flush-interval",
+            "30s",
+        ],
+    )?;
+    let skewed = Loadgen::start(
+        audit,
+        &[&skew],
+        &[
+            "--rate",
+            "100",
+            "--duration",
+            "30s",
+            "--event-lag-ms",
+            "90000",
+        ],
+    )?;
+    let on_time = Loadgen::start(audit, &[&skew], &rate)?;
+    let stays = Loadgen::start(audit, &[&exit], &rate)?;
+    let leaves = Loadgen::start(audit, &[&exit], &["--rate", "200", "--duration", "12s"])?;
+    let survivor = Loadgen::start(audit, &[&killed], &rate)?;
+    let victim = Loadgen::start(audit, &[&killed], &["--rate", "200", "--duration", "60s"])?;
+    let loser = Loadgen::start(
+        audit,
+        &[&lossy],
+        &[
+            "--rate",
+            "200",
+            "--duration",
+            "30s",
+            "--skip-fraction",
+            "0.01",
+        ],
+    )?;
+    let dup_source = Loadgen::start(audit, &[&dup], &rate)?;
+    let idle_source = Loadgen::start(
+        audit,
+        &[&idle],
+        // One key: every message goes to one of the four partitions.
+        &["--rate", "100", "--duration", "30s", "--keys", "1"],
+    )?;
+    // A poison record on the audit topic: a NUL character PostgreSQL cannot store.
+    poison(audit).await?;
+
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    victim.kill().await?;
+    // Duplicates written straight into the aggregate cluster.
+    produce(&aggregate_bootstrap(), &format!("regional.{dup}"), 1, 40).await?;
+
+    let mut acked: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for lg in clean.into_iter().chain([
+        fast,
+        late,
+        skewed,
+        on_time,
+        stays,
+        leaves,
+        survivor,
+        loser,
+        dup_source,
+        idle_source,
+    ]) {
+        for (topic, (a, s)) in lg.finish().await? {
+            let e = acked.entry(topic).or_default();
+            e.0 += a;
+            e.1 += s;
+        }
+    }
+    let produced = |topic: &str| acked.get(topic).map_or(0, |t| t.0 as i64);
+    let skipped = |topic: &str| acked.get(topic).map_or(0, |t| t.1 as i64);
+
+    // Everything judged: the clean and slow topics to exact totals.
+    let all = [
+        clean_a.as_str(),
+        &clean_b,
+        &slow,
+        &skew,
+        &exit,
+        &killed,
+        &lossy,
+        &dup,
+        &idle,
+    ];
+    let exact = [clean_a.as_str(), &clean_b, &slow, &skew, &exit, &idle];
+    settled(
+        db,
+        &all,
+        "phase 1 verdicts",
+        Duration::from_secs(240),
+        |_| true,
+    )
+    .await?;
+    for topic in exact {
+        let n = produced(topic);
+        settled(
+            db,
+            &[topic],
+            &format!("exact totals of {topic}"),
+            Duration::from_secs(120),
+            |o| o.totals(P2R) == (n, n) && o.totals(R2A) == (n, n),
+        )
+        .await?;
+    }
+    let lost = skipped(&lossy);
+    ensure!(lost > 0, "the lossy loadgen skipped nothing");
+    settled(
+        db,
+        &[&lossy],
+        "the loss judged",
+        Duration::from_secs(120),
+        |o| o.totals(P2R) == (produced(&lossy) + lost, produced(&lossy)),
+    )
+    .await?;
+    settled(
+        db,
+        &[&dup],
+        "the duplicates judged",
+        Duration::from_secs(120),
+        |o| {
+            let n = produced(&dup);
+            o.totals(R2A) == (n, n + 40)
+        },
+    )
+    .await?;
+    // Let the sender deliver what the reconciler decided.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hooks = receiver.all();
+
+    for (name, topics) in [
+        (
+            "clean, 2 topics x 2 producers",
+            vec![clean_a.as_str(), &clean_b],
+        ),
+        ("one producer flushing every 30 s", vec![&slow]),
+        ("producer event times 90 s behind", vec![&skew]),
+        ("producer exits cleanly", vec![&exit]),
+        ("partitions never written", vec![&idle]),
+    ] {
+        let o = outcome(db, &hooks, &topics).await?;
+        o.quiet(name)?;
+        // Counts of a skewed producer that arrive after a bucket was judged complete on the
+        // on-time producer's counts revise its totals (complete -> complete), nothing else.
+        ensure!(
+            o.revisions == 0 || topics == [skew.as_str()],
+            "{name}: revisions {o:#?}"
+        );
+        report.0.push((name.into(), o));
+    }
+
+    let o = outcome(db, &hooks, &[&killed]).await?;
+    ensure!(
+        o.count(P2R, "duplicated").0 == 0 && o.count(P2R, "missing").0 == 0,
+        "a killed producer's lost counts are not Kafka's duplicates: {o:#?}"
+    );
+    ensure!(o.firing == 0, "killed producer notified: {o:#?}");
+    let named: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reconcile_verdicts WHERE topic = $1 AND stale_instances <> '{}'",
+    )
+    .bind(&killed)
+    .fetch_one(&db.pool)
+    .await?;
+    ensure!(
+        named > 0,
+        "the verdicts of the killed producer's last buckets name it"
+    );
+    report.0.push(("producer killed -9".into(), o));
+
+    let o = outcome(db, &hooks, &[&lossy]).await?;
+    ensure!(
+        o.count(P2R, "missing").1 - o.count(P2R, "missing").2 == lost,
+        "producer->regional loss of {lost} found exactly: {o:#?}"
+    );
+    ensure!(o.firing == 1, "one firing for the loss: {o:#?}");
+    ensure!(o.count(R2A, "missing").0 == 0, "{o:#?}");
+    report.0.push(("loss producer->regional".into(), o));
+
+    let o = outcome(db, &hooks, &[&dup]).await?;
+    let (_, e, a) = o.count(R2A, "duplicated");
+    ensure!(a - e == 40, "40 duplicates found exactly: {o:#?}");
+    ensure!(o.firing == 1, "one firing for the duplicates: {o:#?}");
+    report.0.push(("duplicates in aggregate".into(), o));
+
+    dead_lettered(audit).await?;
+
+    // Phase 2: MirrorMaker stopped for longer than the lateness, shorter than max_wait; on
+    // another topic, records removed on regional before the mirror copied them.
+    let (paused, removed) = (t("paused"), t("removed"));
+    topics(&[&paused, &removed], 1).await?;
+    wait_for_topics(
+        &aggregate_bootstrap(),
+        &[format!("regional.{paused}"), format!("regional.{removed}")],
+    )
+    .await?;
+    let before = Loadgen::start(audit, &[&removed], &["--rate", "100", "--duration", "5s"])?;
+    let paused_source = Loadgen::start(audit, &[&paused], &["--rate", "100", "--duration", "40s"])?;
+    before.finish().await?;
+    let copied = end_offsets(&regional_bootstrap(), &removed, 1)?[0];
+    eventually(
+        "the first records mirrored",
+        Duration::from_secs(60),
+        || async {
+            let there = end_offsets(&aggregate_bootstrap(), &format!("regional.{removed}"), 1)?[0];
+            Ok((there >= copied).then_some(()))
+        },
+    )
+    .await?;
+    stack("stop-mirror")?;
+    let stopped_at = Instant::now();
+    Loadgen::start(audit, &[&removed], &["--count", "30", "--rate", "0"])?
+        .finish()
+        .await?;
+    let end = end_offsets(&regional_bootstrap(), &removed, 1)?[0];
+    // The regional service counts them; then they are gone before MirrorMaker copies them.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    delete_records(&removed, end).await?;
+    tokio::time::sleep(Duration::from_secs(25).saturating_sub(stopped_at.elapsed())).await;
+    stack("start-mirror")?;
+    // More traffic after the loss, so that the aggregate shows it moved past the bucket.
+    let after = Loadgen::start(audit, &[&removed], &["--rate", "50", "--duration", "25s"])?;
+    let mut totals = paused_source.finish().await?;
+    totals.extend(after.finish().await?);
+    let n = totals.get(&paused).map_or(0, |t| t.0 as i64);
+    settled(
+        db,
+        &[&paused],
+        "paused topic judged",
+        Duration::from_secs(180),
+        |o| o.totals(R2A) == (n, n),
+    )
+    .await?;
+    settled(
+        db,
+        &[&removed],
+        "removed records judged",
+        Duration::from_secs(180),
+        |o| {
+            let (e, a) = o.totals(R2A);
+            e - a == 30
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hooks = receiver.all();
+    let o = outcome(db, &hooks, &[&paused]).await?;
+    o.quiet("MirrorMaker stopped 25 s")?;
+    report.0.push(("MirrorMaker stopped 25 s".into(), o));
+    let o = outcome(db, &hooks, &[&removed]).await?;
+    ensure!(
+        o.count(R2A, "missing").1 - o.count(R2A, "missing").2 == 30 && o.firing == 1,
+        "regional->aggregate loss of 30 found exactly, once: {o:#?}"
+    );
+    report.0.push(("loss regional->aggregate".into(), o));
+
+    // Phase 3: MirrorMaker stopped for longer than max_wait: lag, reported as lag.
+    let stuck = t("stuck");
+    topics(&[&stuck], 2).await?;
+    wait_for_topics(&aggregate_bootstrap(), &[format!("regional.{stuck}")]).await?;
+    let source = Loadgen::start(audit, &[&stuck], &["--rate", "100", "--duration", "15s"])?;
+    stack("stop-mirror")?;
+    let totals = source.finish().await?;
+    let n = totals.get(&stuck).map_or(0, |t| t.0 as i64);
+    eventually(
+        "lagging verdicts while the mirror is stopped",
+        Duration::from_secs(MAX_WAIT_S + 60),
+        || async {
+            let o = outcome(db, &[], &[&stuck]).await?;
+            Ok((o.count(R2A, "lagging").0 > 0).then_some(()))
+        },
+    )
+    .await?;
+    let during = outcome(db, &receiver.all(), &[&stuck]).await?;
+    ensure!(
+        during.count(R2A, "missing").0 == 0 && during.firing == 0,
+        "a stopped mirror is lag, not loss: {during:#?}"
+    );
+    stack("start-mirror")?;
+    settled(
+        db,
+        &[&stuck],
+        "the stuck topic caught up",
+        Duration::from_secs(180),
+        |o| o.totals(R2A) == (n, n) && o.count(R2A, "lagging").0 == 0,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let o = outcome(db, &receiver.all(), &[&stuck]).await?;
+    o.quiet("MirrorMaker stopped beyond max_wait")?;
+    report
+        .0
+        .push(("MirrorMaker stopped beyond max_wait".into(), o));
+    Ok(report)
+}
+
+async fn wait_for_topics(bootstrap: &str, names: &[String]) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    eventually("mirrored topics", Duration::from_secs(60), || async {
+        let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+        let have: Vec<&str> = md.topics().iter().map(|t| t.name()).collect();
+        Ok(names
+            .iter()
+            .all(|n| have.contains(&n.as_str()))
+            .then_some(()))
+    })
+    .await
+}
+
+/// Deletes every record of partition 0 of `topic` on regional before `offset`.
+async fn delete_records(topic: &str, offset: i64) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", regional_bootstrap())
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offset))?;
+    let result = admin.delete_records(&tpl, &AdminOptions::new()).await?;
+    for el in result.elements() {
+        if let Err(e) = el.error() {
+            bail!("deleting records of {topic}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// A counts record whose `host` holds a NUL character.
+async fn poison(audit: &str) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", regional_bootstrap())
+        .create()?;
+    let record = serde_json::json!({
+        "version": 1, "kind": "progress", "id": uuid::Uuid::new_v4().to_string(),
+        "topic": "poison", "physical_topic": "poison", "partition": 0, "tier": "producer",
+        "datacenter": "regional", "cluster": "regional", "host": "web\u{0}1",
+        "instance": "1", "watermark_ms": chrono::Utc::now().timestamp_millis(),
+        "bucket_width_ms": WIDTH_MS, "emitted_at_ms": chrono::Utc::now().timestamp_millis()
+    });
+    producer
+        .send(
+            FutureRecord::to(audit)
+                .key("poison")
+                .payload(&record.to_string()),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+/// The poison record is on the dead-letter topic, with a reason naming the field.
+async fn dead_lettered(audit: &str) -> anyhow::Result<()> {
+    use rdkafka::Message as _;
+    use rdkafka::message::Headers as _;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", regional_bootstrap())
+        .set("group.id", unique("faults-dlq"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[&format!("{audit}-dlq")])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m?;
+        if m.key() != Some(b"poison".as_slice()) {
+            continue;
+        }
+        let reason = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key.contains("reason")))
+            .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+            .unwrap_or_default();
+        ensure!(reason.contains("host"), "dead-letter reason: {reason}");
+        return Ok(());
+    }
+    bail!("the poison record did not reach {audit}-dlq")
+}
