@@ -10,6 +10,8 @@
 //! - [`pipeline`]: the consume loop, counting into a tally and committing counts together
 //!   with consumer offsets in Kafka transactions.
 //! - [`transaction`]: the thread that runs those transactions while the loop counts on.
+//! - [`watermark`]: the event-time watermark each progress record claims, decided by a pure
+//!   function from positions, end offsets and event times, kept across flushes once committed.
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //!
 //! [`run`] wires them together; `main.rs` only parses flags and starts tracing.
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod subscription;
 pub mod transaction;
+pub mod watermark;
 
 use std::sync::{Arc, Mutex};
 

@@ -17,6 +17,10 @@ pub struct Mapped {
     pub topic: String,
     /// Datacenter the messages originated in.
     pub datacenter: String,
+    /// Whether the topic is a mirror of a topic of another cluster (the rule matched it).
+    /// Having read a mirror to its end says nothing about what is still upstream of the
+    /// mirror maker, so its watermarks never claim "caught up".
+    pub mirrored: bool,
 }
 
 /// The mapping rule.
@@ -52,6 +56,7 @@ impl Mapping {
         Mapped {
             topic: physical.to_owned(),
             datacenter: self.local_datacenter.clone(),
+            mirrored: false,
         }
     }
 
@@ -73,6 +78,7 @@ impl Mapping {
                         Mapped {
                             topic: t.as_str().to_owned(),
                             datacenter: s.as_str().to_owned(),
+                            mirrored: true,
                         }
                     }
                     _ => self.local(physical),
@@ -89,6 +95,7 @@ impl Mapping {
                 Some((source, topic)) if !source.is_empty() && !topic.is_empty() => Mapped {
                     topic: topic.to_owned(),
                     datacenter: source.to_owned(),
+                    mirrored: true,
                 },
                 _ => self.local(physical),
             };
@@ -116,6 +123,7 @@ impl Mapping {
             Some(source) => Mapped {
                 topic: rest.to_owned(),
                 datacenter: source.to_owned(),
+                mirrored: true,
             },
             None => self.local(physical),
         }
@@ -131,10 +139,12 @@ mod tests {
         Mapping::new(kind, ".", &s, pattern, "agg-dc").expect("valid")
     }
 
+    /// A mapped topic; mirrored unless it is in the local datacenter `agg-dc`.
     fn mapped(topic: &str, dc: &str) -> Mapped {
         Mapped {
             topic: topic.into(),
             datacenter: dc.into(),
+            mirrored: dc != "agg-dc",
         }
     }
 

@@ -3,9 +3,9 @@
 //! Messages are counted into a [`Tally`] in memory. Every flush interval, the tally is
 //! drained together with the consumer's positions into one Kafka transaction on the audited
 //! cluster (see [`crate::transaction`]): a `counts` record per drained cell and a `progress`
-//! record per assigned partition go to the audit topic, the positions are added with
-//! `send_offsets_to_transaction`, and it commits. Counts and offsets therefore become visible
-//! together or not at all. The transaction runs on the committer thread while this loop
+//! record per assigned partition (its watermark decided by [`crate::watermark`]) go to the
+//! audit topic, the positions are added with `send_offsets_to_transaction`, and it commits.
+//! Counts and offsets therefore become visible together or not at all. The transaction runs on the committer thread while this loop
 //! counts on; one is in flight at a time. On partition revocation and on shutdown,
 //! [`Core::flush`] waits for it and commits what is left before returning.
 //!
@@ -36,6 +36,7 @@ use crate::mapping::{Mapped, Mapping};
 use crate::metrics::Metrics;
 use crate::subscription::Selector;
 use crate::transaction::{Batch, Committer, Outcome, Totals};
+use crate::watermark::{self, Committed, Ends, Key, Marks};
 
 /// Milliseconds since the Unix epoch; injected so tests can control time.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -95,13 +96,6 @@ pub struct Settings {
     pub reset_to_end: bool,
 }
 
-/// Cached end offsets of a partition, from client statistics.
-#[derive(Debug, Clone, Copy)]
-struct Ends {
-    high: i64,
-    stable: i64,
-}
-
 /// Everything the consume loop and the rebalance callback share.
 pub struct Core {
     settings: Settings,
@@ -110,8 +104,8 @@ pub struct Core {
     dater: Dater,
     mapping: Mapping,
     mapped: HashMap<String, Mapped>,
-    event_watermarks: HashMap<(String, i32), i64>,
-    ends: HashMap<(String, i32), Ends>,
+    marks: Marks,
+    ends: HashMap<Key, Ends>,
     log_append_warned: HashSet<String>,
     malformed_warned: HashMap<String, Instant>,
     metrics: Metrics,
@@ -154,7 +148,7 @@ impl Core {
             dater,
             mapping,
             mapped: HashMap::new(),
-            event_watermarks: HashMap::new(),
+            marks: Marks::default(),
             ends: HashMap::new(),
             log_append_warned: HashSet::new(),
             malformed_warned: HashMap::new(),
@@ -230,21 +224,54 @@ impl Core {
         }
     }
 
-    /// Updates cached end offsets from client statistics.
+    /// Updates cached end offsets from client statistics (those that are fresh).
     fn update_ends(&mut self, stats: &Statistics) {
-        for (topic, t) in &stats.topics {
-            for (p, s) in &t.partitions {
-                if *p < 0 {
-                    continue;
-                }
-                self.ends.insert(
-                    (topic.clone(), *p),
-                    Ends {
-                        high: s.hi_offset,
-                        stable: s.ls_offset,
-                    },
-                );
+        let now = (self.clock)();
+        for (key, ends) in watermark::ends_from_stats(stats, now) {
+            self.ends.insert(key, ends);
+        }
+    }
+
+    /// Looks up the committed offsets of assigned partitions that have read nothing since
+    /// assignment (or the last rewind) and whose committed offset is not known yet. Only
+    /// partitions the consumer has started fetching since assignment (end offsets arrived):
+    /// their committed offsets are stable by then (librdkafka waits for that with
+    /// `read_committed`), so the lookup does not wait on another instance's transaction.
+    fn look_up_committed<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        positions: &TopicPartitionList,
+    ) {
+        let mut wanted = TopicPartitionList::new();
+        for el in positions.elements() {
+            let key: Key = (el.topic().to_owned(), el.partition());
+            if !matches!(el.offset(), Offset::Offset(n) if n >= 0)
+                && self.ends.contains_key(&key)
+                && self.marks.committed(&key) == Committed::Unknown
+            {
+                wanted.add_partition(el.topic(), el.partition());
             }
+        }
+        if wanted.count() == 0 {
+            return;
+        }
+        let timeout = self.settings.kafka_timeout.min(COMMITTED_LOOKUP_TIMEOUT);
+        match consumer.committed_offsets(wanted, timeout) {
+            Ok(found) => {
+                for el in found.elements() {
+                    let committed = match el.offset() {
+                        Offset::Offset(n) if n >= 0 => Committed::At(n),
+                        Offset::Invalid => Committed::None,
+                        _ => continue,
+                    };
+                    self.marks
+                        .set_committed(&(el.topic().to_owned(), el.partition()), committed);
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot read committed offsets: partitions that read nothing yet report no position"
+            ),
         }
     }
 
@@ -323,9 +350,15 @@ impl Core {
         rewind: bool,
     ) -> Result<bool, PipelineError> {
         match outcome {
-            Outcome::Committed => Ok(true),
+            Outcome::Committed => {
+                self.marks.commit();
+                Ok(true)
+            }
             Outcome::Fatal(e) => Err(e),
             Outcome::Aborted { discarded } => {
+                // Back to the watermarks of the last committed batch: the counts are made
+                // again after the rewind.
+                self.marks.abort();
                 let since: u64 = self.tally.drain().iter().map(|e| e.cell.count).sum();
                 tracing::warn!(
                     discarded = discarded + since,
@@ -359,6 +392,7 @@ impl Core {
         if self.tally.is_empty() && positions.count() == 0 {
             return Ok(None);
         }
+        self.look_up_committed(consumer, &positions);
         let entries = self.tally.drain();
         let now = (self.clock)();
         let width = self.settings.width;
@@ -372,14 +406,10 @@ impl Core {
             totals.malformed += e.cell.malformed;
             let partition = e.partition.unwrap_or(-1);
             if let Some(max) = e.cell.max_event_ms {
-                let w = self
-                    .event_watermarks
-                    .entry((e.topic.clone(), partition))
-                    .or_insert(max);
-                *w = (*w).max(max);
+                self.marks.see(&(e.topic.clone(), partition), max);
             }
             let mapped = self.mapped(&e.topic);
-            let key = format!("{}/{}", e.topic, partition);
+            let key = record_key(&mapped);
             let observer = self.observer(mapped.datacenter);
             let counts = e.into_counts(
                 uuid::Uuid::now_v7().to_string(),
@@ -396,59 +426,50 @@ impl Core {
         for el in positions.elements() {
             let topic = el.topic();
             let partition = el.partition();
-            let position = match el.offset() {
+            let consumed = match el.offset() {
                 Offset::Offset(n) if n >= 0 => Some(n),
                 _ => None,
             };
-            if let Some(p) = position {
+            let key: Key = (topic.to_owned(), partition);
+            if let Some(p) = consumed {
                 offsets
                     .add_partition_offset(topic, partition, Offset::Offset(p))
                     .map_err(|e| fatal("building the offsets to commit", e))?;
+                self.marks.stage_offset(&key, p);
             }
-            let ends = self.ends.get(&(topic.to_owned(), partition)).copied();
-            // The broker's high watermark is at least what we have read.
-            let high = match (ends.map(|e| e.high).filter(|h| *h >= 0), position) {
-                (Some(h), Some(p)) => Some(h.max(p)),
-                (h, p) => h.or(p),
-            };
-            let stable = ends.map(|e| e.stable).filter(|s| *s >= 0).or(high);
-            let lag = match (stable, position) {
-                (Some(s), Some(p)) => Some((s - p).max(0)),
-                _ => None,
-            };
-            if let Some(l) = lag {
+            let mapped = self.mapped(topic);
+            let decision = watermark::decide(
+                &watermark::Input {
+                    consumed,
+                    committed: self.marks.committed(&key),
+                    reset_to_end: self.settings.reset_to_end,
+                    ends: self.ends.get(&key).copied(),
+                    seen_ms: self.marks.seen(&key),
+                    mirrored: mapped.mirrored,
+                    claimed_ms: self.marks.claimed(&key),
+                },
+                now,
+                lateness,
+            );
+            if let Some(l) = decision.lag {
                 lags.push((topic.to_owned(), partition, l));
             }
-            let seen = self
-                .event_watermarks
-                .get(&(topic.to_owned(), partition))
-                .copied();
-            let watermark = if lag == Some(0) {
-                now
-            } else {
-                seen.unwrap_or(MIN_TIMESTAMP_MS).min(now)
-            };
-            let watermark = watermark
-                .saturating_sub(lateness)
-                .clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS);
-            let mapped = self.mapped(topic);
+            self.marks.claim(&key, decision.watermark_ms);
+            let record_key = record_key(&mapped);
             let progress = Progress {
                 id: uuid::Uuid::now_v7().to_string(),
                 topic: mapped.topic,
                 physical_topic: topic.to_owned(),
                 partition: Some(partition),
                 observer: self.observer(mapped.datacenter),
-                position,
-                high_watermark: high,
-                watermark_ms: watermark,
+                position: decision.position,
+                high_watermark: decision.high_watermark,
+                watermark_ms: decision.watermark_ms,
                 bucket_width: width,
                 emitted_at_ms: now.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
                 closing: false,
             };
-            records.push((
-                format!("{topic}/{partition}"),
-                AuditRecord::Progress(progress).encode(),
-            ));
+            records.push((record_key, AuditRecord::Progress(progress).encode()));
         }
         let n_counts = records.len() - positions.count();
         let group = if offsets.count() > 0 {
@@ -482,6 +503,13 @@ impl Core {
                 _ if self.settings.reset_to_end => Offset::End,
                 _ => Offset::Beginning,
             };
+            let known = match el.offset() {
+                Offset::Offset(n) if n >= 0 => Committed::At(n),
+                Offset::Invalid => Committed::None,
+                _ => Committed::Unknown,
+            };
+            self.marks
+                .set_committed(&(el.topic().to_owned(), el.partition()), known);
             consumer
                 .seek(el.topic(), el.partition(), target, timeout)
                 .map_err(|e| fatal("rewinding a partition to its committed offset", e))?;
@@ -499,8 +527,11 @@ impl Core {
     /// Waits for the batch in flight first: whether it commits or aborts, its partitions
     /// resume from what the broker has committed.
     fn discard(&mut self) -> Result<(), PipelineError> {
-        if let Some(Outcome::Fatal(e)) = self.committer.wait() {
-            return Err(e);
+        match self.committer.wait() {
+            Some(Outcome::Fatal(e)) => return Err(e),
+            Some(Outcome::Committed) => self.marks.commit(),
+            Some(Outcome::Aborted { .. }) => self.marks.abort(),
+            None => {}
         }
         let dropped: u64 = self.tally.drain().iter().map(|e| e.cell.count).sum();
         if dropped > 0 {
@@ -588,14 +619,21 @@ impl ConsumerContext for PipelineContext {
                     }
                 }
                 for el in tpl.elements() {
-                    core.event_watermarks
-                        .remove(&(el.topic().to_owned(), el.partition()));
+                    core.marks.revoke(&(el.topic().to_owned(), el.partition()));
                 }
                 core.health.set_ready(false);
             }
             Rebalance::Assign(tpl) => {
                 self.metrics.rebalances.with_label_values(&["assign"]).inc();
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
+                let mut core = self.lock();
+                for el in tpl.elements() {
+                    let key: Key = (el.topic().to_owned(), el.partition());
+                    // End offsets from before are stale; fresh ones also tell that the
+                    // consumer started fetching the partition.
+                    core.ends.remove(&key);
+                    core.marks.assign(&key);
+                }
             }
             Rebalance::Error(e) => {
                 self.metrics.rebalances.with_label_values(&["error"]).inc();
@@ -618,6 +656,10 @@ impl ConsumerContext for PipelineContext {
 /// Messages between two checks of the shutdown token, the flush and refresh deadlines and
 /// the transaction in flight (also checked whenever the consumer is idle).
 const CHECK_EVERY: u32 = 256;
+
+/// Longest wait for the committed offsets of partitions that read nothing yet (they only
+/// give such partitions a position and a watermark; the next flush tries again).
+const COMMITTED_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Messages between two reads of the clock while messages arrive without waiting.
 const READ_CLOCK_EVERY: u32 = 64;
@@ -761,4 +803,28 @@ fn refresh(
     }
     metrics.subscribed_topics.set(selected.len() as i64);
     *subscribed = selected;
+}
+
+/// The key of an audit record about a partition of a topic mapped to `mapped`: its logical
+/// topic, so that every record of one topic (all its partitions, its mirrors from every
+/// source) is on one audit-topic partition, in the order written.
+fn record_key(mapped: &Mapped) -> String {
+    mapped.topic.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bug 6: records were keyed by physical topic and partition, so one logical topic's
+    /// records (its partitions, its mirrors from several sources) spread over the audit
+    /// topic's partitions and lost their order.
+    #[test]
+    fn records_are_keyed_by_logical_topic() {
+        let mapping = Mapping::new(crate::config::MappingKind::Mirror, ".", &[], None, "dc1")
+            .expect("valid mapping");
+        for physical in ["regional.orders", "eu.orders", "orders"] {
+            assert_eq!(record_key(&mapping.map(physical)), "orders", "{physical}");
+        }
+    }
 }

@@ -388,7 +388,9 @@ async fn garbage_payloads_are_counted_as_malformed() {
 }
 
 /// The aggregate tier audits MirrorMaker 2's copies: counts land under the logical topic and
-/// the source datacenter, with exact totals.
+/// the source datacenter, with exact totals. Read to its end, a mirror says nothing about what
+/// is still upstream of MirrorMaker: its watermark is the latest event time read (the messages
+/// are an hour old), never the wall clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregate_tier_maps_mirrored_topics_to_logical_topic_and_source() {
     let prefix = unique("svc-mirror");
@@ -400,8 +402,13 @@ async fn aggregate_tier_maps_mirrored_topics_to_logical_topic_and_source() {
     create_topic(&regional_bootstrap, &topic, 2).await;
     create_topic(&aggregate_bootstrap, &audit, 3).await;
 
-    let base = now_ms();
+    let base = now_ms() - 3_600_000;
     let msgs = known_messages(2_000, 2, base);
+    let mut max_event: HashMap<i32, i64> = HashMap::new();
+    for m in &msgs {
+        let e = max_event.entry(m.partition).or_insert(m.timestamp);
+        *e = (*e).max(m.timestamp);
+    }
     let mut expected = Expected::new();
     expect(&mut expected, &mirrored, &msgs, WIDTH_MS);
     produce(&producer(&regional_bootstrap), &topic, &msgs);
@@ -430,7 +437,23 @@ async fn aggregate_tier_maps_mirrored_topics_to_logical_topic_and_source() {
                 "over-counted {got} > {want}\n{}",
                 diff(&expected, &reader.totals())
             );
-            if got == want {
+            for p in &reader.progress {
+                let part = p.partition.expect("partition");
+                assert!(
+                    p.watermark_ms <= max_event[&part],
+                    "mirrored partition {part} claims {} ms past its latest event time: {p:?}",
+                    p.watermark_ms - max_event[&part]
+                );
+            }
+            let final_watermarks = (0..2).all(|part| {
+                reader
+                    .progress
+                    .iter()
+                    .rev()
+                    .find(|p| p.partition == Some(part))
+                    .is_some_and(|p| p.watermark_ms == max_event[&part])
+            });
+            if got == want && final_watermarks {
                 assert_eq!(reader.totals(), expected, "per-cell totals differ");
                 break reader;
             }

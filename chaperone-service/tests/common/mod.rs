@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chaperone_audit::{AuditRecord, Counts};
+use chaperone_audit::{AuditRecord, Counts, Progress};
 use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
 };
@@ -125,13 +125,20 @@ pub struct Msg {
 }
 
 pub fn producer(bootstrap: &str) -> BaseProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    producer_with(bootstrap, &[])
+}
+
+/// A producer with `overrides` on top of [`producer`]'s settings.
+pub fn producer_with(bootstrap: &str, overrides: &[(&str, &str)]) -> BaseProducer {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
         .set("linger.ms", "5")
         .set("enable.idempotence", "true")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer")
+        .set("queue.buffering.max.messages", "1000000");
+    for (k, v) in overrides {
+        c.set(*k, *v);
+    }
+    c.create().expect("producer")
 }
 
 /// Produces `msgs` to `topic` and waits until all are acknowledged.
@@ -216,6 +223,15 @@ refresh_interval = "1s"
         self.toml = self.toml.replace(
             "flush_interval = \"1s\"",
             &format!("flush_interval = \"{d}\""),
+        );
+        self
+    }
+
+    /// Adds a librdkafka property of the consumer (`[kafka_consumer]`).
+    pub fn kafka_consumer(mut self, key: &str, value: &str) -> Self {
+        self.toml = self.toml.replace(
+            "[kafka_consumer]\n",
+            &format!("[kafka_consumer]\n\"{key}\" = \"{value}\"\n"),
         );
         self
     }
@@ -361,6 +377,8 @@ pub struct AuditReader {
     /// Latest progress position per (physical topic, partition).
     pub positions: HashMap<(String, i32), i64>,
     pub progress_records: usize,
+    /// Every progress record, in the order read.
+    pub progress: Vec<Progress>,
     /// Instances that wrote any record.
     pub instances: HashSet<String>,
     /// Physical topics of interest (others are ignored).
@@ -389,6 +407,7 @@ impl AuditReader {
             counts: Vec::new(),
             positions: HashMap::new(),
             progress_records: 0,
+            progress: Vec::new(),
             instances: HashSet::new(),
             topics: topics.iter().cloned().collect(),
         }
@@ -425,6 +444,7 @@ impl AuditReader {
                             if let (Some(part), Some(pos)) = (p.partition, p.position) {
                                 self.positions.insert((p.physical_topic.clone(), part), pos);
                             }
+                            self.progress.push(p);
                         }
                     }
                 }
