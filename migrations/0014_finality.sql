@@ -40,3 +40,11 @@ ALTER TABLE reconcile_verdicts ADD COLUMN stale_instances text[] NOT NULL DEFAUL
 
 ALTER TABLE reconcile_verdict_history ADD COLUMN lag_ms bigint;
 ALTER TABLE reconcile_verdict_history ADD COLUMN stale_instances text[] NOT NULL DEFAULT '{}';
+
+-- 5. An open incident is `superseded` by a new one when a much worse loss of its topic arrives
+--    (`reconcile.escalate_factor`) or a loss comes long after its last bad bucket
+--    (`reconcile.incident_gap`): the new incident notifies, so an unhealed loss never mutes its
+--    topic. A superseded incident still gets its `resolved` notification when its buckets heal.
+ALTER TABLE alert_incidents DROP CONSTRAINT alert_incidents_status_check;
+ALTER TABLE alert_incidents ADD CONSTRAINT alert_incidents_status_check
+    CHECK (status IN ('open', 'resolved', 'superseded'));

@@ -958,3 +958,75 @@ async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
     );
     assert_eq!(metrics.width_mismatches.get(), 1);
 }
+
+#[tokio::test]
+async fn a_much_worse_or_much_later_loss_notifies_despite_an_open_incident() {
+    let db = TestDb::create().await.unwrap();
+    let cfg = ReconcileConfig {
+        incident_gap: std::time::Duration::from_secs(180),
+        ..config()
+    };
+    let (r, clock) = reconciler(&db.pool, cfg, end(0) + 1_000);
+    // One message lost, then the same again next bucket: one incident.
+    flow(&db, "orders", 0, 100, 100, 99).await;
+    flow(&db, "orders", 1, 100, 100, 99).await;
+    all_progress(&db.pool, "orders", "dc1", end(1) + LATENESS)
+        .await
+        .unwrap();
+    pass(&r).await;
+    assert_eq!(events(&db).await, ["bad_bucket", "bad_bucket"]);
+    assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 1);
+
+    // Ten times worse: a new incident, which notifies; the first is superseded.
+    flow(&db, "orders", 2, 100, 100, 90).await;
+    all_progress(&db.pool, "orders", "dc1", end(2) + LATENESS)
+        .await
+        .unwrap();
+    clock.set(at(end(2) + 1_000));
+    pass(&r).await;
+    let incidents: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, max_missing FROM alert_incidents ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        incidents,
+        [("superseded".to_owned(), 1), ("open".to_owned(), 10)]
+    );
+
+    // A loss long after the open incident's last bad bucket: yet another incident.
+    flow(&db, "orders", 8, 100, 100, 95).await;
+    all_progress(&db.pool, "orders", "dc1", end(8) + LATENESS)
+        .await
+        .unwrap();
+    clock.set(at(end(8) + 1_000));
+    pass(&r).await;
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM alert_incidents ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(statuses, ["superseded", "superseded", "open"]);
+    let firsts: i64 = count(
+        &db,
+        "SELECT count(DISTINCT incident_id) FROM alert_events WHERE kind = 'bad_bucket'",
+    )
+    .await;
+    assert_eq!(firsts, 3, "each incident has its firing event");
+
+    // The first incident's buckets heal: its resolution is still told.
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 1)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(1), "aggregate", "dc1", 0, 1)
+        .await
+        .unwrap();
+    rejudge(&r, &clock).await;
+    let resolved: i64 = count(
+        &db,
+        "SELECT count(*) FROM alert_events e JOIN alert_incidents i ON i.id = e.incident_id
+          WHERE e.kind = 'resolved' AND i.status = 'superseded'",
+    )
+    .await;
+    assert_eq!(resolved, 1);
+}

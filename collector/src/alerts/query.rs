@@ -15,6 +15,9 @@ pub enum IncidentStatus {
     Open,
     /// Every bucket is complete again.
     Resolved,
+    /// A new incident of the same topic took over while some of its buckets were still bad:
+    /// a much worse loss arrived, or a loss long after its last bad bucket.
+    Superseded,
 }
 
 impl IncidentStatus {
@@ -23,6 +26,7 @@ impl IncidentStatus {
         match self {
             IncidentStatus::Open => "open",
             IncidentStatus::Resolved => "resolved",
+            IncidentStatus::Superseded => "superseded",
         }
     }
 }
@@ -35,7 +39,7 @@ impl fmt::Display for IncidentStatus {
 
 /// A string that is not an incident status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown incident status `{0}` (expected open or resolved)")]
+#[error("unknown incident status `{0}` (expected open, resolved or superseded)")]
 pub struct UnknownIncidentStatus(pub String);
 
 impl FromStr for IncidentStatus {
@@ -45,6 +49,7 @@ impl FromStr for IncidentStatus {
         match s {
             "open" => Ok(IncidentStatus::Open),
             "resolved" => Ok(IncidentStatus::Resolved),
+            "superseded" => Ok(IncidentStatus::Superseded),
             _ => Err(UnknownIncidentStatus(s.to_owned())),
         }
     }

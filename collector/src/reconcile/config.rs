@@ -41,6 +41,14 @@ pub struct ReconcileConfig {
     /// `lagging`; what it still lacks this long after the bucket end is called `missing`.
     #[serde(with = "duration")]
     pub loss_after: Duration,
+    /// A loss whose bucket starts this long after the last bad bucket of the topic's open
+    /// incident opens a new incident (and notifies) instead of joining it: a loss that never
+    /// heals does not mute its topic for good.
+    #[serde(with = "duration")]
+    pub incident_gap: Duration,
+    /// A loss at least this many times the largest loss of the topic's open incident opens a
+    /// new incident (and notifies) instead of joining it.
+    pub escalate_factor: u32,
     /// Buckets that ended longer ago than this are not judged (nor re-judged when very late
     /// records arrive): a collector started on weeks of stored counts does not alert about
     /// losses long past.
@@ -75,6 +83,8 @@ impl Default for ReconcileConfig {
             settle: Duration::from_secs(30),
             instance_timeout: Duration::from_secs(120),
             loss_after: Duration::from_secs(3_600),
+            incident_gap: Duration::from_secs(3_600),
+            escalate_factor: 10,
             lookback: Duration::from_secs(2 * 86_400),
             batch_buckets: 500,
             tiers: vec!["producer".into(), "regional".into(), "aggregate".into()],
@@ -169,6 +179,12 @@ impl ReconcileConfig {
             return Err(ConfigError::new(
                 "reconcile.settle",
                 "must be at most reconcile.max_wait",
+            ));
+        }
+        if self.escalate_factor < 2 {
+            return Err(ConfigError::new(
+                "reconcile.escalate_factor",
+                "must be at least 2",
             ));
         }
         if self.instance_timeout.is_zero() {

@@ -224,7 +224,8 @@ pub(crate) async fn pass(
                 done.push(key.clone());
             }
         }
-        report.changed += write_verdicts(&mut tx, computed, &existing, now, metrics).await?;
+        report.changed +=
+            write_verdicts(&mut tx, computed, &existing, config, now, metrics).await?;
         delete_pending(&mut tx, &done).await?;
         tx.commit().await?;
         let mut notices = notices
@@ -676,6 +677,7 @@ async fn write_verdicts(
     tx: &mut Transaction<'_, Postgres>,
     computed: Vec<Computed>,
     existing: &HashMap<VerdictKey, Existing>,
+    config: &ReconcileConfig,
     now: DateTime<Utc>,
     metrics: &ReconcileMetrics,
 ) -> Result<u64, ReconcileError> {
@@ -700,7 +702,7 @@ async fn write_verdicts(
     for (c, old) in changes {
         let mut incident_id = old.and_then(|o| o.incident_id);
         if c.alert && c.key.partition == -1 {
-            incident_id = update_incident(tx, &c, old, now).await?;
+            incident_id = update_incident(tx, &c, old, config, now).await?;
         }
         let difference = c.actual - c.expected;
         let missing = (c.expected - c.actual).max(0);
@@ -814,6 +816,7 @@ async fn update_incident(
     tx: &mut Transaction<'_, Postgres>,
     c: &Computed,
     old: Option<&Existing>,
+    config: &ReconcileConfig,
     now: DateTime<Utc>,
 ) -> Result<Option<i64>, ReconcileError> {
     let was_bad = old.is_some_and(|o| o.status.is_bad());
@@ -831,7 +834,7 @@ async fn update_incident(
             .fetch_one(&mut **tx)
             .await
             .and_then(|r| incident_row(&r))?,
-            None => join_or_open(tx, c, missing, now).await?,
+            None => join_or_open(tx, c, missing, config, now).await?,
         };
         insert_event(tx, "bad_bucket", c, &row, None, now).await?;
         return Ok(Some(row.id));
@@ -865,14 +868,19 @@ async fn update_incident(
     Ok(Some(id))
 }
 
+/// Joins the open incident of the verdict's topic, edge and datacenter, or opens one. An open
+/// incident is superseded by a new one (which notifies) when this loss is much worse than any
+/// of its buckets (`escalate_factor`) or comes `incident_gap` after its last bad bucket: an
+/// open incident never mutes a topic for good.
 async fn join_or_open(
     tx: &mut Transaction<'_, Postgres>,
     c: &Computed,
     missing: i64,
+    config: &ReconcileConfig,
     now: DateTime<Utc>,
 ) -> Result<IncidentRow, sqlx::Error> {
-    let open: Option<i64> = sqlx::query_scalar(
-        "SELECT id FROM alert_incidents
+    let open: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, last_bucket_start_ms, max_missing FROM alert_incidents
           WHERE topic = $1 AND edge = $2 AND datacenter = $3 AND status = 'open'
           FOR UPDATE",
     )
@@ -881,6 +889,32 @@ async fn join_or_open(
     .bind(&c.key.datacenter)
     .fetch_optional(&mut **tx)
     .await?;
+    let open = match open {
+        Some((id, last, max_missing)) => {
+            let late = c.key.start > last.saturating_add(millis(config.incident_gap));
+            let worse = max_missing > 0
+                && missing >= max_missing.saturating_mul(i64::from(config.escalate_factor));
+            if late || worse {
+                sqlx::query(
+                    "UPDATE alert_incidents SET status = 'superseded', resolved_at = $2
+                      WHERE id = $1",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+                tracing::warn!(
+                    incident_id = id, topic = %c.key.topic, edge = %c.key.edge,
+                    missing, max_missing, late, worse,
+                    "open incident superseded by a new one"
+                );
+                None
+            } else {
+                Some(id)
+            }
+        }
+        None => None,
+    };
     let row = match open {
         Some(id) => {
             sqlx::query(&format!(
@@ -1054,14 +1088,14 @@ pub(crate) async fn prune(
            FROM reconcile_verdict_history WHERE changed_at < $2 LIMIT $3)",
         "DELETE FROM alert_deliveries WHERE id IN (SELECT d.id FROM alert_deliveries d
            JOIN alert_incidents i ON i.id = d.incident_id
-          WHERE i.status = 'resolved' AND i.resolved_at < $2 LIMIT $3)",
+          WHERE i.status <> 'open' AND i.resolved_at < $2 LIMIT $3)",
         "DELETE FROM alert_events WHERE id IN (SELECT e.id FROM alert_events e
            JOIN alert_incidents i ON i.id = e.incident_id
-          WHERE i.status = 'resolved' AND i.resolved_at < $2
+          WHERE i.status <> 'open' AND i.resolved_at < $2
             AND NOT EXISTS (SELECT 1 FROM alert_deliveries d WHERE d.event_id = e.id)
           LIMIT $3)",
         "DELETE FROM alert_incidents WHERE id IN (SELECT i.id FROM alert_incidents i
-          WHERE i.status = 'resolved' AND i.resolved_at < $2
+          WHERE i.status <> 'open' AND i.resolved_at < $2
             AND NOT EXISTS (SELECT 1 FROM alert_events e WHERE e.incident_id = i.id)
           LIMIT $3)",
     ];
