@@ -14,6 +14,8 @@
 //!   message Kafka acknowledges into a [`Tracker`] and runs a [`Reporter`].
 //! - [`tracker`]: [`Tracker`], the sharded concurrent counter (no global lock on the hot
 //!   path, bounded number of open cells).
+//! - [`watermark`]: the producer's event-time watermark, from its messages in flight and how
+//!   far its event times trail its clock.
 //! - [`reporter`]: [`Reporter`], which drains the tracker every flush interval into audit
 //!   records, writes them ahead to the [`spool`], sends them with `acks=all` and
 //!   idempotence, and re-sends what failed (also after a restart) with the original ids.
@@ -34,6 +36,7 @@ pub mod reporter;
 pub mod spool;
 pub mod tally;
 pub mod tracker;
+pub mod watermark;
 
 pub use bucket::BucketWidth;
 pub use config::{AuditConfig, ConfigError};

@@ -11,12 +11,14 @@
 //!
 //! Like `FutureProducer`, it runs librdkafka on a `ThreadedProducer` with its own polling
 //! thread; the delivery callback completes a tokio oneshot per message.
+//!
+//! The watermark of its progress records comes from [`ProducerWatermarks`]: the messages in
+//! flight and how far its event times trail its clock (see [`crate::watermark`]).
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -31,122 +33,12 @@ use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::bucket::BucketWidth;
 use crate::config::AuditConfig;
 use crate::metrics::AuditMetrics;
 use crate::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
-use crate::reporter::{AuditError, Clock, Reporter, SystemClock, Watermarks};
-use crate::tracker::{Tracker, lock_free_shard};
-
-/// Messages in flight for one (topic, event-time bucket) on one shard.
-#[derive(Debug)]
-struct FlightSlot {
-    topic: Box<str>,
-    start: i64,
-    end: i64,
-    n: i64,
-}
-
-#[derive(Debug, Default)]
-struct FlightCells {
-    slots: Vec<FlightSlot>,
-    last: usize,
-}
-
-/// One shard on its own cache lines.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct FlightShard(Mutex<FlightCells>);
-
-/// Messages sent but not yet acknowledged, per topic and event-time bucket; gives the
-/// producer's event-time watermark (the start of the oldest bucket with a message in
-/// flight). Sharded like the tracker: a message may start on one shard and finish on
-/// another, only the sums over shards mean anything. A producer has few (topic, bucket)
-/// pairs in flight at once, so each shard is a short list with a last-used cache.
-#[derive(Debug)]
-struct InFlight {
-    width: BucketWidth,
-    shards: Box<[FlightShard]>,
-    mask: usize,
-}
-
-impl InFlight {
-    fn new(width: BucketWidth) -> Self {
-        let n = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 4)
-            .clamp(8, 256)
-            .next_power_of_two();
-        Self {
-            width,
-            shards: (0..n).map(|_| FlightShard::default()).collect(),
-            mask: n - 1,
-        }
-    }
-
-    #[inline]
-    fn add(&self, topic: &str, event_ms: i64, delta: i64) {
-        let mut cells = lock_free_shard(&self.shards, self.mask, |s| &s.0);
-        let last = cells.last;
-        if let Some(slot) = cells.slots.get_mut(last)
-            && event_ms >= slot.start
-            && event_ms < slot.end
-            && &*slot.topic == topic
-        {
-            slot.n += delta;
-            return;
-        }
-        let start = self.width.start_of(event_ms);
-        let i = match cells
-            .slots
-            .iter()
-            .position(|s| s.start == start && &*s.topic == topic)
-        {
-            Some(i) => i,
-            None => {
-                cells.slots.push(FlightSlot {
-                    topic: topic.into(),
-                    start,
-                    end: self.width.end_of(start),
-                    n: 0,
-                });
-                cells.slots.len() - 1
-            }
-        };
-        cells.slots[i].n += delta;
-        cells.last = i;
-    }
-}
-
-impl Watermarks for InFlight {
-    fn watermark_ms(&self, topic: &str, now_ms: i64) -> i64 {
-        let mut guards: Vec<_> = self
-            .shards
-            .iter()
-            .map(|s| s.0.lock().unwrap_or_else(PoisonError::into_inner))
-            .collect();
-        let mut totals: BTreeMap<(&str, i64), i64> = BTreeMap::new();
-        let mut owned: Vec<(Box<str>, i64, i64)> = Vec::new();
-        for g in &guards {
-            for s in &g.slots {
-                owned.push((s.topic.clone(), s.start, s.n));
-            }
-        }
-        for (t, b, n) in &owned {
-            *totals.entry((t, *b)).or_insert(0) += n;
-        }
-        // (topic, bucket) pairs with nothing in flight any more are forgotten everywhere.
-        for g in &mut guards {
-            g.slots
-                .retain(|s| totals.get(&(&*s.topic, s.start)).is_some_and(|n| *n != 0));
-            g.last = usize::MAX;
-        }
-        totals
-            .iter()
-            .filter(|((t, _), n)| *t == topic && **n > 0)
-            .map(|((_, b), _)| *b)
-            .next()
-            .map_or(now_ms, |b| b.min(now_ms))
-    }
-}
+use crate::reporter::{AuditError, Clock, Reporter, SystemClock};
+use crate::tracker::Tracker;
+use crate::watermark::ProducerWatermarks;
 
 /// Per-message state carried through librdkafka to the delivery callback.
 #[derive(Debug)]
@@ -159,7 +51,7 @@ pub struct Pending {
 #[derive(Debug)]
 pub struct AuditContext {
     tracker: Arc<Tracker>,
-    in_flight: Arc<InFlight>,
+    watermarks: Arc<ProducerWatermarks>,
     metrics: AuditMetrics,
     clock: Arc<dyn Clock>,
     acked: AtomicU64,
@@ -177,7 +69,8 @@ impl ProducerContext for AuditContext {
         let owned = match result {
             Ok(m) => {
                 let bytes = m.payload_len() as u64;
-                if (MIN_TIMESTAMP_MS..=MAX_TIMESTAMP_MS).contains(&event_ms) {
+                let timed = (MIN_TIMESTAMP_MS..=MAX_TIMESTAMP_MS).contains(&event_ms);
+                if timed {
                     self.tracker
                         .record(m.topic(), Some(m.partition()), event_ms, bytes, now);
                 } else {
@@ -186,7 +79,8 @@ impl ProducerContext for AuditContext {
                         .record_untimed(m.topic(), Some(m.partition()), bytes, now, false);
                 }
                 self.acked.fetch_add(1, Ordering::Relaxed);
-                self.in_flight.add(m.topic(), event_ms, -1);
+                self.watermarks
+                    .acknowledged(m.topic(), event_ms, now, timed);
                 Ok(Delivery {
                     partition: m.partition(),
                     offset: m.offset(),
@@ -196,7 +90,7 @@ impl ProducerContext for AuditContext {
             Err((e, m)) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 self.metrics.delivery_failures.inc();
-                self.in_flight.add(m.topic(), event_ms, -1);
+                self.watermarks.not_delivered(m.topic(), event_ms);
                 Err((e.clone(), m.detach()))
             }
         };
@@ -285,10 +179,10 @@ impl AuditedProducer {
         audit.validate()?;
         let width = audit.width()?;
         let tracker = Arc::new(Tracker::new(width, audit.max_open_cells));
-        let in_flight = Arc::new(InFlight::new(width));
+        let watermarks = Arc::new(ProducerWatermarks::new(width));
         let context = AuditContext {
             tracker: Arc::clone(&tracker),
-            in_flight: Arc::clone(&in_flight),
+            watermarks: Arc::clone(&watermarks),
             metrics: metrics.clone(),
             clock: Arc::clone(&clock),
             acked: AtomicU64::new(0),
@@ -296,7 +190,7 @@ impl AuditedProducer {
         };
         let producer: ThreadedProducer<AuditContext> = kafka.create_with_context(context)?;
         let reporter =
-            Reporter::start_with(&audit, tracker, kafka, metrics, clock, in_flight, shutdown)?;
+            Reporter::start_with(&audit, tracker, kafka, metrics, clock, watermarks, shutdown)?;
         Ok(Self {
             producer,
             reporter: Some(reporter),
@@ -320,7 +214,7 @@ impl AuditedProducer {
         let event_ms = record
             .timestamp
             .unwrap_or_else(|| self.context().clock.now_ms());
-        self.context().in_flight.add(record.topic, event_ms, 1);
+        self.context().watermarks.sent(record.topic, event_ms);
         BaseRecord {
             topic: record.topic,
             partition: record.partition,
@@ -338,7 +232,7 @@ impl AuditedProducer {
     /// Given up enqueueing: undo the in-flight mark and count a failed delivery.
     fn abandon(&self, topic: &str, event_ms: i64) {
         let ctx = self.context();
-        ctx.in_flight.add(topic, event_ms, -1);
+        ctx.watermarks.not_delivered(topic, event_ms);
         ctx.failed.fetch_add(1, Ordering::Relaxed);
         ctx.metrics.delivery_failures.inc();
     }
@@ -427,8 +321,8 @@ impl AuditedProducer {
                 // Not enqueued: the caller gets the record back (to retry, typically), so
                 // this is not a failed delivery.
                 self.context()
-                    .in_flight
-                    .add(b.topic, b.delivery_opaque.event_ms, -1);
+                    .watermarks
+                    .not_delivered(b.topic, b.delivery_opaque.event_ms);
                 Err((
                     e,
                     FutureRecord {
@@ -480,7 +374,8 @@ impl AuditedProducer {
 
     /// Flushes the producer (so every message is acknowledged and counted), then stops the
     /// reporter after a final flush of the counts to the audit topic. Counts that cannot be
-    /// delivered within `shutdown_timeout` stay in the spool for the next start.
+    /// delivered within `shutdown_timeout` stay in the spool for the next start; when all
+    /// were delivered, the last progress records are final (see [`Reporter::shutdown`]).
     pub async fn shutdown(mut self) -> DeliveryStats {
         let producer = self.producer.clone();
         let timeout = self.shutdown_timeout;
@@ -519,33 +414,5 @@ impl Drop for AuditedProducer {
             Err(e) => tracing::error!(error = %e, "audit counts lost on drop: spool write failed"),
         }
         reporter.cancel();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn watermark_is_the_oldest_bucket_in_flight() {
-        let f = Arc::new(InFlight::new(BucketWidth::default()));
-        let now = 10 * 60_000 + 5;
-        assert_eq!(f.watermark_ms("t", now), now, "nothing in flight");
-        f.add("t", 2 * 60_000 + 7, 1);
-        f.add("t", 5 * 60_000, 1);
-        f.add("u", 60_000, 1);
-        assert_eq!(f.watermark_ms("t", now), 2 * 60_000);
-        // The acknowledgement arrives on another thread (another shard).
-        let g = Arc::clone(&f);
-        std::thread::spawn(move || g.add("t", 2 * 60_000 + 7, -1))
-            .join()
-            .expect("thread");
-        assert_eq!(f.watermark_ms("t", now), 5 * 60_000);
-        f.add("t", 5 * 60_000 + 1, -1);
-        assert_eq!(f.watermark_ms("t", now), now);
-        assert_eq!(f.watermark_ms("u", now), 60_000);
-        // Future event times never push the watermark past now.
-        f.add("v", 20 * 60_000, 1);
-        assert_eq!(f.watermark_ms("v", now), now);
     }
 }

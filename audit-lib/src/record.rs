@@ -608,6 +608,15 @@ impl AuditRecord {
         }
     }
 
+    /// The record's logical topic: also the key of the Kafka message carrying it, so that
+    /// every record of one topic is on one partition of an audit topic, in the order sent.
+    pub fn topic(&self) -> &str {
+        match self {
+            AuditRecord::Counts(c) => &c.topic,
+            AuditRecord::Progress(p) => &p.topic,
+        }
+    }
+
     /// Who observed the record's messages.
     pub fn observer(&self) -> &Observer {
         match self {
@@ -950,7 +959,11 @@ mod tests {
         let v = json_of(&AuditRecord::Progress(closing.clone()));
         assert_eq!(v["final"], json!(true));
         assert_eq!(decode_value(&v), Ok(AuditRecord::Progress(closing)));
-        assert!(json_of(&AuditRecord::Progress(progress())).get("final").is_none());
+        assert!(
+            json_of(&AuditRecord::Progress(progress()))
+                .get("final")
+                .is_none()
+        );
         assert_eq!(
             with("final", json!(true)),
             Err(DecodeError::UnknownField("final".into()))

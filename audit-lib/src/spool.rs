@@ -12,13 +12,18 @@
 //! fsync returned) loses only those lines. A file with a bad line followed by good ones is
 //! corrupt: its good records are adopted and the file is renamed to `*.corrupt-<ms>` for an
 //! operator to look at; it never stops the process.
+//!
+//! The line format carries nothing but the record: what the reporter needs besides the bytes
+//! (the logical topic it keys the Kafka message with, the bucket of a counts record) is read
+//! back from the record itself ([`EncodedRecord::decode`]), so files written by earlier
+//! versions are adopted and re-sent like any other.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::record::AuditRecord;
+use crate::record::{AuditRecord, DecodeError};
 
 const SPOOL_EXT: &str = "spool";
 const LOCK_EXT: &str = "lock";
@@ -48,6 +53,47 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     }
 }
 
+/// An encoded audit record, with what sending it and holding back watermarks for it need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRecord {
+    /// The record's id.
+    pub id: String,
+    /// Its logical topic: the key of the Kafka message that carries it, so that every record
+    /// of one topic lands on one partition of the audit topic, in the order it was sent.
+    pub topic: String,
+    /// For a counts record, the start of its bucket; `None` for progress.
+    pub bucket_start_ms: Option<i64>,
+    /// The JSON wire form ([`AuditRecord::encode`]).
+    pub bytes: Vec<u8>,
+}
+
+impl EncodedRecord {
+    /// Encodes `record`.
+    pub fn new(record: &AuditRecord) -> Self {
+        Self::with_bytes(record, record.encode())
+    }
+
+    /// Reads an encoded record back (strictly, with [`AuditRecord::decode`]).
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Ok(Self::with_bytes(
+            &AuditRecord::decode(bytes)?,
+            bytes.to_vec(),
+        ))
+    }
+
+    fn with_bytes(record: &AuditRecord, bytes: Vec<u8>) -> Self {
+        Self {
+            id: record.id().to_owned(),
+            topic: record.topic().to_owned(),
+            bucket_start_ms: match record {
+                AuditRecord::Counts(c) => Some(c.bucket_start_ms),
+                AuditRecord::Progress(_) => None,
+            },
+            bytes,
+        }
+    }
+}
+
 /// What [`Spool::open`] found in the spool directory.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct OpenReport {
@@ -71,7 +117,7 @@ pub struct Spool {
     path: PathBuf,
     file: File,
     _lock: File,
-    pending: BTreeMap<String, Vec<u8>>,
+    pending: BTreeMap<String, EncodedRecord>,
     bytes: u64,
     max_bytes: u64,
 }
@@ -95,7 +141,7 @@ fn line(encoded: &[u8]) -> Vec<u8> {
     out
 }
 
-fn parse_line(l: &[u8]) -> Option<(String, Vec<u8>)> {
+fn parse_line(l: &[u8]) -> Option<EncodedRecord> {
     if l.len() < 18 || l[16] != b' ' {
         return None;
     }
@@ -104,14 +150,13 @@ fn parse_line(l: &[u8]) -> Option<(String, Vec<u8>)> {
     if checksum(body) != sum {
         return None;
     }
-    let record = AuditRecord::decode(body).ok()?;
-    Some((record.id().to_owned(), body.to_vec()))
+    EncodedRecord::decode(body).ok()
 }
 
 /// The records read from one spool file.
 #[derive(Debug, Default)]
 struct Parsed {
-    records: Vec<(String, Vec<u8>)>,
+    records: Vec<EncodedRecord>,
     corrupt: bool,
     torn: usize,
 }
@@ -244,12 +289,12 @@ impl Spool {
             Err(e) => return Err(io_err(&path)(e)),
         };
         let parsed = parse_file(&data);
-        let fresh: Vec<(String, Vec<u8>)> = parsed
+        let fresh: Vec<EncodedRecord> = parsed
             .records
             .into_iter()
-            .filter(|(id, _)| !self.pending.contains_key(id))
+            .filter(|r| !self.pending.contains_key(&r.id))
             .collect();
-        let size: u64 = fresh.iter().map(|(_, r)| line(r).len() as u64).sum();
+        let size: u64 = fresh.iter().map(|r| line(&r.bytes).len() as u64).sum();
         if self.bytes + size > self.max_bytes {
             // Leave the whole file for a later process (or a later start) with more room.
             report.left_behind += fresh.len();
@@ -320,34 +365,47 @@ impl Spool {
         self.pending.contains_key(id)
     }
 
-    /// Every record held, as (id, encoded record), in id order (which is time order for
-    /// uuid v7 ids).
-    pub fn pending(&self) -> Vec<(String, Vec<u8>)> {
-        self.pending
-            .iter()
-            .map(|(id, r)| (id.clone(), r.clone()))
-            .collect()
+    /// Every record held, in id order (which is time order for uuid v7 ids).
+    pub fn pending(&self) -> Vec<EncodedRecord> {
+        self.pending.values().cloned().collect()
+    }
+
+    /// For each topic with counts records held, the start of the oldest bucket among them:
+    /// those buckets are not complete on the audit topic until the records are delivered.
+    pub fn oldest_counts(&self) -> BTreeMap<String, i64> {
+        let mut oldest: BTreeMap<String, i64> = BTreeMap::new();
+        for r in self.pending.values() {
+            if let Some(start) = r.bucket_start_ms {
+                match oldest.get_mut(&r.topic) {
+                    Some(b) => *b = (*b).min(start),
+                    None => {
+                        oldest.insert(r.topic.clone(), start);
+                    }
+                }
+            }
+        }
+        oldest
     }
 
     /// Stores records durably (written and fsync'd before returning). Records already held
     /// are skipped. Returns the ids of records that did not fit under the size bound.
-    pub fn append(&mut self, records: Vec<(String, Vec<u8>)>) -> Result<Vec<String>, SpoolError> {
+    pub fn append(&mut self, records: Vec<EncodedRecord>) -> Result<Vec<String>, SpoolError> {
         let mut buf = Vec::new();
-        let mut added = Vec::new();
+        let mut added: BTreeMap<String, EncodedRecord> = BTreeMap::new();
         let mut rejected = Vec::new();
         let mut size = self.bytes;
-        for (id, encoded) in records {
-            if self.pending.contains_key(&id) || added.iter().any(|(a, _): &(String, _)| *a == id) {
+        for record in records {
+            if self.pending.contains_key(&record.id) || added.contains_key(&record.id) {
                 continue;
             }
-            let l = line(&encoded);
+            let l = line(&record.bytes);
             if size + l.len() as u64 > self.max_bytes {
-                rejected.push(id);
+                rejected.push(record.id);
                 continue;
             }
             size += l.len() as u64;
             buf.extend_from_slice(&l);
-            added.push((id, encoded));
+            added.insert(record.id.clone(), record);
         }
         if !buf.is_empty() {
             self.file.write_all(&buf).map_err(io_err(&self.path))?;
@@ -373,8 +431,8 @@ impl Spool {
         }
         let tmp = self.dir.join(format!("{}.{TMP_EXT}", self.stem));
         let mut buf = Vec::new();
-        for encoded in self.pending.values() {
-            buf.extend_from_slice(&line(encoded));
+        for record in self.pending.values() {
+            buf.extend_from_slice(&line(&record.bytes));
         }
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -418,16 +476,21 @@ mod tests {
         d
     }
 
-    fn record(n: u64) -> (String, Vec<u8>) {
-        let id = uuid::Uuid::now_v7().to_string();
+    const BUCKET: i64 = 1_764_067_200_000;
+
+    fn record(n: u64) -> EncodedRecord {
+        counts("orders", BUCKET, n)
+    }
+
+    fn counts(topic: &str, bucket_start_ms: i64, n: u64) -> EncodedRecord {
         let mut latency = Latency::new();
         latency.record(5);
         let r = AuditRecord::Counts(Counts {
-            id: id.clone(),
-            topic: "orders".into(),
-            physical_topic: "orders".into(),
+            id: uuid::Uuid::now_v7().to_string(),
+            topic: topic.into(),
+            physical_topic: topic.into(),
             partition: Some(0),
-            bucket_start_ms: 1_764_067_200_000,
+            bucket_start_ms,
             bucket_width: BucketWidth::default(),
             observer: Observer {
                 tier: Tier::Producer,
@@ -440,22 +503,29 @@ mod tests {
             bytes: n,
             no_timestamp: 0,
             malformed: 0,
-            min_event_ms: Some(1_764_067_200_000),
-            max_event_ms: Some(1_764_067_200_000),
+            min_event_ms: Some(bucket_start_ms),
+            max_event_ms: Some(bucket_start_ms),
             latency: if n > 0 { latency } else { Latency::new() },
-            emitted_at_ms: 1_764_067_270_000,
+            emitted_at_ms: bucket_start_ms + 70_000,
         });
-        (id, r.encode())
+        EncodedRecord::new(&r)
     }
 
-    fn ids(records: &[(String, Vec<u8>)]) -> Vec<String> {
-        records.iter().map(|(id, _)| id.clone()).collect()
+    fn ids(records: &[EncodedRecord]) -> Vec<String> {
+        records.iter().map(|r| r.id.clone()).collect()
     }
 
     #[test]
     fn append_remove_and_replay_keep_ids() {
         let dir = temp_dir("replay");
-        let records: Vec<_> = (1..=5).map(record).collect();
+        // Buckets 1, 2, 3 minutes after BUCKET for orders, 2 and 1 for payments.
+        let records = vec![
+            counts("orders", BUCKET + 60_000, 1),
+            counts("payments", BUCKET + 120_000, 2),
+            counts("orders", BUCKET + 180_000, 3),
+            counts("payments", BUCKET + 60_000, 4),
+            counts("orders", BUCKET + 120_000, 5),
+        ];
         let path = {
             let (mut s, report) = Spool::open(&dir, 1 << 20).expect("opens");
             assert_eq!(report, OpenReport::default());
@@ -463,11 +533,26 @@ mod tests {
             // Appending the same ids again stores nothing twice.
             assert!(s.append(records.clone()).expect("appends").is_empty());
             assert_eq!(s.len(), 5);
+            assert_eq!(
+                s.oldest_counts(),
+                BTreeMap::from([
+                    ("orders".to_owned(), BUCKET + 60_000),
+                    ("payments".to_owned(), BUCKET + 60_000)
+                ])
+            );
             let size = fs::metadata(s.path()).expect("meta").len();
             assert_eq!(size, s.bytes());
             let gone: HashSet<String> = ids(&records[..2]).into_iter().collect();
             s.remove(&gone).expect("removes");
             assert_eq!(s.len(), 3);
+            // Delivered records no longer hold their topic back.
+            assert_eq!(
+                s.oldest_counts(),
+                BTreeMap::from([
+                    ("orders".to_owned(), BUCKET + 120_000),
+                    ("payments".to_owned(), BUCKET + 60_000)
+                ])
+            );
             assert_eq!(fs::metadata(s.path()).expect("meta").len(), s.bytes());
             s.path().to_owned()
             // Dropped here without cleanup: like a process that exits with records pending.
@@ -476,11 +561,20 @@ mod tests {
         assert_eq!(report.adopted_files, 1);
         assert_eq!(report.adopted_records, 3);
         assert!(!path.exists(), "the old file is deleted once adopted");
-        assert_eq!(ids(&s2.pending()), ids(&records[2..]));
-        for (id, encoded) in s2.pending() {
-            let r = AuditRecord::decode(&encoded).expect("decodes");
-            assert_eq!(r.id(), id);
+        // The file holds nothing but the records: the topic (the Kafka key) and the bucket
+        // are read back from them, so files of earlier versions are adopted the same way.
+        assert_eq!(s2.pending(), records[2..].to_vec());
+        for r in s2.pending() {
+            let decoded = AuditRecord::decode(&r.bytes).expect("decodes");
+            assert_eq!((decoded.id(), decoded.topic()), (&*r.id, &*r.topic));
         }
+        assert_eq!(
+            s2.oldest_counts(),
+            BTreeMap::from([
+                ("orders".to_owned(), BUCKET + 120_000),
+                ("payments".to_owned(), BUCKET + 60_000)
+            ])
+        );
         // The adopted records are durable in the new file.
         let data = fs::read(s2.path()).expect("reads");
         assert_eq!(ids(&parse_file(&data).records), ids(&records[2..]));
@@ -516,10 +610,10 @@ mod tests {
         let records: Vec<_> = (1..=3).map(record).collect();
         let orphan = dir.join("audit-1-dead.spool");
         let mut data = Vec::new();
-        for (_, r) in &records {
-            data.extend_from_slice(&line(r));
+        for r in &records {
+            data.extend_from_slice(&line(&r.bytes));
         }
-        let cut = line(&record(9).1);
+        let cut = line(&record(9).bytes);
         data.extend_from_slice(&cut[..cut.len() / 2]);
         fs::write(&orphan, &data).expect("writes");
         let (s, report) = Spool::open(&dir, 1 << 20).expect("opens");
@@ -536,12 +630,12 @@ mod tests {
         let records: Vec<_> = (1..=3).map(record).collect();
         let orphan = dir.join("audit-2-dead.spool");
         let mut data = Vec::new();
-        data.extend_from_slice(&line(&records[0].1));
-        let mut damaged = line(&records[1].1);
+        data.extend_from_slice(&line(&records[0].bytes));
+        let mut damaged = line(&records[1].bytes);
         damaged[30] ^= 0x20; // one flipped bit inside the JSON
         data.extend_from_slice(&damaged);
         data.extend_from_slice(b"not a spool line at all\n");
-        data.extend_from_slice(&line(&records[2].1));
+        data.extend_from_slice(&line(&records[2].bytes));
         fs::write(&orphan, &data).expect("writes");
         let (s, report) = Spool::open(&dir, 1 << 20).expect("opens despite corruption");
         assert_eq!(report.quarantined.len(), 1);
@@ -549,7 +643,7 @@ mod tests {
         assert!(!orphan.exists());
         assert_eq!(
             ids(&s.pending()),
-            vec![records[0].0.clone(), records[2].0.clone()]
+            vec![records[0].id.clone(), records[2].id.clone()]
         );
         // A later start does not read the quarantined file again.
         drop(s);
@@ -563,11 +657,11 @@ mod tests {
     #[test]
     fn size_is_bounded() {
         let dir = temp_dir("bounded");
-        let one = line(&record(1).1).len() as u64;
+        let one = line(&record(1).bytes).len() as u64;
         let (mut s, _) = Spool::open(&dir, one * 2 + 1).expect("opens");
         let records: Vec<_> = (1..=3).map(record).collect();
         let rejected = s.append(records.clone()).expect("appends");
-        assert_eq!(rejected, vec![records[2].0.clone()]);
+        assert_eq!(rejected, vec![records[2].id.clone()]);
         assert_eq!(s.len(), 2);
         assert!(s.bytes() <= one * 2 + 1);
         fs::remove_dir_all(&dir).ok();
@@ -578,8 +672,8 @@ mod tests {
         let dir = temp_dir("tmp");
         let records: Vec<_> = (1..=2).map(record).collect();
         let mut data = Vec::new();
-        for (_, r) in &records {
-            data.extend_from_slice(&line(r));
+        for r in &records {
+            data.extend_from_slice(&line(&r.bytes));
         }
         fs::write(dir.join("audit-3-dead.spool"), &data).expect("writes");
         fs::write(dir.join("audit-3-dead.spool.tmp"), &data[..10]).expect("writes");

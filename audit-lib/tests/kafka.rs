@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chaperone_audit::{AuditRecord, AuditedProducer, BucketWidth, Reporter, Tracker};
 use common::{
-    audit_config, client, create_topic, read_audit_topic, regional_bootstrap, sum_counts, temp_dir,
-    unique,
+    audit_config, client, create_topic, read_audit_messages, read_audit_topic, regional_bootstrap,
+    spool_file_ids, sum_counts, temp_dir, unique,
 };
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
@@ -31,14 +31,15 @@ async fn audit_topic_sums_equal_acknowledged_counts() -> anyhow::Result<()> {
     let producer =
         AuditedProducer::new(&kafka, audit_config(&audit_topic, spool.clone()), &registry)?;
 
-    // Event times over four one-minute buckets, ending now.
-    let now = chrono::Utc::now().timestamp_millis();
+    // Event times over exactly four one-minute buckets, ending at the last millisecond of the
+    // previous minute (ending at now, a run in the first second of a minute would touch five).
     let width = BucketWidth::default();
+    let end = width.start_of(chrono::Utc::now().timestamp_millis()) - 1;
     let payload = vec![b'x'; 64];
     let mut futures = Vec::with_capacity(MESSAGES);
     for i in 0..MESSAGES {
         let key = (i % 97).to_string();
-        let event = now - ((i % 4) as i64) * 60_000 - (i % 1_000) as i64;
+        let event = end - ((i % 4) as i64) * 60_000 - (i % 1_000) as i64;
         let mut record = FutureRecord::to(&topic)
             .key(&key)
             .payload(&payload)
@@ -122,7 +123,8 @@ fn metric(registry: &prometheus::Registry, name: &str) -> Option<f64> {
 }
 
 /// Records that could not reach Kafka stay in the spool; the next process sends them with
-/// their original ids.
+/// their original ids, keyed by their topic like any other record (the spool file holds only
+/// the records: the key is read back from them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spooled_records_are_sent_by_the_next_process_with_their_ids() -> anyhow::Result<()> {
     let audit_topic = unique("audit");
@@ -178,7 +180,15 @@ async fn spooled_records_are_sent_by_the_next_process_with_their_ids() -> anyhow
     }
     reporter.shutdown().await;
 
-    let records = read_audit_topic(&audit_topic)?;
+    let messages = read_audit_messages(&audit_topic)?;
+    for m in &messages {
+        assert_eq!(
+            m.key.as_deref(),
+            Some("orders"),
+            "re-sent records are keyed"
+        );
+    }
+    let records: Vec<AuditRecord> = messages.into_iter().map(|m| m.record).collect();
     let sent_ids: HashSet<String> = records
         .iter()
         .filter(|r| matches!(r, AuditRecord::Counts(_)))
@@ -197,24 +207,6 @@ async fn spooled_records_are_sent_by_the_next_process_with_their_ids() -> anyhow
     );
     std::fs::remove_dir_all(spool).ok();
     Ok(())
-}
-
-/// Ids of the records in every spool file under `dir` (format: `<checksum> <record>\n`).
-fn spool_file_ids(dir: &std::path::Path) -> anyhow::Result<HashSet<String>> {
-    let mut ids = HashSet::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("spool") {
-            continue;
-        }
-        for line in std::fs::read_to_string(&path)?.lines() {
-            let (_, json) = line
-                .split_once(' ')
-                .ok_or_else(|| anyhow::anyhow!("bad spool line"))?;
-            ids.insert(AuditRecord::decode(json.as_bytes())?.id().to_owned());
-        }
-    }
-    Ok(ids)
 }
 
 /// Dropping the producer without `shutdown()` loses nothing: the counts are written to the

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,25 @@ pub fn audit_config(audit_topic: &str, spool_dir: PathBuf) -> AuditConfig {
 /// Every message on `topic` up to its high watermarks at call time, read with
 /// `read_committed`, decoded (a record that does not decode fails the test).
 pub fn read_audit_topic(topic: &str) -> anyhow::Result<Vec<AuditRecord>> {
+    Ok(read_audit_messages(topic)?
+        .into_iter()
+        .map(|m| m.record)
+        .collect())
+}
+
+/// One message of an audit topic.
+#[derive(Debug, Clone)]
+pub struct AuditMessage {
+    pub partition: i32,
+    pub offset: i64,
+    /// The Kafka key, as UTF-8.
+    pub key: Option<String>,
+    pub record: AuditRecord,
+}
+
+/// Like [`read_audit_topic`], with where each record is and its key; in partition and offset
+/// order.
+pub fn read_audit_messages(topic: &str) -> anyhow::Result<Vec<AuditMessage>> {
     let consumer: BaseConsumer = client(&regional_bootstrap())
         .set("group.id", unique("audit-reader"))
         .set("enable.auto.commit", "false")
@@ -116,12 +135,40 @@ pub fn read_audit_topic(topic: &str) -> anyhow::Result<Vec<AuditRecord>> {
         };
         let m = m?;
         let payload = m.payload().context("audit message without payload")?;
-        out.push(AuditRecord::decode(payload).context("audit record decodes")?);
+        out.push(AuditMessage {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m
+                .key()
+                .map(|k| String::from_utf8(k.to_vec()))
+                .transpose()
+                .context("audit key is UTF-8")?,
+            record: AuditRecord::decode(payload).context("audit record decodes")?,
+        });
         if m.offset() + 1 >= ends[&m.partition()] {
             done.insert(m.partition(), true);
         }
     }
+    out.sort_by_key(|m| (m.partition, m.offset));
     Ok(out)
+}
+
+/// Ids of the records in every spool file under `dir` (format: `<checksum> <record>\n`).
+pub fn spool_file_ids(dir: &std::path::Path) -> anyhow::Result<HashSet<String>> {
+    let mut ids = HashSet::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("spool") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let (_, json) = line
+                .split_once(' ')
+                .ok_or_else(|| anyhow::anyhow!("bad spool line"))?;
+            ids.insert(AuditRecord::decode(json.as_bytes())?.id().to_owned());
+        }
+    }
+    Ok(ids)
 }
 
 /// Message counts per (physical topic, partition, bucket start).
