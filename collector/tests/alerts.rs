@@ -87,6 +87,34 @@ fn body(r: &Received) -> WebhookBody {
     serde_json::from_slice(&r.body).expect("documented JSON body")
 }
 
+/// A receiver on 127.0.0.1 that accepts every connection, reads the request and never
+/// answers; the first bytes of each request come out of the channel.
+async fn hung_receiver() -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hung.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = hung.accept().await {
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+                .await
+                .unwrap_or(0);
+            buf.truncate(n);
+            seen_tx.send(buf).await.ok();
+            held.push(conn);
+        }
+    });
+    (addr, seen_rx)
+}
+
+/// Polls `check` every 20 ms until it holds (the caller bounds the wait).
+async fn until(mut check: impl FnMut() -> bool) {
+    while !check() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_loss_fires_once_and_resolves_once_signed() {
     let db = TestDb::create().await.unwrap();
@@ -136,17 +164,17 @@ async fn a_loss_fires_once_and_resolves_once_signed() {
     add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 12)
         .await
         .unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     s.run_once().await.unwrap();
     assert_eq!(receiver.received().len(), 1);
     // And the second: resolved, once.
     add_counts(&db.pool, "orders", start(1), "aggregate", "dc1", 0, 5)
         .await
         .unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     s.run_once().await.unwrap();
     s.run_once().await.unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     s.run_once().await.unwrap();
 
     let got = receiver.received();
@@ -260,7 +288,7 @@ async fn a_receiver_that_is_down_gets_the_alert_once_it_is_back() {
     add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 3)
         .await
         .unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     let (attempts, error): (i32, Option<String>) =
         sqlx::query_as("SELECT attempts, last_error FROM alert_deliveries WHERE kind = 'firing'")
             .fetch_one(&db.pool)
@@ -312,7 +340,7 @@ async fn filters_and_the_slack_format() {
     add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 3)
         .await
         .unwrap();
-    pass(&r).await;
+    rejudge(&r, &clock).await;
     s.run_once().await.unwrap();
 
     assert!(
@@ -368,22 +396,7 @@ async fn two_senders_never_send_the_same_firing_twice() {
 #[tokio::test]
 async fn a_sender_that_dies_mid_delivery_leaves_the_notification_pending() {
     let db = TestDb::create().await.unwrap();
-    // A receiver that takes the request and never answers.
-    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hung_addr = hung.local_addr().unwrap();
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut conn, _)) = hung.accept().await {
-            let mut buf = vec![0u8; 64 * 1024];
-            let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
-                .await
-                .unwrap_or(0);
-            buf.truncate(n);
-            seen_tx.send(buf).await.ok();
-            held.push(conn);
-        }
-    });
+    let (hung_addr, mut seen_rx) = hung_receiver().await;
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     bucket(&db, "orders", 0, 10, 7).await;
     pass(&r).await;
@@ -439,4 +452,95 @@ async fn a_sender_that_dies_mid_delivery_leaves_the_notification_pending() {
             .await
             .unwrap();
     assert_eq!((sent, attempts), (true, 1));
+}
+
+#[tokio::test]
+async fn a_hung_webhook_does_not_delay_the_others() {
+    let db = TestDb::create().await.unwrap();
+    let (hung_addr, mut hung_seen) = hung_receiver().await;
+    let healthy = Receiver::start().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    // The hung webhook comes first, so its deliveries have the lower ids: posted one after
+    // the other, the healthy webhook would wait for the hung one's timeout.
+    let mut cfg = alerts_config(vec![
+        webhook("hung", format!("http://{hung_addr}/hook")),
+        webhook("ops", healthy.url()),
+    ]);
+    cfg.request_timeout = Duration::from_secs(15);
+    cfg.poll_interval = Duration::from_millis(100);
+    let s = sender(&db, cfg, &clock);
+    bucket(&db, "orders", 0, 100, 90).await;
+    pass(&r).await;
+
+    let mut round = Box::pin(s.run_once());
+    // Everything below happens while the round is still waiting on the hung receiver: the
+    // round cannot end before its 15 s request timeout.
+    let while_hung = async {
+        let request = hung_seen
+            .recv()
+            .await
+            .expect("the hung receiver got its request");
+        assert!(request.starts_with(b"POST /hook "));
+        until(|| healthy.received().len() == 1).await;
+        // Committed, not only posted.
+        let sent: bool = sqlx::query_scalar(
+            "SELECT sent_at IS NOT NULL FROM alert_deliveries WHERE webhook = 'ops'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(sent, "the healthy webhook's delivery is marked sent");
+        // A loss on another topic while the hung webhook is still being waited on: the
+        // healthy one hears of it too.
+        bucket(&db, "payments", 0, 50, 40).await;
+        pass(&r).await;
+        until(|| healthy.received().len() == 2).await;
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::select! {
+            result = &mut round => panic!(
+                "the round ended ({result:?}) before the healthy webhook had both notifications"
+            ),
+            () = while_hung => {}
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "the healthy webhook was not notified");
+    let topics: Vec<String> = healthy.received().iter().map(|r| body(r).topic).collect();
+    assert_eq!(topics, ["orders", "payments"]);
+    assert!(
+        hung_seen.try_recv().is_err(),
+        "nothing else was posted to the hung receiver meanwhile"
+    );
+
+    // The hung receiver times out: that delivery is retried after its backoff, and the
+    // webhook's other notification waits as long.
+    let report = round.await.unwrap();
+    assert_eq!(
+        (report.events, report.created, report.sent, report.failed),
+        (2, 4, 2, 1)
+    );
+    let hung_rows: Vec<(String, i32, bool, bool)> = sqlx::query_as(
+        "SELECT d.body::json->>'topic', d.attempts, d.sent_at IS NULL,
+                d.next_attempt_at > $1
+           FROM alert_deliveries d WHERE d.webhook = 'hung' ORDER BY d.id",
+    )
+    .bind(clock.now())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        hung_rows,
+        [
+            ("orders".to_owned(), 1, true, true),
+            ("payments".to_owned(), 0, true, true)
+        ]
+    );
+    let error: Option<String> = sqlx::query_scalar(
+        "SELECT last_error FROM alert_deliveries WHERE attempts = 1 AND webhook = 'hung'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(error.is_some_and(|e| e.contains("request failed")));
 }

@@ -1,7 +1,10 @@
 //! The outbox worker: turns events into per-webhook deliveries, then posts due deliveries with
-//! retries and capped exponential backoff.
+//! retries and capped exponential backoff, each webhook independently of the others.
 
-use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -170,24 +173,97 @@ impl Sender {
         }
     }
 
-    /// Claims up to one batch of due deliveries, posts them and records the outcome.
-    /// Returns how many were claimed.
+    /// Sends due deliveries, every webhook independently of the others, and returns how
+    /// many deliveries were claimed.
+    ///
+    /// Each webhook has its own stream: its own transactions, claiming only its own
+    /// deliveries (so its own retry and backoff state), posting them in order and waiting
+    /// only on its own receiver. A receiver that accepts the connection and never answers
+    /// holds up its own webhook until the request timeout, never another one: while some
+    /// webhook is still waiting on its receiver, the others keep going, fanning out new
+    /// events and sending what is due every `poll_interval`.
     pub async fn deliver_batch(&self, report: &mut SendReport) -> Result<usize, AlertError> {
-        let now = self.clock.now();
-        let names: Vec<&str> = self.hooks.iter().map(|h| h.config.name.as_str()).collect();
-        let by_name: HashMap<&str, &Hook> = self
+        let busy = AtomicUsize::new(0);
+        let streams = self
             .hooks
             .iter()
-            .map(|h| (h.config.name.as_str(), h))
+            .map(|hook| self.hook_stream(hook, &busy))
             .collect();
+        let mut claimed = 0;
+        let mut error = None;
+        for (r, c, result) in join_all(streams).await {
+            report.events += r.events;
+            report.created += r.created;
+            report.sent += r.sent;
+            report.failed += r.failed;
+            claimed += c;
+            if let Err(e) = result {
+                error.get_or_insert(e);
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(claimed),
+        }
+    }
+
+    /// One webhook's stream: delivers until a delivery fails (the rest waits for the
+    /// backoff) or nothing of it is due; in the latter case, while another webhook is still
+    /// busy, it keeps polling. Returns what it did, how many deliveries it claimed and how it
+    /// ended.
+    async fn hook_stream(
+        &self,
+        hook: &Hook,
+        busy: &AtomicUsize,
+    ) -> (SendReport, usize, Result<(), AlertError>) {
+        let mut report = SendReport::default();
+        let mut claimed = 0;
+        let result = async {
+            loop {
+                let round = {
+                    let _busy = Busy::enter(busy);
+                    self.deliver_hook(hook, &mut report).await?
+                };
+                claimed += round.claimed;
+                if round.failed > 0 {
+                    // Its receiver just failed: the rest of its deliveries wait for the
+                    // backoff.
+                    return Ok(());
+                }
+                if round.claimed > 0 {
+                    // All went through: more may be due (a resolved behind its firing, a
+                    // full batch).
+                    continue;
+                }
+                if busy.load(Ordering::SeqCst) == 0 {
+                    return Ok(());
+                }
+                tokio::time::sleep(self.config.poll_interval).await;
+                self.fan_out(&mut report).await?;
+            }
+        }
+        .await;
+        (report, claimed, result)
+    }
+
+    /// Claims up to one batch of the due deliveries of `hook`, posts them in order until one
+    /// fails and records the outcome, in one transaction. A failure schedules the retry of
+    /// that delivery and defers the webhook's other pending deliveries to the same time.
+    async fn deliver_hook(
+        &self,
+        hook: &Hook,
+        report: &mut SendReport,
+    ) -> Result<HookRound, AlertError> {
+        let now = self.clock.now();
+        let webhook = hook.config.name.as_str();
         let mut tx = self.pool.begin().await?;
         // Rows stay locked until the outcome is committed: another collector skips them, and
         // a crash before the commit leaves them pending (sent again with the same
         // idempotency key).
         let rows = sqlx::query(
-            "SELECT d.id, d.webhook, d.kind, d.idempotency_key, d.content_type, d.body, d.attempts
+            "SELECT d.id, d.kind, d.idempotency_key, d.content_type, d.body, d.attempts
                FROM alert_deliveries d
-              WHERE d.sent_at IS NULL AND d.next_attempt_at <= $1 AND d.webhook = ANY($2)
+              WHERE d.sent_at IS NULL AND d.next_attempt_at <= $1 AND d.webhook = $2
                 AND NOT (d.kind = 'resolved' AND EXISTS (
                     SELECT 1 FROM alert_deliveries f
                      WHERE f.webhook = d.webhook AND f.incident_id = d.incident_id
@@ -197,27 +273,21 @@ impl Sender {
               FOR UPDATE OF d SKIP LOCKED",
         )
         .bind(now)
-        .bind(&names)
+        .bind(webhook)
         .bind(i64::try_from(self.config.batch_size).unwrap_or(i64::MAX))
         .fetch_all(&mut *tx)
         .await?;
-        let claimed = rows.len();
-        let mut failing: HashSet<String> = HashSet::new();
+        let mut round = HookRound {
+            claimed: rows.len(),
+            failed: 0,
+        };
         for row in rows {
             let id: i64 = row.try_get(0)?;
-            let webhook: String = row.try_get(1)?;
-            let kind: String = row.try_get(2)?;
-            let key: String = row.try_get(3)?;
-            let content_type: String = row.try_get(4)?;
-            let body: String = row.try_get(5)?;
-            let attempts: i32 = row.try_get(6)?;
-            if failing.contains(&webhook) {
-                // Its receiver just failed: try again after the backoff, not now.
-                continue;
-            }
-            let Some(hook) = by_name.get(webhook.as_str()) else {
-                continue;
-            };
+            let kind: String = row.try_get(1)?;
+            let key: String = row.try_get(2)?;
+            let content_type: String = row.try_get(3)?;
+            let body: String = row.try_get(4)?;
+            let attempts: i32 = row.try_get(5)?;
             match self.post(hook, &kind, &key, &content_type, body).await {
                 Ok(()) => {
                     sqlx::query(
@@ -231,7 +301,7 @@ impl Sender {
                     .await?;
                     self.metrics
                         .deliveries
-                        .with_label_values(&[webhook.as_str(), "sent"])
+                        .with_label_values(&[webhook, "sent"])
                         .inc();
                     report.sent += 1;
                     tracing::info!(%webhook, %kind, delivery_id = id, "webhook notified");
@@ -254,22 +324,37 @@ impl Sender {
                     .bind(&error)
                     .execute(&mut *tx)
                     .await?;
+                    // The webhook's other pending deliveries wait as long: a receiver that is
+                    // down or hangs is tried once per backoff, not once per notification.
+                    sqlx::query(
+                        "UPDATE alert_deliveries SET next_attempt_at = $2
+                          WHERE id IN (SELECT id FROM alert_deliveries
+                                        WHERE webhook = $1 AND sent_at IS NULL
+                                          AND next_attempt_at < $2
+                                          FOR UPDATE SKIP LOCKED)",
+                    )
+                    .bind(webhook)
+                    .bind(next)
+                    .execute(&mut *tx)
+                    .await?;
                     self.metrics
                         .deliveries
-                        .with_label_values(&[webhook.as_str(), "failed"])
+                        .with_label_values(&[webhook, "failed"])
                         .inc();
                     report.failed += 1;
+                    round.failed += 1;
                     tracing::warn!(
                         %webhook, %kind, delivery_id = id, attempts = attempts + 1,
                         retry_in_ms = delay.as_millis() as u64, %error,
                         "webhook delivery failed; will retry"
                     );
-                    failing.insert(webhook);
+                    // Its receiver just failed: the rest waits for a later round, not now.
+                    break;
                 }
             }
         }
         tx.commit().await?;
-        Ok(claimed)
+        Ok(round)
     }
 
     async fn post(
@@ -316,6 +401,56 @@ impl Sender {
     }
 }
 
+/// What one transaction of one webhook did.
+#[derive(Debug, Clone, Copy)]
+struct HookRound {
+    /// Deliveries claimed.
+    claimed: usize,
+    /// Deliveries that failed (at most one: the webhook stops at its first failure).
+    failed: usize,
+}
+
+/// Counts a webhook stream as busy (talking to PostgreSQL or its receiver) while alive.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn enter(busy: &'a AtomicUsize) -> Self {
+        busy.fetch_add(1, Ordering::SeqCst);
+        Self(busy)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs `futures` concurrently on the current task; their outputs, in order. Dropping the
+/// returned future drops every one still running.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(v) => *output = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
 /// Delay after the `attempts`+1-th failure: `initial * 2^attempts`, at most `max`.
 pub(crate) fn backoff(initial: Duration, max: Duration, attempts: i32) -> Duration {
     let factor = 2u32.saturating_pow(u32::try_from(attempts).unwrap_or(0).min(30));
@@ -334,6 +469,39 @@ mod tests {
         assert_eq!(backoff(s(1), s(60), 5), s(32));
         assert_eq!(backoff(s(1), s(60), 6), s(60));
         assert_eq!(backoff(s(1), s(60), 10_000), s(60));
+    }
+
+    #[tokio::test]
+    async fn join_all_runs_futures_together_and_keeps_their_order() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        // The first waits for the second: one after the other, they would never finish.
+        let waits: Pin<Box<dyn Future<Output = u32> + Send>> =
+            Box::pin(async move { rx.await.expect("sent") + 1 });
+        let sends: Pin<Box<dyn Future<Output = u32> + Send>> = Box::pin(async move {
+            tokio::task::yield_now().await;
+            tx.send(41).expect("receiver alive");
+            7
+        });
+        let out = tokio::time::timeout(Duration::from_secs(5), join_all(vec![waits, sends]))
+            .await
+            .expect("both finish");
+        assert_eq!(out, vec![42, 7]);
+        assert!(
+            join_all(Vec::<std::future::Ready<()>>::new())
+                .await
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn busy_counts_while_alive() {
+        let busy = AtomicUsize::new(0);
+        let a = Busy::enter(&busy);
+        let b = Busy::enter(&busy);
+        assert_eq!(busy.load(Ordering::SeqCst), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(busy.load(Ordering::SeqCst), 0);
     }
 
     #[test]
