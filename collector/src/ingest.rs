@@ -9,13 +9,21 @@
 //! ([`crate::store::write_batch`]). A failed write keeps the batch and retries with capped
 //! backoff; the bounded queue then fills and the consumers wait, so nothing is lost and
 //! nothing is skipped. Offsets only move in PostgreSQL, together with their effects.
+//!
+//! A write PostgreSQL refuses because of the data itself (SQLSTATE class 22, such as a
+//! count that no longer fits in `bigint` once added to the stored one) is not retried: the
+//! batch is split in halves, in arrival order, until the records it refuses are alone. Each
+//! of those goes to the dead-letter topic like a record the decoder rejects, every other
+//! record is applied (each part in one transaction with the offsets that follow it), and
+//! ingest goes on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chaperone_audit::{AuditRecord, DecodeError};
+use chaperone_audit::{AuditRecord, Counts, DecodeError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -28,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClusterConfig, IngestConfig};
 use crate::metrics::IngestMetrics;
-use crate::store::{self, ConsumedOffset};
+use crate::store::{self, BatchOutcome, ConsumedOffset, StoreError};
 
 /// Header of a dead-letter record holding the short rejection reason (the metric label).
 pub const DLQ_REASON_HEADER: &str = "chaperone-dlq-reason";
@@ -54,10 +62,31 @@ pub fn reason_label(e: &DecodeError) -> &'static str {
         DecodeError::OutOfRange { .. } => "out_of_range",
         DecodeError::Timestamp { .. } => "timestamp",
         DecodeError::StringLength { .. } => "string_length",
+        DecodeError::NulCharacter { .. } => "nul_character",
         DecodeError::Inconsistent { .. } => "inconsistent",
         DecodeError::Histogram(_) => "histogram",
         _ => "other",
     }
+}
+
+/// Short, bounded label (metric label and DLQ header) when PostgreSQL refused a write
+/// because of the data it was given (SQLSTATE class 22, "data exception"), `None` for any
+/// other failure. Such a write fails the same way however often it is retried, so the
+/// records that cause it are dead-lettered instead.
+pub fn data_error_label(e: &StoreError) -> Option<&'static str> {
+    let StoreError::Database(sqlx::Error::Database(db)) = e else {
+        return None;
+    };
+    let code = db.code()?;
+    if !code.starts_with("22") {
+        return None;
+    }
+    Some(match code.as_ref() {
+        "22003" => "db_out_of_range",
+        "22021" => "db_invalid_text",
+        "22P05" => "db_untranslatable_character",
+        _ => "db_data_exception",
+    })
 }
 
 /// Shared view of the ingest pipeline's health, read by `/readyz`.
@@ -244,11 +273,21 @@ impl Source {
     }
 }
 
-/// A record that failed validation, as read.
+/// Why a record is not stored.
 #[derive(Debug)]
 struct Rejected {
+    /// Short label: [`reason_label`] or [`data_error_label`].
     reason: &'static str,
+    /// The full message.
     error: String,
+}
+
+/// Where a message was read, and its bytes as read (what a dead letter carries).
+#[derive(Debug, Clone)]
+struct Origin {
+    source: usize,
+    partition: i32,
+    offset: i64,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
 }
@@ -256,10 +295,15 @@ struct Rejected {
 /// One message taken from an audit topic.
 #[derive(Debug)]
 struct Consumed {
-    source: usize,
-    partition: i32,
-    offset: i64,
+    origin: Origin,
     record: Result<AuditRecord, Rejected>,
+}
+
+/// A record on its way to the dead-letter topic.
+#[derive(Debug)]
+struct DeadLetter {
+    origin: Origin,
+    rejected: Rejected,
 }
 
 /// Next offsets made durable, shared between the writer and the lag measurement.
@@ -312,6 +356,7 @@ pub async fn run(
         stored,
         config: config.clone(),
         shutdown,
+        split_log: RateLimit::new(Duration::from_secs(10)),
     };
     writer.run(rx).await;
     consumers.wait().await;
@@ -406,12 +451,19 @@ async fn consume(
 }
 
 fn decode(source: &Source, m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
-    let record = match m.payload() {
+    // The bytes are kept with valid records too: the store may still refuse one (see
+    // `Writer::store`), and its dead letter carries the record as read.
+    let origin = Origin {
+        source: source.index,
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+    };
+    let record = match &origin.payload {
         None => Err(Rejected {
             reason: "empty",
             error: "record has no payload".to_owned(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: None,
         }),
         Some(p) => AuditRecord::decode(p).map_err(|e| {
             if let Some(suppressed) = source.poison_log.allow() {
@@ -427,17 +479,10 @@ fn decode(source: &Source, m: &rdkafka::message::BorrowedMessage<'_>) -> Consume
             Rejected {
                 reason: reason_label(&e),
                 error: e.to_string(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: Some(p.to_vec()),
             }
         }),
     };
-    Consumed {
-        source: source.index,
-        partition: m.partition(),
-        offset: m.offset(),
-        record,
-    }
+    Consumed { origin, record }
 }
 
 /// Assigns partitions of the audit topic not read yet, from their stored offsets, and
@@ -521,11 +566,121 @@ struct Writer {
     stored: Stored,
     config: IngestConfig,
     shutdown: CancellationToken,
+    /// Limits the warnings about batches split to find records the store refuses.
+    split_log: RateLimit,
 }
 
 /// A batch could not be made durable before the shutdown grace period ended.
 #[derive(Debug)]
 struct GaveUp;
+
+/// Next offsets by (source, partition).
+type NextOffsets = BTreeMap<(usize, i32), i64>;
+
+/// Raises `next` past every message of `arrivals` (source, partition, offset).
+fn raise_offsets(next: &mut NextOffsets, arrivals: &[(usize, i32, i64)]) {
+    for &(source, partition, offset) in arrivals {
+        let n = next.entry((source, partition)).or_insert(offset + 1);
+        *n = (*n).max(offset + 1);
+    }
+}
+
+fn add_outcome(total: &mut BatchOutcome, o: BatchOutcome) {
+    total.counts += o.counts;
+    total.progress += o.progress;
+    total.duplicates += o.duplicates;
+    total.count_rows += o.count_rows;
+}
+
+/// The reason and message of a write PostgreSQL refused because of its data.
+fn refusal(e: &StoreError) -> Option<Rejected> {
+    let reason = data_error_label(e)?;
+    let code = match e {
+        StoreError::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    Some(Rejected {
+        reason,
+        error: format!(
+            "PostgreSQL refused the record (SQLSTATE {}): {e}",
+            code.as_deref().unwrap_or("?")
+        ),
+    })
+}
+
+/// Whether the counts records of `records` that [`store::write_batch`] adds into one row
+/// sum past `i64::MAX` in some column. `write_batch` adds up a batch's records in Rust with
+/// saturating additions before PostgreSQL sees them, so such a batch would store a clipped
+/// total instead of failing; it is split like a batch PostgreSQL refuses. One record never
+/// overflows by itself (the contract caps each total at 2^53).
+fn sums_overflow(records: &[AuditRecord]) -> bool {
+    const MAX: u128 = i64::MAX as u128;
+    let totals = |c: &Counts| [c.count, c.bytes, c.no_timestamp, c.malformed].map(u128::from);
+    // Cheap test first: when the totals over all rows fit, so does every row's.
+    let mut grand = [0u128; 4];
+    for r in records {
+        if let AuditRecord::Counts(c) = r {
+            for (g, v) in grand.iter_mut().zip(totals(c)) {
+                *g += v;
+            }
+        }
+    }
+    if grand.iter().all(|&g| g <= MAX) {
+        return false;
+    }
+    // Per row, each id once, as `write_batch` sums them.
+    type Row<'a> = (&'a str, i64, i64, &'a str, &'a str, &'a str, Option<i32>);
+    let mut ids: HashSet<&str> = HashSet::new();
+    let mut rows: HashMap<Row<'_>, [u128; 4]> = HashMap::new();
+    for r in records {
+        let AuditRecord::Counts(c) = r else { continue };
+        if !ids.insert(c.id.as_str()) {
+            continue;
+        }
+        let row = rows
+            .entry((
+                c.topic.as_str(),
+                c.bucket_start_ms,
+                c.bucket_width.as_millis(),
+                c.observer.tier.as_str(),
+                c.observer.datacenter.as_str(),
+                c.observer.cluster.as_str(),
+                c.partition,
+            ))
+            .or_default();
+        for (sum, v) in row.iter_mut().zip(totals(c)) {
+            *sum += v;
+            if *sum > MAX {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The valid records of a batch, in arrival order, with where each was read.
+struct Batch<'a> {
+    records: &'a [AuditRecord],
+    origins: &'a [Origin],
+    /// Index in `arrivals` of each record.
+    arrived: &'a [usize],
+    /// (source, partition, offset) of every message of the batch, rejected ones included.
+    arrivals: &'a [(usize, i32, i64)],
+}
+
+/// What writing one part of a batch came to.
+enum Written {
+    Stored(BatchOutcome),
+    /// PostgreSQL refused the data; nothing was written.
+    Refused(Rejected),
+}
+
+/// Retry context of one batch.
+struct Attempt {
+    started: Instant,
+    size: usize,
+    shutdown_since: Option<Instant>,
+}
 
 impl Writer {
     async fn run(self, mut rx: mpsc::Receiver<Consumed>) {
@@ -566,79 +721,44 @@ impl Writer {
     }
 
     async fn commit(&self, batch: Vec<Consumed>) -> Result<(), GaveUp> {
-        let started = Instant::now();
+        let mut attempt = Attempt {
+            started: Instant::now(),
+            size: batch.len(),
+            shutdown_since: None,
+        };
         let size = batch.len();
         let mut records = Vec::with_capacity(size);
-        let mut rejected: Vec<(usize, i32, i64, Rejected)> = Vec::new();
-        let mut next: BTreeMap<(usize, i32), i64> = BTreeMap::new();
+        let mut origins = Vec::with_capacity(size);
+        let mut arrived = Vec::with_capacity(size);
+        let mut arrivals = Vec::with_capacity(size);
+        let mut rejected = Vec::new();
         for c in batch {
-            let n = next.entry((c.source, c.partition)).or_insert(c.offset + 1);
-            *n = (*n).max(c.offset + 1);
+            arrivals.push((c.origin.source, c.origin.partition, c.origin.offset));
             match c.record {
-                Ok(r) => records.push(r),
-                Err(r) => rejected.push((c.source, c.partition, c.offset, r)),
+                Ok(r) => {
+                    records.push(r);
+                    origins.push(c.origin);
+                    arrived.push(arrivals.len() - 1);
+                }
+                Err(r) => rejected.push(DeadLetter {
+                    origin: c.origin,
+                    rejected: r,
+                }),
             }
         }
-        let offsets: Vec<ConsumedOffset> = next
-            .iter()
-            .map(|(&(s, p), &o)| ConsumedOffset {
-                cluster: self.sources[s].config.alias.clone(),
-                topic: self.sources[s].config.audit_topic.clone(),
-                partition: p,
-                next_offset: o,
-            })
-            .collect();
 
-        let mut delay = self.config.retry_min;
-        let mut shutdown_since = None;
-        let mut failures = 0u32;
-        // 1. Dead letters first: their offsets are stored with the batch below.
-        let mut pending = rejected;
-        while !pending.is_empty() {
-            pending = self.send_dead_letters(pending).await;
-            if !pending.is_empty() {
-                self.metrics
-                    .write_failures
-                    .with_label_values(&["dlq"])
-                    .inc();
-                failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(
-                        records = pending.len(),
-                        attempt = failures,
-                        "dead-letter topic did not acknowledge; retrying"
-                    );
-                }
-                self.backoff(&mut delay, &mut shutdown_since).await?;
-            }
-        }
-        // 2. One transaction: records, counts, progress and offsets.
-        let mut delay = self.config.retry_min;
-        let mut failures = 0u32;
-        let outcome = loop {
-            match store::write_batch(&self.pool, &records, &offsets).await {
-                Ok(o) => break o,
-                Err(e) => {
-                    self.status.store_ok.store(false, Ordering::Relaxed);
-                    self.metrics
-                        .write_failures
-                        .with_label_values(&["postgres"])
-                        .inc();
-                    failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        if e.is_transient() && started.elapsed() < Duration::from_secs(60) {
-                            tracing::warn!(error = %e, attempt = failures, records = size, "cannot store the batch; retrying");
-                        } else {
-                            tracing::error!(error = %e, attempt = failures, records = size, transient = e.is_transient(), "cannot store the batch; ingestion is paused until it succeeds");
-                        }
-                    }
-                    self.backoff(&mut delay, &mut shutdown_since).await?;
-                }
-            }
+        // 1. Dead letters first: their offsets are stored with the records after them.
+        self.dead_letter(rejected, &mut attempt.shutdown_since)
+            .await?;
+        // 2. Records, counts, progress and offsets: one transaction, unless PostgreSQL
+        // refuses some of the records.
+        let batch = Batch {
+            records: &records,
+            origins: &origins,
+            arrived: &arrived,
+            arrivals: &arrivals,
         };
-        if failures > 0 {
-            tracing::info!(attempts = failures + 1, "batch stored after retries");
-        }
+        let (outcome, next) = self.store(&batch, &mut attempt).await?;
         self.status.store_ok.store(true, Ordering::Relaxed);
         {
             let mut stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
@@ -656,27 +776,207 @@ impl Writer {
         m.records_duplicate.inc_by(outcome.duplicates as u64);
         m.batches.inc();
         m.batch_records.observe(size as f64);
-        m.batch_seconds.observe(started.elapsed().as_secs_f64());
+        m.batch_seconds
+            .observe(attempt.started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Applies the batch's records and stores the offsets of all its messages; returns what
+    /// was applied and the offsets stored.
+    ///
+    /// Normally this is one transaction. When PostgreSQL refuses the data (or the batch would
+    /// overflow a row by itself, see [`sums_overflow`]), the batch is split in halves, the
+    /// earlier half first, until each refused record is alone: that record is dead-lettered
+    /// and every other one applied, each part in one transaction together with the offsets of
+    /// every message that arrived before the part's end. Applying the parts in arrival order
+    /// gives the same result as applying the records one at a time; offsets only move
+    /// forward, so a restart in between re-reads exactly what is not applied yet, and a
+    /// refused record's offset is stored only once its dead letter is acknowledged.
+    async fn store(
+        &self,
+        batch: &Batch<'_>,
+        attempt: &mut Attempt,
+    ) -> Result<(BatchOutcome, NextOffsets), GaveUp> {
+        let n = batch.records.len();
+        let mut total = BatchOutcome::default();
+        // Offsets stored so far, and how many messages they cover.
+        let mut next = NextOffsets::new();
+        let mut covered = 0;
+        // Parts still to write, the earliest last.
+        let mut parts: Vec<Range<usize>> = Vec::new();
+        parts.push(0..n);
+        let mut split = false;
+        while let Some(part) = parts.pop() {
+            let end = batch
+                .arrived
+                .get(part.end)
+                .copied()
+                .unwrap_or(batch.arrivals.len());
+            let mut part_next = next.clone();
+            raise_offsets(&mut part_next, &batch.arrivals[covered..end]);
+            match self
+                .write(&batch.records[part.clone()], &part_next, attempt)
+                .await?
+            {
+                Written::Stored(o) => {
+                    add_outcome(&mut total, o);
+                    next = part_next;
+                    covered = end;
+                }
+                Written::Refused(why) if part.len() > 1 => {
+                    if !split {
+                        split = true;
+                        if let Some(suppressed) = self.split_log.allow() {
+                            tracing::warn!(
+                                records = n,
+                                reason = why.reason,
+                                error = %why.error,
+                                suppressed,
+                                "the store refused the data of a batch; splitting it to find the records at fault"
+                            );
+                        }
+                    }
+                    let mid = part.start + part.len() / 2;
+                    parts.push(mid..part.end);
+                    parts.push(part.start..mid);
+                }
+                Written::Refused(why) => {
+                    let origin = &batch.origins[part.start];
+                    let source = &self.sources[origin.source];
+                    if let Some(suppressed) = source.poison_log.allow() {
+                        tracing::warn!(
+                            cluster = %source.config.alias,
+                            partition = origin.partition,
+                            offset = origin.offset,
+                            reason = why.reason,
+                            error = %why.error,
+                            suppressed,
+                            "audit record refused by the store sent to the dead-letter topic"
+                        );
+                    }
+                    let letter = DeadLetter {
+                        origin: origin.clone(),
+                        rejected: why,
+                    };
+                    self.dead_letter(vec![letter], &mut attempt.shutdown_since)
+                        .await?;
+                    if part.end == n {
+                        // The last record: store the offsets past it on their own.
+                        parts.push(n..n);
+                    }
+                }
+            }
+        }
+        Ok((total, next))
+    }
+
+    /// Writes `records` with the offsets `next` in one transaction, retrying with backoff
+    /// while it fails for any reason but the data.
+    async fn write(
+        &self,
+        records: &[AuditRecord],
+        next: &NextOffsets,
+        attempt: &mut Attempt,
+    ) -> Result<Written, GaveUp> {
+        if records.len() > 1 && sums_overflow(records) {
+            return Ok(Written::Refused(Rejected {
+                reason: "db_out_of_range",
+                error: "the counts of one row add up to more than a bigint holds".to_owned(),
+            }));
+        }
+        let offsets: Vec<ConsumedOffset> = next
+            .iter()
+            .map(|(&(s, p), &o)| ConsumedOffset {
+                cluster: self.sources[s].config.alias.clone(),
+                topic: self.sources[s].config.audit_topic.clone(),
+                partition: p,
+                next_offset: o,
+            })
+            .collect();
+        let mut delay = self.config.retry_min;
+        let mut failures = 0u32;
+        loop {
+            let e = match store::write_batch(&self.pool, records, &offsets).await {
+                Ok(o) => {
+                    if failures > 0 {
+                        tracing::info!(attempts = failures + 1, "batch stored after retries");
+                    }
+                    return Ok(Written::Stored(o));
+                }
+                Err(e) => e,
+            };
+            // Without records only offsets are written: nothing there to dead-letter.
+            if !records.is_empty()
+                && let Some(why) = refusal(&e)
+            {
+                return Ok(Written::Refused(why));
+            }
+            self.status.store_ok.store(false, Ordering::Relaxed);
+            self.metrics
+                .write_failures
+                .with_label_values(&["postgres"])
+                .inc();
+            failures += 1;
+            if failures == 1 || failures.is_power_of_two() {
+                let size = attempt.size;
+                if e.is_transient() && attempt.started.elapsed() < Duration::from_secs(60) {
+                    tracing::warn!(error = %e, attempt = failures, records = size, "cannot store the batch; retrying");
+                } else {
+                    tracing::error!(error = %e, attempt = failures, records = size, transient = e.is_transient(), "cannot store the batch; ingestion is paused until it succeeds");
+                }
+            }
+            self.backoff(&mut delay, &mut attempt.shutdown_since)
+                .await?;
+        }
+    }
+
+    /// Sends `letters` to their dead-letter topics and waits until every one is
+    /// acknowledged, retrying with backoff.
+    async fn dead_letter(
+        &self,
+        letters: Vec<DeadLetter>,
+        shutdown_since: &mut Option<Instant>,
+    ) -> Result<(), GaveUp> {
+        let mut delay = self.config.retry_min;
+        let mut failures = 0u32;
+        let mut pending = letters;
+        while !pending.is_empty() {
+            pending = self.send_dead_letters(pending).await;
+            if !pending.is_empty() {
+                self.metrics
+                    .write_failures
+                    .with_label_values(&["dlq"])
+                    .inc();
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(
+                        records = pending.len(),
+                        attempt = failures,
+                        "dead-letter topic did not acknowledge; retrying"
+                    );
+                }
+                self.backoff(&mut delay, shutdown_since).await?;
+            }
+        }
         Ok(())
     }
 
     /// Sends dead letters and waits for their acknowledgement; returns those not
     /// acknowledged. Counts the acknowledged ones by reason.
-    async fn send_dead_letters(
-        &self,
-        rejected: Vec<(usize, i32, i64, Rejected)>,
-    ) -> Vec<(usize, i32, i64, Rejected)> {
-        let mut inflight: Vec<(DeliveryFuture, (usize, i32, i64, Rejected))> =
-            Vec::with_capacity(rejected.len());
+    async fn send_dead_letters(&self, letters: Vec<DeadLetter>) -> Vec<DeadLetter> {
+        let mut inflight: Vec<(DeliveryFuture, DeadLetter)> = Vec::with_capacity(letters.len());
         let mut failed = Vec::new();
-        for item in rejected {
+        for letter in letters {
             loop {
                 let sent = {
-                    let (s, p, o, r) = &item;
-                    let source = &self.sources[*s];
-                    let origin = format!(
+                    let DeadLetter {
+                        origin: o,
+                        rejected: r,
+                    } = &letter;
+                    let source = &self.sources[o.source];
+                    let from = format!(
                         "{}/{}/{}/{}",
-                        source.config.alias, source.config.audit_topic, p, o
+                        source.config.alias, source.config.audit_topic, o.partition, o.offset
                     );
                     let headers = OwnedHeaders::new()
                         .insert(Header {
@@ -689,21 +989,21 @@ impl Writer {
                         })
                         .insert(Header {
                             key: DLQ_SOURCE_HEADER,
-                            value: Some(&origin),
+                            value: Some(&from),
                         });
                     let mut rec: FutureRecord<'_, [u8], [u8]> =
                         FutureRecord::to(&source.config.dlq_topic).headers(headers);
-                    if let Some(k) = &r.key {
+                    if let Some(k) = &o.key {
                         rec = rec.key(k.as_slice());
                     }
-                    if let Some(pl) = &r.payload {
+                    if let Some(pl) = &o.payload {
                         rec = rec.payload(pl.as_slice());
                     }
                     source.producer.send_result(rec).map_err(|(e, _)| e)
                 };
                 match sent {
                     Ok(f) => {
-                        inflight.push((f, item));
+                        inflight.push((f, letter));
                         break;
                     }
                     Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
@@ -712,27 +1012,105 @@ impl Writer {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot enqueue a dead-letter record");
-                        failed.push(item);
+                        failed.push(letter);
                         break;
                     }
                 }
             }
         }
-        for (fut, item) in inflight {
+        for (fut, letter) in inflight {
             match fut.await {
                 Ok(Ok(_)) => {
                     self.metrics
                         .records_rejected
-                        .with_label_values(&[item.3.reason])
+                        .with_label_values(&[letter.rejected.reason])
                         .inc();
                 }
                 Ok(Err((e, _))) => {
                     tracing::debug!(error = %e, "dead-letter record not acknowledged");
-                    failed.push(item);
+                    failed.push(letter);
                 }
-                Err(_) => failed.push(item),
+                Err(_) => failed.push(letter),
             }
         }
         failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chaperone_audit::record::MAX_TOTAL;
+    use chaperone_audit::{BucketWidth, Latency, Observer, Tier};
+
+    use super::*;
+
+    fn row(id: &str, topic: &str, count: u64, bytes: u64) -> AuditRecord {
+        AuditRecord::Counts(Counts {
+            id: id.into(),
+            topic: topic.into(),
+            physical_topic: topic.into(),
+            partition: Some(0),
+            bucket_start_ms: 1_764_067_200_000,
+            bucket_width: BucketWidth::default(),
+            observer: Observer {
+                tier: Tier::Producer,
+                datacenter: "dc1".into(),
+                cluster: "regional".into(),
+                host: "h".into(),
+                instance: "1".into(),
+            },
+            count,
+            bytes,
+            no_timestamp: 0,
+            malformed: 0,
+            min_event_ms: None,
+            max_event_ms: None,
+            latency: Latency::new(),
+            emitted_at_ms: 1_764_067_270_000,
+        })
+    }
+
+    #[test]
+    fn sums_overflow_only_within_one_row() {
+        let max = MAX_TOTAL as u64;
+        let fill = |topic: &str, n: usize, count: u64, bytes: u64| -> Vec<AuditRecord> {
+            (0..n)
+                .map(|i| row(&format!("{topic}-{i}"), topic, count, bytes))
+                .collect()
+        };
+        // 1023 x 2^53 is the most of them a bigint holds.
+        assert!(!sums_overflow(&fill("a", 1023, max, 1)));
+        assert!(sums_overflow(&fill("a", 1024, max, 1)));
+        assert!(sums_overflow(&fill("a", 1024, 1, max)));
+        // Spread over two rows: every row fits.
+        let mut two = fill("a", 1000, max, 1);
+        two.extend(fill("b", 1000, max, 1));
+        assert!(!sums_overflow(&two));
+        // A repeated id is applied once.
+        let mut repeated = fill("a", 1023, max, 1);
+        repeated.push(repeated[0].clone());
+        assert!(!sums_overflow(&repeated));
+        assert!(!sums_overflow(&[]));
+    }
+
+    #[test]
+    fn offsets_move_past_every_message() {
+        let mut next = NextOffsets::new();
+        raise_offsets(&mut next, &[(0, 0, 5), (0, 1, 9), (0, 0, 6)]);
+        raise_offsets(&mut next, &[(1, 0, 0), (0, 0, 7)]);
+        let expected: NextOffsets = [((0, 0), 8), ((0, 1), 10), ((1, 0), 1)].into();
+        assert_eq!(next, expected);
+    }
+
+    #[test]
+    fn only_data_exceptions_are_data_errors() {
+        assert_eq!(
+            data_error_label(&StoreError::Database(sqlx::Error::PoolClosed)),
+            None
+        );
+        assert_eq!(
+            reason_label(&DecodeError::NulCharacter { field: "host" }),
+            "nul_character"
+        );
     }
 }

@@ -274,3 +274,238 @@ async fn ids_stored_before_the_uuid_migration_still_filter_duplicates() -> anyho
     assert_eq!((out.counts, out.duplicates), (0, ids.len()));
     db.drop_db().await
 }
+
+/// A counts record of one row (`topic`, producer tier, dc1, `partition`) with exactly
+/// `count` messages and `bytes` bytes.
+fn sized(id: &str, topic: &str, partition: i32, count: u64, bytes: u64) -> AuditRecord {
+    let mut c = counts(
+        id,
+        topic,
+        Some(partition),
+        BUCKET,
+        observer(chaperone_audit::Tier::Producer, "dc1", "h"),
+        &[],
+    );
+    c.count = count;
+    c.bytes = bytes;
+    AuditRecord::Counts(c)
+}
+
+/// Records whose counts overflow `bigint` once added to what is already stored are
+/// dead-lettered with their reason; every record before and after them, on their partition,
+/// another partition and another cluster, is stored once, and every offset moves past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_overflowing_its_row_is_dead_lettered_and_ingest_goes_on() -> anyhow::Result<()> {
+    const MAX: u64 = chaperone_audit::record::MAX_TOTAL as u64;
+    let db = TestDb::create().await?;
+    let regional = Topics::create(2).await?;
+    let aggregate = Topics::create_on("aggregate", &aggregate_bootstrap(), 2).await?;
+    let prefix = unique("overflow");
+    let id = |what: &str, i: usize| format!("{prefix}-{what}-{i}");
+
+    // Regional partition 0: good records, then 1023 records of 2^53 messages for one row
+    // (the most bigint holds in multiples of 2^53), one more (poison), more good records
+    // and a small one for the same row, which still fits.
+    let before0 = mixed_records(&format!("{prefix}-before0"), 100);
+    let after0 = mixed_records(&format!("{prefix}-after0"), 100);
+    let counts_poison = sized(&id("count-poison", 0), "big", 0, MAX, 1);
+    let mut p0: Vec<AuditRecord> = before0.clone();
+    p0.extend((0..1023).map(|i| sized(&id("count", i), "big", 0, MAX, 1)));
+    p0.push(counts_poison.clone());
+    p0.extend(after0.iter().cloned());
+    p0.push(sized(&id("count-small", 0), "big", 0, 5, 5));
+    // Regional partition 1: the same with bytes.
+    let bytes_poison = sized(&id("bytes-poison", 0), "wide", 1, 1, MAX);
+    let mut p1: Vec<AuditRecord> = mixed_records(&format!("{prefix}-before1"), 100);
+    p1.extend((0..1023).map(|i| sized(&id("bytes", i), "wide", 1, 1, MAX)));
+    p1.push(bytes_poison.clone());
+    p1.push(sized(&id("bytes-small", 0), "wide", 1, 1, 7));
+    p1.extend(mixed_records(&format!("{prefix}-after1"), 50));
+    // The aggregate cluster: good records only.
+    let other = mixed_records(&format!("{prefix}-other"), 300);
+
+    produce_to(&regional, 0, &encode_all(&p0)).await?;
+    produce_to(&regional, 1, &encode_all(&p1)).await?;
+    produce(&aggregate, &encode_all(&other)).await?;
+
+    let mut cfg = config(&db, &regional);
+    cfg.clusters.push(aggregate.cluster());
+    // Large enough for 1024 records of one row to share a batch.
+    cfg.ingest.batch_size = 2_000;
+    let collector = InProcess::start(cfg, db.pool.clone(), None).await?;
+    wait_caught_up(&db.pool, &regional, Duration::from_secs(120)).await?;
+    wait_caught_up(&db.pool, &aggregate, Duration::from_secs(60)).await?;
+
+    let stored: Vec<AuditRecord> = p0
+        .iter()
+        .chain(&p1)
+        .chain(&other)
+        .filter(|r| r.id() != counts_poison.id() && r.id() != bytes_poison.id())
+        .cloned()
+        .collect();
+    let totals = stored_totals(&db.pool).await?;
+    assert_eq!(totals, expected_totals(&stored));
+    let big = (
+        "big".to_owned(),
+        BUCKET,
+        "producer".to_owned(),
+        "dc1".to_owned(),
+        0,
+    );
+    assert_eq!(totals[&big], (1023 * (1 << 53) + 5, 1023 + 5, 1024));
+    let wide = (
+        "wide".to_owned(),
+        BUCKET,
+        "producer".to_owned(),
+        "dc1".to_owned(),
+        1,
+    );
+    assert_eq!(totals[&wide], (1024, 1023 * (1 << 53) + 7, 1024));
+    assert_eq!(
+        metric(
+            &collector.registry,
+            "chaperone_collector_records_ingested_total",
+            Some(("kind", "counts"))
+        ),
+        stored.len() as f64
+    );
+    assert_eq!(
+        metric(
+            &collector.registry,
+            "chaperone_collector_records_rejected_total",
+            Some(("reason", "db_out_of_range"))
+        ),
+        2.0
+    );
+
+    let mut letters = dead_letters(
+        &regional,
+        2,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    )
+    .await?;
+    letters.sort_by(|a, b| a.source.cmp(&b.source));
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (letter, (partition, poison)) in letters
+        .iter()
+        .zip([(0, &counts_poison), (1, &bytes_poison)])
+    {
+        assert_eq!(letter.reason, "db_out_of_range");
+        assert!(letter.error.contains("22003"), "{}", letter.error);
+        assert_eq!(
+            letter.source,
+            format!("regional/{}/{partition}/1123", regional.audit)
+        );
+        assert_eq!(letter.payload, poison.encode());
+    }
+    assert!(
+        dead_letters(&aggregate, 0, Duration::ZERO, Duration::from_secs(2))
+            .await?
+            .is_empty()
+    );
+    assert!(!collector.task.is_finished(), "the collector kept running");
+    let ready = reqwest::get(collector.url("/readyz")).await?;
+    assert_eq!(ready.status(), 200);
+
+    collector.stop().await?;
+    db.drop_db().await
+}
+
+/// A string holding NUL cannot be stored in PostgreSQL `text`: the decoder rejects it and
+/// the record is dead-lettered with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_with_nul_in_host_is_dead_lettered() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topics = Topics::create(2).await?;
+    let prefix = unique("nul");
+    let good = mixed_records(&prefix, 100);
+    let mut payloads = encode_all(&good[..50]);
+    let mut nul_counts: serde_json::Value = serde_json::from_slice(&good[0].encode())?;
+    nul_counts["id"] = serde_json::json!(format!("{prefix}-nul-counts"));
+    nul_counts["host"] = serde_json::json!("web\u{0}1");
+    let nul_progress = AuditRecord::Progress(progress(
+        &format!("{prefix}-nul-progress"),
+        "orders-0",
+        0,
+        BUCKET,
+        1,
+    ));
+    let mut nul_progress: serde_json::Value = serde_json::from_slice(&nul_progress.encode())?;
+    nul_progress["host"] = serde_json::json!("svc\u{0}");
+    let poison = [
+        serde_json::to_vec(&nul_counts)?,
+        serde_json::to_vec(&nul_progress)?,
+    ];
+    payloads.extend(poison.iter().cloned());
+    payloads.extend(encode_all(&good[50..]));
+    produce_to(&topics, 1, &payloads).await?;
+
+    let collector = InProcess::start(config(&db, &topics), db.pool.clone(), None).await?;
+    wait_caught_up(&db.pool, &topics, Duration::from_secs(60)).await?;
+    assert_eq!(stored_totals(&db.pool).await?, expected_totals(&good));
+    let progress_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_progress")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(progress_rows, 0);
+    let letters = dead_letters(&topics, 2, Duration::from_secs(30), Duration::from_secs(2)).await?;
+    assert_eq!(letters.len(), 2);
+    for (letter, (offset, payload)) in letters.iter().zip([(50, &poison[0]), (51, &poison[1])]) {
+        assert_eq!(letter.reason, "nul_character");
+        assert!(letter.error.contains("`host`"), "{}", letter.error);
+        assert_eq!(
+            letter.source,
+            format!("regional/{}/1/{offset}", topics.audit)
+        );
+        assert_eq!(&letter.payload, payload);
+    }
+    assert_eq!(
+        metric(
+            &collector.registry,
+            "chaperone_collector_records_rejected_total",
+            Some(("reason", "nul_character"))
+        ),
+        2.0
+    );
+    collector.stop().await?;
+    db.drop_db().await
+}
+
+/// How the writer tells a write PostgreSQL refuses for its data (dead-lettered) from one
+/// that may succeed later (retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_errors_are_told_from_other_failures() -> anyhow::Result<()> {
+    use chaperone_collector::ingest::data_error_label;
+    let db = TestDb::create().await?;
+    let prefix = unique("refused");
+    let max = chaperone_audit::record::MAX_TOTAL as u64;
+    // A topic holding NUL (the decoder would reject it; the store is asked directly).
+    let nul = sized(&format!("{prefix}-nul"), "or\u{0}ders", 0, 1, 1);
+    let e = store::write_batch(&db.pool, &[nul], &[])
+        .await
+        .expect_err("text cannot hold NUL");
+    assert_eq!(data_error_label(&e), Some("db_invalid_text"), "{e}");
+    // 1023 x 2^53 fits in bigint; one more 2^53 does not.
+    let fill: Vec<AuditRecord> = (0..1023)
+        .map(|i| sized(&format!("{prefix}-{i}"), "big", 0, max, 0))
+        .collect();
+    store::write_batch(&db.pool, &fill, &[]).await?;
+    let over = sized(&format!("{prefix}-over"), "big", 0, max, 0);
+    let e = store::write_batch(&db.pool, &[over], &[])
+        .await
+        .expect_err("bigint overflows");
+    assert_eq!(data_error_label(&e), Some("db_out_of_range"), "{e}");
+    // Nothing of the refused writes is stored.
+    let stored: (i64, i64) =
+        sqlx::query_as("SELECT sum(count)::int8, sum(records)::int8 FROM audit_counts")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(stored, (1023 * (1 << 53), 1023));
+    // Not a data error: PostgreSQL cannot be reached.
+    db.pool.close().await;
+    let e = store::write_batch(&db.pool, &fill[..1], &[])
+        .await
+        .expect_err("pool closed");
+    assert_eq!(data_error_label(&e), None, "{e}");
+    db.drop_db().await
+}

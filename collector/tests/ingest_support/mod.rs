@@ -30,6 +30,10 @@ pub fn regional_bootstrap() -> String {
     std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
+pub fn aggregate_bootstrap() -> String {
+    std::env::var("CHAPERONE_AGGREGATE_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:29092".into())
+}
+
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://chaperone:chaperone@127.0.0.1:55432/chaperone".into())
@@ -146,30 +150,40 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyh
     Ok(())
 }
 
-/// An audit topic and its dead-letter topic, both new.
+/// An audit topic and its dead-letter topic, both new, on the cluster the collector calls
+/// `alias`.
 #[derive(Debug, Clone)]
 pub struct Topics {
     pub audit: String,
     pub dlq: String,
     pub partitions: i32,
+    pub alias: String,
+    pub bootstrap: String,
 }
 
 impl Topics {
+    /// On the regional cluster, alias `regional`.
     pub async fn create(partitions: i32) -> anyhow::Result<Self> {
+        Self::create_on("regional", &regional_bootstrap(), partitions).await
+    }
+
+    pub async fn create_on(alias: &str, bootstrap: &str, partitions: i32) -> anyhow::Result<Self> {
         let t = Self {
             audit: unique("audit"),
             dlq: unique("audit-dlq"),
             partitions,
+            alias: alias.into(),
+            bootstrap: bootstrap.into(),
         };
-        create_topic(&regional_bootstrap(), &t.audit, partitions).await?;
-        create_topic(&regional_bootstrap(), &t.dlq, 1).await?;
+        create_topic(bootstrap, &t.audit, partitions).await?;
+        create_topic(bootstrap, &t.dlq, 1).await?;
         Ok(t)
     }
 
     pub fn cluster(&self) -> ClusterConfig {
         ClusterConfig {
-            alias: "regional".into(),
-            bootstrap: regional_bootstrap(),
+            alias: self.alias.clone(),
+            bootstrap: self.bootstrap.clone(),
             audit_topic: self.audit.clone(),
             dlq_topic: self.dlq.clone(),
             librdkafka: BTreeMap::new(),
@@ -201,7 +215,7 @@ pub fn config_toml(db: &TestDb, topics: &Topics) -> String {
 url = "{url}"
 
 [[clusters]]
-alias = "regional"
+alias = "{alias}"
 bootstrap = "{bootstrap}"
 audit_topic = "{audit}"
 dlq_topic = "{dlq}"
@@ -225,7 +239,8 @@ enabled = false
 enabled = false
 "#,
         url = db.url,
-        bootstrap = regional_bootstrap(),
+        alias = topics.alias,
+        bootstrap = topics.bootstrap,
         audit = topics.audit,
         dlq = topics.dlq,
     )
@@ -399,9 +414,14 @@ pub fn progress(
     }
 }
 
+/// A producer to the regional cluster.
 pub fn producer() -> anyhow::Result<FutureProducer> {
+    producer_on(&regional_bootstrap())
+}
+
+pub fn producer_on(bootstrap: &str) -> anyhow::Result<FutureProducer> {
     Ok(ClientConfig::new()
-        .set("bootstrap.servers", regional_bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()?)
@@ -410,8 +430,28 @@ pub fn producer() -> anyhow::Result<FutureProducer> {
 /// Produces `payloads` to `topic`, payload `i` to partition `i % partitions`, and waits for
 /// every acknowledgement.
 pub async fn produce(topic: &Topics, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
-    let producer = producer()?;
+    let producer = producer_on(&topic.bootstrap)?;
     produce_with(&producer, topic, payloads, 0).await
+}
+
+/// Produces `payloads` in order to one partition of the audit topic and waits for every
+/// acknowledgement.
+pub async fn produce_to(
+    topic: &Topics,
+    partition: i32,
+    payloads: &[Vec<u8>],
+) -> anyhow::Result<()> {
+    let producer = producer_on(&topic.bootstrap)?;
+    for p in payloads {
+        let rec = FutureRecord::<(), [u8]>::to(&topic.audit)
+            .payload(p.as_slice())
+            .partition(partition);
+        producer
+            .send(rec, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    Ok(())
 }
 
 pub async fn produce_with(
@@ -459,7 +499,7 @@ pub async fn end_offsets(topic: &Topics) -> anyhow::Result<BTreeMap<i32, i64>> {
     let t = topic.clone();
     tokio::task::spawn_blocking(move || {
         let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", regional_bootstrap())
+            .set("bootstrap.servers", &t.bootstrap)
             .create()?;
         let mut out = BTreeMap::new();
         for p in 0..t.partitions {
@@ -474,8 +514,9 @@ pub async fn end_offsets(topic: &Topics) -> anyhow::Result<BTreeMap<i32, i64>> {
 /// Stored next offsets of the test's audit topic.
 pub async fn stored_offsets(pool: &PgPool, topic: &Topics) -> anyhow::Result<BTreeMap<i32, i64>> {
     let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM ingest_offsets WHERE cluster = 'regional' AND topic = $1",
+        "SELECT partition, next_offset FROM ingest_offsets WHERE cluster = $1 AND topic = $2",
     )
+    .bind(&topic.alias)
     .bind(&topic.audit)
     .fetch_all(pool)
     .await?;
@@ -595,4 +636,61 @@ pub fn metric(registry: &prometheus::Registry, name: &str, label: Option<(&str, 
         })
         .map(|m| m.get_counter().get_value())
         .sum()
+}
+
+/// One record of a dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: String,
+    pub error: String,
+    pub source: String,
+    pub payload: Vec<u8>,
+}
+
+/// Reads the dead-letter topic of `topics` until it holds `n` records, failing after
+/// `timeout`; then checks for `quiet` that no further one arrives.
+pub async fn dead_letters(
+    topics: &Topics,
+    n: usize,
+    timeout: Duration,
+    quiet: Duration,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &topics.bootstrap)
+        .set("group.id", unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(&[&topics.dlq])?;
+    let header = |m: &rdkafka::message::BorrowedMessage<'_>, key: &str| {
+        m.headers()
+            .and_then(|h| h.iter().find(|h| h.key == key))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let wait = if out.len() < n {
+            tokio::time::timeout_at(deadline, consumer.recv()).await
+        } else {
+            tokio::time::timeout(quiet, consumer.recv()).await
+        };
+        let m = match wait {
+            Ok(m) => m?,
+            Err(_) if out.len() < n => {
+                bail!("only {} of {n} dead letters after {timeout:?}", out.len())
+            }
+            Err(_) => return Ok(out),
+        };
+        out.push(DeadLetter {
+            reason: header(&m, "chaperone-dlq-reason"),
+            error: header(&m, "chaperone-dlq-error"),
+            source: header(&m, "chaperone-dlq-source"),
+            payload: m.payload().unwrap_or_default().to_vec(),
+        });
+    }
 }
