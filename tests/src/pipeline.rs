@@ -179,6 +179,14 @@ poll_interval = "500ms"
 impl Pipeline {
     /// Starts the collector on `db` and a chaperone-service next to each cluster.
     pub async fn start(db: &TestDb, spec: &PipelineSpec) -> anyhow::Result<Self> {
+        // The daemons' logs, at `RUST_LOG` (default warnings), in the test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let shutdown = CancellationToken::new();
         let mut daemons = Vec::new();
         let collector = collector_config(spec, &db.url()?)?;

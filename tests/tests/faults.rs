@@ -57,12 +57,14 @@ fn loadgen_path() -> anyhow::Result<PathBuf> {
 /// One load generator process.
 struct Loadgen {
     child: Child,
+    log: PathBuf,
 }
 
 impl Loadgen {
     /// Starts `loadgen` for `topics` with extra arguments.
     fn start(audit_topic: &str, topics: &[&str], args: &[&str]) -> anyhow::Result<Self> {
         let spool = std::env::temp_dir().join(unique("faults-spool"));
+        let log = std::env::temp_dir().join(unique("faults-loadgen-log"));
         let child = Command::new(loadgen_path()?)
             .arg("--bootstrap")
             .arg(regional_bootstrap())
@@ -72,17 +74,21 @@ impl Loadgen {
             .arg(audit_topic)
             .arg("--bucket-width")
             .arg(WIDTH)
-            .arg("--flush-interval")
-            .arg("1s")
+            .args(if args.contains(&"--flush-interval") {
+                &[][..]
+            } else {
+                &["--flush-interval", "1s"][..]
+            })
             .arg("--spool-dir")
             .arg(spool)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .env("RUST_LOG", "warn")
             .kill_on_drop(true)
             .spawn()
             .context("starting loadgen")?;
-        Ok(Self { child })
+        Ok(Self { child, log })
     }
 
     /// Waits for a clean exit; returns messages acknowledged and skipped per topic.
@@ -90,7 +96,13 @@ impl Loadgen {
         let out = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())
             .await
             .context("loadgen did not finish in 120 s")??;
-        ensure!(out.status.success(), "loadgen failed: {}", out.status);
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        ensure!(
+            out.status.success(),
+            "loadgen failed: {}: {log}",
+            out.status
+        );
         let line = String::from_utf8(out.stdout)?;
         let json: serde_json::Value =
             serde_json::from_str(line.trim()).with_context(|| format!("loadgen output: {line}"))?;
@@ -329,6 +341,9 @@ async fn fault_scenarios() -> anyhow::Result<()> {
     };
     let pipeline = Pipeline::start(&db, &spec).await?;
     let result = scenarios(&db, &receiver, &id, &audit_topic).await;
+    if let Err(e) = &result {
+        eprintln!("fault scenarios failed: {e:#}");
+    }
     // MirrorMaker runs again whatever happened.
     let mirror = stack("start-mirror");
     let stopped = pipeline.stop().await;
@@ -366,19 +381,17 @@ async fn scenarios(
     .collect();
     wait_for_topics(&aggregate_bootstrap(), &mirrored).await?;
 
-    // Phase 1: the faults that need MirrorMaker running, all at once.
-    let rate = ["--rate", "200", "--duration", "30s"];
-    let clean = [
-        Loadgen::start(audit, &[&clean_a, &clean_b], &rate)?,
-        Loadgen::start(audit, &[&clean_a, &clean_b], &rate)?,
-    ];
-    let fast = Loadgen::start(audit, &[&slow], &rate)?;
+    // Phase 1: the faults that need MirrorMaker running, all at once. One process writes
+    // several topics where it can, to keep the machine (and the brokers) responsive.
+    let rate = ["--rate", "300", "--duration", "30s"];
+    let steady = Loadgen::start(audit, &[&clean_a, &clean_b, &exit, &killed, &dup], &rate)?;
+    let second = Loadgen::start(audit, &[&clean_a, &clean_b, &slow, &skew], &rate)?;
     let late = Loadgen::start(
         audit,
         &[&slow],
         &[
             "--rate",
-            "100",
+            "50",
             "--duration",
             "40s",
             "--flush-interval",
@@ -390,58 +403,59 @@ async fn scenarios(
         &[&skew],
         &[
             "--rate",
-            "100",
+            "50",
             "--duration",
             "30s",
             "--event-lag-ms",
             "90000",
         ],
     )?;
-    let on_time = Loadgen::start(audit, &[&skew], &rate)?;
-    let stays = Loadgen::start(audit, &[&exit], &rate)?;
-    let leaves = Loadgen::start(audit, &[&exit], &["--rate", "200", "--duration", "12s"])?;
-    let survivor = Loadgen::start(audit, &[&killed], &rate)?;
-    let victim = Loadgen::start(audit, &[&killed], &["--rate", "200", "--duration", "60s"])?;
+    let leaves = Loadgen::start(audit, &[&exit], &["--rate", "50", "--duration", "12s"])?;
+    let victim = Loadgen::start(audit, &[&killed], &["--rate", "50", "--duration", "90s"])?;
     let loser = Loadgen::start(
         audit,
         &[&lossy],
         &[
             "--rate",
-            "200",
+            "100",
             "--duration",
             "30s",
             "--skip-fraction",
             "0.01",
         ],
     )?;
-    let dup_source = Loadgen::start(audit, &[&dup], &rate)?;
     let idle_source = Loadgen::start(
         audit,
         &[&idle],
         // One key: every message goes to one of the four partitions.
-        &["--rate", "100", "--duration", "30s", "--keys", "1"],
+        &["--rate", "50", "--duration", "30s", "--keys", "1"],
     )?;
     // A poison record on the audit topic: a NUL character PostgreSQL cannot store.
     poison(audit).await?;
 
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    // The victim is killed once it has reported for a while.
+    eventually(
+        "the producer to be killed reporting",
+        Duration::from_secs(60),
+        || async {
+            let instances: i64 = sqlx::query_scalar(
+                "SELECT count(DISTINCT instance) FROM audit_progress
+                  WHERE topic = $1 AND tier = 'producer'",
+            )
+            .bind(&killed)
+            .fetch_one(&db.pool)
+            .await?;
+            Ok((instances == 2).then_some(()))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     victim.kill().await?;
     // Duplicates written straight into the aggregate cluster.
     produce(&aggregate_bootstrap(), &format!("regional.{dup}"), 1, 40).await?;
 
     let mut acked: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for lg in clean.into_iter().chain([
-        fast,
-        late,
-        skewed,
-        on_time,
-        stays,
-        leaves,
-        survivor,
-        loser,
-        dup_source,
-        idle_source,
-    ]) {
+    for lg in [steady, second, late, skewed, leaves, loser, idle_source] {
         for (topic, (a, s)) in lg.finish().await? {
             let e = acked.entry(topic).or_default();
             e.0 += a;
