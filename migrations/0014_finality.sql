@@ -21,6 +21,10 @@ ALTER TABLE audit_progress DROP CONSTRAINT audit_progress_pkey;
 ALTER TABLE audit_progress
     ADD PRIMARY KEY (tier, cluster, datacenter, topic, physical_topic, partition, host, instance);
 ALTER TABLE audit_progress ADD COLUMN closing boolean NOT NULL DEFAULT false;
+-- Tiers whose observers consume with committed offsets: those that ever reported a position
+-- (a partition that has read nothing yet may report none).
+CREATE VIEW consumer_tiers AS
+    SELECT DISTINCT tier FROM audit_progress WHERE position IS NOT NULL;
 
 ALTER TABLE reconcile_pending ADD COLUMN first_queued_at timestamptz;
 UPDATE reconcile_pending SET first_queued_at = queued_at;

@@ -409,8 +409,8 @@ async fn load_progress(
     let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
     let rows = sqlx::query(
         "SELECT topic, tier, datacenter, partition, host || '/' || instance, watermark_ms,
-                last_emitted_ms, position IS NOT NULL, closing, last_seen_at < $3,
-                bucket_width_ms
+                last_emitted_ms, tier IN (SELECT tier FROM consumer_tiers), closing,
+                last_seen_at < $3, bucket_width_ms
            FROM audit_progress
           WHERE topic = ANY($1) AND tier = ANY($2)",
     )
@@ -1010,7 +1010,7 @@ async fn refresh_stale_instances(
     let since = now - chrono::Duration::milliseconds(millis(config.lookback));
     let rows: Vec<(String,)> = sqlx::query_as(
         "SELECT tier || ':' || host || '/' || instance FROM audit_progress
-          WHERE position IS NULL AND tier = ANY($3)
+          WHERE tier = ANY($3) AND tier NOT IN (SELECT tier FROM consumer_tiers)
           GROUP BY tier, host, instance
          HAVING NOT bool_and(closing) AND max(last_seen_at) < $1 AND max(last_seen_at) >= $2",
     )

@@ -130,7 +130,8 @@ pub struct Mark {
     pub watermark_ms: i64,
     /// When the observer made its latest progress record (its clock), epoch ms.
     pub last_emitted_ms: i64,
-    /// The observer consumes the partition with committed offsets (it reports a position):
+    /// The observer consumes the partition with committed offsets (its tier reports
+    /// positions):
     /// one owner at a time, handed over through the offsets, so the furthest mark of any
     /// owner stands for the partition. Producer instances have no such hand-over.
     pub consumer: bool,
