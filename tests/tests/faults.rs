@@ -33,7 +33,7 @@ const MAX_WAIT_S: u64 = 40;
 fn reconcile_section() -> String {
     format!(
         "interval = \"1s\"\nallowed_lateness = \"3s\"\nsettle = \"5s\"\nmax_wait = \"{MAX_WAIT_S}s\"\n\
-         loss_after = \"600s\"\ninstance_timeout = \"20s\""
+         loss_after = \"600s\"\ninstance_timeout = \"45s\""
     )
 }
 
@@ -761,12 +761,20 @@ async fn dead_lettered(audit: &str) -> anyhow::Result<()> {
         if m.key() != Some(b"poison".as_slice()) {
             continue;
         }
-        let reason = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key.contains("reason")))
-            .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-            .unwrap_or_default();
-        ensure!(reason.contains("host"), "dead-letter reason: {reason}");
+        let header = |name: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|h| h.key == name))
+                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+                .unwrap_or_default()
+        };
+        let (reason, error) = (
+            header("chaperone-dlq-reason"),
+            header("chaperone-dlq-error"),
+        );
+        ensure!(
+            reason == "nul_character" && error.contains("host"),
+            "dead-letter reason {reason:?}, error {error:?}"
+        );
         return Ok(());
     }
     bail!("the poison record did not reach {audit}-dlq")

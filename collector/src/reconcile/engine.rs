@@ -410,13 +410,16 @@ async fn load_progress(
     let rows = sqlx::query(
         "SELECT topic, tier, datacenter, partition, host || '/' || instance, watermark_ms,
                 last_emitted_ms, tier IN (SELECT tier FROM consumer_tiers), closing,
-                last_seen_at < $3, bucket_width_ms
+                last_seen_at < $3
+                    AND last_emitted_ms < (SELECT max(last_emitted_ms) FROM audit_progress) - $4,
+                bucket_width_ms
            FROM audit_progress
           WHERE topic = ANY($1) AND tier = ANY($2)",
     )
     .bind(topics)
     .bind(tiers)
     .bind(stale_before)
+    .bind(millis(config.instance_timeout))
     .fetch_all(&mut **tx)
     .await?;
     let mut out: HashMap<String, Vec<ProgressRow>> = HashMap::new();
@@ -1012,11 +1015,13 @@ async fn refresh_stale_instances(
         "SELECT tier || ':' || host || '/' || instance FROM audit_progress
           WHERE tier = ANY($3) AND tier NOT IN (SELECT tier FROM consumer_tiers)
           GROUP BY tier, host, instance
-         HAVING NOT bool_and(closing) AND max(last_seen_at) < $1 AND max(last_seen_at) >= $2",
+         HAVING NOT bool_and(closing) AND max(last_seen_at) < $1 AND max(last_seen_at) >= $2
+            AND max(last_emitted_ms) < (SELECT max(last_emitted_ms) FROM audit_progress) - $4",
     )
     .bind(stale_before)
     .bind(since)
     .bind(&config.tiers)
+    .bind(millis(config.instance_timeout))
     .fetch_all(pool)
     .await?;
     metrics.stale_instances.set(rows.len() as i64);

@@ -137,7 +137,9 @@ pub struct Mark {
     pub consumer: bool,
     /// The observer shut down cleanly after sending every count.
     pub closing: bool,
-    /// No progress from the observer within `instance_timeout`.
+    /// No progress from the observer within `instance_timeout`, both on the collector's clock
+    /// and against the newest progress of any observer (so a collector that lags behind its
+    /// audit topics does not find everyone stale).
     pub stale: bool,
 }
 
@@ -276,6 +278,19 @@ fn tier_state(
             state.passed = false;
         }
     }
+    if owned.is_empty()
+        && !state.live
+        && !(if partitions.is_empty() {
+            partition_done(-1)
+        } else {
+            partitions.iter().all(|&p| partition_done(p))
+        })
+    {
+        // No consumer partition and no live instance: nobody proved anything, unless every
+        // partition (or the topic, without partitions) counted exactly what the upstream
+        // counted.
+        state.passed = false;
+    }
     state
 }
 
@@ -359,8 +374,8 @@ pub struct Judgement {
 /// gave an outcome:
 ///
 /// * the same on both sides: complete;
-/// * a downstream tier with no live observer: tier silent (downstream); an upstream tier
-///   with none that counted nothing: tier silent (upstream);
+/// * a downstream tier with no live observer that did not pass the bucket: tier silent
+///   (downstream); an upstream tier likewise that counted nothing: tier silent (upstream);
 /// * downstream saw more: duplicated, unless the upstream tier did not pass the bucket or
 ///   an upstream instance stopped without a clean shutdown before passing it: then
 ///   `upstream_incomplete`;
@@ -380,9 +395,9 @@ pub fn judge(outcome: &Outcome, now_ms: i64, expected: i64, actual: i64) -> Judg
     let (up, down) = (&outcome.upstream, &outcome.downstream);
     if expected == actual {
         status(VerdictStatus::Complete)
-    } else if !down.live {
+    } else if !down.live && !down.passed {
         silent(Side::Downstream)
-    } else if expected == 0 && !up.live {
+    } else if expected == 0 && !up.live && !up.passed {
         silent(Side::Upstream)
     } else if actual > expected {
         if up.passed && up.stale.is_empty() {
@@ -648,6 +663,21 @@ mod tests {
             &[(0, 5)],
         );
         assert_eq!(c.status(SOON), Some(VerdictStatus::Duplicated));
+    }
+
+    #[test]
+    fn a_tier_that_passed_the_bucket_is_not_silent_about_it() {
+        // The downstream stopped reporting after it read past the bucket: what it counted
+        // stands.
+        let mut stopped = consumer(0, END + 10);
+        stopped.stale = true;
+        let c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![stopped],
+            &[(0, 10)],
+            &[(0, 7)],
+        );
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Missing));
     }
 
     #[test]

@@ -275,11 +275,12 @@ pub async fn rejudge(r: &Reconciler, clock: &ManualClock) -> PassReport {
     first
 }
 
-/// Marks every progress row of `tier` for `topic` as last seen long ago: the observer
-/// stopped reporting.
+/// Marks every progress row of `tier` for `topic` as last seen, and last sent, long ago: the
+/// observer stopped reporting.
 pub async fn stop_reporting(pool: &PgPool, topic: &str, tier: &str) -> anyhow::Result<()> {
     sqlx::query(
-        "UPDATE audit_progress SET last_seen_at = '2000-01-01T00:00:00Z'
+        "UPDATE audit_progress SET last_seen_at = '2000-01-01T00:00:00Z',
+                last_emitted_ms = last_emitted_ms - 86400000
           WHERE topic = $1 AND tier = $2",
     )
     .bind(topic)
