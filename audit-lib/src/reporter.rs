@@ -70,6 +70,19 @@ pub trait Watermarks: Send + Sync + std::fmt::Debug {
     /// reporter calls it exactly once per flush, before draining the tracker (even with no
     /// topics), so a source may treat the calls as the boundaries of flush intervals.
     fn watermarks_ms(&self, topics: &[&str], now_ms: i64) -> Vec<i64>;
+
+    /// Topics first sent to since the last call. The reporter flushes as soon as
+    /// [`Watermarks::new_topic_signal`] fires and from then on reports progress for each such
+    /// topic as a whole (without a partition), so the collector knows this observer before
+    /// any of its messages can be counted downstream, not only after its first counts.
+    fn new_topics(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Fires when [`Watermarks::new_topics`] has something; `None` when it never will.
+    fn new_topic_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Watermark of a hop that counts synchronously: everything up to now has been counted.
@@ -285,13 +298,15 @@ impl Core {
     /// The watermark of every known topic-partition, from the watermark source (asked once,
     /// per topic).
     fn watermarks(&self, now_ms: i64) -> Vec<Watermark> {
-        let known: Vec<(String, Option<i32>)> = self
-            .known
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect();
+        let known: Vec<(String, Option<i32>)> = {
+            let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            for topic in self.watermarks.new_topics() {
+                if known.len() < self.max_known {
+                    known.insert((topic, None));
+                }
+            }
+            known.iter().cloned().collect()
+        };
         let mut topics: Vec<&str> = known.iter().map(|(t, _)| t.as_str()).collect();
         topics.dedup(); // `known` is sorted by topic
         let marks = self.watermarks.watermarks_ms(&topics, now_ms);
@@ -465,10 +480,19 @@ impl Task {
     async fn run(self) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let new_topic = self.core.watermarks.new_topic_signal();
         // The first tick completes at once: it re-sends what an earlier process spooled.
         loop {
+            // A permit stored by `notify_one` while no one waits is not lost.
+            let announced = async {
+                match &new_topic {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = ticker.tick() => {}
+                () = announced => {}
                 () = self.stop.cancelled() => break,
             }
             // A flush in progress runs to its end (bounded by twice the delivery timeout: the

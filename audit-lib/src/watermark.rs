@@ -14,9 +14,11 @@
 //! [`ProducerWatermarks`] combines both ([`watermark`]); the reporter asks it once per flush
 //! (that call is what delimits the flush intervals of the lag) before draining the tracker.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::Notify;
 
 use crate::bucket::BucketWidth;
 use crate::reporter::Watermarks;
@@ -120,9 +122,10 @@ impl InFlight {
     }
 
     /// Adds `delta` messages with event time `event_ms` on `topic` (+1 when sent, -1 when
-    /// acknowledged, failed or given up).
+    /// acknowledged, failed or given up). Returns whether a (topic, bucket) slot was created
+    /// on the way (the rare path).
     #[inline]
-    pub fn add(&self, topic: &str, event_ms: i64, delta: i64) {
+    pub fn add(&self, topic: &str, event_ms: i64, delta: i64) -> bool {
         let mut cells = lock_free_shard(&self.shards, self.mask, |s| &s.0);
         let last = cells.last;
         if let Some(slot) = cells.slots.get_mut(last)
@@ -131,15 +134,15 @@ impl InFlight {
             && &*slot.topic == topic
         {
             slot.n += delta;
-            return;
+            return false;
         }
         let start = self.width.start_of(event_ms);
-        let i = match cells
+        let (i, created) = match cells
             .slots
             .iter()
             .position(|s| s.start == start && &*s.topic == topic)
         {
-            Some(i) => i,
+            Some(i) => (i, false),
             None => {
                 cells.slots.push(FlightSlot {
                     topic: topic.into(),
@@ -147,11 +150,12 @@ impl InFlight {
                     end: self.width.end_of(start),
                     n: 0,
                 });
-                cells.slots.len() - 1
+                (cells.slots.len() - 1, true)
             }
         };
         cells.slots[i].n += delta;
         cells.last = i;
+        created
     }
 
     /// For each topic with messages in flight, the start of the oldest bucket among them.
@@ -193,6 +197,9 @@ impl InFlight {
 pub struct ProducerWatermarks {
     in_flight: InFlight,
     lag: EventLag,
+    /// Every topic sent to, and those not yet handed to the reporter.
+    topics: Mutex<(HashSet<Box<str>>, Vec<String>)>,
+    new_topic: Arc<Notify>,
 }
 
 impl ProducerWatermarks {
@@ -201,13 +208,23 @@ impl ProducerWatermarks {
         Self {
             in_flight: InFlight::new(width),
             lag: EventLag::default(),
+            topics: Mutex::default(),
+            new_topic: Arc::new(Notify::new()),
         }
     }
 
     /// A message with event time `event_ms` is about to be sent to `topic`.
     #[inline]
     pub fn sent(&self, topic: &str, event_ms: i64) {
-        self.in_flight.add(topic, event_ms, 1);
+        if self.in_flight.add(topic, event_ms, 1) {
+            // A new (topic, bucket) slot: rare enough to check for a topic never sent to.
+            let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
+            if !topics.0.contains(topic) {
+                topics.0.insert(topic.into());
+                topics.1.push(topic.to_owned());
+                self.new_topic.notify_one();
+            }
+        }
     }
 
     /// A message sent with [`ProducerWatermarks::sent`] will not be counted: its delivery
@@ -238,6 +255,14 @@ impl Watermarks for ProducerWatermarks {
             .map(|t| watermark(oldest.get(*t).copied(), now_ms, lag))
             .collect()
     }
+
+    fn new_topics(&self) -> Vec<String> {
+        std::mem::take(&mut self.topics.lock().unwrap_or_else(PoisonError::into_inner).1)
+    }
+
+    fn new_topic_signal(&self) -> Option<Arc<Notify>> {
+        Some(Arc::clone(&self.new_topic))
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +272,34 @@ mod tests {
     use super::*;
 
     const MIN: i64 = 60_000;
+
+    #[test]
+    fn a_topic_first_sent_to_is_announced_once() {
+        let w = ProducerWatermarks::new(BucketWidth::default());
+        let signal = w.new_topic_signal().expect("a producer announces topics");
+        assert!(w.new_topics().is_empty());
+        w.sent("orders", 10 * MIN);
+        w.sent("orders", 10 * MIN + 1);
+        w.sent("orders", 11 * MIN);
+        w.sent("payments", 10 * MIN);
+        assert_eq!(w.new_topics(), ["orders", "payments"]);
+        assert!(w.new_topics().is_empty(), "handed over once");
+        w.sent("orders", 12 * MIN);
+        assert!(
+            w.new_topics().is_empty(),
+            "a new bucket of a known topic is not news"
+        );
+        // The permit stored while nobody waited is there for the reporter.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), signal.notified())
+                .await
+                .expect("signalled");
+        });
+    }
 
     #[test]
     fn watermark_is_the_earlier_of_the_oldest_bucket_in_flight_and_now_minus_the_lag() {
