@@ -92,6 +92,9 @@ pub struct PipelineSpec {
     pub reconcile: String,
     /// The collector's `[[alerts.webhooks]]` entries (TOML), if any.
     pub webhooks: String,
+    /// Regexes of regional topics the in-process regional service leaves to another
+    /// chaperone-service (their `regional.` copies stay with the aggregate one).
+    pub regional_exclude: Vec<String>,
 }
 
 /// The daemons of one pipeline, running in this process.
@@ -110,6 +113,7 @@ fn service_config(
     tier: &str,
     bootstrap: &str,
     include: &str,
+    exclude: &[String],
 ) -> anyhow::Result<chaperone_service::Config> {
     let toml = format!(
         r#"
@@ -126,6 +130,7 @@ http_addr = "127.0.0.1:0"
 
 [topics]
 include = ['{include}']
+exclude = {exclude:?}
 refresh_interval = "2s"
 "#,
         id = spec.id,
@@ -214,7 +219,12 @@ impl Pipeline {
                 format!("^regional\\.({regex})$"),
             ),
         ] {
-            let config = service_config(spec, tier, &bootstrap, &include)?;
+            let exclude: &[String] = if tier == "regional" {
+                &spec.regional_exclude
+            } else {
+                &[]
+            };
+            let config = service_config(spec, tier, &bootstrap, &include, exclude)?;
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             scrape.push(format!("http://{}/metrics", listener.local_addr()?));
             let deps = chaperone_service::Deps {

@@ -37,21 +37,111 @@ fn reconcile_section() -> String {
     )
 }
 
-/// audit-lib's load generator, built by `cargo test` next to this test binary.
-fn loadgen_path() -> anyhow::Result<PathBuf> {
+/// A program `cargo test --workspace` builds next to this test binary: `path` below the
+/// target directory, built by `build`.
+fn built(path: &str, build: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let debug = exe
         .parent()
         .and_then(|deps| deps.parent())
         .context("test binary has no target directory")?;
-    let path = debug.join("examples").join("loadgen");
+    let path = debug.join(path);
     ensure!(
         path.exists(),
-        "{} is missing: build it with `cargo build -p chaperone-audit --example loadgen` \
-         (cargo test --workspace builds it)",
+        "{} is missing: build it with `{build}` (cargo test --workspace builds it)",
         path.display()
     );
     Ok(path)
+}
+
+/// audit-lib's load generator.
+fn loadgen_path() -> anyhow::Result<PathBuf> {
+    built(
+        "examples/loadgen",
+        "cargo build -p chaperone-audit --example loadgen",
+    )
+}
+
+/// A chaperone-service process of the regional tier for the topics matching `include`, so
+/// that it can be killed with SIGKILL and started again.
+struct ServiceProcess {
+    config: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+impl ServiceProcess {
+    fn start(id: &str, audit: &str, include: &str) -> anyhow::Result<Self> {
+        let config = std::env::temp_dir()
+            .join(unique("faults-service"))
+            .with_extension("toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+tier = "regional"
+cluster = "regional"
+datacenter = "regional"
+instance = "{id}-process"
+bootstrap_servers = "{bootstrap}"
+group_id = "{id}-process"
+audit_topic = "{audit}"
+bucket_width = "{WIDTH}"
+flush_interval = "1s"
+http_addr = "127.0.0.1:0"
+
+[topics]
+include = ['{include}']
+refresh_interval = "2s"
+
+[kafka_consumer]
+# The restarted process gets the partitions of its SIGKILLed predecessor this soon.
+"session.timeout.ms" = "6000"
+"#,
+                bootstrap = regional_bootstrap(),
+            ),
+        )?;
+        let log = config.with_extension("log");
+        let child = Self::spawn(&config, &log)?;
+        Ok(Self { config, log, child })
+    }
+
+    fn spawn(config: &PathBuf, log: &PathBuf) -> anyhow::Result<Child> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        Command::new(built(
+            "chaperone-service",
+            "cargo build -p chaperone-service",
+        )?)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting chaperone-service")
+    }
+
+    /// SIGKILL, then the same instance again (it fences its predecessor's transaction).
+    async fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.child
+            .kill()
+            .await
+            .context("killing chaperone-service")?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        self.child = Self::spawn(&self.config, &self.log)?;
+        Ok(())
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.log);
+        Ok(())
+    }
 }
 
 /// One load generator process.
@@ -348,6 +438,8 @@ async fn fault_scenarios() -> anyhow::Result<()> {
             "[[alerts.webhooks]]\nname = \"faults\"\nurl = \"{}\"\n",
             receiver.url
         ),
+        // Read by a chaperone-service process that is killed and restarted.
+        regional_exclude: vec![format!("^{id}-restarted$")],
     };
     let pipeline = Pipeline::start(&db, &spec).await?;
     let result = scenarios(&db, &receiver, &id, &audit_topic).await;
@@ -375,8 +467,11 @@ async fn scenarios(
     let (clean_a, clean_b) = (t("clean-a"), t("clean-b"));
     let (slow, skew, exit, killed) = (t("slow"), t("skew"), t("exit"), t("killed"));
     let (lossy, dup, idle) = (t("lossy"), t("dup"), t("idle"));
+    let restarted = t("restarted");
     topics(
-        &[&clean_a, &clean_b, &skew, &exit, &killed, &lossy, &dup],
+        &[
+            &clean_a, &clean_b, &skew, &exit, &killed, &lossy, &dup, &restarted,
+        ],
         3,
     )
     .await?;
@@ -384,7 +479,7 @@ async fn scenarios(
     topics(&[&idle], 4).await?;
     // MirrorMaker picks new topics up on its refresh interval: wait for the copies.
     let mirrored: Vec<String> = [
-        &clean_a, &clean_b, &slow, &skew, &exit, &killed, &lossy, &dup, &idle,
+        &clean_a, &clean_b, &slow, &skew, &exit, &killed, &lossy, &dup, &idle, &restarted,
     ]
     .iter()
     .map(|t| format!("regional.{t}"))
@@ -395,7 +490,12 @@ async fn scenarios(
     // several topics where it can, to keep the machine (and the brokers) responsive.
     let rate = ["--rate", "300", "--duration", "30s"];
     let steady = Loadgen::start(audit, &[&clean_a, &clean_b, &exit, &killed, &dup], &rate)?;
-    let second = Loadgen::start(audit, &[&clean_a, &clean_b, &slow, &skew], &rate)?;
+    let mut service = ServiceProcess::start(id, audit, &format!("^{restarted}$"))?;
+    let second = Loadgen::start(
+        audit,
+        &[&clean_a, &clean_b, &slow, &skew, &restarted],
+        &rate,
+    )?;
     let late = Loadgen::start(
         audit,
         &[&slow],
@@ -461,6 +561,9 @@ async fn scenarios(
     .await?;
     tokio::time::sleep(Duration::from_secs(8)).await;
     victim.kill().await?;
+    // The regional service of one topic, killed mid-stream and started again: it resumes
+    // from its last committed transaction with a backlog to read.
+    service.kill_and_restart().await?;
     // Duplicates written straight into the aggregate cluster.
     produce(&aggregate_bootstrap(), &format!("regional.{dup}"), 1, 40).await?;
 
@@ -486,8 +589,17 @@ async fn scenarios(
         &lossy,
         &dup,
         &idle,
+        &restarted,
     ];
-    let exact = [clean_a.as_str(), &clean_b, &slow, &skew, &exit, &idle];
+    let exact = [
+        clean_a.as_str(),
+        &clean_b,
+        &slow,
+        &skew,
+        &exit,
+        &idle,
+        &restarted,
+    ];
     settled(
         db,
         &all,
@@ -552,6 +664,17 @@ async fn scenarios(
         );
         report.0.push((name.into(), o));
     }
+
+    // A killed service delays its tier (its buckets may be lagging a while), never more.
+    let o = outcome(db, &hooks, &[&restarted]).await?;
+    ensure!(
+        o.bad().is_empty() && o.ever_alarming == 0 && o.firing == 0 && o.resolved == 0,
+        "chaperone-service killed -9 and restarted: {o:#?}"
+    );
+    report
+        .0
+        .push(("chaperone-service killed -9, restarted".into(), o));
+    service.stop().await?;
 
     let o = outcome(db, &hooks, &[&killed]).await?;
     ensure!(
@@ -705,7 +828,7 @@ async fn wait_for_topics(bootstrap: &str, names: &[String]) -> anyhow::Result<()
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()?;
-    eventually("mirrored topics", Duration::from_secs(60), || async {
+    eventually("mirrored topics", Duration::from_secs(120), || async {
         let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
         let have: Vec<&str> = md.topics().iter().map(|t| t.name()).collect();
         Ok(names

@@ -73,6 +73,7 @@ async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::
             received.url,
             secret_file.display()
         ),
+        regional_exclude: Vec::new(),
     };
     let pipeline = Pipeline::start(&db, &spec).await?;
     // Whatever the scenario's outcome, the daemons are stopped: a daemon left running would keep
