@@ -482,14 +482,24 @@ async fn a_hung_webhook_does_not_delay_the_others() {
             .expect("the hung receiver got its request");
         assert!(request.starts_with(b"POST /hook "));
         until(|| healthy.received().len() == 1).await;
-        // Committed, not only posted.
-        let sent: bool = sqlx::query_scalar(
-            "SELECT sent_at IS NOT NULL FROM alert_deliveries WHERE webhook = 'ops'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        assert!(sent, "the healthy webhook's delivery is marked sent");
+        // Committed, not only posted (the commit follows the receiver's answer).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let sent: bool = sqlx::query_scalar(
+                "SELECT sent_at IS NOT NULL FROM alert_deliveries WHERE webhook = 'ops'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if sent {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the healthy webhook's delivery is marked sent"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // A loss on another topic while the hung webhook is still being waited on: the
         // healthy one hears of it too.
         bucket(&db, "payments", 0, 50, 40).await;
