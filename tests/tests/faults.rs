@@ -28,7 +28,7 @@ use tokio::process::{Child, Command};
 
 const WIDTH: &str = "10s";
 const WIDTH_MS: i64 = 10_000;
-const MAX_WAIT_S: u64 = 40;
+const MAX_WAIT_S: u64 = 60;
 
 fn reconcile_section() -> String {
     format!(
