@@ -125,7 +125,7 @@ async fn counts_known_messages_exactly_per_topic_partition_bucket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_transactions_are_recounted_exactly_once() {
     const PARTITIONS: i32 = 3;
-    // `local-*` topics are not mirrored (dev/kafka/mm2.properties): MirrorMaker would copy
+    // `local-*` topics are not mirrored (dev/kafka/mm2-*.properties): MirrorMaker would copy
     // the audit topic's size limit below to the aggregate cluster and stop on it.
     let (prefix, audit, topic, bootstrap) =
         regional_topic("local-svc-abort", "events", PARTITIONS).await;
