@@ -149,12 +149,16 @@ async fn missing_duplicated_and_per_datacenter_counts() {
     all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
         .await
         .unwrap();
-    // clicks: 2 duplicated by the mirror; dc2 lost 1 between producer and regional.
-    flow(&db, "clicks", 0, 5, 5, 8).await;
+    // clicks: dc2 lost 1 between producer and regional; its mirror is paused after copying
+    // one message.
+    flow(&db, "clicks", 0, 5, 5, 5).await;
     add_counts(&db.pool, "clicks", start(0), "producer", "dc2", -1, 4)
         .await
         .unwrap();
     add_counts(&db.pool, "clicks", start(0), "regional", "dc2", 0, 3)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "clicks", start(0), "aggregate", "dc2", 0, 1)
         .await
         .unwrap();
     all_progress(&db.pool, "clicks", "dc1", end(0) + LATENESS)
@@ -164,6 +168,26 @@ async fn missing_duplicated_and_per_datacenter_counts() {
         .await
         .unwrap();
     progress(&db.pool, "clicks", "regional", "dc2", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "clicks", "aggregate", "dc2", 0, start(0))
+        .await
+        .unwrap();
+    // dc2's copy on the aggregate is its own stream: partition 0 of dc1 having passed says
+    // nothing about it.
+    pass(&r).await;
+    assert!(
+        verdicts(&db.pool, "clicks")
+            .await
+            .iter()
+            .all(|v| v.edge != R2A),
+        "judged before dc2's copy passed the bucket"
+    );
+    // The mirror resumes.
+    add_counts(&db.pool, "clicks", start(0), "aggregate", "dc2", 0, 2)
+        .await
+        .unwrap();
+    progress(&db.pool, "clicks", "aggregate", "dc2", 0, end(0) + LATENESS)
         .await
         .unwrap();
     pass(&r).await;
@@ -828,6 +852,11 @@ async fn a_lagging_tier_is_lag_until_it_catches_up_or_proves_the_loss() {
         (VerdictStatus::Lagging, "max_wait")
     );
     assert_eq!(v.lag_ms, Some(MAX_WAIT + WIDTH));
+    assert_eq!(
+        v.waiting_on,
+        vec!["aggregate:test-host/test partition 0".to_owned()],
+        "names what held the bucket back"
+    );
     assert!(events(&db).await.is_empty(), "delay is not loss");
 
     // orders: the mirror resumes and copies everything.
@@ -952,7 +981,7 @@ async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
     let metrics = ReconcileMetrics::new(&registry).unwrap();
     let r2 = Reconciler::new(db.pool.clone(), config(), clock.clock(), metrics.clone());
     let report = pass(&r2).await;
-    assert_eq!(report.pending, 0);
+    assert_eq!(report.pending, 1, "stays queued while the mismatch lasts");
     assert!(verdict(&db.pool, "orders", R2A, start(0)).await.is_none());
     assert_eq!(
         verdict(&db.pool, "orders", P2R, start(0))
@@ -962,6 +991,23 @@ async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
         VerdictStatus::Complete
     );
     assert_eq!(metrics.width_mismatches.get(), 1);
+    pass(&r2).await;
+    assert_eq!(metrics.width_mismatches.get(), 1, "still mismatched");
+    // Fixed: the gauge falls back and the edge is compared.
+    sqlx::query("UPDATE audit_progress SET bucket_width_ms = 60000 WHERE tier = 'aggregate'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let report = pass(&r2).await;
+    assert_eq!(report.pending, 0);
+    assert_eq!(metrics.width_mismatches.get(), 0);
+    assert_eq!(
+        verdict(&db.pool, "orders", R2A, start(0))
+            .await
+            .unwrap()
+            .status,
+        VerdictStatus::Complete
+    );
 }
 
 #[tokio::test]

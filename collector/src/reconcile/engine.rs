@@ -11,7 +11,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::config::{EdgeConfig, ReconcileConfig};
 use super::metrics::ReconcileMetrics;
 use super::verdict::{
-    EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate, event_lag_ms, judge,
+    EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate_all, event_lag_ms, judge,
 };
 use crate::alerts::payload::EventData;
 
@@ -94,6 +94,33 @@ impl Notices {
         }
         self.stale = now;
     }
+
+    /// Logs the bucket-width mismatches that appeared or ended since the last call.
+    fn widths(&mut self, now: BTreeSet<String>) {
+        for new in now.difference(&self.widths) {
+            tracing::error!(
+                mismatch = %new,
+                "tiers of one edge count a topic in different bucket widths: the edge is not \
+                 compared for this topic until they agree (set the same bucket_width)"
+            );
+        }
+        for gone in self.widths.difference(&now) {
+            tracing::info!(mismatch = %gone, "bucket widths agree again (or the buckets expired)");
+        }
+        self.widths = now;
+    }
+}
+
+/// The staleness rule (docs/verdicts.md) on an observer's `last_seen`, the collector's time of
+/// its latest progress, and `last_emitted`, that progress's own time: silent for
+/// `instance_timeout` on the collector's clock (`$seen_before` binds `now - instance_timeout`)
+/// and against the newest progress of any observer (`$timeout` binds it in ms), so that a
+/// collector that lags behind its audit topics does not find everyone stale.
+fn stale_sql(last_seen: &str, last_emitted: &str, seen_before: u8, timeout: u8) -> String {
+    format!(
+        "({last_seen} < ${seen_before} AND {last_emitted} < \
+         (SELECT max(last_emitted_ms) FROM audit_progress) - ${timeout})"
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -127,6 +154,7 @@ struct Computed {
     silent_tier: Option<String>,
     lag_ms: Option<i64>,
     stale_instances: Vec<String>,
+    waiting_on: Vec<String>,
     finality: Finality,
     alert: bool,
 }
@@ -168,6 +196,7 @@ pub(crate) async fn pass(
         ..PassReport::default()
     };
     let mut after: Option<BucketKey> = None;
+    let mut mismatches = BTreeSet::new();
     loop {
         let mut tx = pool.begin().await?;
         lock(&mut tx).await?;
@@ -192,7 +221,6 @@ pub(crate) async fn pass(
 
         let mut done = Vec::new();
         let mut computed = Vec::new();
-        let mut mismatches = BTreeSet::new();
         let no_progress = Vec::new();
         let oldest_end = now.timestamp_millis() - millis(config.lookback);
         for q in &pending {
@@ -228,20 +256,14 @@ pub(crate) async fn pass(
             write_verdicts(&mut tx, computed, &existing, config, now, metrics).await?;
         delete_pending(&mut tx, &done).await?;
         tx.commit().await?;
-        let mut notices = notices
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for m in mismatches {
-            if notices.widths.insert(m.clone()) {
-                tracing::error!(
-                    mismatch = %m,
-                    "tiers of one edge count a topic in different bucket widths: the edge is \
-                     not compared for this topic until they agree (set the same bucket_width)"
-                );
-            }
-        }
-        metrics.width_mismatches.set(notices.widths.len() as i64);
     }
+    // Buckets of mismatched edges stay queued (within the lookback), so every pass sees every
+    // mismatch that still holds.
+    metrics.width_mismatches.set(mismatches.len() as i64);
+    notices
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .widths(mismatches);
     refresh_stale_instances(pool, config, now, metrics, notices).await?;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM reconcile_pending")
         .fetch_one(pool)
@@ -407,15 +429,14 @@ async fn load_progress(
     now: DateTime<Utc>,
 ) -> Result<HashMap<String, Vec<ProgressRow>>, sqlx::Error> {
     let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
-    let rows = sqlx::query(
+    let rows = sqlx::query(&format!(
         "SELECT topic, tier, datacenter, partition, host || '/' || instance, watermark_ms,
                 last_emitted_ms, tier IN (SELECT tier FROM consumer_tiers), closing,
-                last_seen_at < $3
-                    AND last_emitted_ms < (SELECT max(last_emitted_ms) FROM audit_progress) - $4,
-                bucket_width_ms
+                {stale}, bucket_width_ms
            FROM audit_progress
           WHERE topic = ANY($1) AND tier = ANY($2)",
-    )
+        stale = stale_sql("last_seen_at", "last_emitted_ms", 3, 4),
+    ))
     .bind(topics)
     .bind(tiers)
     .bind(stale_before)
@@ -551,13 +572,6 @@ fn judge_bucket(
                 .iter()
                 .filter(|p| in_scope(&p.datacenter))
                 .collect();
-            let marks = |tier: &str| -> Vec<Mark> {
-                scoped
-                    .iter()
-                    .filter(|p| p.tier == tier)
-                    .map(|p| p.mark.clone())
-                    .collect()
-            };
             let widths = |tier: &str| -> BTreeSet<i64> {
                 scoped
                     .iter()
@@ -579,43 +593,109 @@ fn judge_bucket(
                     edge.to,
                     down_widths
                 ));
+                // Stays queued, so that the mismatch is seen again while it lasts.
+                all_final = false;
                 continue;
             }
-            let up = marks(&edge.from);
-            let down = marks(&edge.to);
-            let by_partition = |tier: &str| -> BTreeMap<i32, i64> {
+            let by_partition = |tier: &str, dc: Option<&str>| -> BTreeMap<i32, i64> {
                 let mut m = BTreeMap::new();
-                for r in on_edge
-                    .iter()
-                    .filter(|r| r.tier == tier && in_scope(&r.datacenter))
-                {
+                for r in on_edge.iter().filter(|r| {
+                    r.tier == tier
+                        && in_scope(&r.datacenter)
+                        && dc.is_none_or(|d| d == r.datacenter)
+                }) {
                     *m.entry(r.partition).or_insert(0) += r.count;
                 }
                 m
             };
-            let expected = by_partition(&edge.from);
-            let actual = by_partition(&edge.to);
-            if up.is_empty() && expected.values().all(|&n| n == 0) {
+            let expected = by_partition(&edge.from, None);
+            let actual = by_partition(&edge.to, None);
+            if !scoped.iter().any(|p| p.tier == edge.from) && expected.values().all(|&n| n == 0) {
                 // The upstream tier never reported this topic here (for example producers
                 // without the audit library): nothing to compare against.
                 continue;
             }
-            // Producers' event-time lag is a property of the topic's sources: every tier
-            // waits for it, whichever edge it is on.
-            let sources: Vec<Mark> = scoped.iter().map(|p| p.mark.clone()).collect();
-            let bucket = EdgeBucket {
-                end_ms: end,
-                queued_ms: queued.first_queued_at.timestamp_millis(),
-                now_ms,
-                upstream: &up,
-                downstream: &down,
-                expected: &expected,
-                actual: &actual,
-                event_lag_ms: event_lag_ms(&sources),
-            };
-            let Some(outcome) = evaluate(&rules, &bucket) else {
+            // Every datacenter in scope must pass on its own: the same partition number of
+            // two datacenters is two streams (docs/verdicts.md).
+            let datacenters: BTreeSet<&str> = scoped
+                .iter()
+                .filter(|p| p.tier == edge.from || p.tier == edge.to)
+                .map(|p| p.datacenter.as_str())
+                .chain(
+                    on_edge
+                        .iter()
+                        .filter(|r| in_scope(&r.datacenter))
+                        .map(|r| r.datacenter.as_str()),
+                )
+                .collect();
+            struct Part {
+                up: Vec<Mark>,
+                down: Vec<Mark>,
+                expected: BTreeMap<i32, i64>,
+                actual: BTreeMap<i32, i64>,
+                event_lag_ms: i64,
+            }
+            let parts: Vec<Part> = datacenters
+                .into_iter()
+                .map(|dc| {
+                    let marks = |tier: &str| -> Vec<Mark> {
+                        scoped
+                            .iter()
+                            .filter(|p| p.tier == tier && p.datacenter == dc)
+                            .map(|p| p.mark.clone())
+                            .collect()
+                    };
+                    // Producers' event-time lag is a property of the datacenter's sources:
+                    // every tier waits for it, whichever edge it is on.
+                    let sources: Vec<Mark> = scoped
+                        .iter()
+                        .filter(|p| p.datacenter == dc)
+                        .map(|p| p.mark.clone())
+                        .collect();
+                    Part {
+                        up: marks(&edge.from),
+                        down: marks(&edge.to),
+                        expected: by_partition(&edge.from, Some(dc)),
+                        actual: by_partition(&edge.to, Some(dc)),
+                        event_lag_ms: event_lag_ms(&sources),
+                    }
+                })
+                .filter(|p| {
+                    // A datacenter where only the downstream reports, counting nothing, has
+                    // nothing to prove.
+                    !(p.up.is_empty()
+                        && p.expected.values().all(|&n| n == 0)
+                        && p.actual.values().all(|&n| n == 0))
+                })
+                .collect();
+            let buckets: Vec<EdgeBucket<'_>> = parts
+                .iter()
+                .map(|p| EdgeBucket {
+                    end_ms: end,
+                    queued_ms: queued.first_queued_at.timestamp_millis(),
+                    now_ms,
+                    upstream: &p.up,
+                    downstream: &p.down,
+                    expected: &p.expected,
+                    actual: &p.actual,
+                    event_lag_ms: p.event_lag_ms,
+                })
+                .collect();
+            let Some(outcome) = evaluate_all(&rules, &buckets) else {
                 all_final = false;
                 continue;
+            };
+            let waiting_on: Vec<String> = if outcome.finality == Finality::Progress {
+                Vec::new()
+            } else {
+                let named = |tier: &str, who: &[String]| {
+                    who.iter()
+                        .map(|w| format!("{tier}:{w}"))
+                        .collect::<Vec<_>>()
+                };
+                let mut w = named(&edge.from, &outcome.upstream.waiting_on);
+                w.extend(named(&edge.to, &outcome.downstream.waiting_on));
+                w
             };
             if !outcome.settled {
                 all_final = false;
@@ -639,6 +719,7 @@ fn judge_bucket(
                     silent_tier: j.silent.map(|s| silent_tier(edge, s)),
                     lag_ms: j.lag_ms,
                     stale_instances: outcome.upstream.stale.clone(),
+                    waiting_on: waiting_on.clone(),
                     finality: outcome.finality,
                     alert: edge.alert,
                 });
@@ -713,16 +794,17 @@ async fn write_verdicts(
             "INSERT INTO reconcile_verdicts (edge, topic, datacenter, partition, bucket_start_ms,
                  bucket_width_ms, from_tier, to_tier, status, expected, actual, difference, missing,
                  silent_tier, final_reason, incident_id, revisions, first_judged_at, changed_at,
-                 lag_ms, stale_instances)
+                 lag_ms, stale_instances, waiting_on)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 0,
-                 $17, $17, $18, $19)
+                 $17, $17, $18, $19, $20)
              ON CONFLICT (edge, topic, datacenter, partition, bucket_start_ms, bucket_width_ms)
              DO UPDATE SET status = EXCLUDED.status, expected = EXCLUDED.expected,
                  actual = EXCLUDED.actual, difference = EXCLUDED.difference,
                  missing = EXCLUDED.missing, silent_tier = EXCLUDED.silent_tier,
                  final_reason = EXCLUDED.final_reason, incident_id = EXCLUDED.incident_id,
                  revisions = reconcile_verdicts.revisions + 1, changed_at = EXCLUDED.changed_at,
-                 lag_ms = EXCLUDED.lag_ms, stale_instances = EXCLUDED.stale_instances",
+                 lag_ms = EXCLUDED.lag_ms, stale_instances = EXCLUDED.stale_instances,
+                 waiting_on = EXCLUDED.waiting_on",
         )
         .bind(&c.key.edge)
         .bind(&c.key.topic)
@@ -743,13 +825,15 @@ async fn write_verdicts(
         .bind(now)
         .bind(c.lag_ms)
         .bind(&c.stale_instances)
+        .bind(&c.waiting_on)
         .execute(&mut **tx)
         .await?;
         sqlx::query(
             "INSERT INTO reconcile_verdict_history (edge, topic, datacenter, partition,
                  bucket_start_ms, bucket_width_ms, old_status, status, expected, actual, difference,
-                 silent_tier, final_reason, changed_at, lag_ms, stale_instances)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                 silent_tier, final_reason, changed_at, lag_ms, stale_instances, waiting_on)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                 $17)",
         )
         .bind(&c.key.edge)
         .bind(&c.key.topic)
@@ -767,6 +851,7 @@ async fn write_verdicts(
         .bind(now)
         .bind(c.lag_ms)
         .bind(&c.stale_instances)
+        .bind(&c.waiting_on)
         .execute(&mut **tx)
         .await?;
         metrics
@@ -784,7 +869,7 @@ async fn write_verdicts(
             tracing::info!(
                 topic = %c.key.topic, edge = %c.key.edge, datacenter = %c.key.datacenter,
                 bucket_start_ms = c.key.start, status = %c.status, expected = c.expected,
-                actual = c.actual, "bucket judged bad"
+                actual = c.actual, waiting_on = ?c.waiting_on, "bucket judged bad"
             );
         }
     }
@@ -1011,13 +1096,13 @@ async fn refresh_stale_instances(
 ) -> Result<(), sqlx::Error> {
     let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
     let since = now - chrono::Duration::milliseconds(millis(config.lookback));
-    let rows: Vec<(String,)> = sqlx::query_as(
+    let rows: Vec<(String,)> = sqlx::query_as(&format!(
         "SELECT tier || ':' || host || '/' || instance FROM audit_progress
           WHERE tier = ANY($3) AND tier NOT IN (SELECT tier FROM consumer_tiers)
           GROUP BY tier, host, instance
-         HAVING NOT bool_and(closing) AND max(last_seen_at) < $1 AND max(last_seen_at) >= $2
-            AND max(last_emitted_ms) < (SELECT max(last_emitted_ms) FROM audit_progress) - $4",
-    )
+         HAVING NOT bool_and(closing) AND max(last_seen_at) >= $2 AND {stale}",
+        stale = stale_sql("max(last_seen_at)", "max(last_emitted_ms)", 1, 4),
+    ))
     .bind(stale_before)
     .bind(since)
     .bind(&config.tiers)

@@ -28,6 +28,7 @@ struct VerdictDbRow {
     silent_tier: Option<String>,
     lag_ms: Option<i64>,
     stale_instances: Vec<String>,
+    waiting_on: Vec<String>,
     final_reason: String,
     incident_id: Option<i64>,
     revisions: i32,
@@ -72,6 +73,10 @@ pub struct Verdict {
     /// Upstream instances (`host/instance`) that stopped reporting without a clean shutdown
     /// before passing the bucket: their counts of it may be incomplete.
     pub stale_instances: Vec<String>,
+    /// For buckets judged by waiting (`max_wait`, `loss_after`): the live observers that had
+    /// not passed the bucket, as `tier:host/instance` (`… partition N` for a consumer
+    /// partition).
+    pub waiting_on: Vec<String>,
     /// `progress`, `max_wait` or `loss_after`: why the bucket was final.
     pub final_reason: String,
     /// Incident the bucket belongs or belonged to.
@@ -109,6 +114,7 @@ impl TryFrom<VerdictDbRow> for Verdict {
             silent_tier: r.silent_tier,
             lag_ms: r.lag_ms,
             stale_instances: r.stale_instances,
+            waiting_on: r.waiting_on,
             final_reason: r.final_reason,
             incident_id: r.incident_id,
             revisions: r.revisions,
@@ -120,7 +126,7 @@ impl TryFrom<VerdictDbRow> for Verdict {
 
 const VERDICT_COLUMNS: &str = "edge, topic, datacenter, partition, bucket_start_ms, \
      bucket_width_ms, from_tier, to_tier, status, expected, actual, difference, missing, \
-     silent_tier, lag_ms, stale_instances, final_reason, incident_id, revisions, \
+     silent_tier, lag_ms, stale_instances, waiting_on, final_reason, incident_id, revisions, \
      first_judged_at, changed_at";
 
 /// Verdicts of buckets starting in `[from_ms, to_ms)` (either bound optional), optionally of
@@ -193,6 +199,8 @@ pub struct VerdictChange {
     pub lag_ms: Option<i64>,
     /// Upstream instances whose counts of the bucket may be incomplete.
     pub stale_instances: Vec<String>,
+    /// Observers the bucket was still waiting for when judged by waiting.
+    pub waiting_on: Vec<String>,
     /// `progress`, `max_wait` or `loss_after`.
     pub final_reason: String,
     /// When (reconciler clock).
@@ -210,7 +218,7 @@ pub async fn verdict_history(
     sqlx::query_as(
         "SELECT edge, topic, datacenter, partition, bucket_start_ms, bucket_width_ms, old_status,
                 status, expected, actual, difference, silent_tier, lag_ms, stale_instances,
-                final_reason, changed_at
+                waiting_on, final_reason, changed_at
            FROM reconcile_verdict_history
           WHERE topic = $1
             AND ($2::bigint IS NULL OR bucket_start_ms >= $2)

@@ -187,6 +187,34 @@ pub struct TierState {
     pub stale: Vec<String>,
     /// Lowest watermark among the live observers that have not passed.
     pub behind_ms: Option<i64>,
+    /// The live observers that have not passed the bucket: `host/instance`, or
+    /// `host/instance partition N` for a consumer partition (the furthest owner), or
+    /// `partition N` for a partition with counts and no progress at all.
+    pub waiting_on: Vec<String>,
+}
+
+impl TierState {
+    /// The state of a tier made of parts that each must pass (the datacenters of an edge
+    /// summed over datacenters): passed when every part passed, live when every part that
+    /// has not passed is live, with every part's stale and waiting observers.
+    fn all_of(parts: impl IntoIterator<Item = TierState>) -> TierState {
+        let mut all = TierState {
+            passed: true,
+            live: true,
+            ..TierState::default()
+        };
+        for t in parts {
+            all.passed &= t.passed;
+            all.live &= t.live || t.passed;
+            all.stale.extend(t.stale);
+            all.waiting_on.extend(t.waiting_on);
+            all.behind_ms = match (all.behind_ms, t.behind_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        all
+    }
 }
 
 /// The judgement of one edge, scope and bucket.
@@ -232,9 +260,10 @@ fn tier_state(
         passed: true,
         ..TierState::default()
     };
-    let behind = |w: i64, state: &mut TierState| {
+    let behind = |w: i64, who: String, state: &mut TierState| {
         state.passed = false;
         state.behind_ms = Some(state.behind_ms.map_or(w, |b: i64| b.min(w)));
+        state.waiting_on.push(who);
     };
     // Instances: each on its own, the lowest mark over its partitions.
     let mut instances: BTreeMap<&str, (i64, bool, bool)> = BTreeMap::new();
@@ -256,26 +285,31 @@ fn tier_state(
         } else {
             state.live = true;
             if watermark < due {
-                behind(watermark, &mut state);
+                behind(watermark, observer.to_owned(), &mut state);
             }
         }
     }
     // Consumer partitions: the furthest mark of any owner.
-    let mut owned: BTreeMap<i32, (i64, bool)> = BTreeMap::new();
+    let mut owned: BTreeMap<i32, (i64, &str, bool)> = BTreeMap::new();
     for m in marks.iter().filter(|m| m.consumer) {
-        let e = owned.entry(m.partition).or_insert((m.watermark_ms, true));
-        e.0 = e.0.max(m.watermark_ms);
-        e.1 &= m.stale;
+        let e = owned
+            .entry(m.partition)
+            .or_insert((m.watermark_ms, m.observer.as_str(), true));
+        if m.watermark_ms > e.0 {
+            (e.0, e.1) = (m.watermark_ms, m.observer.as_str());
+        }
+        e.2 &= m.stale;
     }
-    for (&p, &(watermark, stale)) in &owned {
+    for (&p, &(watermark, observer, stale)) in &owned {
         state.live |= !stale;
         if watermark < consumer_due && !partition_done(p) {
-            behind(watermark, &mut state);
+            behind(watermark, format!("{observer} partition {p}"), &mut state);
         }
     }
     for &p in partitions {
         if !owned.contains_key(&p) && !partition_done(p) {
             state.passed = false;
+            state.waiting_on.push(format!("partition {p}"));
         }
     }
     if owned.is_empty()
@@ -356,6 +390,37 @@ pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
         settled,
         upstream,
         downstream,
+    })
+}
+
+/// [`evaluate`] for an edge summed over datacenters: each part (datacenter) is evaluated on
+/// its own, with its own observers, counts and producers' event lag, and the bucket is final
+/// when every part is. Partition 0 of `orders` from one datacenter and partition 0 of
+/// `orders` from another are different streams (on the aggregate cluster, `dc1.orders` and
+/// `dc2.orders`): the furthest owner of one says nothing about the other, so a paused mirror
+/// of one datacenter holds the bucket back.
+pub fn evaluate_all(rules: &Rules, parts: &[EdgeBucket<'_>]) -> Option<Outcome> {
+    let outcomes = parts
+        .iter()
+        .map(|b| evaluate(rules, b))
+        .collect::<Option<Vec<_>>>()?;
+    let finality = if outcomes.iter().all(|o| o.finality == Finality::Progress) {
+        Finality::Progress
+    } else if outcomes.iter().any(|o| o.finality == Finality::LossAfter) {
+        Finality::LossAfter
+    } else {
+        Finality::MaxWait
+    };
+    let settled = outcomes.iter().all(|o| o.settled);
+    let (upstream, downstream): (Vec<_>, Vec<_>) = outcomes
+        .into_iter()
+        .map(|o| (o.upstream, o.downstream))
+        .unzip();
+    Some(Outcome {
+        finality,
+        settled,
+        upstream: TierState::all_of(upstream),
+        downstream: TierState::all_of(downstream),
     })
 }
 
@@ -708,6 +773,69 @@ mod tests {
         };
         assert_eq!(event_lag_ms(&[a, stale, svc]), 90_000);
         assert_eq!(event_lag_ms(&[]), 0);
+    }
+
+    #[test]
+    fn waiting_observers_are_named() {
+        let c = Case::new(
+            vec![instance("a/1", END + 10), instance("b/2", END - 400)],
+            vec![consumer(0, END + 10), consumer(1, END - 300)],
+            &[(0, 10), (1, 2), (2, 1)],
+            &[(0, 12), (1, 1)],
+        );
+        let (o, _) = c.at(END + 1_000).unwrap();
+        assert_eq!(o.upstream.waiting_on, vec!["b/2".to_owned()]);
+        assert_eq!(
+            o.downstream.waiting_on,
+            vec!["svc/1 partition 1".to_owned(), "partition 2".to_owned()]
+        );
+    }
+
+    #[test]
+    fn each_datacenter_of_a_summed_edge_must_pass() {
+        // dc1's mirror copies; dc2's is paused: its partition 0 on the aggregate is behind,
+        // while dc1's partition 0 passed. Summed, the aggregate has fewer.
+        let dc1 = Case::new(
+            vec![consumer(0, END + 10)],
+            vec![consumer(0, END + 10)],
+            &[(0, 10)],
+            &[(0, 10)],
+        );
+        let dc2 = Case::new(
+            vec![consumer(0, END + 10)],
+            vec![consumer(0, END - 300)],
+            &[(0, 10)],
+            &[(0, 6)],
+        );
+        fn part(c: &Case, now_ms: i64) -> EdgeBucket<'_> {
+            EdgeBucket {
+                end_ms: END,
+                queued_ms: c.queued,
+                now_ms,
+                upstream: &c.up,
+                downstream: &c.down,
+                expected: &c.expected,
+                actual: &c.actual,
+                event_lag_ms: c.lag,
+            }
+        }
+        assert_eq!(
+            evaluate_all(&RULES, &[part(&dc1, SOON), part(&dc2, SOON)]),
+            None
+        );
+        let o = evaluate_all(&RULES, &[part(&dc1, END + 1_000), part(&dc2, END + 1_000)]).unwrap();
+        assert_eq!(
+            judge(&o, END + 1_000, 20, 16).status,
+            VerdictStatus::Lagging
+        );
+        assert!(!o.settled);
+        assert_eq!(
+            o.downstream.waiting_on,
+            vec!["svc/1 partition 0".to_owned()]
+        );
+        // Both passed: final by progress.
+        let o = evaluate_all(&RULES, &[part(&dc1, SOON), part(&dc1, SOON)]).unwrap();
+        assert_eq!(o.finality, Finality::Progress);
     }
 
     #[test]
