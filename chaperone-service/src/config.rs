@@ -36,6 +36,14 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// A `${file:…}` or `${env:…}` reference (a secret) cannot be resolved.
+    #[error("invalid config key `{key}`: {reason}")]
+    SecretRef {
+        /// Dotted key name, for example `kafka."sasl.password"`.
+        key: String,
+        /// What is wrong, naming the file.
+        reason: String,
+    },
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -214,7 +222,10 @@ pub struct Config {
     /// Metrics knobs.
     pub metrics: MetricsConfig,
     /// librdkafka properties for both the consumer and the producer (SASL, SSL, tuning).
-    /// Safety-critical properties are forced after these.
+    /// Safety-critical properties are forced after these. In this table and the two below, a
+    /// value `"${file:/run/secrets/kafka-password}"` or `"${env:KAFKA_PASSWORD}"` is replaced by
+    /// that file's content (trailing newline dropped) or variable at start-up
+    /// ([`Config::resolve_secret_refs`]), so secrets stay out of the file.
     pub kafka: BTreeMap<String, String>,
     /// librdkafka properties for the consumer only.
     pub kafka_consumer: BTreeMap<String, String>,
@@ -293,6 +304,32 @@ impl Config {
                 }
             }
         }
+    }
+
+    /// Replaces every `${file:PATH}` and `${env:VAR}` value of the librdkafka tables by the
+    /// file's content (trailing newline dropped) or the variable, read through `env`. Fails
+    /// naming the property and the file or variable.
+    pub fn resolve_secret_refs(
+        &mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        for (table, props) in [
+            ("kafka", &mut self.kafka),
+            ("kafka_consumer", &mut self.kafka_consumer),
+            ("kafka_producer", &mut self.kafka_producer),
+        ] {
+            for (prop, value) in props.iter_mut() {
+                if let Some(resolved) =
+                    resolve_ref(value, &env).map_err(|reason| ConfigError::SecretRef {
+                        key: format!("{table}.\"{prop}\""),
+                        reason,
+                    })?
+                {
+                    *value = resolved;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The tier as the record contract names it.
@@ -448,12 +485,49 @@ impl Config {
             ("kafka_consumer", &self.kafka_consumer),
             ("kafka_producer", &self.kafka_producer),
         ] {
+            if let Some((prop, _)) = props.iter().find(|(_, v)| is_ref(v)) {
+                return Err(ConfigError::SecretRef {
+                    key: format!("{key}.\"{prop}\""),
+                    reason: "holds an unresolved ${file:…}/${env:…} reference \
+                             (call Config::resolve_secret_refs before validating)"
+                        .into(),
+                });
+            }
             if let Some(k) = props.keys().find(|k| k.trim().is_empty()) {
                 return Err(invalid(key, format!("empty property name {k:?}")));
             }
         }
         Ok(())
     }
+}
+
+/// Whether `value` is a `${file:…}` or `${env:…}` reference.
+fn is_ref(value: &str) -> bool {
+    (value.starts_with("${file:") || value.starts_with("${env:")) && value.ends_with('}')
+}
+
+/// The value a `${file:PATH}` or `${env:VAR}` reference stands for; `None` for a plain value.
+fn resolve_ref(
+    value: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, String> {
+    if !is_ref(value) {
+        return Ok(None);
+    }
+    let inner = &value[2..value.len() - 1];
+    if let Some(path) = inner.strip_prefix("file:") {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let text = text.trim_end_matches(['\n', '\r']);
+        if text.is_empty() {
+            return Err(format!("{path} is empty"));
+        }
+        return Ok(Some(text.to_owned()));
+    }
+    let var = inner.strip_prefix("env:").unwrap_or_default();
+    env(var)
+        .filter(|v| !v.is_empty())
+        .map(Some)
+        .ok_or_else(|| format!("environment variable `{var}` is not set or empty"))
 }
 
 /// Parses `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a bare number of seconds.
@@ -588,6 +662,38 @@ mod tests {
         .expect("parses");
         assert_eq!(c.flush_interval, Duration::from_millis(750));
         assert_eq!(c.topics.refresh_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn kafka_secrets_come_from_files_or_env() {
+        let dir = std::env::temp_dir().join(format!("chaperone-svc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "pa55word\n").unwrap();
+        let text = format!(
+            "cluster = \"a\"\ndatacenter = \"b\"\nbootstrap_servers = \"x\"\n\
+             [kafka]\n\"sasl.password\" = \"${{file:{}}}\"\n\
+             [kafka_producer]\n\"ssl.key.password\" = \"${{env:KEY_PW}}\"\n",
+            file.display()
+        );
+        let env = |k: &str| (k == "KEY_PW").then(|| "k3ypw".to_owned());
+        let mut c = Config::from_toml(&text).expect("parses");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`kafka.\"sasl.password\"`"), "{e}");
+        c.resolve_secret_refs(env).expect("resolves");
+        c.validate().expect("valid");
+        assert_eq!(c.kafka["sasl.password"], "pa55word");
+        assert_eq!(c.kafka_producer["ssl.key.password"], "k3ypw");
+
+        let mut c = Config::from_toml(&text.replace("/password}", "/nope}")).unwrap();
+        let e = c.resolve_secret_refs(env).unwrap_err().to_string();
+        assert!(e.contains("`kafka.\"sasl.password\"`"), "{e}");
+        assert!(e.contains("nope"), "{e}");
+        let mut c = Config::from_toml(&text).unwrap();
+        let e = c.resolve_secret_refs(|_| None).unwrap_err().to_string();
+        assert!(e.contains("`kafka_producer.\"ssl.key.password\"`"), "{e}");
+        assert!(e.contains("KEY_PW"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]

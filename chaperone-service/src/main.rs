@@ -52,6 +52,11 @@ struct Args {
     /// librdkafka property for both clients, `key=value`; repeatable.
     #[arg(long = "kafka", value_name = "KEY=VALUE")]
     kafka: Vec<String>,
+    /// Validate the configuration (flags and environment included), read the secret files it
+    /// names, print one line and exit (non-zero, naming the key, when something is wrong).
+    /// Connects to nothing.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn load(args: Args) -> anyhow::Result<Config> {
@@ -86,6 +91,7 @@ fn load(args: Args) -> anyhow::Result<Config> {
             .with_context(|| format!("--kafka expects key=value, got {kv:?}"))?;
         config.kafka.insert(k.trim().to_owned(), v.to_owned());
     }
+    config.resolve_secret_refs(|k| std::env::var(k).ok())?;
     config.validate()?;
     Ok(config)
 }
@@ -99,7 +105,16 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = load(Args::parse())?;
+    let args = Args::parse();
+    let check_only = args.check_config;
+    let config = load(args)?;
+    if check_only {
+        println!(
+            "configuration is valid: tier {}, cluster {}, bootstrap {}",
+            config.tier, config.cluster, config.bootstrap_servers
+        );
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

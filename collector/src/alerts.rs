@@ -10,10 +10,12 @@
 //!   backoff. A crash or an unreachable receiver loses nothing: rows stay pending.
 //!
 //! * [`config`]: webhooks, filters, secrets, retry policy ([`AlertsConfig`]).
+//! * [`client`]: each webhook's HTTPS client (rustls, `ca_file`) and URL redaction.
 //! * [`payload`]: the JSON and Slack bodies.
 //! * `sender`: fan-out and delivery.
 //! * [`query`]: what the API serves ([`list_alerts`]).
 
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod payload;
@@ -29,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 pub use config::{AlertsConfig, Secret, WebhookConfig, WebhookFilters, WebhookFormat};
 pub use metrics::AlertMetrics;
 pub use payload::{NotificationKind, SlackBody, WebhookBody};
-pub use query::{Alert, IncidentStatus, list_alerts};
+pub use query::{Alert, Delivery, IncidentStatus, list_alerts};
 pub use sender::{
-    AlertError, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SendReport, signature,
+    AlertError, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SendReport, TIMESTAMP_HEADER,
+    signature,
 };
 
 use crate::Clock;
@@ -43,8 +46,9 @@ pub struct AlertSender {
 }
 
 impl AlertSender {
-    /// Builds a sender: validates `config`, reads the webhook secrets and builds the HTTP
-    /// client. Fails naming the config key whose secret cannot be read.
+    /// Builds a sender: validates `config`, reads the webhook secrets and builds each
+    /// webhook's HTTP client. Fails naming the config key whose secret or CA file cannot be
+    /// read.
     pub fn new(
         pool: PgPool,
         config: AlertsConfig,
@@ -60,16 +64,20 @@ impl AlertSender {
                 Ok(sender::Hook {
                     config: w.clone(),
                     secret: w.load_secret(i)?,
+                    client: client::build_client(&config, w, i)?,
                 })
             })
             .collect::<Result<Vec<_>, crate::reconcile::ConfigError>>()
             .context("alerts configuration")?;
-        let client = reqwest::Client::builder()
-            .timeout(config.request_timeout)
-            .connect_timeout(config.request_timeout)
-            .user_agent(concat!("chaperone-collector/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("building the webhook http client")?;
+        for hook in &hooks {
+            tracing::info!(
+                webhook = %hook.config.name,
+                url = %client::redact_url(&hook.config.url),
+                signed = hook.secret.is_some(),
+                private_ca = hook.config.ca_file.is_some(),
+                "webhook configured"
+            );
+        }
         Ok(Self {
             inner: sender::Sender {
                 pool,
@@ -77,7 +85,6 @@ impl AlertSender {
                 hooks,
                 clock,
                 metrics,
-                client,
             },
         })
     }

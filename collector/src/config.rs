@@ -119,7 +119,7 @@ impl DatabaseConfig {
 }
 
 /// One Kafka cluster whose audit topic the collector consumes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Short name of the cluster, used as the key of its consumed offsets in PostgreSQL and
@@ -135,9 +135,42 @@ pub struct ClusterConfig {
     #[serde(default = "default_dlq_topic")]
     pub dlq_topic: String,
     /// Extra librdkafka properties for the consumer and the dead-letter producer (security,
-    /// timeouts). Settings the collector's guarantees rely on are forced after these.
+    /// timeouts). Settings the collector's guarantees rely on are forced after these. A value
+    /// `"${file:/run/secrets/kafka-password}"` or `"${env:KAFKA_PASSWORD}"` is replaced by that
+    /// file's content (trailing newline dropped) or variable when the configuration is loaded
+    /// ([`Config::resolve_secret_refs`]), so secrets stay out of the file.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+}
+
+/// Whether a librdkafka property holds a secret (its value is never printed).
+fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.contains("jaas") || k.ends_with(".pem")
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let librdkafka: BTreeMap<&str, &str> = self
+            .librdkafka
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("ClusterConfig")
+            .field("alias", &self.alias)
+            .field("bootstrap", &self.bootstrap)
+            .field("audit_topic", &self.audit_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("librdkafka", &librdkafka)
+            .finish()
+    }
 }
 
 fn default_audit_topic() -> String {
@@ -288,7 +321,38 @@ impl Config {
             None => Self::default(),
         };
         config.apply_env(|k| std::env::var(k).ok())?;
+        config.resolve_secret_refs(|k| std::env::var(k).ok())?;
         Ok(config)
+    }
+
+    /// Replaces every `${file:PATH}` and `${env:VAR}` value of the clusters' `librdkafka`
+    /// properties by the file's content (trailing newline dropped) or the variable, read
+    /// through `env`. Fails naming the property and the file or variable.
+    pub fn resolve_secret_refs(
+        &mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        for (i, c) in self.clusters.iter_mut().enumerate() {
+            for (prop, value) in c.librdkafka.iter_mut() {
+                if let Some(resolved) = resolve_ref(value, &env).map_err(|message| {
+                    ConfigError::new(format!("clusters[{i}].librdkafka.\"{prop}\""), message)
+                })? {
+                    *value = resolved;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything `--check-config` checks: [`Config::validate`], then what start-up reads
+    /// from files and the environment (`env`): the database URL, the API token, the webhook
+    /// secrets and CA files. Needs no database and no Kafka cluster.
+    pub fn check(&self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        self.validate()?;
+        self.database.resolve_url()?;
+        self.api.resolve_token(env)?;
+        self.alerts.check_files()?;
+        Ok(())
     }
 
     /// Applies environment overrides, read through `env` so tests need not touch the process
@@ -351,6 +415,15 @@ impl Config {
                     "must differ from audit_topic",
                 ));
             }
+            for (k, v) in &c.librdkafka {
+                if is_ref(v) {
+                    return Err(ConfigError::new(
+                        format!("clusters[{i}].librdkafka.\"{k}\""),
+                        "holds an unresolved ${file:…}/${env:…} reference \
+                         (Config::load resolves them; or call Config::resolve_secret_refs)",
+                    ));
+                }
+            }
             for k in c.librdkafka.keys() {
                 if k == "bootstrap.servers" {
                     return Err(ConfigError::new(
@@ -399,6 +472,36 @@ fn nonzero(d: Duration, key: &str) -> Result<(), ConfigError> {
     } else {
         Ok(())
     }
+}
+
+/// Whether `value` is a `${file:…}` or `${env:…}` reference.
+fn is_ref(value: &str) -> bool {
+    (value.starts_with("${file:") || value.starts_with("${env:")) && value.ends_with('}')
+}
+
+/// The value a `${file:PATH}` or `${env:VAR}` reference stands for; `None` for a plain value.
+fn resolve_ref(
+    value: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, String> {
+    if !is_ref(value) {
+        return Ok(None);
+    }
+    let inner = &value[2..value.len() - 1];
+    let resolved = if let Some(path) = inner.strip_prefix("file:") {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let text = text.trim_end_matches(['\n', '\r']).to_owned();
+        if text.is_empty() {
+            return Err(format!("{path} is empty"));
+        }
+        text
+    } else {
+        let var = inner.strip_prefix("env:").unwrap_or_default();
+        env(var)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("environment variable `{var}` is not set or empty"))?
+    };
+    Ok(Some(resolved))
 }
 
 fn topic_name(t: &str, key: &str) -> Result<(), ConfigError> {
@@ -568,5 +671,45 @@ mod tests {
             .expect("token");
         assert_eq!(token.as_deref(), Some("t0k"));
         assert_eq!(c.api.resolve_token(|_| None).expect("no token"), None);
+    }
+
+    #[test]
+    fn kafka_secrets_come_from_files_or_env_and_are_never_printed() {
+        let dir = std::env::temp_dir().join(format!("chaperone-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kafka-password");
+        std::fs::write(&file, "pa55word\n").unwrap();
+        let text = format!(
+            "[[clusters]]\nalias = \"a\"\nbootstrap = \"k:9093\"\n\
+             [clusters.librdkafka]\n\"sasl.username\" = \"chaperone\"\n\
+             \"sasl.password\" = \"${{file:{}}}\"\n\"ssl.key.password\" = \"${{env:KEY_PW}}\"\n",
+            file.display()
+        );
+        let env = |k: &str| (k == "KEY_PW").then(|| "k3ypw".to_owned());
+        let mut c = Config::from_toml(&text).expect("parses");
+        assert_eq!(
+            c.validate().expect_err("unresolved").key,
+            "clusters[0].librdkafka.\"sasl.password\""
+        );
+        c.resolve_secret_refs(env).expect("resolves");
+        c.validate().expect("valid");
+        assert_eq!(c.clusters[0].librdkafka["sasl.password"], "pa55word");
+        assert_eq!(c.clusters[0].librdkafka["ssl.key.password"], "k3ypw");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("pa55word") && !shown.contains("k3ypw"),
+            "{shown}"
+        );
+        assert!(shown.contains("chaperone"), "{shown}");
+
+        let mut missing = Config::from_toml(&text.replace("kafka-password", "nope")).unwrap();
+        let err = missing.resolve_secret_refs(env).expect_err("no such file");
+        assert_eq!(err.key, "clusters[0].librdkafka.\"sasl.password\"");
+        assert!(err.message.contains("nope"), "{err}");
+        let mut unset = Config::from_toml(&text).unwrap();
+        let err = unset.resolve_secret_refs(|_| None).expect_err("unset");
+        assert_eq!(err.key, "clusters[0].librdkafka.\"ssl.key.password\"");
+        assert!(err.message.contains("KEY_PW"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -19,7 +19,8 @@ struct Args {
     /// CHAPERONE_COLLECTOR_API_TOKEN override it.
     #[arg(long, env = "CHAPERONE_COLLECTOR_CONFIG")]
     config: Option<PathBuf>,
-    /// Validate the configuration and exit.
+    /// Validate the configuration, read the secret and CA files it names, print one line and
+    /// exit (non-zero, naming the key, when something is wrong). Connects to nothing.
     #[arg(long)]
     check_config: bool,
 }
@@ -33,11 +34,17 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::load(args.config.as_deref())?;
-    config.validate()?;
     if args.check_config {
-        println!("configuration is valid");
+        // Reads what start-up reads (secret files, CA files); connects to nothing.
+        config.check(|k| std::env::var(k).ok())?;
+        println!(
+            "configuration is valid: {} cluster(s), {} webhook(s)",
+            config.clusters.len(),
+            config.alerts.webhooks.len()
+        );
         return Ok(());
     }
+    config.validate()?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

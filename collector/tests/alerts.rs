@@ -1,5 +1,6 @@
 //! Alerts end to end against the real PostgreSQL of `dev/stack up`: verdicts written by the
-//! reconciler reach a webhook receiver on 127.0.0.1 through the outbox, exactly once, signed.
+//! reconciler reach a webhook receiver on 127.0.0.1 through the outbox, exactly once, signed;
+//! over HTTPS to a receiver behind a private CA, and not to one whose certificate is untrusted.
 
 mod reconcile_support;
 
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use chaperone_collector::alerts::{
     self, AlertMetrics, AlertSender, AlertsConfig, IDEMPOTENCY_HEADER, IncidentStatus,
-    NotificationKind, SIGNATURE_HEADER, WebhookBody, WebhookConfig, WebhookFilters, WebhookFormat,
+    NotificationKind, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookBody, WebhookConfig,
+    WebhookFilters, WebhookFormat,
 };
 use chaperone_collector::reconcile::{ManualClock, VerdictStatus};
 use reconcile_support::*;
@@ -30,6 +32,7 @@ fn webhook(name: &str, url: String) -> WebhookConfig {
         filters: WebhookFilters::default(),
         secret_env: None,
         secret_file: None,
+        ca_file: None,
     }
 }
 
@@ -66,6 +69,16 @@ async fn bucket(db: &TestDb, topic: &str, n: i64, regional: i64, aggregate: i64)
         .unwrap();
 }
 
+fn timestamp(r: &Received) -> i64 {
+    r.headers
+        .get(TIMESTAMP_HEADER)
+        .expect("timestamped")
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("epoch seconds")
+}
+
 fn verify_signature(r: &Received) {
     let header = r
         .headers
@@ -73,14 +86,44 @@ fn verify_signature(r: &Received) {
         .expect("signed")
         .to_str()
         .unwrap();
-    assert_eq!(header, alerts::signature(SECRET.as_bytes(), &r.body));
-    // Independently of the crate's helper: HMAC-SHA256 over the exact body bytes.
+    let ts = timestamp(r);
+    assert_eq!(header, alerts::signature(SECRET.as_bytes(), ts, &r.body));
+    assert_eq!(
+        receiver_check(r, SECRET.as_bytes(), ts, Duration::from_secs(300)),
+        Ok(())
+    );
+}
+
+/// What the README tells a receiver to do, written independently of the crate: refuse a
+/// timestamp more than `tolerance` away from its own clock (`now`, epoch seconds), then check
+/// the HMAC-SHA256 of `"{timestamp}.{body}"` in constant time.
+fn receiver_check(
+    r: &Received,
+    secret: &[u8],
+    now: i64,
+    tolerance: Duration,
+) -> Result<(), &'static str> {
     use hmac::Mac as _;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    let ts = r
+        .headers
+        .get(TIMESTAMP_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .ok_or("no timestamp")?;
+    if now.abs_diff(ts) > tolerance.as_secs() {
+        return Err("timestamp outside the tolerance: a replay");
+    }
+    let hex = r
+        .headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("sha256="))
+        .ok_or("no signature")?;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(format!("{ts}.").as_bytes());
     mac.update(&r.body);
-    let hex = header.strip_prefix("sha256=").expect("sha256= prefix");
-    mac.verify_slice(&::hex::decode(hex).unwrap())
-        .expect("signature verifies");
+    mac.verify_slice(&::hex::decode(hex).map_err(|_| "signature is not hex")?)
+        .map_err(|_| "bad signature")
 }
 
 fn body(r: &Received) -> WebhookBody {
@@ -553,4 +596,332 @@ async fn a_hung_webhook_does_not_delay_the_others() {
     .await
     .unwrap();
     assert!(error.is_some_and(|e| e.contains("request failed")));
+}
+
+/// A certificate authority made for one test, and a server certificate for 127.0.0.1 it signed.
+struct TestPki {
+    ca_pem: String,
+    server_cert: rustls::pki_types::CertificateDer<'static>,
+    server_key: Vec<u8>,
+}
+
+impl TestPki {
+    fn new(name: &str) -> Self {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, "127.0.0.1");
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+        Self {
+            ca_pem: ca_cert.pem(),
+            server_cert: leaf_cert.der().clone(),
+            server_key: leaf_key.serialize_der(),
+        }
+    }
+
+    /// Writes the CA certificate to a PEM file of its own.
+    fn ca_file(&self) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("chaperone-ca-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+}
+
+use tokio_rustls::rustls;
+
+/// TLS in front of a TCP listener, for `axum::serve`; counts the handshakes that failed (a
+/// client that refuses the certificate aborts the handshake).
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    failed_handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            match self.acceptor.accept(tcp).await {
+                Ok(tls) => return (tls, addr),
+                Err(_) => {
+                    self.failed_handshakes
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// An HTTPS webhook receiver on 127.0.0.1 with the certificate of `pki`, recording every POST
+/// to `/hook` (any path below it too); stops when dropped.
+struct HttpsReceiver {
+    addr: std::net::SocketAddr,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    failed_handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl HttpsReceiver {
+    async fn start(pki: &TestPki) -> Self {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![pki.server_cert.clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(pki.server_key.clone().into()),
+            )
+            .unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let failed_handshakes = std::sync::Arc::default();
+        let listener = TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls)),
+            failed_handshakes: std::sync::Arc::clone(&failed_handshakes),
+        };
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::clone(&received);
+        let record = move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let log = std::sync::Arc::clone(&log);
+            async move {
+                log.lock().unwrap().push(Received { headers, body });
+                axum::http::StatusCode::OK
+            }
+        };
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(record.clone()))
+            .route("/hook/{*rest}", axum::routing::post(record));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .ok();
+        });
+        Self {
+            addr,
+            received,
+            failed_handshakes,
+            stop,
+        }
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    fn failed_handshakes(&self) -> usize {
+        self.failed_handshakes
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HttpsReceiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test]
+async fn an_https_receiver_behind_a_private_ca_gets_a_notification_that_verifies() {
+    let db = TestDb::create().await.unwrap();
+    let pki = TestPki::new("private");
+    let receiver = HttpsReceiver::start(&pki).await;
+    let mut hook = webhook(
+        "ops",
+        format!("https://ops:basic-pw@{}/hook/abc", receiver.addr),
+    );
+    hook.secret_file = Some(secret_file());
+    hook.ca_file = Some(pki.ca_file());
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let s = sender(&db, alerts_config(vec![hook]), &clock);
+    bucket(&db, "orders", 0, 100, 97).await;
+    pass(&r).await;
+
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.created, report.sent, report.failed), (1, 1, 0));
+    let got = receiver.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(receiver.failed_handshakes(), 0);
+    let firing = body(&got[0]);
+    assert_eq!((firing.topic.as_str(), firing.difference), ("orders", -3));
+    // Signed over the timestamp and the body, stamped with the sender's clock.
+    let ts = timestamp(&got[0]);
+    assert_eq!(ts, clock.now().timestamp());
+    verify_signature(&got[0]);
+    // The documented receiver check: a replay outside the window is refused, and so is the
+    // same signature under another timestamp.
+    let five_minutes = Duration::from_secs(300);
+    assert_eq!(
+        receiver_check(&got[0], SECRET.as_bytes(), ts + 301, five_minutes),
+        Err("timestamp outside the tolerance: a replay")
+    );
+    let mut shifted = got[0].clone();
+    shifted
+        .headers
+        .insert(TIMESTAMP_HEADER, (ts + 1).to_string().parse().unwrap());
+    assert_eq!(
+        receiver_check(&shifted, SECRET.as_bytes(), ts, five_minutes),
+        Err("bad signature")
+    );
+    // The URL's credentials went as HTTP basic authentication.
+    assert_eq!(
+        got[0].headers.get("authorization").unwrap(),
+        &format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "ops:basic-pw")
+        )
+    );
+}
+
+/// Collects every log line (debug and up) of the current thread's tracing.
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_retried_and_shown_with_the_url_redacted() {
+    let logs = LogCapture::default();
+    let writer = logs.clone();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let db = TestDb::create().await.unwrap();
+    let pki = TestPki::new("receiver");
+    let receiver = HttpsReceiver::start(&pki).await;
+    let url = format!(
+        "https://alice:hunter2-secret@{}/hook/path-token",
+        receiver.addr
+    );
+    // Trusts the built-in web roots only: the receiver's private CA is unknown.
+    let public_roots = webhook("public-roots", url.clone());
+    // Trusts a private CA, but not the one that signed the receiver's certificate.
+    let mut other_ca = webhook("other-ca", url.clone());
+    other_ca.ca_file = Some(TestPki::new("another").ca_file());
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let registry = prometheus::Registry::new();
+    let metrics = AlertMetrics::new(&registry).unwrap();
+    let s = AlertSender::new(
+        db.pool.clone(),
+        alerts_config(vec![public_roots, other_ca]),
+        clock.clock(),
+        metrics,
+    )
+    .unwrap();
+    bucket(&db, "orders", 0, 10, 7).await;
+    pass(&r).await;
+
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.created, report.sent, report.failed), (2, 0, 2));
+    // Retried after the backoff, and refused again.
+    clock.advance(chrono::Duration::seconds(1));
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.sent, report.failed), (0, 2));
+    assert!(receiver.received().is_empty(), "no request got through");
+    assert!(
+        receiver.failed_handshakes() >= 4,
+        "each attempt was refused at the handshake ({})",
+        receiver.failed_handshakes()
+    );
+
+    // The API and /metrics of the collector show it.
+    let ingest_metrics = chaperone_collector::metrics::IngestMetrics::register(&registry).unwrap();
+    let state = chaperone_collector::api::ApiState {
+        pool: db.pool.clone(),
+        registry: registry.clone(),
+        token: None,
+        status: std::sync::Arc::new(chaperone_collector::ingest::IngestStatus::new(0)),
+        clock: clock.clock(),
+        metrics: ingest_metrics,
+        max_range: Duration::from_secs(86_400),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(chaperone_collector::api::serve(
+        listener,
+        chaperone_collector::api::router(state),
+        stop.clone(),
+    ));
+    let get = |path: &str| {
+        let url = format!("http://{api}{path}");
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    let metrics_text = get("/metrics").await;
+    for hook in ["public-roots", "other-ca"] {
+        let line = format!(
+            "chaperone_alerts_webhook_deliveries_total{{result=\"failed\",webhook=\"{hook}\"}} 2"
+        );
+        assert!(metrics_text.contains(&line), "{line} in\n{metrics_text}");
+    }
+    let alerts_text = get("/api/v1/alerts?status=open").await;
+    stop.cancel();
+    let alerts: serde_json::Value = serde_json::from_str(&alerts_text).unwrap();
+    let deliveries = alerts["alerts"][0]["deliveries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("deliveries in {alerts}"));
+    assert_eq!(deliveries.len(), 2, "{alerts}");
+    let shown = format!("https://***@{}/…", receiver.addr);
+    for d in deliveries {
+        assert_eq!(d["attempts"], 2, "{d}");
+        assert!(d["sent_at"].is_null(), "{d}");
+        let error = d["last_error"].as_str().unwrap_or_else(|| panic!("{d}"));
+        assert!(error.contains(&shown), "{error}");
+        assert!(error.contains("certificate"), "{error}");
+        assert!(error.contains("UnknownIssuer"), "{error}");
+    }
+
+    let logs = logs.text();
+    assert!(
+        logs.contains("webhook delivery failed") && logs.contains(&shown),
+        "the failure is logged with the URL redacted:\n{logs}"
+    );
+    for secret in ["alice", "hunter2-secret", "path-token"] {
+        assert!(!alerts_text.contains(secret), "{secret} in {alerts_text}");
+        assert!(!metrics_text.contains(secret), "{secret} in the metrics");
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+    }
 }

@@ -71,7 +71,9 @@ pub struct WebhookConfig {
     /// Stable name: deliveries are stored under it, so renaming a webhook forgets what was
     /// already sent to it.
     pub name: String,
-    /// Where to POST (`http://`; this build has no TLS client).
+    /// Where to POST: an `http://` or `https://` URL. Credentials in it (`user:password@`)
+    /// are sent as HTTP basic authentication and never shown: logs, stored errors and the
+    /// API show the URL as scheme, host and port only ([`super::client::redact_url`]).
     pub url: String,
     /// Body format.
     #[serde(default)]
@@ -85,6 +87,12 @@ pub struct WebhookConfig {
     /// File holding the HMAC-SHA256 signing secret (trailing newline ignored).
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// PEM file of the certificate authorities that signed the receiver's certificate, for
+    /// receivers behind a private CA. When set, only these CAs are trusted for this webhook
+    /// (not the built-in web roots), so a certificate from any other issuer is refused.
+    /// Read and checked at start-up and by `--check-config`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[alerts.webhooks.filters]`: an incident is notified to the webhook (once) when one of its
@@ -214,10 +222,22 @@ impl AlertsConfig {
                     format!("webhook name `{}` is used twice", w.name),
                 ));
             }
-            if !w.url.starts_with("http://") {
+            let url = reqwest::Url::parse(&w.url).map_err(|e| {
+                ConfigError::new(key("url"), format!("webhook `{}`: not a URL: {e}", w.name))
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
                 return Err(ConfigError::new(
                     key("url"),
-                    "must be an http:// URL (this build has no TLS client)",
+                    format!(
+                        "webhook `{}`: must be an http:// or https:// URL with a host",
+                        w.name
+                    ),
+                ));
+            }
+            if w.ca_file.is_some() && url.scheme() != "https" {
+                return Err(ConfigError::new(
+                    key("ca_file"),
+                    format!("webhook `{}`: ca_file needs an https:// url", w.name),
                 ));
             }
             if w.secret_env.is_some() && w.secret_file.is_some() {
@@ -240,6 +260,18 @@ impl AlertsConfig {
                     "must be between 0 and 1",
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl AlertsConfig {
+    /// What start-up would read, read now (for `--check-config`): every webhook's secret and
+    /// CA file, each CA file loaded into a client. Errors name the webhook and the file.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.load_secret(i)?;
+            super::client::build_client(self, w, i)?;
         }
         Ok(())
     }
@@ -292,6 +324,7 @@ mod tests {
             filters: WebhookFilters::default(),
             secret_env: None,
             secret_file: None,
+            ca_file: None,
         }
     }
 
@@ -311,7 +344,8 @@ mod tests {
             min_missing_ratio = 0.001
             [[webhooks]]
             name = "chat"
-            url = "http://chat.internal/hook"
+            url = "https://chat.internal/hook"
+            ca_file = "/etc/chaperone/chat-ca.pem"
             format = "slack"
             filters = { statuses = ["missing"] }
             "#,
@@ -346,7 +380,15 @@ mod tests {
         cfg.webhooks[1].name = "other".into();
         cfg.webhooks[1].url = "ftp://x".into();
         assert_eq!(cfg.validate().unwrap_err().key, "alerts.webhooks[1].url");
+        cfg.webhooks[1].url = "https://user:pw@".into();
+        assert_eq!(cfg.validate().unwrap_err().key, "alerts.webhooks[1].url");
         cfg.webhooks[1].url = "http://x".into();
+        cfg.webhooks[1].ca_file = Some("/ca.pem".into());
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.key, "alerts.webhooks[1].ca_file");
+        assert!(err.message.contains("`other`"), "{err}");
+        cfg.webhooks[1].url = "https://x".into();
+        cfg.validate().expect("https with a ca_file");
         cfg.webhooks[0].filters.min_missing_ratio = 2.0;
         assert_eq!(
             cfg.validate().unwrap_err().key,

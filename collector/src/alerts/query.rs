@@ -92,15 +92,40 @@ pub struct Alert {
     pub notifications_sent: i64,
     /// Webhook notifications still waiting to be delivered.
     pub notifications_pending: i64,
+    /// Each notification of this incident: where it stands, and why the last attempt failed.
+    #[sqlx(skip)]
+    pub deliveries: Vec<Delivery>,
 }
 
-/// Incidents, newest first, optionally of one status, at most `limit` (capped at 10 000).
+/// One notification of an incident to one webhook, as served by `/api/v1/alerts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Delivery {
+    /// Incident notified.
+    #[serde(skip)]
+    pub incident_id: i64,
+    /// Webhook name (from the configuration).
+    pub webhook: String,
+    /// `firing` or `resolved`.
+    pub kind: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// When the receiver accepted it; null while pending.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// When a pending notification is tried next.
+    pub next_attempt_at: DateTime<Utc>,
+    /// Why the last attempt failed (the webhook's URL shown as scheme, host and port only);
+    /// null once sent.
+    pub last_error: Option<String>,
+}
+
+/// Incidents, newest first, optionally of one status, at most `limit` (capped at 10 000),
+/// each with its notifications.
 pub async fn list_alerts(
     pool: &PgPool,
     status: Option<IncidentStatus>,
     limit: i64,
 ) -> Result<Vec<Alert>, sqlx::Error> {
-    sqlx::query_as(
+    let mut alerts: Vec<Alert> = sqlx::query_as(
         "SELECT i.id, i.topic, i.edge, i.datacenter, i.from_tier, i.to_tier, i.status,
                 i.bucket_width_ms, i.first_bucket_start_ms, i.last_bucket_start_ms, i.buckets,
                 i.bad_buckets, i.max_missing, i.opened_at, i.resolved_at,
@@ -116,5 +141,21 @@ pub async fn list_alerts(
     .bind(status.map(IncidentStatus::as_str))
     .bind(limit.clamp(0, 10_000))
     .fetch_all(pool)
-    .await
+    .await?;
+    let ids: Vec<i64> = alerts.iter().map(|a| a.id).collect();
+    let deliveries: Vec<Delivery> = sqlx::query_as(
+        "SELECT incident_id, webhook, kind, attempts, sent_at, next_attempt_at, last_error
+           FROM alert_deliveries
+          WHERE incident_id = ANY($1)
+          ORDER BY incident_id, id",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    for delivery in deliveries {
+        if let Some(alert) = alerts.iter_mut().find(|a| a.id == delivery.incident_id) {
+            alert.deliveries.push(delivery);
+        }
+    }
+    Ok(alerts)
 }

@@ -11,6 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sqlx::{PgPool, Row};
 
+use super::client::request_error;
 use super::config::{AlertsConfig, Secret, WebhookConfig, WebhookFormat};
 use super::metrics::AlertMetrics;
 use super::payload::{EventData, NotificationKind, json_body, slack_body};
@@ -23,8 +24,12 @@ const FANOUT_LOCK_KEY: &str = "chaperone-alert-fanout";
 /// Events handled per fan-out transaction.
 const FANOUT_BATCH: i64 = 500;
 
-/// Header carrying `sha256=<hex HMAC-SHA256 of the body>` when a secret is configured.
+/// Header carrying `sha256=<hex HMAC-SHA256 of "{timestamp}.{body}">` when a secret is
+/// configured.
 pub const SIGNATURE_HEADER: &str = "X-Chaperone-Signature";
+/// Header carrying the time of the attempt, in seconds since the epoch; it is part of what the
+/// signature covers, so a receiver can refuse replays of old requests.
+pub const TIMESTAMP_HEADER: &str = "X-Chaperone-Timestamp";
 /// Header carrying the delivery's idempotency key (the same on every retry).
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 /// Header carrying `firing` or `resolved`.
@@ -45,11 +50,20 @@ pub enum AlertError {
     Client(#[from] reqwest::Error),
 }
 
-/// `sha256=<hex>` signature of `body` under `secret`.
-pub fn signature(secret: &[u8], body: &[u8]) -> String {
+/// `sha256=<hex>` signature of a request sent at `timestamp` (epoch seconds, the value of
+/// [`TIMESTAMP_HEADER`]) with `body`: HMAC-SHA256 under `secret` of the bytes
+/// `"{timestamp}.{body}"`.
+pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    mac_hex(secret, &[timestamp.to_string().as_bytes(), b".", body])
+}
+
+/// `sha256=<hex HMAC-SHA256 of the concatenated parts>`.
+fn mac_hex(secret: &[u8], parts: &[&[u8]]) -> String {
     // HMAC takes keys of any length.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("hmac accepts any key");
-    mac.update(body);
+    for part in parts {
+        mac.update(part);
+    }
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
@@ -57,6 +71,8 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 pub(crate) struct Hook {
     pub config: WebhookConfig,
     pub secret: Option<Secret>,
+    /// Its own client: its `ca_file` decides whom it trusts.
+    pub client: reqwest::Client,
 }
 
 /// What one round did.
@@ -79,7 +95,6 @@ pub(crate) struct Sender {
     pub hooks: Vec<Hook>,
     pub clock: Clock,
     pub metrics: AlertMetrics,
-    pub client: reqwest::Client,
 }
 
 impl Sender {
@@ -365,28 +380,35 @@ impl Sender {
         content_type: &str,
         body: String,
     ) -> Result<(), String> {
-        let mut request = self
+        let url = hook.config.url.as_str();
+        // Stamped per attempt: a retry is a new request, signed anew.
+        let timestamp = self.clock.now().timestamp();
+        let mut request = hook
             .client
-            .post(&hook.config.url)
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .header(IDEMPOTENCY_HEADER, key)
-            .header(EVENT_HEADER, kind);
+            .header(EVENT_HEADER, kind)
+            .header(TIMESTAMP_HEADER, timestamp);
         if let Some(secret) = &hook.secret {
             request = request.header(
                 SIGNATURE_HEADER,
-                signature(secret.expose(), body.as_bytes()),
+                signature(secret.expose(), timestamp, body.as_bytes()),
             );
         }
         let response = request
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("request failed: {e}"))?;
+            .map_err(|e| format!("request failed: {}", request_error(url, e)))?;
         let status = response.status();
         if status.is_success() {
             Ok(())
         } else {
-            Err(format!("receiver answered {status}"))
+            Err(format!(
+                "POST {}: receiver answered {status}",
+                super::client::redact_url(url)
+            ))
         }
     }
 
@@ -505,11 +527,20 @@ mod tests {
     }
 
     #[test]
-    fn signature_is_hmac_sha256_hex() {
-        // RFC 4231 test case 2.
+    fn signature_is_hmac_sha256_hex_of_timestamp_dot_body() {
+        // RFC 4231 test case 2, split in parts.
         assert_eq!(
-            signature(b"Jefe", b"what do ya want for nothing?"),
+            mac_hex(b"Jefe", &[b"what do ya ", b"want for nothing?"]),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(
+            signature(b"k", 1_767_225_600, b"{}"),
+            mac_hex(b"k", &[b"1767225600.{}"])
+        );
+        assert_ne!(
+            signature(b"k", 1_767_225_600, b"{}"),
+            signature(b"k", 1_767_225_601, b"{}"),
+            "the timestamp is signed"
         );
     }
 }
