@@ -29,7 +29,7 @@ use crate::metrics::IngestMetrics;
 use crate::store;
 
 /// Default span of `/buckets` when `from` is not given.
-const DEFAULT_RANGE: Duration = Duration::from_secs(3_600);
+pub(crate) const DEFAULT_RANGE: Duration = Duration::from_secs(3_600);
 
 /// Shared state of every handler.
 #[derive(Clone, Debug)]
@@ -136,6 +136,7 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(api)
+        .merge(crate::web::router(state.clone()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -170,7 +171,10 @@ async fn timed(State(state): State<ApiState>, req: Request, next: Next) -> Respo
 
 /// The route template of `path`, so the metric label stays bounded.
 fn route_label(path: &str) -> &'static str {
-    const STATIC: [&str; 6] = [
+    const STATIC: [&str; 9] = [
+        "/",
+        "/login",
+        "/logout",
         "/api/v1/topics",
         "/api/v1/verdicts",
         "/api/v1/alerts",
@@ -180,6 +184,17 @@ fn route_label(path: &str) -> &'static str {
     ];
     if let Some(r) = STATIC.iter().find(|r| **r == path) {
         return r;
+    }
+    for (prefix, label) in [
+        ("/topics/", "/topics/{topic}"),
+        ("/incidents/", "/incidents/{id}"),
+    ] {
+        if path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| !rest.contains('/'))
+        {
+            return label;
+        }
     }
     match path
         .strip_prefix("/api/v1/topics/")
@@ -191,7 +206,7 @@ fn route_label(path: &str) -> &'static str {
 }
 
 /// Compares in time independent of where the inputs differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -249,15 +264,15 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 }
 
 /// Query parameters as given, in order.
-type Params = Vec<(String, String)>;
+pub(crate) type Params = Vec<(String, String)>;
 
-fn params(q: Result<Query<Params>, QueryRejection>) -> Result<Params, ApiError> {
+pub(crate) fn params(q: Result<Query<Params>, QueryRejection>) -> Result<Params, ApiError> {
     q.map(|Query(p)| p)
         .map_err(|e| ApiError::bad("query", e.body_text()))
 }
 
 /// Checks that only `allowed` parameters appear, each at most once.
-fn check_params(params: &Params, allowed: &[&str]) -> Result<(), ApiError> {
+pub(crate) fn check_params(params: &Params, allowed: &[&str]) -> Result<(), ApiError> {
     for (i, (k, _)) in params.iter().enumerate() {
         if !allowed.contains(&k.as_str()) {
             return Err(ApiError::bad(
@@ -272,7 +287,7 @@ fn check_params(params: &Params, allowed: &[&str]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn param<'a>(params: &'a Params, name: &str) -> Option<&'a str> {
+pub(crate) fn param<'a>(params: &'a Params, name: &str) -> Option<&'a str> {
     params
         .iter()
         .find(|(k, _)| k == name)

@@ -10,6 +10,7 @@
 //! - [`metrics`]: the Prometheus metrics of ingest and the API.
 //! - [`reconcile`]: per-edge, per-bucket verdicts from the stored counts and progress.
 //! - [`alerts`]: incidents and webhook notifications through an outbox.
+//! - [`web`]: the server-rendered status page on the API's server.
 //!
 //! [`run`] wires them together; `main.rs` only loads the configuration, connects, migrates
 //! and calls it.
@@ -21,6 +22,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod reconcile;
 pub mod store;
+pub mod web;
 
 use std::sync::Arc;
 
