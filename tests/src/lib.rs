@@ -21,6 +21,11 @@ pub fn regional_bootstrap() -> String {
     env_or("CHAPERONE_REGIONAL_BOOTSTRAP", "127.0.0.1:19092")
 }
 
+/// Bootstrap servers of the second datacenter's regional cluster.
+pub fn regional2_bootstrap() -> String {
+    env_or("CHAPERONE_REGIONAL2_BOOTSTRAP", "127.0.0.1:39092")
+}
+
 /// Bootstrap servers of the aggregate cluster.
 pub fn aggregate_bootstrap() -> String {
     env_or("CHAPERONE_AGGREGATE_BOOTSTRAP", "127.0.0.1:29092")

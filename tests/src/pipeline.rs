@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{TestDb, aggregate_bootstrap, regional_bootstrap};
+use crate::{TestDb, aggregate_bootstrap, regional_bootstrap, regional2_bootstrap};
 
 /// One request the webhook receiver got, with when it arrived.
 #[derive(Debug, Clone)]
@@ -83,8 +83,8 @@ pub struct PipelineSpec {
     pub id: String,
     /// Audit topic on both clusters.
     pub audit_topic: String,
-    /// Regex of the regional topics the services audit (the aggregate service audits their
-    /// `regional.` copies).
+    /// Regex of the regional topics the services audit, on both regional clusters (the
+    /// aggregate service audits their `regional.` and `regional2.` copies).
     pub topics_regex: String,
     /// Bucket width of every tier, such as `10s`.
     pub bucket_width: String,
@@ -92,7 +92,7 @@ pub struct PipelineSpec {
     pub reconcile: String,
     /// The collector's `[[alerts.webhooks]]` entries (TOML), if any.
     pub webhooks: String,
-    /// Regexes of regional topics the in-process regional service leaves to another
+    /// Regexes of topics the in-process service of the `regional` cluster leaves to another
     /// chaperone-service (their `regional.` copies stay with the aggregate one).
     pub regional_exclude: Vec<String>,
 }
@@ -108,9 +108,12 @@ pub struct Pipeline {
     pub scrape: Vec<String>,
 }
 
+/// A chaperone-service of `tier` next to `cluster` (which is also its datacenter: one
+/// regional cluster per datacenter).
 fn service_config(
     spec: &PipelineSpec,
     tier: &str,
+    cluster: &str,
     bootstrap: &str,
     include: &str,
     exclude: &[String],
@@ -118,11 +121,11 @@ fn service_config(
     let toml = format!(
         r#"
 tier = "{tier}"
-cluster = "{tier}"
-datacenter = "regional"
-instance = "{tier}-1"
+cluster = "{cluster}"
+datacenter = "{cluster}"
+instance = "{cluster}-1"
 bootstrap_servers = "{bootstrap}"
-group_id = "{id}-{tier}"
+group_id = "{id}-{cluster}"
 audit_topic = "{audit}"
 bucket_width = "{width}"
 flush_interval = "1s"
@@ -156,6 +159,12 @@ audit_topic = "{audit}"
 dlq_topic = "{audit}-dlq"
 
 [[clusters]]
+alias = "regional2"
+bootstrap = "{regional2}"
+audit_topic = "{audit}"
+dlq_topic = "{audit}-dlq"
+
+[[clusters]]
 alias = "aggregate"
 bootstrap = "{aggregate}"
 audit_topic = "{audit}"
@@ -173,6 +182,7 @@ poll_interval = "500ms"
 {webhooks}
 "#,
         regional = regional_bootstrap(),
+        regional2 = regional2_bootstrap(),
         aggregate = aggregate_bootstrap(),
         audit = spec.audit_topic,
         reconcile = spec.reconcile,
@@ -182,7 +192,8 @@ poll_interval = "500ms"
 }
 
 impl Pipeline {
-    /// Starts the collector on `db` and a chaperone-service next to each cluster.
+    /// Starts the collector on `db` and a chaperone-service next to each cluster: `regional`
+    /// and `regional2` (two datacenters) and `aggregate`, which both feed.
     pub async fn start(db: &TestDb, spec: &PipelineSpec) -> anyhow::Result<Self> {
         // The daemons' logs, at `RUST_LOG` (default warnings), in the test's output.
         let _ = tracing_subscriber::fmt()
@@ -211,20 +222,32 @@ impl Pipeline {
             shutdown.clone(),
         )));
         let regex = &spec.topics_regex;
-        for (tier, bootstrap, include) in [
-            ("regional", regional_bootstrap(), format!("^({regex})$")),
+        for (tier, cluster, bootstrap, include) in [
+            (
+                "regional",
+                "regional",
+                regional_bootstrap(),
+                format!("^({regex})$"),
+            ),
+            (
+                "regional",
+                "regional2",
+                regional2_bootstrap(),
+                format!("^({regex})$"),
+            ),
             (
                 "aggregate",
+                "aggregate",
                 aggregate_bootstrap(),
-                format!("^regional\\.({regex})$"),
+                format!("^(regional|regional2)\\.({regex})$"),
             ),
         ] {
-            let exclude: &[String] = if tier == "regional" {
+            let exclude: &[String] = if cluster == "regional" {
                 &spec.regional_exclude
             } else {
                 &[]
             };
-            let config = service_config(spec, tier, &bootstrap, &include, exclude)?;
+            let config = service_config(spec, tier, cluster, &bootstrap, &include, exclude)?;
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             scrape.push(format!("http://{}/metrics", listener.local_addr()?));
             let deps = chaperone_service::Deps {

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use chaperone_tests::pipeline::{Notification, Pipeline, PipelineSpec, Receiver};
 use chaperone_tests::{
-    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
+    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, regional2_bootstrap,
+    unique,
 };
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -151,13 +152,30 @@ struct Loadgen {
 }
 
 impl Loadgen {
-    /// Starts `loadgen` for `topics` with extra arguments.
+    /// Starts `loadgen` for `topics` on the `regional` cluster with extra arguments.
     fn start(audit_topic: &str, topics: &[&str], args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in("regional", audit_topic, topics, args)
+    }
+
+    /// Starts `loadgen` for `topics` in a datacenter: `regional` or `regional2`, each with a
+    /// regional cluster of its own.
+    fn start_in(
+        datacenter: &str,
+        audit_topic: &str,
+        topics: &[&str],
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let spool = std::env::temp_dir().join(unique("faults-spool"));
         let log = std::env::temp_dir().join(unique("faults-loadgen-log"));
+        let bootstrap = if datacenter == "regional2" {
+            regional2_bootstrap()
+        } else {
+            regional_bootstrap()
+        };
         let child = Command::new(loadgen_path()?)
             .arg("--bootstrap")
-            .arg(regional_bootstrap())
+            .arg(bootstrap)
+            .args(["--datacenter", datacenter, "--cluster", datacenter])
             .arg("--topics")
             .arg(topics.join(","))
             .arg("--audit-topic")
@@ -347,10 +365,12 @@ async fn topics(names: &[&str], partitions: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stack(cmd: &str) -> anyhow::Result<()> {
+/// `dev/stack` with `args`, such as `["stop-mirror", "regional"]`.
+fn stack(args: &[&str]) -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cmd = args.join(" ");
     let status = std::process::Command::new(root.join("dev/stack"))
-        .arg(cmd)
+        .args(args)
         .status()
         .with_context(|| format!("running dev/stack {cmd}"))?;
     ensure!(status.success(), "dev/stack {cmd} failed: {status}");
@@ -423,9 +443,16 @@ impl Report {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_scenarios() -> anyhow::Result<()> {
     let id = unique("faults");
-    let audit_topic = format!("{id}-audit");
-    create_topic(&regional_bootstrap(), &audit_topic, 3).await?;
-    create_topic(&aggregate_bootstrap(), &audit_topic, 3).await?;
+    // Not under `{id}-`: the services audit `{id}-.*`, and the collector's dead-letter topic
+    // (`<audit>-dlq`) is not a topic of the pipeline.
+    let audit_topic = format!("audit-{id}");
+    for bootstrap in [
+        regional_bootstrap(),
+        regional2_bootstrap(),
+        aggregate_bootstrap(),
+    ] {
+        create_topic(&bootstrap, &audit_topic, 3).await?;
+    }
     let db = TestDb::create().await?;
     let receiver = Receiver::start().await?;
     let spec = PipelineSpec {
@@ -447,7 +474,7 @@ async fn fault_scenarios() -> anyhow::Result<()> {
         eprintln!("fault scenarios failed: {e:#}");
     }
     // MirrorMaker runs again whatever happened.
-    let mirror = stack("start-mirror");
+    let mirror = stack(&["start-mirror"]);
     let stopped = pipeline.stop().await;
     let report = result?;
     report.print();
@@ -468,9 +495,12 @@ async fn scenarios(
     let (slow, skew, exit, killed) = (t("slow"), t("skew"), t("exit"), t("killed"));
     let (lossy, dup, idle) = (t("lossy"), t("dup"), t("idle"));
     let restarted = t("restarted");
+    // Written in both datacenters; the second one loses messages and its mirror is paused.
+    let two_dc = t("two-dc");
+    create_topic(&regional2_bootstrap(), &two_dc, 3).await?;
     topics(
         &[
-            &clean_a, &clean_b, &skew, &exit, &killed, &lossy, &dup, &restarted,
+            &clean_a, &clean_b, &skew, &exit, &killed, &lossy, &dup, &restarted, &two_dc,
         ],
         3,
     )
@@ -483,6 +513,7 @@ async fn scenarios(
     ]
     .iter()
     .map(|t| format!("regional.{t}"))
+    .chain(["regional", "regional2"].map(|dc| format!("{dc}.{two_dc}")))
     .collect();
     wait_for_topics(&aggregate_bootstrap(), &mirrored).await?;
 
@@ -540,6 +571,28 @@ async fn scenarios(
         // One key: every message goes to one of the four partitions.
         &["--rate", "50", "--duration", "30s", "--keys", "1"],
     )?;
+    let dc1 = Loadgen::start(audit, &[&two_dc], &["--rate", "100", "--duration", "30s"])?;
+    let dc2 = Loadgen::start_in(
+        "regional2",
+        audit,
+        &[&two_dc],
+        &[
+            "--rate",
+            "100",
+            "--duration",
+            "30s",
+            "--skip-fraction",
+            "0.01",
+        ],
+    )?;
+    // The second datacenter's mirror pauses for 25 s mid-stream (more than the lateness,
+    // less than max_wait); the first one's keeps copying.
+    let pause = tokio::task::spawn_blocking(|| {
+        std::thread::sleep(Duration::from_secs(5));
+        stack(&["stop-mirror", "regional2"])?;
+        std::thread::sleep(Duration::from_secs(25));
+        stack(&["start-mirror", "regional2"])
+    });
     // A poison record on the audit topic: a NUL character PostgreSQL cannot store.
     poison(audit).await?;
 
@@ -568,13 +621,27 @@ async fn scenarios(
     produce(&aggregate_bootstrap(), &format!("regional.{dup}"), 1, 40).await?;
 
     let mut acked: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for lg in [steady, second, late, skewed, leaves, loser, idle_source] {
+    for lg in [
+        steady,
+        second,
+        late,
+        skewed,
+        leaves,
+        loser,
+        idle_source,
+        dc1,
+    ] {
         for (topic, (a, s)) in lg.finish().await? {
             let e = acked.entry(topic).or_default();
             e.0 += a;
             e.1 += s;
         }
     }
+    let dc2_totals = dc2.finish().await?;
+    let (dc2_acked, dc2_lost) = dc2_totals
+        .get(&two_dc)
+        .map_or((0, 0), |&(a, s)| (a as i64, s as i64));
+    pause.await??;
     let produced = |topic: &str| acked.get(topic).map_or(0, |t| t.0 as i64);
     let skipped = |topic: &str| acked.get(topic).map_or(0, |t| t.1 as i64);
 
@@ -590,6 +657,7 @@ async fn scenarios(
         &dup,
         &idle,
         &restarted,
+        &two_dc,
     ];
     let exact = [
         clean_a.as_str(),
@@ -637,6 +705,22 @@ async fn scenarios(
         |o| {
             let n = produced(&dup);
             o.totals(R2A) == (n, n + 40)
+        },
+    )
+    .await?;
+    ensure!(
+        dc2_lost > 0,
+        "the second datacenter's loadgen skipped nothing"
+    );
+    let dc1_acked = produced(&two_dc);
+    settled(
+        db,
+        &[&two_dc],
+        "both datacenters judged",
+        Duration::from_secs(180),
+        |o| {
+            o.totals(P2R) == (dc1_acked + dc2_acked + dc2_lost, dc1_acked + dc2_acked)
+                && o.totals(R2A) == (dc1_acked + dc2_acked, dc1_acked + dc2_acked)
         },
     )
     .await?;
@@ -709,6 +793,40 @@ async fn scenarios(
     ensure!(o.firing == 1, "one firing for the duplicates: {o:#?}");
     report.0.push(("duplicates in aggregate".into(), o));
 
+    let o = outcome(db, &hooks, &[&two_dc]).await?;
+    let by_dc: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT datacenter, status, sum(missing)::bigint FROM reconcile_verdicts
+          WHERE topic = $1 AND edge = $2 AND partition = -1 AND status <> 'complete'
+          GROUP BY datacenter, status",
+    )
+    .bind(&two_dc)
+    .bind(P2R)
+    .fetch_all(&db.pool)
+    .await?;
+    ensure!(
+        by_dc == [("regional2".to_owned(), "missing".to_owned(), dc2_lost)],
+        "the loss of {dc2_lost} attributed to regional2 on {P2R}, nothing else: {by_dc:?} {o:#?}"
+    );
+    // The paused mirror may make buckets `lagging` for a while if it takes longer than
+    // max_wait to catch up (a busy machine): delay, which notifies nobody.
+    let r2a_alarms: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reconcile_verdict_history
+          WHERE topic = $1 AND edge = $2 AND status NOT IN ('complete', 'lagging')",
+    )
+    .bind(&two_dc)
+    .bind(R2A)
+    .fetch_one(&db.pool)
+    .await?;
+    ensure!(
+        r2a_alarms == 0 && o.firing == 1,
+        "{R2A} summed over datacenters exact and quiet while one mirror paused, one firing for \
+         the loss: {r2a_alarms} {R2A} verdicts neither complete nor lagging, {o:#?}"
+    );
+    report.0.push((
+        "two datacenters: loss in regional2, its mirror paused 25 s".into(),
+        o,
+    ));
+
     dead_lettered(audit).await?;
 
     // Phase 2: MirrorMaker stopped for longer than the lateness, shorter than max_wait; on
@@ -733,7 +851,7 @@ async fn scenarios(
         },
     )
     .await?;
-    stack("stop-mirror")?;
+    stack(&["stop-mirror", "regional"])?;
     let stopped_at = Instant::now();
     Loadgen::start(audit, &[&removed], &["--count", "30", "--rate", "0"])?
         .finish()
@@ -743,7 +861,7 @@ async fn scenarios(
     tokio::time::sleep(Duration::from_secs(4)).await;
     delete_records(&removed, end).await?;
     tokio::time::sleep(Duration::from_secs(25).saturating_sub(stopped_at.elapsed())).await;
-    stack("start-mirror")?;
+    stack(&["start-mirror", "regional"])?;
     // More traffic after the loss, so that the aggregate shows it moved past the bucket.
     let after = Loadgen::start(audit, &[&removed], &["--rate", "50", "--duration", "25s"])?;
     let mut totals = paused_source.finish().await?;
@@ -785,7 +903,7 @@ async fn scenarios(
     topics(&[&stuck], 2).await?;
     wait_for_topics(&aggregate_bootstrap(), &[format!("regional.{stuck}")]).await?;
     let source = Loadgen::start(audit, &[&stuck], &["--rate", "100", "--duration", "15s"])?;
-    stack("stop-mirror")?;
+    stack(&["stop-mirror", "regional"])?;
     let totals = source.finish().await?;
     let n = totals.get(&stuck).map_or(0, |t| t.0 as i64);
     eventually(
@@ -802,7 +920,7 @@ async fn scenarios(
         during.count(R2A, "missing").0 == 0 && during.firing == 0,
         "a stopped mirror is lag, not loss: {during:#?}"
     );
-    stack("start-mirror")?;
+    stack(&["start-mirror", "regional"])?;
     settled(
         db,
         &[&stuck],

@@ -10,7 +10,8 @@ use anyhow::Context as _;
 use chaperone_audit::{AuditConfig, AuditedProducer};
 use chaperone_tests::pipeline::{Pipeline, PipelineSpec, Receiver};
 use chaperone_tests::{
-    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
+    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, regional2_bootstrap,
+    unique,
 };
 use hmac::{Hmac, Mac};
 use rdkafka::ClientConfig;
@@ -53,8 +54,13 @@ async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::
     for t in [&healthy, &lossy] {
         create_topic(&regional_bootstrap(), t, 3).await?;
     }
-    create_topic(&regional_bootstrap(), &audit_topic, 1).await?;
-    create_topic(&aggregate_bootstrap(), &audit_topic, 1).await?;
+    for bootstrap in [
+        regional_bootstrap(),
+        regional2_bootstrap(),
+        aggregate_bootstrap(),
+    ] {
+        create_topic(&bootstrap, &audit_topic, 1).await?;
+    }
 
     let db = TestDb::create().await?;
     let received = Receiver::start().await?;
@@ -216,7 +222,13 @@ async fn scenario(
         .get("x-chaperone-signature")
         .context("signature header")?
         .to_str()?;
+    // Signed: the timestamp, a dot, the body (a receiver rejects stale timestamps).
+    let timestamp = headers
+        .get("x-chaperone-timestamp")
+        .context("timestamp header")?
+        .to_str()?;
     let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes())?;
+    mac.update(format!("{timestamp}.").as_bytes());
     mac.update(body);
     anyhow::ensure!(
         signature == format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
