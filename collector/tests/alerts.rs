@@ -195,9 +195,8 @@ async fn a_loss_fires_once_and_resolves_once_signed() {
     assert_eq!(
         firing.link.as_deref(),
         Some(&*format!(
-            "http://collector.test:8080/api/v1/topics/orders/buckets?from={}&to={}",
-            start(0),
-            end(0)
+            "http://collector.test:8080/incidents/{}",
+            firing.incident_id
         ))
     );
     assert_eq!(got[0].headers.get("x-chaperone-event").unwrap(), "firing");

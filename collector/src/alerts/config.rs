@@ -31,8 +31,8 @@ pub struct AlertsConfig {
     pub max_backoff: Duration,
     /// Deliveries claimed and sent per transaction.
     pub batch_size: usize,
-    /// Base URL of this collector's API as people reach it, used for the `link` field, for
-    /// example `http://collector.internal:8080`. Without it `link` is null.
+    /// Base URL of this collector as people reach it, used for the `link` field (the incident's
+    /// status page), for example `http://collector.internal:8080`. Without it `link` is null.
     pub public_url: Option<String>,
     /// The webhooks.
     pub webhooks: Vec<WebhookConfig>,

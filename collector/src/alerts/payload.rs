@@ -99,8 +99,8 @@ pub struct WebhookBody {
     pub opened_at: String,
     /// When it resolved (resolved notifications only), RFC 3339.
     pub resolved_at: Option<String>,
-    /// Where to look: the collector API's counts for the incident's buckets, or null when
-    /// `alerts.public_url` is not set.
+    /// Where to look: the collector's status page of the incident (its buckets, expected vs
+    /// actual, and the notifications sent), or null when `alerts.public_url` is not set.
     pub link: Option<String>,
 }
 
@@ -144,34 +144,10 @@ pub(crate) fn json_body(
     }
 }
 
-/// The API page of the incident's buckets.
+/// The status page of the incident.
 fn link(data: &EventData, public_url: Option<&str>) -> Option<String> {
     let base = public_url?.trim_end_matches('/');
-    let to = data
-        .incident_last_bucket_start_ms
-        .max(data.bucket_start_ms)
-        .saturating_add(data.bucket_width_ms);
-    let from = data
-        .incident_first_bucket_start_ms
-        .min(data.bucket_start_ms);
-    Some(format!(
-        "{base}/api/v1/topics/{}/buckets?from={from}&to={to}",
-        percent_encode(&data.topic)
-    ))
-}
-
-/// Percent-encodes a path segment (topic names allow `.`, `_`, `-` and alphanumerics only,
-/// but be safe).
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    Some(format!("{base}/incidents/{}", data.incident_id))
 }
 
 /// The Slack-compatible body: `{"text": "..."}`.
@@ -275,10 +251,7 @@ mod tests {
         assert_eq!(v["actual"], 88);
         assert_eq!(v["difference"], -12);
         assert_eq!(v["status"], "missing");
-        assert_eq!(
-            v["link"],
-            "http://collector:8080/api/v1/topics/orders/buckets?from=1764067200000&to=1764067260000"
-        );
+        assert_eq!(v["link"], "http://collector:8080/incidents/7");
         let back: WebhookBody = serde_json::from_value(v).unwrap();
         assert_eq!(back, body);
     }
@@ -294,6 +267,6 @@ mod tests {
         resolved.status = VerdictStatus::Complete;
         let v = slack_body(NotificationKind::Resolved, &resolved, Some("http://c")).text;
         assert!(v.starts_with(":white_check_mark: resolved"), "{v}");
-        assert!(v.contains("<http://c/api/v1/topics/orders/buckets?"), "{v}");
+        assert!(v.contains("<http://c/incidents/7|details>"), "{v}");
     }
 }
