@@ -21,6 +21,53 @@ pub const DEFAULT_TOPIC: &str = "chaperone-audit";
 pub const FORCED_AUDIT_PROPERTIES: [(&str, &str); 2] =
     [("acks", "all"), ("enable.idempotence", "true")];
 
+/// What a log line shows instead of a secret property's value.
+pub const REDACTED: &str = "<redacted>";
+
+/// Whether a librdkafka property holds a secret, so its value is never logged or printed:
+/// passwords (`sasl.password`, `ssl.key.password`, `ssl.keystore.password`...), client
+/// secrets, JAAS and OAUTHBEARER configurations, and private keys given inline
+/// (`ssl.key.pem`). Deliberately broad: a property that merely looks secret is hidden too.
+/// The one rule for audit-lib, chaperone-service and the collector.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "oauthbearer.config",
+        "key.pem",
+        "ssl_key",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+/// librdkafka properties as they may be logged: sorted, every secret value replaced by
+/// [`REDACTED`] (see [`is_secret_property`]).
+pub fn redacted_properties<'a, K, V>(
+    properties: impl IntoIterator<Item = (&'a K, &'a V)>,
+) -> BTreeMap<&'a str, &'a str>
+where
+    K: AsRef<str> + ?Sized + 'a,
+    V: AsRef<str> + ?Sized + 'a,
+{
+    properties
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k.as_ref();
+            (
+                k,
+                if is_secret_property(k) {
+                    REDACTED
+                } else {
+                    v.as_ref()
+                },
+            )
+        })
+        .collect()
+}
+
 /// Configuration of an [`AuditedProducer`](crate::AuditedProducer) or a standalone
 /// [`Reporter`](crate::Reporter).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,6 +415,36 @@ mod tests {
             assert_eq!(err.key, key, "{err}");
             assert!(err.to_string().contains(key));
         }
+    }
+
+    #[test]
+    fn secret_properties_are_redacted_and_the_rest_kept() {
+        let props: BTreeMap<String, String> = [
+            ("sasl.password", "pw1"),
+            ("ssl.key.password", "pw2"),
+            ("ssl.keystore.password", "pw3"),
+            ("sasl.oauthbearer.client.secret", "pw4"),
+            ("sasl.oauthbearer.config", "principal=a secret=pw5"),
+            ("SSL.KEY.PEM", "-----BEGIN PRIVATE KEY-----pw6"),
+            ("sasl.jaas.config", "pw7"),
+            ("sasl.username", "chaperone"),
+            ("security.protocol", "SASL_SSL"),
+            ("ssl.key.location", "/etc/chaperone/client.key"),
+            ("ssl.ca.location", "/etc/chaperone/ca.crt"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let shown = redacted_properties(&props);
+        let text = format!("{shown:?}");
+        for n in 1..=7 {
+            assert!(!text.contains(&format!("pw{n}")), "{text}");
+        }
+        assert_eq!(shown["sasl.password"], REDACTED);
+        assert_eq!(shown["sasl.username"], "chaperone");
+        assert_eq!(shown["security.protocol"], "SASL_SSL");
+        assert_eq!(shown["ssl.key.location"], "/etc/chaperone/client.key");
+        assert_eq!(shown.len(), props.len());
     }
 
     #[test]

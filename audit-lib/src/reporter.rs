@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bucket::BucketWidth;
-use crate::config::{AuditConfig, ConfigError, FORCED_AUDIT_PROPERTIES};
+use crate::config::{AuditConfig, ConfigError, FORCED_AUDIT_PROPERTIES, redacted_properties};
 use crate::metrics::AuditMetrics;
 use crate::record::{AuditRecord, Counts, MIN_TIMESTAMP_MS, Observer, Progress};
 use crate::spool::{EncodedRecord, Spool, SpoolError};
@@ -136,7 +136,8 @@ pub struct FlushOutcome {
 
 /// Builds the librdkafka configuration of the audit producer: `base` (or the config's
 /// `kafka` map when it is not empty), then the delivery timeout, then the forced
-/// safety settings, which win over anything the user set.
+/// safety settings, which win over anything the user set. The result is logged at DEBUG,
+/// secrets redacted ([`redacted_properties`]).
 pub fn audit_client_config(base: &ClientConfig, config: &AuditConfig) -> ClientConfig {
     let mut cc = if config.kafka.is_empty() {
         let mut cc = base.clone();
@@ -167,6 +168,11 @@ pub fn audit_client_config(base: &ClientConfig, config: &AuditConfig) -> ClientC
         }
         cc.set(k, v);
     }
+    let effective = cc.config_map();
+    tracing::debug!(
+        properties = ?redacted_properties(&effective),
+        "audit producer kafka properties"
+    );
     cc
 }
 

@@ -170,8 +170,9 @@ impl Default for MetricsConfig {
     }
 }
 
-/// The service configuration.
-#[derive(Debug, Clone, Deserialize)]
+/// The service configuration. Its `Debug` output shows secret librdkafka properties as
+/// `<redacted>`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The hop this instance reports as: `regional`, `aggregate` or a custom name.
@@ -231,6 +232,37 @@ pub struct Config {
     pub kafka_consumer: BTreeMap<String, String>,
     /// librdkafka properties for the producer only.
     pub kafka_producer: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use chaperone_audit::config::redacted_properties;
+        f.debug_struct("Config")
+            .field("tier", &self.tier)
+            .field("cluster", &self.cluster)
+            .field("datacenter", &self.datacenter)
+            .field("host", &self.host)
+            .field("instance", &self.instance)
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("transactional_id", &self.transactional_id)
+            .field("audit_topic", &self.audit_topic)
+            .field("audit_topic_partitions", &self.audit_topic_partitions)
+            .field("audit_topic_replication", &self.audit_topic_replication)
+            .field("bucket_width", &self.bucket_width)
+            .field("flush_interval", &self.flush_interval)
+            .field("transaction_timeout", &self.transaction_timeout)
+            .field("kafka_timeout", &self.kafka_timeout)
+            .field("http_addr", &self.http_addr)
+            .field("topics", &self.topics)
+            .field("event_time", &self.event_time)
+            .field("mapping", &self.mapping)
+            .field("metrics", &self.metrics)
+            .field("kafka", &redacted_properties(&self.kafka))
+            .field("kafka_consumer", &redacted_properties(&self.kafka_consumer))
+            .field("kafka_producer", &redacted_properties(&self.kafka_producer))
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -684,6 +716,12 @@ mod tests {
         c.validate().expect("valid");
         assert_eq!(c.kafka["sasl.password"], "pa55word");
         assert_eq!(c.kafka_producer["ssl.key.password"], "k3ypw");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("pa55word") && !shown.contains("k3ypw"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"), "{shown}");
 
         let mut c = Config::from_toml(&text.replace("/password}", "/nope}")).unwrap();
         let e = c.resolve_secret_refs(env).unwrap_err().to_string();

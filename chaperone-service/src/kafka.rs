@@ -1,26 +1,26 @@
 //! Kafka clients: the consumer and transactional producer configurations (user properties
-//! first, safety-critical ones forced after them and logged) and audit topic creation.
+//! first, safety-critical ones forced after them and logged, the result logged with secrets
+//! redacted) and audit topic creation, which is also where a cluster that refuses our
+//! credentials is noticed at start-up.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use chaperone_audit::config::{REDACTED, is_secret_property as is_secret, redacted_properties};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Config;
 
-/// Property names whose values are never logged.
-fn is_secret(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.contains("key") || k.contains("jaas")
-}
-
 /// Builds a client configuration: `defaults`, then the user's `layers` in order, then
 /// `forced`. Every forced value that replaced a user value is logged at WARN, the others at
-/// DEBUG.
+/// DEBUG; the resulting properties at INFO, secrets redacted.
 fn layered(
     client: &str,
     defaults: &[(&str, String)],
@@ -40,7 +40,7 @@ fn layered(
         match props.get(*k) {
             Some(user) if user != v => {
                 let shown = if is_secret(k) {
-                    "<redacted>"
+                    REDACTED
                 } else {
                     user.as_str()
                 };
@@ -48,7 +48,7 @@ fn layered(
                     client,
                     property = *k,
                     configured = shown,
-                    forced = %if is_secret(k) { "<redacted>" } else { v.as_str() },
+                    forced = %if is_secret(k) { REDACTED } else { v.as_str() },
                     "overriding a safety-critical kafka property"
                 );
             }
@@ -56,6 +56,7 @@ fn layered(
         }
         props.insert((*k).to_owned(), v.clone());
     }
+    tracing::info!(client, properties = ?redacted_properties(&props), "kafka client properties");
     let mut cfg = ClientConfig::new();
     for (k, v) in props {
         cfg.set(k, v);
@@ -145,8 +146,98 @@ pub fn resets_to_end(c: &Config) -> bool {
     matches!(reset.as_deref(), Some("latest" | "largest" | "end"))
 }
 
-/// Creates the audit topic when it does not exist.
+/// librdkafka callbacks of the start-up probe: client errors are logged, naming the
+/// cluster, and the first one that retrying cannot cure (credentials the cluster refuses, a
+/// TLS handshake that fails) is kept.
+#[derive(Debug)]
+struct ProbeContext {
+    cluster: String,
+    refused: Mutex<Option<String>>,
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        if matches!(
+            code,
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        ) {
+            let mut first = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| reason.to_owned());
+        } else {
+            tracing::warn!(cluster = %self.cluster, %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// How long one metadata request of the probe may take before it is sent again.
+const PROBE_STEP: Duration = Duration::from_millis(500);
+/// How long the probe serves librdkafka's events between two requests.
+const PROBE_POLL: Duration = Duration::from_millis(100);
+
+/// Asks the cluster for its metadata until it answers, failing at once, naming the cluster,
+/// when it refuses our credentials or TLS settings, or after `kafka_timeout` when it cannot
+/// be reached. The service's first contact with the cluster: a wrong password is an error
+/// that says so at start-up, not a silent wait. Blocking; run it off the async runtime.
+pub fn probe_cluster(c: &Config) -> anyhow::Result<()> {
+    let cluster = format!("`{}` ({})", c.cluster, c.bootstrap_servers);
+    let cfg = layered(
+        "probe",
+        &[],
+        &[&c.kafka],
+        &[("bootstrap.servers", c.bootstrap_servers.clone())],
+    );
+    let context = ProbeContext {
+        cluster: c.cluster.clone(),
+        refused: Mutex::new(None),
+    };
+    let probe: BaseProducer<ProbeContext> = cfg
+        .create_with_context(context)
+        .with_context(|| format!("cannot create a kafka client for cluster {cluster}"))?;
+    let deadline = Instant::now() + c.kafka_timeout;
+    loop {
+        let answer = probe.client().fetch_metadata(None, PROBE_STEP);
+        // Serves the error callbacks and log lines queued meanwhile (one event per poll
+        // call would fall behind librdkafka's debug logging).
+        probe.poll(PROBE_POLL);
+        let last = match answer {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let refused = probe
+            .context()
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(reason) = refused {
+            anyhow::bail!(
+                "kafka cluster {cluster} refused the connection (check the SASL and TLS \
+                 settings and secrets in `kafka`): {reason}"
+            );
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "kafka cluster {cluster} did not answer within kafka_timeout ({:?}): {last}",
+                c.kafka_timeout
+            );
+        }
+    }
+}
+
+/// Creates the audit topic when it does not exist, after [`probe_cluster`] found the
+/// cluster answering.
 pub async fn ensure_audit_topic(c: &Config) -> anyhow::Result<()> {
+    let cluster = format!("`{}` ({})", c.cluster, c.bootstrap_servers);
+    let probed = c.clone();
+    tokio::task::spawn_blocking(move || probe_cluster(&probed))
+        .await
+        .context("the kafka probe panicked")??;
     let mut cfg = layered(
         "admin",
         &[],
@@ -156,7 +247,7 @@ pub async fn ensure_audit_topic(c: &Config) -> anyhow::Result<()> {
     cfg.set("socket.timeout.ms", ms(c.kafka_timeout));
     let admin: AdminClient<DefaultClientContext> = cfg
         .create()
-        .context("cannot create the kafka admin client")?;
+        .with_context(|| format!("cannot create the kafka admin client of cluster {cluster}"))?;
     let topic = NewTopic::new(
         &c.audit_topic,
         c.audit_topic_partitions,
@@ -166,7 +257,12 @@ pub async fn ensure_audit_topic(c: &Config) -> anyhow::Result<()> {
     let results = admin
         .create_topics([&topic], &opts)
         .await
-        .context("cannot create the audit topic")?;
+        .with_context(|| {
+            format!(
+                "cannot create the audit topic {} on cluster {cluster}",
+                c.audit_topic
+            )
+        })?;
     for r in results {
         match r {
             Ok(name) => tracing::info!(topic = %name, "created the audit topic"),
@@ -174,7 +270,7 @@ pub async fn ensure_audit_topic(c: &Config) -> anyhow::Result<()> {
                 tracing::debug!(topic = %name, "audit topic exists");
             }
             Err((name, code)) => {
-                anyhow::bail!("cannot create the audit topic {name}: {code}");
+                anyhow::bail!("cannot create the audit topic {name} on cluster {cluster}: {code}");
             }
         }
     }

@@ -143,32 +143,19 @@ pub struct ClusterConfig {
     pub librdkafka: BTreeMap<String, String>,
 }
 
-/// Whether a librdkafka property holds a secret (its value is never printed).
-fn is_secret_property(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.contains("jaas") || k.ends_with(".pem")
-}
-
+/// Shows secret librdkafka properties as `<redacted>` (the rule is
+/// [`chaperone_audit::config::is_secret_property`], shared with the other daemons).
 impl std::fmt::Debug for ClusterConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let librdkafka: BTreeMap<&str, &str> = self
-            .librdkafka
-            .iter()
-            .map(|(k, v)| {
-                let shown = if is_secret_property(k) {
-                    "<redacted>"
-                } else {
-                    v.as_str()
-                };
-                (k.as_str(), shown)
-            })
-            .collect();
         f.debug_struct("ClusterConfig")
             .field("alias", &self.alias)
             .field("bootstrap", &self.bootstrap)
             .field("audit_topic", &self.audit_topic)
             .field("dlq_topic", &self.dlq_topic)
-            .field("librdkafka", &librdkafka)
+            .field(
+                "librdkafka",
+                &chaperone_audit::config::redacted_properties(&self.librdkafka),
+            )
             .finish()
     }
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chaperone_audit::config::redacted_properties;
 use chaperone_audit::{AuditRecord, Counts, DecodeError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
@@ -124,7 +125,23 @@ struct KafkaContext {
 impl ClientContext for KafkaContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.errors.inc();
-        if let Some(suppressed) = self.limiter.allow() {
+        let Some(suppressed) = self.limiter.allow() else {
+            return;
+        };
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        ) {
+            // Retrying will not cure it: nothing is read from this cluster until an operator
+            // fixes its settings (the other clusters are read on).
+            tracing::error!(
+                cluster = %self.cluster,
+                %error,
+                reason,
+                suppressed,
+                "kafka cluster refused the connection: check its SASL and TLS settings and secrets"
+            );
+        } else {
             tracing::warn!(cluster = %self.cluster, %error, reason, suppressed, "kafka client error");
         }
     }
@@ -200,6 +217,12 @@ fn client_config(
         }
         cfg.set(*k, *v);
     }
+    let effective = cfg.config_map();
+    tracing::info!(
+        cluster = %cluster.alias,
+        properties = ?redacted_properties(&effective),
+        "kafka client properties"
+    );
     cfg
 }
 

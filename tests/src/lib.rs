@@ -31,6 +31,47 @@ pub fn aggregate_bootstrap() -> String {
     env_or("CHAPERONE_AGGREGATE_BOOTSTRAP", "127.0.0.1:29092")
 }
 
+/// The regional cluster's SASL_SSL listener (SCRAM-SHA-512) and what a client needs to use
+/// it, as `dev/stack env` exports them: files, so secrets are read where they are used.
+#[derive(Debug, Clone)]
+pub struct SecureListener {
+    /// Bootstrap servers of the listener.
+    pub bootstrap: String,
+    /// CA certificate (PEM) that signed the broker's certificate.
+    pub ca: String,
+    /// Client certificate (PEM) signed by the same CA.
+    pub client_cert: String,
+    /// The client certificate's private key (PEM, encrypted).
+    pub client_key: String,
+    /// File holding the client key's password.
+    pub client_key_password_file: String,
+    /// SCRAM user.
+    pub user: String,
+    /// File holding the SCRAM user's password.
+    pub password_file: String,
+}
+
+/// The regional cluster's secured listener (`CHAPERONE_REGIONAL_SECURE_BOOTSTRAP`,
+/// `CHAPERONE_TLS_*`, `CHAPERONE_SCRAM_*`; defaults: the stack's port and `.cache/stack/tls/`).
+pub fn secure_listener() -> SecureListener {
+    let tls = concat!(env!("CARGO_MANIFEST_DIR"), "/../.cache/stack/tls");
+    SecureListener {
+        bootstrap: env_or("CHAPERONE_REGIONAL_SECURE_BOOTSTRAP", "127.0.0.1:19094"),
+        ca: env_or("CHAPERONE_TLS_CA", &format!("{tls}/ca.crt")),
+        client_cert: env_or("CHAPERONE_TLS_CLIENT_CERT", &format!("{tls}/client.crt")),
+        client_key: env_or("CHAPERONE_TLS_CLIENT_KEY", &format!("{tls}/client.key")),
+        client_key_password_file: env_or(
+            "CHAPERONE_TLS_CLIENT_KEY_PASSWORD_FILE",
+            &format!("{tls}/client-key.password"),
+        ),
+        user: env_or("CHAPERONE_SCRAM_USER", "chaperone"),
+        password_file: env_or(
+            "CHAPERONE_SCRAM_PASSWORD_FILE",
+            &format!("{tls}/scram.password"),
+        ),
+    }
+}
+
 /// URL of the project's PostgreSQL database.
 pub fn database_url() -> String {
     env_or(
