@@ -102,12 +102,7 @@ impl Latency {
 
     /// Serializes to the wire form: V2 HdrHistogram, base64 (standard alphabet, padded).
     pub fn encode(&self) -> String {
-        let mut buf = Vec::with_capacity(64);
-        #[allow(clippy::expect_used)]
-        V2Serializer::new()
-            .serialize(&self.0, &mut buf)
-            .expect("serializing into a Vec cannot fail");
-        STANDARD.encode(buf)
+        STANDARD.encode(self.to_bytes())
     }
 
     /// Parses the wire form produced by [`Latency::encode`].
@@ -118,8 +113,24 @@ impl Latency {
         let bytes = STANDARD
             .decode(s)
             .map_err(|e| HistogramError::Base64(e.to_string()))?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// Serializes to a V2 HdrHistogram, raw bytes (the form the collector stores).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(64);
+        #[allow(clippy::expect_used)]
+        V2Serializer::new()
+            .serialize(&self.0, &mut buf)
+            .expect("serializing a histogram of this crate's bounds into a Vec cannot fail");
+        buf
+    }
+
+    /// Parses a V2 HdrHistogram written by [`Latency::to_bytes`] (or by any writer, as long as
+    /// it tracks values within [`MAX_LATENCY_MS`]).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HistogramError> {
         let h: Histogram<u64> = Deserializer::new()
-            .deserialize(&mut bytes.as_slice())
+            .deserialize(&mut &bytes[..])
             .map_err(|e| HistogramError::Format(format!("{e:?}")))?;
         if h.high() > MAX_LATENCY_MS {
             return Err(HistogramError::Range(h.high()));
@@ -156,6 +167,7 @@ mod tests {
             let back = Latency::decode(&h.encode()).expect("decodes");
             prop_assert_eq!(back.len(), values.len() as u64);
             prop_assert_eq!(&back, &h);
+            prop_assert_eq!(&Latency::from_bytes(&h.to_bytes()).expect("decodes"), &h);
         }
 
         #[test]

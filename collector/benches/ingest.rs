@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use chaperone_audit::{AuditRecord, BucketWidth, Counts, Latency, Observer, Progress, Tier};
 use chaperone_collector::config::{ClusterConfig, Config};
-use chaperone_collector::store::{self, encode_histogram};
+use chaperone_collector::store;
 use chaperone_collector::{Clock, Deps};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -318,7 +318,7 @@ async fn plain_insert(pool: &PgPool, records: &[AuditRecord]) -> anyhow::Result<
                         c.count.push(Some(x.count as i64));
                         c.bytes.push(Some(x.bytes as i64));
                         c.watermark.push(None);
-                        c.latency.push(Some(encode_histogram(x.latency.inner())));
+                        c.latency.push(Some(x.latency.to_bytes()));
                     }
                     AuditRecord::Progress(x) => {
                         c.kind.push("progress");

@@ -1,7 +1,8 @@
 //! Alerts: incidents of bad verdicts, notified to webhooks through a transactional outbox.
 //!
-//! The reconciler writes an event into `alert_events` in the same transaction as the verdict
-//! change that caused it (see `reconcile::engine`). This module's sender then
+//! The reconciler records incidents and writes an event into `alert_events` through
+//! `incidents`, in the same transaction as the verdict change that caused it. This module's
+//! sender then
 //! * fans events out into `alert_deliveries`, one per matching webhook, at most one `firing`
 //!   and one `resolved` per webhook and incident (a `resolved` only where a `firing` went);
 //! * claims due deliveries with `FOR UPDATE SKIP LOCKED`, POSTs them (signed with
@@ -17,6 +18,7 @@
 
 pub mod client;
 pub mod config;
+pub(crate) mod incidents;
 pub mod metrics;
 pub mod payload;
 pub mod query;

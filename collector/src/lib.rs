@@ -135,6 +135,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
     jobs.spawn(store::run_retention(
         pool.clone(),
         config.retention.clone(),
+        config.reconcile.retention_days,
         clock.clone(),
         metrics.clone(),
         shutdown.clone(),

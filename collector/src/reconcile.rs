@@ -63,10 +63,15 @@ impl Reconciler {
         }
     }
 
-    /// Deletes what is older than `retention_days` (see [`ReconcileConfig::retention_days`]).
-    /// Returns the rows deleted.
+    /// Deletes what is older than `retention_days` (see [`ReconcileConfig::retention_days`]),
+    /// as the collector's retention job does. Returns the rows deleted.
     pub async fn prune(&self) -> Result<u64, ReconcileError> {
-        Ok(engine::prune(&self.pool, self.config.retention_days, self.clock.now()).await?)
+        Ok(crate::store::delete_expired_verdicts(
+            &self.pool,
+            self.config.retention_days,
+            self.clock.now(),
+        )
+        .await?)
     }
 
     /// One pass: queues changed buckets and judges every queued bucket that is final now.
@@ -121,7 +126,6 @@ pub async fn run_with_clock(
         interval_ms = interval.as_millis() as u64,
         "reconciler started"
     );
-    let mut last_prune: Option<chrono::DateTime<chrono::Utc>> = None;
     loop {
         tokio::select! {
             biased;
@@ -138,20 +142,6 @@ pub async fn run_with_clock(
                 ),
                 Err(error) => tracing::warn!(%error, "reconcile pass failed; retrying next interval"),
             },
-        }
-        let now = reconciler.clock.now();
-        if last_prune.is_none_or(|at| now - at >= chrono::Duration::hours(1)) {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                result = reconciler.prune() => match result {
-                    Ok(deleted) => {
-                        last_prune = Some(now);
-                        tracing::debug!(deleted, "old verdicts and incidents deleted");
-                    }
-                    Err(error) => tracing::warn!(%error, "deleting old verdicts failed; retrying"),
-                },
-            }
         }
     }
     tracing::info!("reconciler stopped");

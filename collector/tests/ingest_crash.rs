@@ -77,7 +77,7 @@ async fn totals_are_exact_after_kill_9_mid_batch_and_restart() -> anyhow::Result
         .await?;
     let samples: u64 = hists
         .iter()
-        .map(|h| chaperone_collector::store::decode_histogram(h).map(|h| h.len()))
+        .map(|h| chaperone_audit::Latency::from_bytes(h).map(|h| h.len()))
         .sum::<Result<u64, _>>()
         .map_err(anyhow::Error::msg)?;
     let expected_samples: u64 = records

@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::config::ConfigError;
 
+/// A duration in whole milliseconds, saturating (the engine's and the verdict rules' unit).
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// `[reconcile]`: which tiers are compared and when a bucket is final.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -2,18 +2,18 @@
 //! and write verdicts, their history, incidents and outbox events, one transaction per batch
 //! of buckets.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 
-use super::config::{EdgeConfig, ReconcileConfig};
+use super::config::{ReconcileConfig, millis};
 use super::metrics::ReconcileMetrics;
 use super::verdict::{
-    EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate_all, event_lag_ms, judge,
+    BucketKey, Computed, CountRow, Mark, ProgressRow, VerdictKey, VerdictStatus, judge_bucket,
 };
-use crate::alerts::payload::EventData;
+use crate::alerts::incidents::{self, IncidentError, Policy, VerdictChange};
 
 /// Advisory lock key (hashed by PostgreSQL) held by every reconciler transaction.
 const LOCK_KEY: &str = "chaperone-reconcile";
@@ -25,9 +25,9 @@ pub enum ReconcileError {
     /// PostgreSQL failed; the pass is retried at the next interval.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    /// An outbox payload could not be encoded.
-    #[error("encoding an alert event: {0}")]
-    Payload(#[from] serde_json::Error),
+    /// The incident or outbox event of a verdict change could not be recorded.
+    #[error("recording an incident: {0}")]
+    Incident(#[from] IncidentError),
     /// A stored verdict holds a status this version does not know.
     #[error("stored verdict has unknown status `{0}`")]
     UnknownStatus(String),
@@ -46,29 +46,6 @@ pub struct PassReport {
     pub changed: u64,
     /// Buckets still waiting to be final after the pass.
     pub pending: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct BucketKey {
-    topic: String,
-    start: i64,
-    width: i64,
-}
-
-#[derive(Debug)]
-struct CountRow {
-    tier: String,
-    datacenter: String,
-    partition: i32,
-    count: i64,
-}
-
-#[derive(Debug)]
-struct ProgressRow {
-    tier: String,
-    datacenter: String,
-    width: i64,
-    mark: Mark,
 }
 
 /// What the reconciler has already logged, so that a lasting condition is logged when it
@@ -123,16 +100,6 @@ fn stale_sql(last_seen: &str, last_emitted: &str, seen_before: u8, timeout: u8) 
     )
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct VerdictKey {
-    edge: String,
-    topic: String,
-    datacenter: String,
-    partition: i32,
-    start: i64,
-    width: i64,
-}
-
 #[derive(Debug, Clone)]
 struct Existing {
     status: VerdictStatus,
@@ -143,21 +110,6 @@ struct Existing {
     incident_id: Option<i64>,
 }
 
-#[derive(Debug, Clone)]
-struct Computed {
-    key: VerdictKey,
-    from_tier: String,
-    to_tier: String,
-    status: VerdictStatus,
-    expected: i64,
-    actual: i64,
-    silent_tier: Option<String>,
-    lag_ms: Option<i64>,
-    stale_instances: Vec<String>,
-    waiting_on: Vec<String>,
-    finality: Finality,
-    alert: bool,
-}
 
 impl Computed {
     /// Whether nothing a person would read changed (a lagging bucket's lag grows on every
@@ -169,10 +121,6 @@ impl Computed {
             && self.silent_tier == old.silent_tier
             && self.stale_instances == old.stale_instances
     }
-}
-
-fn millis(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 async fn lock(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
@@ -237,8 +185,15 @@ pub(crate) async fn pass(
                 continue;
             };
             let topic_progress = progress.get(&key.topic).unwrap_or(&no_progress);
-            let (mut verdicts, mut all_final) =
-                judge_bucket(config, now, q, rows, topic_progress, &mut mismatches);
+            let (mut verdicts, mut all_final) = judge_bucket(
+                config,
+                key,
+                q.first_queued_at.timestamp_millis(),
+                now.timestamp_millis(),
+                rows,
+                topic_progress,
+                &mut mismatches,
+            );
             if now - q.changed_at < settle {
                 // Verdicts judged before whose counts changed again wait until every tier
                 // has had the chance to deliver its late counts.
@@ -345,7 +300,15 @@ async fn next_pending(
     after: Option<&BucketKey>,
     limit: usize,
 ) -> Result<Vec<Queued>, sqlx::Error> {
-    let rows = sqlx::query(
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        topic: String,
+        bucket_start_ms: i64,
+        bucket_width_ms: i64,
+        queued_at: DateTime<Utc>,
+        first_queued_at: DateTime<Utc>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT topic, bucket_start_ms, bucket_width_ms, queued_at, first_queued_at
            FROM reconcile_pending
           WHERE $1::bigint IS NULL
@@ -359,19 +322,18 @@ async fn next_pending(
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(&mut **tx)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Queued {
-                key: BucketKey {
-                    topic: r.try_get(0)?,
-                    start: r.try_get(1)?,
-                    width: r.try_get(2)?,
-                },
-                changed_at: r.try_get(3)?,
-                first_queued_at: r.try_get(4)?,
-            })
+    Ok(rows
+        .into_iter()
+        .map(|r| Queued {
+            key: BucketKey {
+                topic: r.topic,
+                start: r.bucket_start_ms,
+                width: r.bucket_width_ms,
+            },
+            changed_at: r.queued_at,
+            first_queued_at: r.first_queued_at,
         })
-        .collect()
+        .collect())
 }
 
 fn key_arrays(keys: &[BucketKey]) -> (Vec<String>, Vec<i64>, Vec<i64>) {
@@ -387,10 +349,20 @@ async fn load_counts(
     keys: &[BucketKey],
     tiers: &[String],
 ) -> Result<HashMap<BucketKey, Vec<CountRow>>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        topic: String,
+        bucket_start_ms: i64,
+        bucket_width_ms: i64,
+        tier: String,
+        datacenter: String,
+        partition: i32,
+        count: i64,
+    }
     let (topics, starts, widths) = key_arrays(keys);
-    let rows = sqlx::query(
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.partition,
-                sum(c.count)::bigint
+                sum(c.count)::bigint AS count
            FROM audit_counts c
            JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
              ON c.topic = k.topic AND c.bucket_start_ms = k.start_ms
@@ -407,15 +379,15 @@ async fn load_counts(
     let mut out: HashMap<BucketKey, Vec<CountRow>> = HashMap::new();
     for r in rows {
         let key = BucketKey {
-            topic: r.try_get(0)?,
-            start: r.try_get(1)?,
-            width: r.try_get(2)?,
+            topic: r.topic,
+            start: r.bucket_start_ms,
+            width: r.bucket_width_ms,
         };
         out.entry(key).or_default().push(CountRow {
-            tier: r.try_get(3)?,
-            datacenter: r.try_get(4)?,
-            partition: r.try_get(5)?,
-            count: r.try_get(6)?,
+            tier: r.tier,
+            datacenter: r.datacenter,
+            partition: r.partition,
+            count: r.count,
         });
     }
     Ok(out)
@@ -429,10 +401,25 @@ async fn load_progress(
     now: DateTime<Utc>,
 ) -> Result<HashMap<String, Vec<ProgressRow>>, sqlx::Error> {
     let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
-    let rows = sqlx::query(&format!(
-        "SELECT topic, tier, datacenter, partition, host || '/' || instance, watermark_ms,
-                last_emitted_ms, tier IN (SELECT tier FROM consumer_tiers), closing,
-                {stale}, bucket_width_ms
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        topic: String,
+        tier: String,
+        datacenter: String,
+        partition: i32,
+        observer: String,
+        watermark_ms: i64,
+        last_emitted_ms: i64,
+        consumer: bool,
+        closing: bool,
+        stale: bool,
+        bucket_width_ms: i64,
+    }
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT topic, tier, datacenter, partition, host || '/' || instance AS observer,
+                watermark_ms, last_emitted_ms,
+                tier IN (SELECT tier FROM consumer_tiers) AS consumer, closing,
+                {stale} AS stale, bucket_width_ms
            FROM audit_progress
           WHERE topic = ANY($1) AND tier = ANY($2)",
         stale = stale_sql("last_seen_at", "last_emitted_ms", 3, 4),
@@ -445,18 +432,18 @@ async fn load_progress(
     .await?;
     let mut out: HashMap<String, Vec<ProgressRow>> = HashMap::new();
     for r in rows {
-        out.entry(r.try_get(0)?).or_default().push(ProgressRow {
-            tier: r.try_get(1)?,
-            datacenter: r.try_get(2)?,
-            width: r.try_get(10)?,
+        out.entry(r.topic).or_default().push(ProgressRow {
+            tier: r.tier,
+            datacenter: r.datacenter,
+            width: r.bucket_width_ms,
             mark: Mark {
-                partition: r.try_get(3)?,
-                observer: r.try_get(4)?,
-                watermark_ms: r.try_get(5)?,
-                last_emitted_ms: r.try_get(6)?,
-                consumer: r.try_get(7)?,
-                closing: r.try_get(8)?,
-                stale: r.try_get(9)?,
+                partition: r.partition,
+                observer: r.observer,
+                watermark_ms: r.watermark_ms,
+                last_emitted_ms: r.last_emitted_ms,
+                consumer: r.consumer,
+                closing: r.closing,
+                stale: r.stale,
             },
         });
     }
@@ -467,8 +454,23 @@ async fn load_verdicts(
     tx: &mut Transaction<'_, Postgres>,
     keys: &[BucketKey],
 ) -> Result<HashMap<VerdictKey, Existing>, ReconcileError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        edge: String,
+        topic: String,
+        datacenter: String,
+        partition: i32,
+        bucket_start_ms: i64,
+        bucket_width_ms: i64,
+        status: String,
+        expected: i64,
+        actual: i64,
+        silent_tier: Option<String>,
+        incident_id: Option<i64>,
+        stale_instances: Vec<String>,
+    }
     let (topics, starts, widths) = key_arrays(keys);
-    let rows = sqlx::query(
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT v.edge, v.topic, v.datacenter, v.partition, v.bucket_start_ms, v.bucket_width_ms,
                 v.status, v.expected, v.actual, v.silent_tier, v.incident_id, v.stale_instances
            FROM reconcile_verdicts v
@@ -483,26 +485,26 @@ async fn load_verdicts(
     .await?;
     let mut out = HashMap::new();
     for r in rows {
-        let status: String = r.try_get(6)?;
-        let status = status
+        let status = r
+            .status
             .parse()
-            .map_err(|_| ReconcileError::UnknownStatus(status))?;
+            .map_err(|_| ReconcileError::UnknownStatus(r.status.clone()))?;
         out.insert(
             VerdictKey {
-                edge: r.try_get(0)?,
-                topic: r.try_get(1)?,
-                datacenter: r.try_get(2)?,
-                partition: r.try_get(3)?,
-                start: r.try_get(4)?,
-                width: r.try_get(5)?,
+                edge: r.edge,
+                topic: r.topic,
+                datacenter: r.datacenter,
+                partition: r.partition,
+                start: r.bucket_start_ms,
+                width: r.bucket_width_ms,
             },
             Existing {
                 status,
-                expected: r.try_get(7)?,
-                actual: r.try_get(8)?,
-                silent_tier: r.try_get(9)?,
-                stale_instances: r.try_get(11)?,
-                incident_id: r.try_get(10)?,
+                expected: r.expected,
+                actual: r.actual,
+                silent_tier: r.silent_tier,
+                stale_instances: r.stale_instances,
+                incident_id: r.incident_id,
             },
         );
     }
@@ -529,230 +531,6 @@ async fn delete_pending(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-/// Judges one bucket on every edge and scope that is final (see [`evaluate`]). Returns the
-/// verdicts and whether every edge and scope is settled (the bucket can leave the queue).
-/// Edges whose tiers count the topic in different bucket widths are not compared; they are
-/// added to `mismatches`.
-fn judge_bucket(
-    config: &ReconcileConfig,
-    now: DateTime<Utc>,
-    queued: &Queued,
-    rows: &[CountRow],
-    progress: &[ProgressRow],
-    mismatches: &mut BTreeSet<String>,
-) -> (Vec<Computed>, bool) {
-    let key = &queued.key;
-    let end = key.start.saturating_add(key.width);
-    let rules = Rules {
-        lateness_ms: millis(config.allowed_lateness),
-        max_wait_ms: millis(config.max_wait),
-        loss_after_ms: millis(config.loss_after),
-    };
-    let now_ms = now.timestamp_millis();
-    let mut all_final = true;
-    let mut out = Vec::new();
-    for edge in &config.edges {
-        let on_edge: Vec<&CountRow> = rows
-            .iter()
-            .filter(|r| r.tier == edge.from || r.tier == edge.to)
-            .collect();
-        if on_edge.is_empty() {
-            continue;
-        }
-        let scopes: BTreeSet<&str> = if edge.per_datacenter {
-            on_edge.iter().map(|r| r.datacenter.as_str()).collect()
-        } else {
-            BTreeSet::from([""])
-        };
-        for scope in scopes {
-            let in_scope = |dc: &str| scope.is_empty() || dc == scope;
-            let scoped: Vec<&ProgressRow> = progress
-                .iter()
-                .filter(|p| in_scope(&p.datacenter))
-                .collect();
-            let widths = |tier: &str| -> BTreeSet<i64> {
-                scoped
-                    .iter()
-                    .filter(|p| p.tier == tier && !p.mark.stale)
-                    .map(|p| p.width)
-                    .collect()
-            };
-            let (up_widths, down_widths) = (widths(&edge.from), widths(&edge.to));
-            if !up_widths.is_empty()
-                && !down_widths.is_empty()
-                && up_widths.is_disjoint(&down_widths)
-            {
-                mismatches.insert(format!(
-                    "topic `{}` on `{}`: {} counts in {:?} ms buckets, {} in {:?} ms",
-                    key.topic,
-                    edge.name(),
-                    edge.from,
-                    up_widths,
-                    edge.to,
-                    down_widths
-                ));
-                // Stays queued, so that the mismatch is seen again while it lasts.
-                all_final = false;
-                continue;
-            }
-            let by_partition = |tier: &str, dc: Option<&str>| -> BTreeMap<i32, i64> {
-                let mut m = BTreeMap::new();
-                for r in on_edge.iter().filter(|r| {
-                    r.tier == tier
-                        && in_scope(&r.datacenter)
-                        && dc.is_none_or(|d| d == r.datacenter)
-                }) {
-                    *m.entry(r.partition).or_insert(0) += r.count;
-                }
-                m
-            };
-            let expected = by_partition(&edge.from, None);
-            let actual = by_partition(&edge.to, None);
-            if !scoped.iter().any(|p| p.tier == edge.from) && expected.values().all(|&n| n == 0) {
-                // The upstream tier never reported this topic here (for example producers
-                // without the audit library): nothing to compare against.
-                continue;
-            }
-            // Every datacenter in scope must pass on its own: the same partition number of
-            // two datacenters is two streams (docs/verdicts.md).
-            let datacenters: BTreeSet<&str> = scoped
-                .iter()
-                .filter(|p| p.tier == edge.from || p.tier == edge.to)
-                .map(|p| p.datacenter.as_str())
-                .chain(
-                    on_edge
-                        .iter()
-                        .filter(|r| in_scope(&r.datacenter))
-                        .map(|r| r.datacenter.as_str()),
-                )
-                .collect();
-            struct Part {
-                up: Vec<Mark>,
-                down: Vec<Mark>,
-                expected: BTreeMap<i32, i64>,
-                actual: BTreeMap<i32, i64>,
-                event_lag_ms: i64,
-            }
-            let parts: Vec<Part> = datacenters
-                .into_iter()
-                .map(|dc| {
-                    let marks = |tier: &str| -> Vec<Mark> {
-                        scoped
-                            .iter()
-                            .filter(|p| p.tier == tier && p.datacenter == dc)
-                            .map(|p| p.mark.clone())
-                            .collect()
-                    };
-                    // Producers' event-time lag is a property of the datacenter's sources:
-                    // every tier waits for it, whichever edge it is on.
-                    let sources: Vec<Mark> = scoped
-                        .iter()
-                        .filter(|p| p.datacenter == dc)
-                        .map(|p| p.mark.clone())
-                        .collect();
-                    Part {
-                        up: marks(&edge.from),
-                        down: marks(&edge.to),
-                        expected: by_partition(&edge.from, Some(dc)),
-                        actual: by_partition(&edge.to, Some(dc)),
-                        event_lag_ms: event_lag_ms(&sources),
-                    }
-                })
-                .filter(|p| {
-                    // A datacenter where only the downstream reports, counting nothing, has
-                    // nothing to prove.
-                    !(p.up.is_empty()
-                        && p.expected.values().all(|&n| n == 0)
-                        && p.actual.values().all(|&n| n == 0))
-                })
-                .collect();
-            let buckets: Vec<EdgeBucket<'_>> = parts
-                .iter()
-                .map(|p| EdgeBucket {
-                    end_ms: end,
-                    queued_ms: queued.first_queued_at.timestamp_millis(),
-                    now_ms,
-                    upstream: &p.up,
-                    downstream: &p.down,
-                    expected: &p.expected,
-                    actual: &p.actual,
-                    event_lag_ms: p.event_lag_ms,
-                })
-                .collect();
-            let Some(outcome) = evaluate_all(&rules, &buckets) else {
-                all_final = false;
-                continue;
-            };
-            let waiting_on: Vec<String> = if outcome.finality == Finality::Progress {
-                Vec::new()
-            } else {
-                let named = |tier: &str, who: &[String]| {
-                    who.iter()
-                        .map(|w| format!("{tier}:{w}"))
-                        .collect::<Vec<_>>()
-                };
-                let mut w = named(&edge.from, &outcome.upstream.waiting_on);
-                w.extend(named(&edge.to, &outcome.downstream.waiting_on));
-                w
-            };
-            if !outcome.settled {
-                all_final = false;
-            }
-            let mut push = |partition: i32, e: i64, a: i64| {
-                let j = judge(&outcome, now_ms, e, a);
-                out.push(Computed {
-                    key: VerdictKey {
-                        edge: edge.name(),
-                        topic: key.topic.clone(),
-                        datacenter: scope.to_owned(),
-                        partition,
-                        start: key.start,
-                        width: key.width,
-                    },
-                    from_tier: edge.from.clone(),
-                    to_tier: edge.to.clone(),
-                    status: j.status,
-                    expected: e,
-                    actual: a,
-                    silent_tier: j.silent.map(|s| silent_tier(edge, s)),
-                    lag_ms: j.lag_ms,
-                    stale_instances: outcome.upstream.stale.clone(),
-                    waiting_on: waiting_on.clone(),
-                    finality: outcome.finality,
-                    alert: edge.alert,
-                });
-            };
-            push(-1, expected.values().sum(), actual.values().sum());
-            if edge.partition_level {
-                if expected.contains_key(&-1) || actual.contains_key(&-1) {
-                    tracing::debug!(
-                        topic = %key.topic, edge = %edge.name(),
-                        "partition-level verdict skipped: a tier counted without partitions"
-                    );
-                    continue;
-                }
-                let partitions: BTreeSet<i32> =
-                    expected.keys().chain(actual.keys()).copied().collect();
-                for p in partitions {
-                    push(
-                        p,
-                        expected.get(&p).copied().unwrap_or(0),
-                        actual.get(&p).copied().unwrap_or(0),
-                    );
-                }
-            }
-        }
-    }
-    (out, all_final)
-}
-
-fn silent_tier(edge: &EdgeConfig, side: Side) -> String {
-    match side {
-        Side::Upstream => edge.from.clone(),
-        Side::Downstream => edge.to.clone(),
-    }
 }
 
 /// Writes new and changed verdicts with their history, incidents and outbox events. Returns
@@ -786,7 +564,26 @@ async fn write_verdicts(
     for (c, old) in changes {
         let mut incident_id = old.and_then(|o| o.incident_id);
         if c.alert && c.key.partition == -1 {
-            incident_id = update_incident(tx, &c, old, config, now).await?;
+            let change = VerdictChange {
+                topic: &c.key.topic,
+                edge: &c.key.edge,
+                datacenter: &c.key.datacenter,
+                from_tier: &c.from_tier,
+                to_tier: &c.to_tier,
+                status: c.status,
+                silent_tier: c.silent_tier.as_deref(),
+                bucket_start_ms: c.key.start,
+                bucket_width_ms: c.key.width,
+                expected: c.expected,
+                actual: c.actual,
+                was_bad: old.is_some_and(|o| o.status.is_bad()),
+                incident_id: old.and_then(|o| o.incident_id),
+            };
+            let policy = Policy {
+                incident_gap_ms: millis(config.incident_gap),
+                escalate_factor: config.escalate_factor,
+            };
+            incident_id = incidents::record(tx, &change, &policy, now).await?;
         }
         let difference = c.actual - c.expected;
         let missing = (c.expected - c.actual).max(0);
@@ -876,216 +673,6 @@ async fn write_verdicts(
     Ok(written)
 }
 
-/// An incident row as the outbox payload needs it.
-struct IncidentRow {
-    id: i64,
-    first: i64,
-    last: i64,
-    bad_buckets: i32,
-    opened_at: DateTime<Utc>,
-}
-
-const INCIDENT_COLUMNS: &str =
-    "id, first_bucket_start_ms, last_bucket_start_ms, bad_buckets, opened_at";
-
-fn incident_row(r: &sqlx::postgres::PgRow) -> Result<IncidentRow, sqlx::Error> {
-    Ok(IncidentRow {
-        id: r.try_get(0)?,
-        first: r.try_get(1)?,
-        last: r.try_get(2)?,
-        bad_buckets: r.try_get(3)?,
-        opened_at: r.try_get(4)?,
-    })
-}
-
-/// Opens, joins or resolves the incident of a changed topic-level verdict and writes the
-/// outbox event, in the caller's transaction. Returns the verdict's incident id.
-async fn update_incident(
-    tx: &mut Transaction<'_, Postgres>,
-    c: &Computed,
-    old: Option<&Existing>,
-    config: &ReconcileConfig,
-    now: DateTime<Utc>,
-) -> Result<Option<i64>, ReconcileError> {
-    let was_bad = old.is_some_and(|o| o.status.is_bad());
-    let old_incident = old.and_then(|o| o.incident_id);
-    let missing = (c.expected - c.actual).max(0);
-    if c.status.is_bad() {
-        let row = match old_incident.filter(|_| was_bad) {
-            // Still bad with other numbers: same incident.
-            Some(id) => sqlx::query(&format!(
-                "UPDATE alert_incidents SET max_missing = greatest(max_missing, $2)
-                  WHERE id = $1 RETURNING {INCIDENT_COLUMNS}"
-            ))
-            .bind(id)
-            .bind(missing)
-            .fetch_one(&mut **tx)
-            .await
-            .and_then(|r| incident_row(&r))?,
-            None => join_or_open(tx, c, missing, config, now).await?,
-        };
-        insert_event(tx, "bad_bucket", c, &row, None, now).await?;
-        return Ok(Some(row.id));
-    }
-    let Some(id) = old_incident.filter(|_| was_bad) else {
-        return Ok(old_incident);
-    };
-    let row = sqlx::query(&format!(
-        "UPDATE alert_incidents SET bad_buckets = bad_buckets - 1
-          WHERE id = $1 RETURNING {INCIDENT_COLUMNS}"
-    ))
-    .bind(id)
-    .fetch_one(&mut **tx)
-    .await
-    .and_then(|r| incident_row(&r))?;
-    if row.bad_buckets <= 0 {
-        sqlx::query(
-            "UPDATE alert_incidents SET status = 'resolved', resolved_at = $2
-              WHERE id = $1 AND status = 'open'",
-        )
-        .bind(id)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-        tracing::info!(
-            incident_id = id, topic = %c.key.topic, edge = %c.key.edge,
-            "incident resolved"
-        );
-        insert_event(tx, "resolved", c, &row, Some(now), now).await?;
-    }
-    Ok(Some(id))
-}
-
-/// Joins the open incident of the verdict's topic, edge and datacenter, or opens one. An open
-/// incident is superseded by a new one (which notifies) when this loss is much worse than any
-/// of its buckets (`escalate_factor`) or comes `incident_gap` after its last bad bucket: an
-/// open incident never mutes a topic for good.
-async fn join_or_open(
-    tx: &mut Transaction<'_, Postgres>,
-    c: &Computed,
-    missing: i64,
-    config: &ReconcileConfig,
-    now: DateTime<Utc>,
-) -> Result<IncidentRow, sqlx::Error> {
-    let open: Option<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, last_bucket_start_ms, max_missing FROM alert_incidents
-          WHERE topic = $1 AND edge = $2 AND datacenter = $3 AND status = 'open'
-          FOR UPDATE",
-    )
-    .bind(&c.key.topic)
-    .bind(&c.key.edge)
-    .bind(&c.key.datacenter)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let open = match open {
-        Some((id, last, max_missing)) => {
-            let late = c.key.start > last.saturating_add(millis(config.incident_gap));
-            let worse = max_missing > 0
-                && missing >= max_missing.saturating_mul(i64::from(config.escalate_factor));
-            if late || worse {
-                sqlx::query(
-                    "UPDATE alert_incidents SET status = 'superseded', resolved_at = $2
-                      WHERE id = $1",
-                )
-                .bind(id)
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
-                tracing::warn!(
-                    incident_id = id, topic = %c.key.topic, edge = %c.key.edge,
-                    missing, max_missing, late, worse,
-                    "open incident superseded by a new one"
-                );
-                None
-            } else {
-                Some(id)
-            }
-        }
-        None => None,
-    };
-    let row = match open {
-        Some(id) => {
-            sqlx::query(&format!(
-                "UPDATE alert_incidents
-                    SET first_bucket_start_ms = least(first_bucket_start_ms, $2),
-                        last_bucket_start_ms = greatest(last_bucket_start_ms, $2),
-                        buckets = buckets + 1, bad_buckets = bad_buckets + 1,
-                        max_missing = greatest(max_missing, $3)
-                  WHERE id = $1 RETURNING {INCIDENT_COLUMNS}"
-            ))
-            .bind(id)
-            .bind(c.key.start)
-            .bind(missing)
-            .fetch_one(&mut **tx)
-            .await?
-        }
-        None => {
-            let row = sqlx::query(&format!(
-                "INSERT INTO alert_incidents (topic, edge, datacenter, from_tier, to_tier, status,
-                     bucket_width_ms, first_bucket_start_ms, last_bucket_start_ms, max_missing,
-                     opened_at)
-                 VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7, $8, $9)
-                 RETURNING {INCIDENT_COLUMNS}"
-            ))
-            .bind(&c.key.topic)
-            .bind(&c.key.edge)
-            .bind(&c.key.datacenter)
-            .bind(&c.from_tier)
-            .bind(&c.to_tier)
-            .bind(c.key.width)
-            .bind(c.key.start)
-            .bind(missing)
-            .bind(now)
-            .fetch_one(&mut **tx)
-            .await?;
-            tracing::warn!(
-                topic = %c.key.topic, edge = %c.key.edge, datacenter = %c.key.datacenter,
-                bucket_start_ms = c.key.start, status = %c.status, "incident opened"
-            );
-            row
-        }
-    };
-    incident_row(&row)
-}
-
-async fn insert_event(
-    tx: &mut Transaction<'_, Postgres>,
-    kind: &str,
-    c: &Computed,
-    incident: &IncidentRow,
-    resolved_at: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-) -> Result<(), ReconcileError> {
-    let data = EventData {
-        incident_id: incident.id,
-        topic: c.key.topic.clone(),
-        edge: c.key.edge.clone(),
-        from_tier: c.from_tier.clone(),
-        to_tier: c.to_tier.clone(),
-        datacenter: (!c.key.datacenter.is_empty()).then(|| c.key.datacenter.clone()),
-        status: c.status,
-        silent_tier: c.silent_tier.clone(),
-        bucket_start_ms: c.key.start,
-        bucket_width_ms: c.key.width,
-        expected: c.expected,
-        actual: c.actual,
-        incident_first_bucket_start_ms: incident.first,
-        incident_last_bucket_start_ms: incident.last,
-        opened_at: incident.opened_at,
-        resolved_at,
-    };
-    sqlx::query(
-        "INSERT INTO alert_events (incident_id, kind, payload, created_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(incident.id)
-    .bind(kind)
-    .bind(serde_json::to_string(&data)?)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 /// Sets the stale-instances gauge and logs instances that became stale or recovered.
 async fn refresh_stale_instances(
     pool: &PgPool,
@@ -1153,57 +740,4 @@ async fn refresh_missing_gauge(
             .set(other);
     }
     Ok(())
-}
-
-/// Rows deleted per retention statement.
-const PRUNE_BATCH: i64 = 1_000;
-
-/// Deletes verdicts of buckets that started before `now - retention_days`, history entries
-/// older than that, and incidents resolved before it with their events and deliveries, in
-/// batches of [`PRUNE_BATCH`]. Returns the rows deleted.
-pub(crate) async fn prune(
-    pool: &PgPool,
-    retention_days: u32,
-    now: DateTime<Utc>,
-) -> Result<u64, sqlx::Error> {
-    if retention_days == 0 {
-        return Ok(0);
-    }
-    let cutoff = now - chrono::Duration::days(i64::from(retention_days));
-    let cutoff_ms = cutoff.timestamp_millis();
-    let statements = [
-        "DELETE FROM reconcile_verdicts WHERE ctid IN (SELECT ctid FROM reconcile_verdicts
-          WHERE bucket_start_ms < $1 LIMIT $3)",
-        "DELETE FROM reconcile_verdict_history WHERE id IN (SELECT id
-           FROM reconcile_verdict_history WHERE changed_at < $2 LIMIT $3)",
-        "DELETE FROM alert_deliveries WHERE id IN (SELECT d.id FROM alert_deliveries d
-           JOIN alert_incidents i ON i.id = d.incident_id
-          WHERE i.status <> 'open' AND i.resolved_at < $2 LIMIT $3)",
-        "DELETE FROM alert_events WHERE id IN (SELECT e.id FROM alert_events e
-           JOIN alert_incidents i ON i.id = e.incident_id
-          WHERE i.status <> 'open' AND i.resolved_at < $2
-            AND NOT EXISTS (SELECT 1 FROM alert_deliveries d WHERE d.event_id = e.id)
-          LIMIT $3)",
-        "DELETE FROM alert_incidents WHERE id IN (SELECT i.id FROM alert_incidents i
-          WHERE i.status <> 'open' AND i.resolved_at < $2
-            AND NOT EXISTS (SELECT 1 FROM alert_events e WHERE e.incident_id = i.id)
-          LIMIT $3)",
-    ];
-    let mut deleted = 0;
-    for sql in statements {
-        loop {
-            let n = sqlx::query(sql)
-                .bind(cutoff_ms)
-                .bind(cutoff)
-                .bind(PRUNE_BATCH)
-                .execute(pool)
-                .await?
-                .rows_affected();
-            deleted += n;
-            if n < PRUNE_BATCH as u64 {
-                break;
-            }
-        }
-    }
-    Ok(deleted)
 }

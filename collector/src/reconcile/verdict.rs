@@ -7,6 +7,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod bucket;
+
+pub(crate) use bucket::{BucketKey, Computed, CountRow, ProgressRow, VerdictKey, judge_bucket};
+
 /// The verdict on one bucket of one edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

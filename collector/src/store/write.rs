@@ -1,0 +1,723 @@
+//! Ingest's write path. [`write_batch`] is the heart of exactly-once ingest: in ONE
+//! transaction it inserts the batch's record ids (keeping only those not seen before), adds the
+//! counts of the new records, raises the progress marks and moves the consumed offsets. Either
+//! all of it commits or none of it does, so replaying a batch after a crash changes nothing
+//! twice.
+//!
+//! Latency histograms are stored as V2-serialized HdrHistograms (audit-lib's
+//! [`Latency::to_bytes`]) and merged in Rust with HdrHistogram addition while the ingest lock
+//! is held, so stored percentiles are exact over every record.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use chaperone_audit::{AuditRecord, Counts, Latency, Progress};
+use sha2::{Digest as _, Sha256};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use super::{INGEST_LOCK, NO_PARTITION, StoreError};
+
+/// The next offset to read of one audit-topic partition, stored with a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedOffset {
+    /// Cluster alias from the collector's configuration.
+    pub cluster: String,
+    /// Audit topic.
+    pub topic: String,
+    /// Partition of the audit topic.
+    pub partition: i32,
+    /// Offset of the first record not yet applied.
+    pub next_offset: i64,
+}
+
+/// What a committed batch changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Counts records applied.
+    pub counts: usize,
+    /// Progress records applied.
+    pub progress: usize,
+    /// Records skipped because their id was already stored (or repeated in the batch).
+    pub duplicates: usize,
+    /// Count rows inserted or updated.
+    pub count_rows: usize,
+}
+
+/// Primary key of an `audit_counts` row.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CountsKey {
+    /// Logical topic.
+    pub topic: String,
+    /// Bucket start, epoch ms.
+    pub bucket_start_ms: i64,
+    /// Bucket width, ms.
+    pub bucket_width_ms: i64,
+    /// Tier name.
+    pub tier: String,
+    /// Datacenter.
+    pub datacenter: String,
+    /// Cluster alias reported by the hop.
+    pub cluster: String,
+    /// Partition or [`NO_PARTITION`].
+    pub partition: i32,
+}
+
+impl CountsKey {
+    fn of(c: &Counts) -> Self {
+        Self {
+            topic: c.topic.clone(),
+            bucket_start_ms: c.bucket_start_ms,
+            bucket_width_ms: c.bucket_width.as_millis(),
+            tier: c.observer.tier.as_str().to_owned(),
+            datacenter: c.observer.datacenter.clone(),
+            cluster: c.observer.cluster.clone(),
+            partition: c.partition.unwrap_or(NO_PARTITION),
+        }
+    }
+}
+
+/// Primary key of an `audit_progress` row.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct ProgressKey {
+    tier: String,
+    cluster: String,
+    datacenter: String,
+    topic: String,
+    physical_topic: String,
+    partition: i32,
+    host: String,
+    instance: String,
+}
+
+impl ProgressKey {
+    fn of(p: &Progress) -> Self {
+        Self {
+            tier: p.observer.tier.as_str().to_owned(),
+            cluster: p.observer.cluster.clone(),
+            datacenter: p.observer.datacenter.clone(),
+            topic: p.topic.clone(),
+            physical_topic: p.physical_topic.clone(),
+            partition: p.partition.unwrap_or(NO_PARTITION),
+            host: p.observer.host.clone(),
+            instance: p.observer.instance.clone(),
+        }
+    }
+}
+
+/// The sum of the counts records of one key within a batch.
+struct CountsSum<'a> {
+    count: i64,
+    bytes: i64,
+    no_timestamp: i64,
+    malformed: i64,
+    min_event_ms: Option<i64>,
+    max_event_ms: Option<i64>,
+    records: i64,
+    latencies: Vec<&'a Latency>,
+}
+
+/// The furthest marks of the progress records of one key within a batch.
+struct ProgressMax<'a> {
+    watermark_ms: i64,
+    position: Option<i64>,
+    high_watermark: Option<i64>,
+    last_emitted_ms: i64,
+    latest: &'a Progress,
+}
+
+pub(super) fn opt_min(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+pub(super) fn opt_max(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The 128-bit key a record id is stored under in `audit_record_seen`: the id itself when it
+/// is a UUID in canonical lowercase form (as audit-lib and chaperone-service write them),
+/// otherwise the first 16 bytes of the SHA-256 of the id. `migrations/0013_*.sql` converts
+/// stored ids with the same rule.
+pub fn record_key(id: &str) -> Uuid {
+    let canonical = id.len() == 36
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        });
+    if canonical && let Ok(u) = Uuid::parse_str(id) {
+        return u;
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::from_bytes(bytes)
+}
+
+/// Writes one batch of validated records and the offsets that follow them, in one
+/// transaction. Records whose id is already stored (or that repeat an id earlier in the
+/// batch) are skipped. On error nothing is written; the caller retries the same batch.
+pub async fn write_batch(
+    pool: &PgPool,
+    records: &[AuditRecord],
+    offsets: &[ConsumedOffset],
+) -> Result<BatchOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    lock_ingest(&mut tx).await?;
+
+    // First occurrence of every counts id in the batch. Progress records need no duplicate
+    // filter: applying one twice changes nothing, every mark keeps its maximum.
+    let mut seen = HashSet::with_capacity(records.len());
+    // Each record with its id key; progress records have none.
+    let mut first: Vec<(&AuditRecord, Option<Uuid>)> = Vec::with_capacity(records.len());
+    let mut duplicates = 0;
+    for r in records {
+        match r {
+            AuditRecord::Counts(c) => {
+                let key = record_key(&c.id);
+                if seen.insert(key) {
+                    first.push((r, Some(key)));
+                } else {
+                    duplicates += 1;
+                }
+            }
+            AuditRecord::Progress(_) => first.push((r, None)),
+        }
+    }
+    let mut outcome = BatchOutcome {
+        duplicates,
+        ..BatchOutcome::default()
+    };
+
+    // The ingest lock keeps other writers out, so probing and then inserting only the new
+    // ids is safe, and cheaper than ON CONFLICT DO NOTHING.
+    let keys: Vec<Uuid> = first.iter().filter_map(|(_, k)| *k).collect();
+    let stored: HashSet<Uuid> = if keys.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar("SELECT id FROM audit_record_seen WHERE id = ANY($1)")
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let fresh_keys: Vec<Uuid> = keys.into_iter().filter(|k| !stored.contains(k)).collect();
+    if !fresh_keys.is_empty() {
+        sqlx::query("INSERT INTO audit_record_seen (id) SELECT UNNEST($1::uuid[])")
+            .bind(&fresh_keys)
+            .execute(&mut *tx)
+            .await?;
+    }
+    outcome.duplicates += stored.len();
+
+    let mut counts: BTreeMap<CountsKey, CountsSum<'_>> = BTreeMap::new();
+    let mut progress: BTreeMap<ProgressKey, ProgressMax<'_>> = BTreeMap::new();
+    let mut topics: BTreeSet<&str> = BTreeSet::new();
+    let fresh = first
+        .iter()
+        .filter(|(_, key)| key.is_none_or(|k| !stored.contains(&k)));
+    for (r, _) in fresh {
+        match r {
+            AuditRecord::Counts(c) => {
+                outcome.counts += 1;
+                topics.insert(&c.topic);
+                let sum = counts.entry(CountsKey::of(c)).or_insert_with(|| CountsSum {
+                    count: 0,
+                    bytes: 0,
+                    no_timestamp: 0,
+                    malformed: 0,
+                    min_event_ms: None,
+                    max_event_ms: None,
+                    records: 0,
+                    latencies: Vec::new(),
+                });
+                sum.count = sum.count.saturating_add(to_i64(c.count));
+                sum.bytes = sum.bytes.saturating_add(to_i64(c.bytes));
+                sum.no_timestamp = sum.no_timestamp.saturating_add(to_i64(c.no_timestamp));
+                sum.malformed = sum.malformed.saturating_add(to_i64(c.malformed));
+                sum.min_event_ms = opt_min(sum.min_event_ms, c.min_event_ms);
+                sum.max_event_ms = opt_max(sum.max_event_ms, c.max_event_ms);
+                sum.records += 1;
+                if !c.latency.is_empty() {
+                    sum.latencies.push(&c.latency);
+                }
+            }
+            AuditRecord::Progress(p) => {
+                outcome.progress += 1;
+                topics.insert(&p.topic);
+                let key = ProgressKey::of(p);
+                match progress.get_mut(&key) {
+                    None => {
+                        progress.insert(
+                            key,
+                            ProgressMax {
+                                watermark_ms: p.watermark_ms,
+                                position: p.position,
+                                high_watermark: p.high_watermark,
+                                last_emitted_ms: p.emitted_at_ms,
+                                latest: p,
+                            },
+                        );
+                    }
+                    Some(m) => {
+                        m.watermark_ms = m.watermark_ms.max(p.watermark_ms);
+                        m.position = opt_max(m.position, p.position);
+                        m.high_watermark = opt_max(m.high_watermark, p.high_watermark);
+                        if p.emitted_at_ms >= m.last_emitted_ms {
+                            m.last_emitted_ms = p.emitted_at_ms;
+                            m.latest = p;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    outcome.count_rows = counts.len();
+    if !counts.is_empty() {
+        upsert_counts(&mut tx, counts).await?;
+    }
+    if !progress.is_empty() {
+        upsert_progress(&mut tx, progress).await?;
+    }
+    if !topics.is_empty() {
+        let topics: Vec<&str> = topics.into_iter().collect();
+        sqlx::query(
+            "INSERT INTO audit_topics (topic) SELECT UNNEST($1::text[]) \
+             ON CONFLICT (topic) DO UPDATE SET last_seen_at = now()",
+        )
+        .bind(&topics)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !offsets.is_empty() {
+        let mut sorted: Vec<&ConsumedOffset> = offsets.iter().collect();
+        sorted.sort_by(|a, b| {
+            (&a.cluster, &a.topic, a.partition).cmp(&(&b.cluster, &b.topic, b.partition))
+        });
+        let clusters: Vec<&str> = sorted.iter().map(|o| o.cluster.as_str()).collect();
+        let topics: Vec<&str> = sorted.iter().map(|o| o.topic.as_str()).collect();
+        let partitions: Vec<i32> = sorted.iter().map(|o| o.partition).collect();
+        let next: Vec<i64> = sorted.iter().map(|o| o.next_offset).collect();
+        sqlx::query(
+            "INSERT INTO ingest_offsets (cluster, topic, partition, next_offset) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[]) \
+             ON CONFLICT (cluster, topic, partition) DO UPDATE \
+             SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+        )
+        .bind(&clusters)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&next)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Takes the ingest lock for the rest of `tx`, and lets `tx` commit without waiting for
+/// its WAL flush: a commit lost in a PostgreSQL crash takes its consumed offsets with it, so
+/// the records are read again from Kafka and applied again; nothing is lost or doubled.
+pub(super) async fn lock_ingest(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(INGEST_LOCK)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Column arrays of a set of count keys, in key order.
+#[derive(Default)]
+struct KeyColumns<'a> {
+    topic: Vec<&'a str>,
+    bucket_start_ms: Vec<i64>,
+    bucket_width_ms: Vec<i64>,
+    tier: Vec<&'a str>,
+    datacenter: Vec<&'a str>,
+    cluster: Vec<&'a str>,
+    partition: Vec<i32>,
+}
+
+impl<'a> KeyColumns<'a> {
+    fn push(&mut self, k: &'a CountsKey) {
+        self.topic.push(&k.topic);
+        self.bucket_start_ms.push(k.bucket_start_ms);
+        self.bucket_width_ms.push(k.bucket_width_ms);
+        self.tier.push(&k.tier);
+        self.datacenter.push(&k.datacenter);
+        self.cluster.push(&k.cluster);
+        self.partition.push(k.partition);
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredLatency {
+    topic: String,
+    bucket_start_ms: i64,
+    bucket_width_ms: i64,
+    tier: String,
+    datacenter: String,
+    cluster: String,
+    partition: i32,
+    latency: Vec<u8>,
+}
+
+async fn upsert_counts(
+    tx: &mut Transaction<'_, Postgres>,
+    counts: BTreeMap<CountsKey, CountsSum<'_>>,
+) -> Result<(), sqlx::Error> {
+    let mut keys = KeyColumns::default();
+    for k in counts.keys() {
+        keys.push(k);
+    }
+    // Read the stored histograms. No row lock is needed: every writer of `audit_counts`
+    // (ingest and retention) holds the ingest advisory lock for its whole transaction, so
+    // nothing changes these rows, or inserts missing ones, before the upsert below.
+    let stored: Vec<StoredLatency> = sqlx::query_as(
+        "SELECT c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.cluster, \
+                c.partition, c.latency \
+         FROM audit_counts c \
+         JOIN UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int4[]) \
+              AS k(topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
+         USING (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
+         ",
+    )
+    .bind(&keys.topic)
+    .bind(&keys.bucket_start_ms)
+    .bind(&keys.bucket_width_ms)
+    .bind(&keys.tier)
+    .bind(&keys.datacenter)
+    .bind(&keys.cluster)
+    .bind(&keys.partition)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut existing: BTreeMap<CountsKey, Vec<u8>> = stored
+        .into_iter()
+        .map(|s| {
+            (
+                CountsKey {
+                    topic: s.topic,
+                    bucket_start_ms: s.bucket_start_ms,
+                    bucket_width_ms: s.bucket_width_ms,
+                    tier: s.tier,
+                    datacenter: s.datacenter,
+                    cluster: s.cluster,
+                    partition: s.partition,
+                },
+                s.latency,
+            )
+        })
+        .collect();
+
+    let n = counts.len();
+    let mut count = Vec::with_capacity(n);
+    let mut bytes = Vec::with_capacity(n);
+    let mut no_timestamp = Vec::with_capacity(n);
+    let mut malformed = Vec::with_capacity(n);
+    let mut min_event = Vec::with_capacity(n);
+    let mut max_event = Vec::with_capacity(n);
+    let mut records = Vec::with_capacity(n);
+    let mut merges = Vec::with_capacity(n);
+    for (key, sum) in &counts {
+        count.push(sum.count);
+        bytes.push(sum.bytes);
+        no_timestamp.push(sum.no_timestamp);
+        malformed.push(sum.malformed);
+        min_event.push(sum.min_event_ms);
+        max_event.push(sum.max_event_ms);
+        records.push(sum.records);
+        merges.push((key, existing.remove(key), sum.latencies.as_slice()));
+    }
+    let latency = merge_all(merges);
+
+    sqlx::query(
+        "INSERT INTO audit_counts AS c (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, \
+             cluster, partition, count, bytes, no_timestamp, malformed, min_event_ms, max_event_ms, \
+             latency, records) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
+             $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], \
+             $12::int8[], $13::int8[], $14::bytea[], $15::int8[]) \
+         ON CONFLICT (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
+         DO UPDATE SET \
+             count = c.count + EXCLUDED.count, \
+             bytes = c.bytes + EXCLUDED.bytes, \
+             no_timestamp = c.no_timestamp + EXCLUDED.no_timestamp, \
+             malformed = c.malformed + EXCLUDED.malformed, \
+             min_event_ms = LEAST(c.min_event_ms, EXCLUDED.min_event_ms), \
+             max_event_ms = GREATEST(c.max_event_ms, EXCLUDED.max_event_ms), \
+             latency = EXCLUDED.latency, \
+             records = c.records + EXCLUDED.records, \
+             updated_at = now(), \
+             change_seq = nextval('audit_change_seq')",
+    )
+    .bind(&keys.topic)
+    .bind(&keys.bucket_start_ms)
+    .bind(&keys.bucket_width_ms)
+    .bind(&keys.tier)
+    .bind(&keys.datacenter)
+    .bind(&keys.cluster)
+    .bind(&keys.partition)
+    .bind(&count)
+    .bind(&bytes)
+    .bind(&no_timestamp)
+    .bind(&malformed)
+    .bind(&min_event)
+    .bind(&max_event)
+    .bind(&latency)
+    .bind(&records)
+    .execute(&mut **tx)
+    .await?;
+
+    // Tell readers which buckets changed (see migrations/0013_*.sql).
+    let changed: BTreeSet<(&str, i64, i64, &str)> = counts
+        .keys()
+        .map(|k| {
+            (
+                k.topic.as_str(),
+                k.bucket_start_ms,
+                k.bucket_width_ms,
+                k.tier.as_str(),
+            )
+        })
+        .collect();
+    let mut topic = Vec::with_capacity(changed.len());
+    let mut start = Vec::with_capacity(changed.len());
+    let mut width = Vec::with_capacity(changed.len());
+    let mut tier = Vec::with_capacity(changed.len());
+    for (t, s, w, tr) in changed {
+        topic.push(t);
+        start.push(s);
+        width.push(w);
+        tier.push(tr);
+    }
+    sqlx::query(
+        "INSERT INTO audit_count_changes (topic, bucket_start_ms, bucket_width_ms, tier) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[])",
+    )
+    .bind(&topic)
+    .bind(&start)
+    .bind(&width)
+    .bind(&tier)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// One row's histogram work: its key, the stored histogram, the batch's histograms.
+type Merge<'a> = (&'a CountsKey, Option<Vec<u8>>, &'a [&'a Latency]);
+
+/// [`merged_latency`] of every row, in order, spread over the available cores: decoding,
+/// adding and encoding histograms is the CPU-heavy part of a batch, and PostgreSQL is idle
+/// meanwhile, waiting for the upsert.
+fn merge_all(merges: Vec<Merge<'_>>) -> Vec<Vec<u8>> {
+    const MIN_PER_THREAD: usize = 256;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(merges.len() / MIN_PER_THREAD)
+        .max(1);
+    let one = |part: Vec<Merge<'_>>| -> Vec<Vec<u8>> {
+        part.into_iter()
+            .map(|(key, stored, new)| merged_latency(key, stored, new))
+            .collect()
+    };
+    if threads == 1 {
+        return one(merges);
+    }
+    let per = merges.len().div_ceil(threads);
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = merges;
+    while rest.len() > per {
+        let tail = rest.split_off(per);
+        parts.push(rest);
+        rest = tail;
+    }
+    parts.push(rest);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| scope.spawn(move || one(part)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
+}
+
+/// The stored histogram of `key` plus every new one, serialized.
+fn merged_latency(key: &CountsKey, stored: Option<Vec<u8>>, new: &[&Latency]) -> Vec<u8> {
+    let base = stored.and_then(|bytes| match Latency::from_bytes(&bytes) {
+        Ok(h) => Some(h),
+        Err(reason) => {
+            tracing::error!(
+                topic = %key.topic,
+                bucket_start_ms = key.bucket_start_ms,
+                tier = %key.tier,
+                %reason,
+                "stored latency histogram is unreadable; replacing it with the new values"
+            );
+            None
+        }
+    });
+    match (base, new) {
+        (Some(mut h), _) => {
+            for l in new {
+                h.merge(l);
+            }
+            h.to_bytes()
+        }
+        (None, []) => Latency::new().to_bytes(),
+        (None, [only]) => only.to_bytes(),
+        (None, [head, rest @ ..]) => {
+            let mut h = (*head).clone();
+            for l in rest {
+                h.merge(l);
+            }
+            h.to_bytes()
+        }
+    }
+}
+
+async fn upsert_progress(
+    tx: &mut Transaction<'_, Postgres>,
+    progress: BTreeMap<ProgressKey, ProgressMax<'_>>,
+) -> Result<(), sqlx::Error> {
+    let n = progress.len();
+    let mut tier = Vec::with_capacity(n);
+    let mut cluster = Vec::with_capacity(n);
+    let mut datacenter = Vec::with_capacity(n);
+    let mut topic = Vec::with_capacity(n);
+    let mut physical = Vec::with_capacity(n);
+    let mut partition = Vec::with_capacity(n);
+    let mut watermark = Vec::with_capacity(n);
+    let mut position = Vec::with_capacity(n);
+    let mut high = Vec::with_capacity(n);
+    let mut width = Vec::with_capacity(n);
+    let mut emitted = Vec::with_capacity(n);
+    let mut host = Vec::with_capacity(n);
+    let mut instance = Vec::with_capacity(n);
+    let mut closing = Vec::with_capacity(n);
+    for (k, m) in &progress {
+        tier.push(k.tier.as_str());
+        cluster.push(k.cluster.as_str());
+        datacenter.push(k.datacenter.as_str());
+        topic.push(k.topic.as_str());
+        physical.push(k.physical_topic.as_str());
+        partition.push(k.partition);
+        watermark.push(m.watermark_ms);
+        position.push(m.position);
+        high.push(m.high_watermark);
+        width.push(m.latest.bucket_width.as_millis());
+        emitted.push(m.last_emitted_ms);
+        host.push(k.host.as_str());
+        instance.push(k.instance.as_str());
+        closing.push(m.latest.closing);
+    }
+    sqlx::query(
+        "INSERT INTO audit_progress AS p (tier, cluster, datacenter, topic, physical_topic, \
+             partition, watermark_ms, position, high_watermark, bucket_width_ms, last_emitted_ms, \
+             host, instance, closing) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], \
+             $12::text[], $13::text[], $14::bool[]) \
+         ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition, host, instance) \
+         DO UPDATE SET \
+             watermark_ms = GREATEST(p.watermark_ms, EXCLUDED.watermark_ms), \
+             position = GREATEST(p.position, EXCLUDED.position), \
+             high_watermark = GREATEST(p.high_watermark, EXCLUDED.high_watermark), \
+             bucket_width_ms = CASE WHEN EXCLUDED.last_emitted_ms >= p.last_emitted_ms \
+                 THEN EXCLUDED.bucket_width_ms ELSE p.bucket_width_ms END, \
+             closing = CASE WHEN EXCLUDED.last_emitted_ms >= p.last_emitted_ms \
+                 THEN EXCLUDED.closing ELSE p.closing END, \
+             last_emitted_ms = GREATEST(p.last_emitted_ms, EXCLUDED.last_emitted_ms), \
+             last_seen_at = now(), \
+             change_seq = nextval('audit_change_seq')",
+    )
+    .bind(&tier)
+    .bind(&cluster)
+    .bind(&datacenter)
+    .bind(&topic)
+    .bind(&physical)
+    .bind(&partition)
+    .bind(&watermark)
+    .bind(&position)
+    .bind(&high)
+    .bind(&width)
+    .bind(&emitted)
+    .bind(&host)
+    .bind(&instance)
+    .bind(&closing)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The stored next offsets of one audit topic, by partition.
+pub async fn load_offsets(
+    pool: &PgPool,
+    cluster: &str,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, StoreError> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM ingest_offsets WHERE cluster = $1 AND topic = $2",
+    )
+    .bind(cluster)
+    .bind(topic)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(values: &[i64]) -> Latency {
+        let mut l = Latency::new();
+        for &v in values {
+            l.record(v);
+        }
+        l
+    }
+
+    #[test]
+    fn merged_latency_includes_stored_values() {
+        let key = CountsKey {
+            topic: "t".into(),
+            bucket_start_ms: 0,
+            bucket_width_ms: 60_000,
+            tier: "producer".into(),
+            datacenter: "dc".into(),
+            cluster: "c".into(),
+            partition: 0,
+        };
+        let stored = hist(&[1, 2, 3]).to_bytes();
+        let a = hist(&[100]);
+        let b = hist(&[1_000, 2_000]);
+        let merged = Latency::from_bytes(&merged_latency(&key, Some(stored), &[&a, &b])).expect("ok");
+        assert_eq!(merged.len(), 6);
+        let only = Latency::from_bytes(&merged_latency(&key, None, &[&a])).expect("ok");
+        assert_eq!(only.len(), 1);
+        let corrupt =
+            Latency::from_bytes(&merged_latency(&key, Some(b"x".to_vec()), &[&b])).expect("ok");
+        assert_eq!(corrupt.len(), 2);
+        let empty = Latency::from_bytes(&merged_latency(&key, None, &[])).expect("ok");
+        assert!(empty.is_empty());
+    }
+}
