@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate_all, event_lag_ms, judge};
+use super::{
+    EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate_all, event_lag_ms, judge,
+};
 use crate::reconcile::config::{EdgeConfig, ReconcileConfig, millis};
 
 /// A queued bucket of one topic.
@@ -282,5 +284,156 @@ fn silent_tier(edge: &EdgeConfig, side: Side) -> String {
     match side {
         Side::Upstream => edge.from.clone(),
         Side::Downstream => edge.to.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const START: i64 = 600_000;
+    const WIDTH: i64 = 60_000;
+    const END: i64 = START + WIDTH;
+
+    fn config() -> ReconcileConfig {
+        ReconcileConfig {
+            allowed_lateness: Duration::from_secs(1),
+            max_wait: Duration::from_secs(60),
+            ..ReconcileConfig::default()
+        }
+    }
+
+    fn key() -> BucketKey {
+        BucketKey {
+            topic: "orders".into(),
+            start: START,
+            width: WIDTH,
+        }
+    }
+
+    fn counts(tier: &str, dc: &str, partition: i32, count: i64) -> CountRow {
+        CountRow {
+            tier: tier.into(),
+            datacenter: dc.into(),
+            partition,
+            count,
+        }
+    }
+
+    fn progress(tier: &str, dc: &str, partition: i32, watermark_ms: i64) -> ProgressRow {
+        ProgressRow {
+            tier: tier.into(),
+            datacenter: dc.into(),
+            width: WIDTH,
+            mark: Mark {
+                partition,
+                observer: format!("{tier}-{dc}/1"),
+                watermark_ms,
+                last_emitted_ms: watermark_ms,
+                consumer: tier != "producer",
+                closing: false,
+                stale: false,
+            },
+        }
+    }
+
+    fn judged(
+        rows: &[CountRow],
+        marks: &[ProgressRow],
+        now_ms: i64,
+    ) -> (Vec<Computed>, bool, BTreeSet<String>) {
+        let mut mismatches = BTreeSet::new();
+        let (v, done) = judge_bucket(&config(), &key(), END, now_ms, rows, marks, &mut mismatches);
+        (v, done, mismatches)
+    }
+
+    fn topic_level<'a>(v: &'a [Computed], edge: &str, dc: &str) -> Option<&'a Computed> {
+        v.iter()
+            .find(|c| c.key.edge == edge && c.key.datacenter == dc && c.key.partition == -1)
+    }
+
+    /// Two datacenters, each with producers, a regional cluster and a mirror into aggregate.
+    fn two_datacenters(
+        dc2_mirrored: i64,
+        dc2_aggregate_mark: i64,
+    ) -> (Vec<CountRow>, Vec<ProgressRow>) {
+        let passed = END + 2_000;
+        let rows = vec![
+            counts("producer", "dc1", -1, 10),
+            counts("regional", "dc1", 0, 10),
+            counts("aggregate", "dc1", 0, 10),
+            counts("producer", "dc2", -1, 7),
+            counts("regional", "dc2", 0, 6),
+            counts("aggregate", "dc2", 0, dc2_mirrored),
+        ];
+        let marks = vec![
+            progress("producer", "dc1", -1, passed),
+            progress("regional", "dc1", 0, passed),
+            progress("aggregate", "dc1", 0, passed),
+            progress("producer", "dc2", -1, passed),
+            progress("regional", "dc2", 0, passed),
+            progress("aggregate", "dc2", 0, dc2_aggregate_mark),
+        ];
+        (rows, marks)
+    }
+
+    #[test]
+    fn loss_is_attributed_to_its_datacenter_and_the_summed_edge_waits_for_each() {
+        // dc2's mirror is behind: its copy of partition 0 has not passed the bucket.
+        let (rows, marks) = two_datacenters(2, START);
+        let (v, done, _) = judged(&rows, &marks, END + 5_000);
+        assert!(!done, "regional->aggregate waits for dc2's copy");
+        let dc2 = topic_level(&v, "producer->regional", "dc2").expect("dc2 judged");
+        assert_eq!(
+            (dc2.status, dc2.expected, dc2.actual),
+            (VerdictStatus::Missing, 7, 6)
+        );
+        assert_eq!(
+            topic_level(&v, "producer->regional", "dc1").map(|c| c.status),
+            Some(VerdictStatus::Complete)
+        );
+        assert!(topic_level(&v, "regional->aggregate", "").is_none());
+        // The mirror catches up: summed over datacenters, complete.
+        let (rows, marks) = two_datacenters(6, END + 2_000);
+        let (v, done, _) = judged(&rows, &marks, END + 5_000);
+        assert!(done);
+        let r2a = topic_level(&v, "regional->aggregate", "").expect("judged");
+        assert_eq!(
+            (r2a.status, r2a.expected, r2a.actual),
+            (VerdictStatus::Complete, 16, 16)
+        );
+        assert!(r2a.waiting_on.is_empty());
+    }
+
+    #[test]
+    fn at_max_wait_a_lagging_datacenter_is_named() {
+        let (rows, marks) = two_datacenters(2, START);
+        let (v, done, _) = judged(&rows, &marks, END + 60_000);
+        assert!(!done, "a lagging bucket stays queued");
+        let r2a = topic_level(&v, "regional->aggregate", "").expect("judged at max_wait");
+        assert_eq!(r2a.status, VerdictStatus::Lagging);
+        assert_eq!(
+            r2a.waiting_on,
+            vec!["aggregate:aggregate-dc2/1 partition 0".to_owned()]
+        );
+    }
+
+    #[test]
+    fn different_bucket_widths_are_not_compared_and_stay_queued() {
+        let (rows, mut marks) = two_datacenters(6, END + 2_000);
+        for m in marks.iter_mut().filter(|m| m.tier == "aggregate") {
+            m.width = 10_000;
+        }
+        let (v, done, mismatches) = judged(&rows, &marks, END + 5_000);
+        assert!(!done);
+        assert!(topic_level(&v, "regional->aggregate", "").is_none());
+        assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+        assert!(
+            mismatches
+                .iter()
+                .all(|m| m.contains("orders") && m.contains("10000"))
+        );
     }
 }
