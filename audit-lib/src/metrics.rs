@@ -1,9 +1,18 @@
 //! Prometheus metrics of in-producer auditing, registered in a registry the application
-//! hands in (never the global one). All names start with `chaperone_audit_`.
+//! hands in (never the global one). All names start with `chaperone_audit_` ([`NAMESPACE`],
+//! shared by every Chaperone crate, then [`SUBSYSTEM`]), follow Prometheus conventions
+//! (`_total` on counters and only there, base units in the name) and are listed in the crate
+//! README.
 //!
 //! Hot-path counts are kept in the tracker and published once per flush.
 
 use prometheus::{IntCounter, IntGauge, Opts, Registry};
+
+/// Namespace of every Chaperone metric, in every crate: names are
+/// `chaperone_<component>_<what>[_<unit>][_total]`.
+pub const NAMESPACE: &str = "chaperone";
+/// Subsystem of the metrics of in-producer auditing.
+pub const SUBSYSTEM: &str = "audit";
 
 /// The metrics of one audited producer (or standalone reporter).
 #[derive(Debug, Clone)]
@@ -33,8 +42,8 @@ pub struct AuditMetrics {
 fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
     let c = IntCounter::with_opts(
         Opts::new(name, help)
-            .namespace("chaperone")
-            .subsystem("audit"),
+            .namespace(NAMESPACE)
+            .subsystem(SUBSYSTEM),
     )?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
@@ -43,8 +52,8 @@ fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, pr
 fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
     let g = IntGauge::with_opts(
         Opts::new(name, help)
-            .namespace("chaperone")
-            .subsystem("audit"),
+            .namespace(NAMESPACE)
+            .subsystem(SUBSYSTEM),
     )?;
     registry.register(Box::new(g.clone()))?;
     Ok(g)

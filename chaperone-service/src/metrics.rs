@@ -1,12 +1,18 @@
-//! Prometheus metrics of the service, registered on an explicit [`Registry`] under the
-//! `chaperone` namespace. Message counters are published per committed flush, never per
-//! message, so they agree with what reached the audit topic.
+//! Prometheus metrics of the service, registered on an explicit [`Registry`]: every name is
+//! `chaperone_service_*` ([`NAMESPACE`], [`SUBSYSTEM`]), `_total` on counters only, base units
+//! in the name, and the consumer lag named as in the collector (`consumer_lag_messages`).
+//! Message counters are published per committed flush, never per message, so they agree with
+//! what reached the audit topic.
 
 use std::collections::HashSet;
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+
+pub use chaperone_audit::metrics::NAMESPACE;
+/// Subsystem of the service's metrics.
+pub const SUBSYSTEM: &str = "service";
 
 /// Every metric of the service.
 #[derive(Debug, Clone)]
@@ -25,9 +31,9 @@ pub struct Metrics {
     pub records: IntCounterVec,
     /// Rebalance events by kind (`assign`, `revoke`, `lost`, `error`).
     pub rebalances: IntCounterVec,
-    /// Consumer lag per audited partition (capped, see `metrics.max_lag_series`).
+    /// Consumer lag in messages per audited partition (capped, see `metrics.max_lag_series`).
     pub lag: IntGaugeVec,
-    /// Total consumer lag over the assigned partitions.
+    /// Consumer lag in messages over all assigned partitions.
     pub lag_total: IntGauge,
     /// Partitions currently assigned.
     pub assigned_partitions: IntGauge,
@@ -49,8 +55,7 @@ impl Metrics {
         tier: &str,
         max_lag_series: usize,
     ) -> Result<Self, prometheus::Error> {
-        let ns = "chaperone";
-        let sub = "service";
+        let (ns, sub) = (NAMESPACE, SUBSYSTEM);
         let counter = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help).namespace(ns).subsystem(sub), labels)
         };
@@ -79,15 +84,18 @@ impl Metrics {
             )?,
             rebalances: counter("rebalances_total", "Consumer group rebalances", &["kind"])?,
             lag: IntGaugeVec::new(
-                Opts::new("consumer_lag", "Messages not yet audited per partition")
-                    .namespace(ns)
-                    .subsystem(sub),
+                Opts::new(
+                    "partition_consumer_lag_messages",
+                    "Messages not yet audited per partition (capped number of series)",
+                )
+                .namespace(ns)
+                .subsystem(sub),
                 &["topic", "partition"],
             )?,
             lag_total: IntGauge::with_opts(
                 Opts::new(
-                    "consumer_lag_total",
-                    "Messages not yet audited, all partitions",
+                    "consumer_lag_messages",
+                    "Messages not yet audited, all assigned partitions",
                 )
                 .namespace(ns)
                 .subsystem(sub),
@@ -207,7 +215,13 @@ mod tests {
             .encode(&r.gather(), &mut buf)
             .expect("encode");
         let text = String::from_utf8(buf).expect("utf8");
-        assert!(text.contains("chaperone_service_consumer_lag{partition=\"0\",topic=\"b\"} 2"));
+        assert!(text.contains(
+            "chaperone_service_partition_consumer_lag_messages{partition=\"0\",topic=\"b\"} 2"
+        ));
+        assert!(
+            text.contains("chaperone_service_consumer_lag_messages 2"),
+            "{text}"
+        );
         assert!(!text.contains("topic=\"a\""), "{text}");
     }
 }

@@ -97,7 +97,7 @@ async fn counts_known_messages_exactly_per_topic_partition_bucket() {
     let line = format!("chaperone_service_messages_total{{tier=\"regional\"}} {want_total}");
     assert!(body.contains(&line), "metrics lack `{line}`:\n{body}");
     assert!(body.contains("chaperone_service_transactions_total{result=\"committed\"}"));
-    assert!(body.contains("chaperone_service_consumer_lag{"));
+    assert!(body.contains("chaperone_service_partition_consumer_lag_messages{"));
 
     for c in &reader.counts {
         assert_eq!(c.observer.tier, Tier::Regional);

@@ -1,15 +1,17 @@
 //! Prometheus metrics of the ingest pipeline, registered on an explicit [`Registry`].
 //!
 //! Other parts of the collector (reconciliation, alerts) register their own metric structs
-//! on the same registry, which `/metrics` serves; every name is under the `chaperone`
-//! namespace and `collector` subsystem.
+//! on the same registry, which `/metrics` serves. Every name is `chaperone_collector_*`
+//! ([`NAMESPACE`], [`SUBSYSTEM`]); the reconciler's and the alert sender's go on with their
+//! stage (`chaperone_collector_reconcile_*`, `chaperone_collector_alerts_*`). `_total` is on
+//! counters only, base units are in the name (durations `_duration_seconds`), and the consumer
+//! lag is named as in chaperone-service (`consumer_lag_messages`).
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
-/// Namespace of every Chaperone metric.
-pub const NAMESPACE: &str = "chaperone";
+pub use chaperone_audit::metrics::NAMESPACE;
 /// Subsystem of the collector's metrics.
 pub const SUBSYSTEM: &str = "collector";
 
@@ -31,8 +33,8 @@ pub struct IngestMetrics {
     /// Failed attempts to write a batch or its dead-letter records, by target
     /// (`postgres`, `dlq`).
     pub write_failures: IntCounterVec,
-    /// Records in the audit topic not yet stored (high watermark minus stored offset), by
-    /// cluster alias.
+    /// Messages (audit records) in the audit topic not yet stored (high watermark minus
+    /// stored offset), by cluster alias.
     pub lag_records: IntGaugeVec,
     /// Partitions of the audit topic being read, by cluster alias.
     pub partitions: IntGaugeVec,
@@ -84,7 +86,7 @@ impl IngestMetrics {
                 "Ingest batches committed to PostgreSQL",
             ))?,
             batch_seconds: Histogram::with_opts(hopts(
-                "batch_seconds",
+                "batch_duration_seconds",
                 "Time to make a batch durable, retries included",
                 prometheus::exponential_buckets(0.001, 2.0, 16)?,
             ))?,
@@ -102,14 +104,14 @@ impl IngestMetrics {
             )?,
             lag_records: IntGaugeVec::new(
                 opts(
-                    "ingest_lag_records",
-                    "Audit records in Kafka not yet stored in PostgreSQL",
+                    "consumer_lag_messages",
+                    "Audit records in the audit topic not yet stored in PostgreSQL",
                 ),
                 &["cluster"],
             )?,
             partitions: IntGaugeVec::new(
                 opts(
-                    "audit_partitions",
+                    "assigned_partitions",
                     "Partitions of the audit topic being read",
                 ),
                 &["cluster"],
@@ -127,7 +129,7 @@ impl IngestMetrics {
             )?,
             api_seconds: HistogramVec::new(
                 hopts(
-                    "api_request_seconds",
+                    "api_request_duration_seconds",
                     "Time to answer API requests",
                     prometheus::exponential_buckets(0.001, 2.0, 14)?,
                 ),

@@ -892,7 +892,7 @@ async fn an_untrusted_certificate_is_retried_and_shown_with_the_url_redacted() {
     let metrics_text = get("/metrics").await;
     for hook in ["public-roots", "other-ca"] {
         let line = format!(
-            "chaperone_alerts_webhook_deliveries_total{{result=\"failed\",webhook=\"{hook}\"}} 2"
+            "chaperone_collector_alerts_webhook_deliveries_total{{result=\"failed\",webhook=\"{hook}\"}} 2"
         );
         assert!(metrics_text.contains(&line), "{line} in\n{metrics_text}");
     }

@@ -195,7 +195,7 @@ async fn percentiles_are_exact_merges_across_hosts() -> anyhow::Result<()> {
     let (_, metrics) = get(&collector.url("/metrics"), None).await?;
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     assert!(metrics.contains("chaperone_collector_records_ingested_total{kind=\"counts\"}"));
-    assert!(metrics.contains("chaperone_collector_batch_seconds_bucket"));
+    assert!(metrics.contains("chaperone_collector_batch_duration_seconds_bucket"));
 
     collector.stop().await?;
     db.drop_db().await

@@ -617,7 +617,7 @@ async fn run_evaluates_periodically_until_shutdown() {
         .encode_to_string(&registry.gather())
         .unwrap();
     assert!(
-        text.contains("chaperone_reconcile_verdicts_total{status=\"complete\"} 2"),
+        text.contains("chaperone_collector_reconcile_verdicts_total{status=\"complete\"} 2"),
         "{text}"
     );
 }

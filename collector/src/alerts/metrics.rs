@@ -1,5 +1,7 @@
-//! Prometheus metrics of the alert sender (namespace `chaperone`, subsystem `alerts`).
+//! Prometheus metrics of the alert sender: `chaperone_collector_alerts_*`, see
+//! [`crate::metrics`] for the naming rule.
 
+use crate::metrics::{NAMESPACE, SUBSYSTEM};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 /// The alert sender's metrics; cheap to clone.
@@ -17,20 +19,20 @@ impl AlertMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let deliveries = IntCounterVec::new(
             Opts::new(
-                "webhook_deliveries_total",
+                "alerts_webhook_deliveries_total",
                 "Webhook delivery attempts by webhook and result (sent or failed)",
             )
-            .namespace("chaperone")
-            .subsystem("alerts"),
+            .namespace(NAMESPACE)
+            .subsystem(SUBSYSTEM),
             &["webhook", "result"],
         )?;
         let pending = IntGauge::with_opts(
             Opts::new(
-                "pending_deliveries",
+                "alerts_pending_deliveries",
                 "Webhook notifications not yet delivered",
             )
-            .namespace("chaperone")
-            .subsystem("alerts"),
+            .namespace(NAMESPACE)
+            .subsystem(SUBSYSTEM),
         )?;
         registry.register(Box::new(deliveries.clone()))?;
         registry.register(Box::new(pending.clone()))?;

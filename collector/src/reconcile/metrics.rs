@@ -1,5 +1,7 @@
-//! Prometheus metrics of the reconciler (namespace `chaperone`, subsystem `reconcile`).
+//! Prometheus metrics of the reconciler: `chaperone_collector_reconcile_*`, see
+//! [`crate::metrics`] for the naming rule.
 
+use crate::metrics::{NAMESPACE, SUBSYSTEM};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// The reconciler's metrics; cheap to clone (every metric is shared).
@@ -29,50 +31,53 @@ impl ReconcileMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let opts = |name: &str, help: &str| {
             Opts::new(name, help)
-                .namespace("chaperone")
-                .subsystem("reconcile")
+                .namespace(NAMESPACE)
+                .subsystem(SUBSYSTEM)
         };
         let verdicts = IntCounterVec::new(
             opts(
-                "verdicts_total",
+                "reconcile_verdicts_total",
                 "Verdicts written (first judgements and changes) by status",
             ),
             &["status"],
         )?;
         let missing_messages = IntGaugeVec::new(
             opts(
-                "missing_messages",
+                "reconcile_missing_messages",
                 "Messages missing per topic in topic-level verdicts of recent buckets \
                  (topics beyond the cap are summed under _other)",
             ),
             &["topic"],
         )?;
         let pending_buckets = IntGauge::with_opts(opts(
-            "pending_buckets",
+            "reconcile_pending_buckets",
             "Buckets whose counts changed and that still wait for a final verdict",
         ))?;
         let passes = IntCounterVec::new(
-            opts("passes_total", "Evaluation passes by result"),
+            opts("reconcile_passes_total", "Evaluation passes by result"),
             &["result"],
         )?;
         let pass_seconds = Histogram::with_opts(
-            HistogramOpts::new("pass_seconds", "Duration of one evaluation pass")
-                .namespace("chaperone")
-                .subsystem("reconcile")
-                .buckets(vec![0.005, 0.02, 0.1, 0.5, 2.0, 10.0, 60.0]),
+            HistogramOpts::new(
+                "reconcile_pass_duration_seconds",
+                "Duration of one evaluation pass",
+            )
+            .namespace(NAMESPACE)
+            .subsystem(SUBSYSTEM)
+            .buckets(vec![0.005, 0.02, 0.1, 0.5, 2.0, 10.0, 60.0]),
         )?;
         let stale_instances = IntGauge::with_opts(opts(
-            "stale_instances",
+            "reconcile_stale_instances",
             "Producer instances silent for longer than reconcile.instance_timeout without a \
              clean shutdown: no longer waited for, their counts may be incomplete",
         ))?;
         let lagging_buckets = IntGauge::with_opts(opts(
-            "lagging_buckets",
+            "reconcile_lagging_buckets",
             "Topic-level verdicts that are lagging: the downstream tier has not shown it read \
              past the bucket by max_wait",
         ))?;
         let width_mismatches = IntGauge::with_opts(opts(
-            "width_mismatches",
+            "reconcile_width_mismatches",
             "Topic and edge pairs not compared because their tiers count in different bucket \
              widths",
         ))?;
