@@ -420,10 +420,10 @@ impl Config {
                 "`producer` is the producers' tier; use `regional`, `aggregate` or a custom name",
             ));
         }
-        if let Some(id) = &self.transactional_id {
-            if id.trim().is_empty() {
-                return Err(invalid("transactional_id", "must not be empty"));
-            }
+        if let Some(id) = &self.transactional_id
+            && id.trim().is_empty()
+        {
+            return Err(invalid("transactional_id", "must not be empty"));
         }
         if self.audit_topic.is_empty()
             || self.audit_topic.len() > chaperone_audit::record::MAX_TOPIC_LEN

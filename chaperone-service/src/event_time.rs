@@ -51,10 +51,10 @@ impl Dater {
         for source in &self.sources {
             match source {
                 TimeSource::CreateTime => {
-                    if let Timestamp::CreateTime(ms) = timestamp {
-                        if plausible(ms) {
-                            return EventTime::Timed(ms);
-                        }
+                    if let Timestamp::CreateTime(ms) = timestamp
+                        && plausible(ms)
+                    {
+                        return EventTime::Timed(ms);
                     }
                 }
                 TimeSource::JsonField => {

@@ -304,12 +304,12 @@ impl Core {
         consumer: &BaseConsumer<C>,
         rewind: bool,
     ) -> Result<(), PipelineError> {
-        if let Some(outcome) = self.committer.wait() {
-            if !self.settle(outcome, consumer, rewind)? {
-                // Nothing counted since the aborted batch is left, and the positions are
-                // (or, when revoked, no longer matter) back at the committed offsets.
-                return Ok(());
-            }
+        if let Some(outcome) = self.committer.wait()
+            && !self.settle(outcome, consumer, rewind)?
+        {
+            // Nothing counted since the aborted batch is left, and the positions are
+            // (or, when revoked, no longer matter) back at the committed offsets.
+            return Ok(());
         }
         if let Some(batch) = self.prepare(consumer)? {
             self.committer.submit(batch);
@@ -596,10 +596,9 @@ impl ConsumerContext for PipelineContext {
                     } else if matches!(
                         consumer.rebalance_protocol(),
                         RebalanceProtocol::Cooperative
-                    ) {
-                        if let Err(e) = core.rewind(consumer) {
-                            core.fatal = Some(e);
-                        }
+                    ) && let Err(e) = core.rewind(consumer)
+                    {
+                        core.fatal = Some(e);
                     }
                 } else {
                     self.metrics.rebalances.with_label_values(&["revoke"]).inc();
@@ -727,7 +726,7 @@ pub fn consume(
         let mut guard = lock(&core);
         match polled {
             Some(Ok(m)) => {
-                if clock_stale || since_check % READ_CLOCK_EVERY == 0 {
+                if clock_stale || since_check.is_multiple_of(READ_CLOCK_EVERY) {
                     guard.read_clock();
                     clock_stale = false;
                 }

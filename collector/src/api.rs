@@ -412,10 +412,10 @@ fn optional_range(params: &Params) -> Result<(Option<i64>, Option<i64>), ApiErro
     let to = param(params, "to")
         .map(|v| parse_time("to", v))
         .transpose()?;
-    if let (Some(f), Some(t)) = (from, to) {
-        if f >= t {
-            return Err(ApiError::bad("from", "must be earlier than `to`"));
-        }
+    if let (Some(f), Some(t)) = (from, to)
+        && f >= t
+    {
+        return Err(ApiError::bad("from", "must be earlier than `to`"));
     }
     Ok((
         from.map(|t| t.timestamp_millis()),

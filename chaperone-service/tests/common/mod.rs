@@ -345,13 +345,13 @@ impl Service {
 
     /// Fails the test when the process has exited.
     pub fn assert_running(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            if let Ok(Some(status)) = c.try_wait() {
-                panic!(
-                    "service exited early with {status}; log:\n{}",
-                    self.log_text()
-                );
-            }
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            panic!(
+                "service exited early with {status}; log:\n{}",
+                self.log_text()
+            );
         }
     }
 

@@ -288,7 +288,7 @@ pub(crate) mod duration {
     /// Formats a duration the way [`parse`] reads it.
     pub(crate) fn format(d: &Duration) -> String {
         let ms = d.as_millis();
-        if ms % 1_000 != 0 {
+        if !ms.is_multiple_of(1_000) {
             format!("{ms}ms")
         } else {
             format!("{}s", ms / 1_000)
