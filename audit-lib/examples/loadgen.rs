@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use chaperone_audit::config::parse_duration;
+use chaperone_audit::duration::parse as parse_duration;
 use chaperone_audit::{AuditConfig, AuditedProducer, DeliveryFuture};
 use clap::Parser;
 use rand::Rng as _;

@@ -2,8 +2,8 @@
 //!
 //! [`AuditConfig`] is a serde struct (TOML, JSON, ...) with `deny_unknown_fields` and defaults
 //! that work on a developer machine; [`AuditConfig::validate`] fails with a [`ConfigError`]
-//! naming the offending key. Durations are written as strings such as `"10s"`, `"250ms"`,
-//! `"5m"` or `"1h"` (a bare integer is read as milliseconds).
+//! naming the offending key. Durations are written with a unit, such as `"10s"`, `"250ms"`,
+//! `"5m"` or `"1h"`; a bare number is refused ([`crate::duration`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -78,11 +78,11 @@ pub struct AuditConfig {
     pub topic: String,
     /// How often counts are drained and published. Bounds how much counting a `kill -9` can
     /// lose and how stale the collector's view is.
-    #[serde(with = "duration")]
+    #[serde(with = "crate::duration")]
     pub flush_interval: Duration,
     /// Event-time bucket width (whole seconds, 1 s to 1 day). Every hop of one pipeline must
     /// use the same width for the counts to be comparable.
-    #[serde(with = "duration")]
+    #[serde(with = "crate::duration")]
     pub bucket_width: Duration,
     /// The hop this process reports as (`producer` unless it audits something else, such as
     /// a consumer application).
@@ -109,11 +109,11 @@ pub struct AuditConfig {
     pub spool_max_bytes: u64,
     /// How long the audit producer tries to deliver one record before it is kept in the
     /// spool for a later attempt (librdkafka `message.timeout.ms` of the audit producer).
-    #[serde(with = "duration")]
+    #[serde(with = "crate::duration")]
     pub delivery_timeout: Duration,
     /// Longest time `shutdown()` waits for pending deliveries before leaving the rest in the
     /// spool.
-    #[serde(with = "duration")]
+    #[serde(with = "crate::duration")]
     pub shutdown_timeout: Duration,
     /// librdkafka properties of the audit producer. When empty, the audited producer's own
     /// client properties are used, so the audit topic lives on the same cluster.
@@ -264,60 +264,6 @@ pub fn hostname() -> String {
     }
 }
 
-/// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"`, `"1d"` or a bare number of milliseconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 10s or 250ms"))?;
-    let ms = match unit.trim() {
-        "" | "ms" => Some(n),
-        "s" => n.checked_mul(1_000),
-        "m" | "min" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        "d" => n.checked_mul(86_400_000),
-        other => return Err(format!("unknown duration unit `{other}` in `{s}`")),
-    };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("duration `{s}` is too large"))
-}
-
-/// Formats a duration the way [`parse_duration`] reads it.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1_000) {
-        format!("{}s", ms / 1_000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
-mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::format_duration(*d))
-    }
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Millis(u64),
-        Text(String),
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        match Raw::deserialize(d)? {
-            Raw::Millis(ms) => Ok(Duration::from_millis(ms)),
-            Raw::Text(s) => super::parse_duration(&s).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,7 +289,7 @@ mod tests {
     fn reads_durations_and_identity() {
         let c = from_json(
             r#"{"topic":"audit-x","flush_interval":"250ms","bucket_width":"5m",
-                "delivery_timeout":5000,"host":"web-1","instance":"a","tier":"billing",
+                "delivery_timeout":"5s","host":"web-1","instance":"a","tier":"billing",
                 "kafka":{"bootstrap.servers":"127.0.0.1:19092"}}"#,
         )
         .expect("parses");
@@ -365,6 +311,8 @@ mod tests {
         assert!(err.to_string().contains("flush_intervall"), "{err}");
         let err = from_json(r#"{"flush_interval":"10 parsecs"}"#).expect_err("bad unit");
         assert!(err.to_string().contains("parsecs"), "{err}");
+        let err = from_json(r#"{"bucket_width":60000}"#).expect_err("no unit");
+        assert!(err.to_string().contains("\"60s\" or \"60000ms\""), "{err}");
     }
 
     #[test]
@@ -445,17 +393,5 @@ mod tests {
         assert_eq!(shown["security.protocol"], "SASL_SSL");
         assert_eq!(shown["ssl.key.location"], "/etc/chaperone/client.key");
         assert_eq!(shown.len(), props.len());
-    }
-
-    #[test]
-    fn parses_duration_forms() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3_600)));
-        assert_eq!(parse_duration("42"), Ok(Duration::from_millis(42)));
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("99999999999999999999d").is_err());
     }
 }

@@ -21,10 +21,13 @@
 //!   idempotence, and re-sends what failed (also after a restart) with the original ids.
 //! - [`spool`]: the crash-safe, bounded local file store of undelivered records.
 //! - [`config`]: [`AuditConfig`], serde configuration with validation naming the bad key.
+//! - [`duration`]: the workspace's one duration syntax (a unit is required), also used by
+//!   chaperone-service and the collector.
 //! - [`metrics`]: [`AuditMetrics`], registered in a registry the application hands in.
 
 pub mod bucket;
 pub mod config;
+pub mod duration;
 pub mod histogram;
 pub mod metrics;
 pub mod producer;

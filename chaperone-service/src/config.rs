@@ -10,8 +10,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chaperone_audit::{BucketWidth, Tier};
+use chaperone_daemon_support::secrets;
 use regex::Regex;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 /// Why a configuration was rejected. Every variant names the key.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +86,7 @@ pub struct TopicsConfig {
     /// MirrorMaker 2's own topics are excluded whatever this says.
     pub exclude: Vec<String>,
     /// How often cluster metadata is read to pick up new or deleted topics.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub refresh_interval: Duration,
 }
 
@@ -112,7 +113,7 @@ pub struct EventTimeConfig {
     pub json_field: Option<String>,
     /// Subtracted from the event-time watermark in progress records, to allow for
     /// out-of-order event times within a partition.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub watermark_lateness: Duration,
 }
 
@@ -199,18 +200,18 @@ pub struct Config {
     /// Replication factor of the audit topic when this service creates it (-1: broker default).
     pub audit_topic_replication: i32,
     /// Event-time bucket width (whole seconds, 1 s to 1 day).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub bucket_width: Duration,
     /// How often counts and offsets are committed together. Shorter means fresher counts and
     /// less recounting after a crash; longer means fewer, larger transactions.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub flush_interval: Duration,
     /// Kafka `transaction.timeout.ms`: how long the broker keeps a dead instance's open
     /// transaction (and so the group's offsets) locked before aborting it.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub transaction_timeout: Duration,
     /// Timeout of each transactional and metadata call.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub kafka_timeout: Duration,
     /// Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`).
     pub http_addr: SocketAddr,
@@ -350,16 +351,10 @@ impl Config {
             ("kafka_consumer", &mut self.kafka_consumer),
             ("kafka_producer", &mut self.kafka_producer),
         ] {
-            for (prop, value) in props.iter_mut() {
-                if let Some(resolved) =
-                    resolve_ref(value, &env).map_err(|reason| ConfigError::SecretRef {
-                        key: format!("{table}.\"{prop}\""),
-                        reason,
-                    })?
-                {
-                    *value = resolved;
-                }
-            }
+            secrets::resolve_all(props, &env).map_err(|(prop, reason)| ConfigError::SecretRef {
+                key: format!("{table}.\"{prop}\""),
+                reason,
+            })?;
         }
         Ok(())
     }
@@ -517,7 +512,7 @@ impl Config {
             ("kafka_consumer", &self.kafka_consumer),
             ("kafka_producer", &self.kafka_producer),
         ] {
-            if let Some((prop, _)) = props.iter().find(|(_, v)| is_ref(v)) {
+            if let Some(prop) = secrets::first_unresolved(props) {
                 return Err(ConfigError::SecretRef {
                     key: format!("{key}.\"{prop}\""),
                     reason: "holds an unresolved ${file:…}/${env:…} reference \
@@ -530,71 +525,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-}
-
-/// Whether `value` is a `${file:…}` or `${env:…}` reference.
-fn is_ref(value: &str) -> bool {
-    (value.starts_with("${file:") || value.starts_with("${env:")) && value.ends_with('}')
-}
-
-/// The value a `${file:PATH}` or `${env:VAR}` reference stands for; `None` for a plain value.
-fn resolve_ref(
-    value: &str,
-    env: &impl Fn(&str) -> Option<String>,
-) -> Result<Option<String>, String> {
-    if !is_ref(value) {
-        return Ok(None);
-    }
-    let inner = &value[2..value.len() - 1];
-    if let Some(path) = inner.strip_prefix("file:") {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-        let text = text.trim_end_matches(['\n', '\r']);
-        if text.is_empty() {
-            return Err(format!("{path} is empty"));
-        }
-        return Ok(Some(text.to_owned()));
-    }
-    let var = inner.strip_prefix("env:").unwrap_or_default();
-    env(var)
-        .filter(|v| !v.is_empty())
-        .map(Some)
-        .ok_or_else(|| format!("environment variable `{var}` is not set or empty"))
-}
-
-/// Parses `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (expected e.g. \"500ms\", \"5s\", \"2m\")"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1_000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3_600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Text(String),
-        Secs(u64),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
-        Raw::Secs(n) => Ok(Duration::from_secs(n)),
     }
 }
 
@@ -682,18 +612,21 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("5 parsecs").is_err());
+    fn durations_need_a_unit() {
         let c = Config::from_toml(
-            "cluster = \"a\"\ndatacenter = \"b\"\nbootstrap_servers = \"x\"\nflush_interval = \"750ms\"\n[topics]\nrefresh_interval = 2\n",
+            "cluster = \"a\"\ndatacenter = \"b\"\nbootstrap_servers = \"x\"\nflush_interval = \"750ms\"\n[topics]\nrefresh_interval = \"2s\"\n",
         )
         .expect("parses");
         assert_eq!(c.flush_interval, Duration::from_millis(750));
         assert_eq!(c.topics.refresh_interval, Duration::from_secs(2));
+        let e = Config::from_toml("bucket_width = 60000")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bucket_width = 60000"), "{e}");
+        assert!(
+            e.contains("needs a unit, such as \"60s\" or \"60000ms\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,12 +3,11 @@
 //! redacted) and audit topic creation, which is also where a cluster that refuses our
 //! credentials is noticed at start-up.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use chaperone_audit::config::{REDACTED, is_secret_property as is_secret, redacted_properties};
+use chaperone_daemon_support::kafka::client_config;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -17,52 +16,6 @@ use rdkafka::producer::{BaseProducer, DeliveryResult, Producer as _, ProducerCon
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Config;
-
-/// Builds a client configuration: `defaults`, then the user's `layers` in order, then
-/// `forced`. Every forced value that replaced a user value is logged at WARN, the others at
-/// DEBUG; the resulting properties at INFO, secrets redacted.
-fn layered(
-    client: &str,
-    defaults: &[(&str, String)],
-    layers: &[&BTreeMap<String, String>],
-    forced: &[(&str, String)],
-) -> ClientConfig {
-    let mut props: BTreeMap<String, String> = BTreeMap::new();
-    for (k, v) in defaults {
-        props.insert((*k).to_owned(), v.clone());
-    }
-    for layer in layers {
-        for (k, v) in layer.iter() {
-            props.insert(k.clone(), v.clone());
-        }
-    }
-    for (k, v) in forced {
-        match props.get(*k) {
-            Some(user) if user != v => {
-                let shown = if is_secret(k) {
-                    REDACTED
-                } else {
-                    user.as_str()
-                };
-                tracing::warn!(
-                    client,
-                    property = *k,
-                    configured = shown,
-                    forced = %if is_secret(k) { REDACTED } else { v.as_str() },
-                    "overriding a safety-critical kafka property"
-                );
-            }
-            _ => tracing::debug!(client, property = *k, "forcing kafka property"),
-        }
-        props.insert((*k).to_owned(), v.clone());
-    }
-    tracing::info!(client, properties = ?redacted_properties(&props), "kafka client properties");
-    let mut cfg = ClientConfig::new();
-    for (k, v) in props {
-        cfg.set(k, v);
-    }
-    cfg
-}
 
 fn ms(d: Duration) -> String {
     d.as_millis().to_string()
@@ -96,8 +49,9 @@ pub fn consumer_config(c: &Config) -> ClientConfig {
     tracing::info!(
         "consumer forces enable.auto.commit=false, enable.auto.offset.store=false, isolation.level=read_committed"
     );
-    layered(
+    client_config(
         "consumer",
+        &c.cluster,
         &defaults,
         &[&c.kafka, &c.kafka_consumer],
         &forced,
@@ -128,8 +82,9 @@ pub fn producer_config(c: &Config) -> ClientConfig {
         transactional_id = %c.transactional_id(),
         "producer forces enable.idempotence=true, acks=all and a transactional id"
     );
-    layered(
+    client_config(
         "producer",
+        &c.cluster,
         &defaults,
         &[&c.kafka, &c.kafka_producer],
         &forced,
@@ -186,8 +141,9 @@ const PROBE_POLL: Duration = Duration::from_millis(100);
 /// that says so at start-up, not a silent wait. Blocking; run it off the async runtime.
 pub fn probe_cluster(c: &Config) -> anyhow::Result<()> {
     let cluster = format!("`{}` ({})", c.cluster, c.bootstrap_servers);
-    let cfg = layered(
+    let cfg = client_config(
         "probe",
+        &c.cluster,
         &[],
         &[&c.kafka],
         &[("bootstrap.servers", c.bootstrap_servers.clone())],
@@ -238,8 +194,9 @@ pub async fn ensure_audit_topic(c: &Config) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || probe_cluster(&probed))
         .await
         .context("the kafka probe panicked")??;
-    let mut cfg = layered(
+    let mut cfg = client_config(
         "admin",
+        &c.cluster,
         &[],
         &[&c.kafka],
         &[("bootstrap.servers", c.bootstrap_servers.clone())],

@@ -38,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-use pipeline::{Clock, Core, PipelineContext, Settings};
+pub use pipeline::Clock;
+use pipeline::{Core, PipelineContext, Settings};
 
 /// What [`run`] takes from its caller instead of creating it, so tests can inject it.
 pub struct Deps {
@@ -63,7 +64,7 @@ impl Default for Deps {
         Self {
             listener: None,
             registry: Registry::new(),
-            clock: pipeline::system_clock(),
+            clock: Clock::system(),
         }
     }
 }

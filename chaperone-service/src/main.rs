@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use chaperone_service::{Config, Deps, config::parse_duration};
+use chaperone_daemon_support::process;
+use chaperone_service::{Config, Deps};
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 /// Tallies every audited topic of one Kafka cluster, exactly once, into audit records.
 ///
@@ -46,7 +46,7 @@ struct Args {
     /// HTTP address for /metrics, /healthz and /readyz.
     #[arg(long, env = "CHAPERONE_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
-    /// Flush interval, e.g. "5s".
+    /// Flush interval, with a unit: "5s", "500ms".
     #[arg(long, env = "CHAPERONE_FLUSH_INTERVAL")]
     flush_interval: Option<String>,
     /// librdkafka property for both clients, `key=value`; repeatable.
@@ -82,8 +82,9 @@ fn load(args: Args) -> anyhow::Result<Config> {
         http_addr
     );
     if let Some(d) = &args.flush_interval {
-        config.flush_interval = parse_duration(d)
-            .map_err(|e| anyhow::anyhow!("invalid config key `flush_interval`: {e}"))?;
+        config.flush_interval = chaperone_audit::duration::parse(d).map_err(|e| {
+            anyhow::anyhow!("invalid config key `flush_interval` (--flush-interval): {e}")
+        })?;
     }
     for kv in &args.kafka {
         let (k, v) = kv
@@ -97,14 +98,7 @@ fn load(args: Args) -> anyhow::Result<Config> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    process::init_tracing();
     let args = Args::parse();
     let check_only = args.check_config;
     let config = load(args)?;
@@ -121,34 +115,11 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown requested");
-            signals.cancel();
-        });
+        let shutdown = process::shutdown_on_signal();
         let result = chaperone_service::run(config, Deps::default(), shutdown).await;
         if let Err(e) = &result {
             tracing::error!(error = format!("{e:#}"), "chaperone-service stopped");
         }
         result
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -38,18 +38,8 @@ use crate::subscription::Selector;
 use crate::transaction::{Batch, Committer, Outcome, Totals};
 use crate::watermark::{self, Committed, Ends, Key, Marks};
 
-/// Milliseconds since the Unix epoch; injected so tests can control time.
-pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
-
-/// The wall clock.
-pub fn system_clock() -> Clock {
-    // Read on every message: `SystemTime` avoids chrono's calendar conversion.
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-    })
-}
+/// The wall clock, read in epoch milliseconds; injected so tests can control time.
+pub use chaperone_daemon_support::Clock;
 
 /// Why the pipeline stopped.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +144,7 @@ impl Core {
             malformed_warned: HashMap::new(),
             metrics,
             health,
-            now_ms: clock(),
+            now_ms: clock.now_ms(),
             clock,
             assigned_once: false,
             closing: false,
@@ -167,7 +157,7 @@ impl Core {
     /// message costs more than the rest of the counting, so the consume loop reads it after
     /// any wait and every few dozen messages: arrival times are then off by microseconds.
     pub fn read_clock(&mut self) {
-        self.now_ms = (self.clock)();
+        self.now_ms = self.clock.now_ms();
     }
 
     /// Counts one consumed message, arrived at the time of the last [`Core::read_clock`].
@@ -226,7 +216,7 @@ impl Core {
 
     /// Updates cached end offsets from client statistics (those that are fresh).
     fn update_ends(&mut self, stats: &Statistics) {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         for (key, ends) in watermark::ends_from_stats(stats, now) {
             self.ends.insert(key, ends);
         }
@@ -394,7 +384,7 @@ impl Core {
         }
         self.look_up_committed(consumer, &positions);
         let entries = self.tally.drain();
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let width = self.settings.width;
         let mut totals = Totals::default();
         let mut records: Vec<(String, Vec<u8>)> =

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chaperone_daemon_support::secrets;
 use serde::Deserialize;
 
 /// Environment variable that overrides `database.url`.
@@ -69,7 +70,7 @@ pub struct DatabaseConfig {
     /// retention the rest.
     pub max_connections: u32,
     /// How long to wait for a connection before an operation counts as failed.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub acquire_timeout: Duration,
 }
 
@@ -176,27 +177,27 @@ pub struct IngestConfig {
     /// round trips; smaller ones bound the work redone after a crash.
     pub batch_size: usize,
     /// Longest a record waits for its batch to fill before the batch is written anyway.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub linger: Duration,
     /// Capacity of the queue between the Kafka consumers and the writer. When the writer
     /// stalls (PostgreSQL down), consumers stop here and Kafka keeps the rest.
     pub queue_capacity: usize,
     /// How often the partitions of each audit topic are listed, to start reading new ones,
     /// and the ingest lag is measured.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub partition_refresh: Duration,
     /// First wait after a failed write to PostgreSQL or the dead-letter topic.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub retry_min: Duration,
     /// Longest wait between retries.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub retry_max: Duration,
     /// How long a dead-letter record may take to be acknowledged before the send is retried.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub dlq_timeout: Duration,
     /// On shutdown, how long the writer keeps retrying the last batch before giving up (the
     /// batch is then read again from Kafka at the next start; nothing is lost).
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub shutdown_grace: Duration,
 }
 
@@ -225,7 +226,7 @@ pub struct RetentionConfig {
     /// Rows deleted per statement, so retention never holds long locks.
     pub batch_size: i64,
     /// How often the retention job runs.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub interval: Duration,
 }
 
@@ -250,7 +251,7 @@ pub struct ApiConfig {
     pub token_file: Option<PathBuf>,
     /// Longest time range one `/buckets` request may span, so a careless range cannot load
     /// the whole table.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub max_range: Duration,
 }
 
@@ -320,13 +321,9 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
         for (i, c) in self.clusters.iter_mut().enumerate() {
-            for (prop, value) in c.librdkafka.iter_mut() {
-                if let Some(resolved) = resolve_ref(value, &env).map_err(|message| {
-                    ConfigError::new(format!("clusters[{i}].librdkafka.\"{prop}\""), message)
-                })? {
-                    *value = resolved;
-                }
-            }
+            secrets::resolve_all(&mut c.librdkafka, &env).map_err(|(prop, message)| {
+                ConfigError::new(format!("clusters[{i}].librdkafka.\"{prop}\""), message)
+            })?;
         }
         Ok(())
     }
@@ -402,14 +399,12 @@ impl Config {
                     "must differ from audit_topic",
                 ));
             }
-            for (k, v) in &c.librdkafka {
-                if is_ref(v) {
-                    return Err(ConfigError::new(
-                        format!("clusters[{i}].librdkafka.\"{k}\""),
-                        "holds an unresolved ${file:…}/${env:…} reference \
-                         (Config::load resolves them; or call Config::resolve_secret_refs)",
-                    ));
-                }
+            if let Some(k) = secrets::first_unresolved(&c.librdkafka) {
+                return Err(ConfigError::new(
+                    format!("clusters[{i}].librdkafka.\"{k}\""),
+                    "holds an unresolved ${file:…}/${env:…} reference \
+                     (Config::load resolves them; or call Config::resolve_secret_refs)",
+                ));
             }
             for k in c.librdkafka.keys() {
                 if k == "bootstrap.servers" {
@@ -461,36 +456,6 @@ fn nonzero(d: Duration, key: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Whether `value` is a `${file:…}` or `${env:…}` reference.
-fn is_ref(value: &str) -> bool {
-    (value.starts_with("${file:") || value.starts_with("${env:")) && value.ends_with('}')
-}
-
-/// The value a `${file:PATH}` or `${env:VAR}` reference stands for; `None` for a plain value.
-fn resolve_ref(
-    value: &str,
-    env: &impl Fn(&str) -> Option<String>,
-) -> Result<Option<String>, String> {
-    if !is_ref(value) {
-        return Ok(None);
-    }
-    let inner = &value[2..value.len() - 1];
-    let resolved = if let Some(path) = inner.strip_prefix("file:") {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-        let text = text.trim_end_matches(['\n', '\r']).to_owned();
-        if text.is_empty() {
-            return Err(format!("{path} is empty"));
-        }
-        text
-    } else {
-        let var = inner.strip_prefix("env:").unwrap_or_default();
-        env(var)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| format!("environment variable `{var}` is not set or empty"))?
-    };
-    Ok(Some(resolved))
-}
-
 fn topic_name(t: &str, key: &str) -> Result<(), ConfigError> {
     let ok = !t.is_empty()
         && t.len() <= chaperone_audit::record::MAX_TOPIC_LEN
@@ -505,60 +470,6 @@ fn topic_name(t: &str, key: &str) -> Result<(), ConfigError> {
             key,
             format!("`{t}` is not a valid Kafka topic name"),
         ))
-    }
-}
-
-/// Serde helpers for human-readable durations: `"250ms"`, `"5s"`, `"2m"`, `"1h"`, `"7d"`,
-/// or a bare integer of milliseconds. Use with `#[serde(with = "crate::config::duration")]`.
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Parses `"<integer><unit>"` with unit `ms`, `s`, `m`, `h` or `d`.
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("`{s}` has no unit (ms, s, m, h or d)"))?;
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` does not start with a whole number"))?;
-        let ms = match unit.trim() {
-            "ms" => Some(n),
-            "s" => n.checked_mul(1_000),
-            "m" | "min" => n.checked_mul(60_000),
-            "h" => n.checked_mul(3_600_000),
-            "d" => n.checked_mul(86_400_000),
-            other => {
-                return Err(format!(
-                    "unknown unit `{other}` in `{s}` (ms, s, m, h or d)"
-                ));
-            }
-        };
-        ms.map(Duration::from_millis)
-            .ok_or_else(|| format!("`{s}` is too long"))
-    }
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Repr {
-        Millis(u64),
-        Text(String),
-    }
-
-    /// Deserializes a duration string or integer milliseconds.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        match Repr::deserialize(d)? {
-            Repr::Millis(ms) => Ok(Duration::from_millis(ms)),
-            Repr::Text(s) => parse(&s).map_err(serde::de::Error::custom),
-        }
-    }
-
-    /// Serializes as `"<n>ms"`.
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", d.as_millis()))
     }
 }
 
@@ -589,17 +500,31 @@ mod tests {
     }
 
     #[test]
-    fn parses_durations() {
-        assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration::parse("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(duration::parse("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(duration::parse("1d"), Ok(Duration::from_secs(86_400)));
-        assert!(duration::parse("5").is_err());
-        assert!(duration::parse("5 weeks").is_err());
-        assert!(duration::parse("s").is_err());
-        let c = Config::from_toml("[ingest]\nlinger = \"1s\"\nretry_max = 2500\n").expect("parses");
+    fn durations_need_a_unit() {
+        let c = Config::from_toml("[ingest]\nlinger = \"1s\"\nretry_max = \"2500ms\"\n")
+            .expect("parses");
         assert_eq!(c.ingest.linger, Duration::from_secs(1));
         assert_eq!(c.ingest.retry_max, Duration::from_millis(2_500));
+        for (text, line, fix) in [
+            (
+                "[ingest]\nretry_max = 2500\n",
+                "retry_max = 2500",
+                "\"2500s\" or \"2500ms\"",
+            ),
+            (
+                "[reconcile]\ninterval = 60000\n",
+                "interval = 60000",
+                "\"60s\" or \"60000ms\"",
+            ),
+            (
+                "[alerts]\nmax_backoff = \"300\"\n",
+                "max_backoff",
+                "\"300s\" or \"300ms\"",
+            ),
+        ] {
+            let e = Config::from_toml(text).expect_err(text).to_string();
+            assert!(e.contains(line) && e.contains(fix), "{e}");
+        }
     }
 
     #[test]

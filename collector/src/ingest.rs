@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chaperone_audit::config::redacted_properties;
 use chaperone_audit::{AuditRecord, Counts, DecodeError};
+use chaperone_daemon_support::Backoff;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -195,35 +195,24 @@ const FORCED_CONSUMER: [(&str, &str); 4] = [
 /// Settings forced on every dead-letter producer after the user's overrides.
 const FORCED_PRODUCER: [(&str, &str); 2] = [("enable.idempotence", "true"), ("acks", "all")];
 
+/// The cluster's configuration: `bootstrap` and `defaults`, then its `librdkafka`
+/// properties, then `forced` (see [`chaperone_daemon_support::kafka`]).
 fn client_config(
+    client: &str,
     cluster: &ClusterConfig,
     forced: &[(&str, &str)],
-    extra: &[(&str, String)],
+    defaults: &[(&str, String)],
 ) -> ClientConfig {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &cluster.bootstrap);
-    for (k, v) in &cluster.librdkafka {
-        cfg.set(k, v);
-    }
-    for (k, v) in extra {
-        if !cluster.librdkafka.contains_key(*k) {
-            cfg.set(*k, v);
-        }
-    }
-    for (k, v) in forced {
-        if let Some(user) = cluster.librdkafka.get(*k).filter(|u| u.as_str() != *v) {
-            tracing::warn!(cluster = %cluster.alias, key = k, configured = %user, forced = v,
-                "overriding a librdkafka setting the collector's guarantees rely on");
-        }
-        cfg.set(*k, *v);
-    }
-    let effective = cfg.config_map();
-    tracing::info!(
-        cluster = %cluster.alias,
-        properties = ?redacted_properties(&effective),
-        "kafka client properties"
-    );
-    cfg
+    let mut base = vec![("bootstrap.servers", cluster.bootstrap.clone())];
+    base.extend(defaults.iter().cloned());
+    let forced: Vec<_> = forced.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    chaperone_daemon_support::kafka::client_config(
+        client,
+        &cluster.alias,
+        &base,
+        &[&cluster.librdkafka],
+        &forced,
+    )
 }
 
 /// One cluster being read.
@@ -257,6 +246,7 @@ impl Source {
             limiter: RateLimit::new(Duration::from_secs(10)),
         };
         let consumer: StreamConsumer<KafkaContext> = client_config(
+            "audit consumer",
             config,
             &FORCED_CONSUMER,
             &[("group.id", format!("chaperone-collector-{}", config.alias))],
@@ -264,6 +254,7 @@ impl Source {
         .create_with_context(ctx())
         .with_context(|| format!("creating the consumer of cluster `{}`", config.alias))?;
         let producer: FutureProducer<KafkaContext> = client_config(
+            "dead-letter producer",
             config,
             &FORCED_PRODUCER,
             &[(
@@ -729,7 +720,7 @@ impl Writer {
     /// Waits before retrying; `Err` when shutting down for longer than the grace period.
     async fn backoff(
         &self,
-        delay: &mut Duration,
+        delay: &mut Backoff,
         shutdown_since: &mut Option<Instant>,
     ) -> Result<(), GaveUp> {
         if self.shutdown.is_cancelled() {
@@ -738,8 +729,7 @@ impl Writer {
                 return Err(GaveUp);
             }
         }
-        tokio::time::sleep(*delay).await;
-        *delay = (*delay * 2).min(self.config.retry_max);
+        delay.wait().await;
         Ok(())
     }
 
@@ -916,7 +906,7 @@ impl Writer {
                 next_offset: o,
             })
             .collect();
-        let mut delay = self.config.retry_min;
+        let mut delay = Backoff::new(self.config.retry_min, self.config.retry_max);
         let mut failures = 0u32;
         loop {
             let e = match store::write_batch(&self.pool, records, &offsets).await {
@@ -960,7 +950,7 @@ impl Writer {
         letters: Vec<DeadLetter>,
         shutdown_since: &mut Option<Instant>,
     ) -> Result<(), GaveUp> {
-        let mut delay = self.config.retry_min;
+        let mut delay = Backoff::new(self.config.retry_min, self.config.retry_max);
         let mut failures = 0u32;
         let mut pending = letters;
         while !pending.is_empty() {

@@ -27,7 +27,6 @@ pub mod web;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use chrono::{DateTime, Utc};
 use prometheus::Registry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -37,32 +36,8 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 
 /// The source of "now" for everything that depends on wall-clock time (retention cutoffs,
-/// default API ranges), injectable in tests.
-#[derive(Clone)]
-pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
-
-impl Clock {
-    /// The system clock.
-    pub fn system() -> Self {
-        Self(Arc::new(Utc::now))
-    }
-
-    /// A clock reading `f`.
-    pub fn from_fn(f: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
-        Self(Arc::new(f))
-    }
-
-    /// The current time.
-    pub fn now(&self) -> DateTime<Utc> {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for Clock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Clock").field(&self.now()).finish()
-    }
-}
+/// default API ranges, verdicts), injectable in tests.
+pub use chaperone_daemon_support::Clock;
 
 /// What [`run`] needs from outside: injected so tests control them.
 #[derive(Debug)]

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chaperone_collector::{Clock, Config, Deps};
+use chaperone_daemon_support::{Backoff, process};
 use clap::Parser;
 use sqlx::postgres::PgPoolOptions;
-use tokio_util::sync::CancellationToken;
 
 /// Stores audit records in PostgreSQL exactly once, reconciles tiers and raises alerts.
 #[derive(Debug, Parser)]
@@ -27,12 +27,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    process::init_tracing();
     let config = Config::load(args.config.as_deref())?;
     if args.check_config {
         // Reads what start-up reads (secret files, CA files); connects to nothing.
@@ -53,8 +48,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn start(config: Config) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let shutdown = process::shutdown_on_signal();
     let url = config.database.resolve_url()?;
     let token = config.api.resolve_token(|k| std::env::var(k).ok())?;
     let pool = PgPoolOptions::new()
@@ -63,7 +57,7 @@ async fn start(config: Config) -> anyhow::Result<()> {
         .connect_lazy(&url)
         .context("parsing the database URL")?;
     // PostgreSQL may still be starting: retry the migrations until they apply.
-    let mut delay = Duration::from_millis(200);
+    let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match chaperone_collector::migrate(&pool).await {
             Ok(()) => break,
@@ -74,9 +68,8 @@ async fn start(config: Config) -> anyhow::Result<()> {
                 );
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(delay) => {}
+                    () = retry.wait() => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -92,29 +85,4 @@ async fn start(config: Config) -> anyhow::Result<()> {
         api_token: token,
     };
     chaperone_collector::run(config, deps, shutdown).await
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

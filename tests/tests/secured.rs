@@ -330,22 +330,20 @@ async fn the_pipeline_counts_exactly_over_sasl_ssl_and_logs_no_secret() -> anyho
 
     // Each component logged its effective client properties, secrets redacted...
     let logs = captured();
-    for (component, marker) in [
+    // The daemons log through chaperone-daemon-support, naming the client.
+    let daemons = "chaperone_daemon_support::kafka: kafka client properties";
+    for (component, marker, client) in [
         (
             "audit-lib",
             "chaperone_audit::reporter: audit producer kafka properties",
+            "",
         ),
-        (
-            "chaperone-service",
-            "chaperone_service::kafka: kafka client properties",
-        ),
-        (
-            "collector",
-            "chaperone_collector::ingest: kafka client properties",
-        ),
+        ("chaperone-service", daemons, "client=\"consumer\""),
+        ("collector", daemons, "client=\"audit consumer\""),
     ] {
         ensure!(
             logs.lines().any(|l| l.contains(marker)
+                && l.contains(client)
                 && l.contains("\"sasl.password\": \"<redacted>\"")
                 && l.contains("\"ssl.key.password\": \"<redacted>\"")),
             "{component} logged no client properties with redacted passwords"

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::reconcile::VerdictStatus;
-use crate::reconcile::config::{ConfigError, duration};
+use crate::reconcile::config::ConfigError;
 
 /// `[alerts]`: where notifications go and how hard delivery tries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,16 +18,16 @@ pub struct AlertsConfig {
     /// Run the sender at all.
     pub enabled: bool,
     /// How often the outbox is polled for new events and due retries.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub poll_interval: Duration,
     /// Timeout of one webhook request (connect and response).
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub request_timeout: Duration,
     /// Delay before the first retry of a failed delivery; doubles on every further failure.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub initial_backoff: Duration,
     /// Cap of the retry delay: a receiver that is down for hours is still retried this often.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub max_backoff: Duration,
     /// Deliveries claimed and sent per transaction.
     pub batch_size: usize,

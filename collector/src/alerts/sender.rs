@@ -5,8 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
-use std::time::Duration;
 
+use chaperone_daemon_support::backoff;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sqlx::{PgPool, Row};
@@ -322,10 +322,10 @@ impl Sender {
                     tracing::info!(%webhook, %kind, delivery_id = id, "webhook notified");
                 }
                 Err(error) => {
-                    let delay = backoff(
+                    let delay = backoff::delay(
                         self.config.initial_backoff,
                         self.config.max_backoff,
-                        attempts,
+                        u32::try_from(attempts).unwrap_or(0),
                     );
                     let next = self.clock.now()
                         + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
@@ -473,25 +473,11 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     outputs.into_iter().flatten().collect()
 }
 
-/// Delay after the `attempts`+1-th failure: `initial * 2^attempts`, at most `max`.
-pub(crate) fn backoff(initial: Duration, max: Duration, attempts: i32) -> Duration {
-    let factor = 2u32.saturating_pow(u32::try_from(attempts).unwrap_or(0).min(30));
-    initial.saturating_mul(factor).min(max)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
 
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let s = Duration::from_secs;
-        assert_eq!(backoff(s(1), s(60), 0), s(1));
-        assert_eq!(backoff(s(1), s(60), 1), s(2));
-        assert_eq!(backoff(s(1), s(60), 5), s(32));
-        assert_eq!(backoff(s(1), s(60), 6), s(60));
-        assert_eq!(backoff(s(1), s(60), 10_000), s(60));
-    }
+    use super::*;
 
     #[tokio::test]
     async fn join_all_runs_futures_together_and_keeps_their_order() {

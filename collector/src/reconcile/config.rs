@@ -21,35 +21,35 @@ pub struct ReconcileConfig {
     pub enabled: bool,
     /// How often pending buckets are evaluated. Short intervals give faster verdicts at the
     /// cost of more queries.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub interval: Duration,
     /// How far past a bucket's end every partition of the downstream tier must have
     /// progressed before the bucket is judged: room for records that arrive out of order.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub allowed_lateness: Duration,
     /// A bucket is judged at the latest this long after its end, even when a tier never
     /// reported progress past it (this is how a silent tier is noticed).
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub max_wait: Duration,
     /// A judged bucket whose counts change again (late records) is judged again only once its
     /// counts have not changed for this long, so that every tier involved has had the
     /// chance to deliver its late counts too: a re-judgement compares settled numbers.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub settle: Duration,
     /// A producer instance (an observer without consumer positions) that sent no progress
     /// for this long, and did not say it shut down, stops holding buckets back. Verdicts of
     /// the buckets it had not passed name it (`stale_instances`): its counts of them may be
     /// incomplete. Keep it well above the producers' flush interval.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub instance_timeout: Duration,
     /// A downstream tier that has not shown it read past a bucket by `max_wait` is
     /// `lagging`; what it still lacks this long after the bucket end is called `missing`.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub loss_after: Duration,
     /// A loss whose bucket starts this long after the last bad bucket of the topic's open
     /// incident opens a new incident (and notifies) instead of joining it: a loss that never
     /// heals does not mute its topic for good.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub incident_gap: Duration,
     /// A loss at least this many times the largest loss of the topic's open incident opens a
     /// new incident (and notifies) instead of joining it.
@@ -57,7 +57,7 @@ pub struct ReconcileConfig {
     /// Buckets that ended longer ago than this are not judged (nor re-judged when very late
     /// records arrive): a collector started on weeks of stored counts does not alert about
     /// losses long past.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub lookback: Duration,
     /// Buckets evaluated per transaction: bounds memory and transaction length.
     pub batch_buckets: usize,
@@ -67,7 +67,7 @@ pub struct ReconcileConfig {
     pub edges: Vec<EdgeConfig>,
     /// The `missing messages per topic` gauge sums topic-level missing verdicts of buckets
     /// that started within this window before now.
-    #[serde(with = "duration")]
+    #[serde(with = "chaperone_audit::duration")]
     pub missing_metric_window: Duration,
     /// At most this many topics get their own series in the missing-messages gauge; the
     /// others are summed under the topic label `_other` (keeps label cardinality bounded).
@@ -259,60 +259,6 @@ impl ReconcileConfig {
     }
 }
 
-/// Durations written as `250ms`, `30s`, `5m`, `2h` or `1d` (or a bare number of seconds).
-pub(crate) mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer, de};
-
-    /// Parses `250ms`, `30s`, `5m`, `2h`, `1d` or a bare number of seconds.
-    pub(crate) fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("`{s}` is not a duration such as `30s`, `5m` or `250ms`"))?;
-        let ms = match unit.trim() {
-            "ms" => Some(n),
-            "" | "s" => n.checked_mul(1_000),
-            "m" => n.checked_mul(60_000),
-            "h" => n.checked_mul(3_600_000),
-            "d" => n.checked_mul(86_400_000),
-            _ => None,
-        }
-        .ok_or_else(|| format!("`{s}` is not a duration such as `30s`, `5m` or `250ms`"))?;
-        Ok(Duration::from_millis(ms))
-    }
-
-    /// Formats a duration the way [`parse`] reads it.
-    pub(crate) fn format(d: &Duration) -> String {
-        let ms = d.as_millis();
-        if !ms.is_multiple_of(1_000) {
-            format!("{ms}ms")
-        } else {
-            format!("{}s", ms / 1_000)
-        }
-    }
-
-    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(d))
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(Duration::from_secs(n)),
-            Raw::Text(s) => parse(&s).map_err(de::Error::custom),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,16 +334,8 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration::parse("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(duration::parse("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(duration::parse("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(duration::parse("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(duration::parse("1d"), Ok(Duration::from_secs(86_400)));
-        assert!(duration::parse("5 weeks").is_err());
-        assert!(duration::parse("m").is_err());
-        assert_eq!(duration::format(&Duration::from_millis(1500)), "1500ms");
-        assert_eq!(duration::format(&Duration::from_secs(90)), "90s");
+    fn durations_need_a_unit() {
+        let err = toml::from_str::<ReconcileConfig>("max_wait = 900").unwrap_err();
+        assert!(err.to_string().contains("\"900s\" or \"900ms\""), "{err}");
     }
 }
