@@ -80,14 +80,16 @@ pub(crate) async fn record(
     if c.status.is_bad() {
         let row = match old_incident.filter(|_| was_bad) {
             // Still bad with other numbers: same incident.
-            Some(id) => sqlx::query_as(&format!(
-                "UPDATE alert_incidents SET max_missing = greatest(max_missing, $2)
+            Some(id) => {
+                sqlx::query_as(&format!(
+                    "UPDATE alert_incidents SET max_missing = greatest(max_missing, $2)
                   WHERE id = $1 RETURNING {INCIDENT_COLUMNS}"
-            ))
-            .bind(id)
-            .bind(missing)
-            .fetch_one(&mut **tx)
-            .await?,
+                ))
+                .bind(id)
+                .bind(missing)
+                .fetch_one(&mut **tx)
+                .await?
+            }
             None => join_or_open(tx, c, missing, policy, now).await?,
         };
         insert_event(tx, "bad_bucket", c, &row, None, now).await?;
@@ -250,4 +252,3 @@ async fn insert_event(
     .await?;
     Ok(())
 }
-

@@ -110,7 +110,6 @@ struct Existing {
     incident_id: Option<i64>,
 }
 
-
 impl Computed {
     /// Whether nothing a person would read changed (a lagging bucket's lag grows on every
     /// pass; it is refreshed only with a change that is written anyway).

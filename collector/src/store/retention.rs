@@ -139,7 +139,10 @@ async fn run_once(
     }
     if verdict_days > 0 {
         let deleted = delete_expired_verdicts(pool, verdict_days, now).await?;
-        tracing::info!(deleted, "old verdicts, history and settled incidents deleted");
+        tracing::info!(
+            deleted,
+            "old verdicts, history and settled incidents deleted"
+        );
     }
     Ok(())
 }

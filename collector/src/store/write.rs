@@ -710,7 +710,8 @@ mod tests {
         let stored = hist(&[1, 2, 3]).to_bytes();
         let a = hist(&[100]);
         let b = hist(&[1_000, 2_000]);
-        let merged = Latency::from_bytes(&merged_latency(&key, Some(stored), &[&a, &b])).expect("ok");
+        let merged =
+            Latency::from_bytes(&merged_latency(&key, Some(stored), &[&a, &b])).expect("ok");
         assert_eq!(merged.len(), 6);
         let only = Latency::from_bytes(&merged_latency(&key, None, &[&a])).expect("ok");
         assert_eq!(only.len(), 1);
