@@ -1015,6 +1015,7 @@ async fn a_much_worse_or_much_later_loss_notifies_despite_an_open_incident() {
     let db = TestDb::create().await.unwrap();
     let cfg = ReconcileConfig {
         incident_gap: std::time::Duration::from_secs(180),
+        escalate_min: 10,
         ..config()
     };
     let (r, clock) = reconciler(&db.pool, cfg, end(0) + 1_000);

@@ -51,6 +51,8 @@ pub(crate) struct Policy {
     pub incident_gap_ms: i64,
     /// A loss at least this many times the incident's largest.
     pub escalate_factor: u32,
+    /// ... and at least this many messages.
+    pub escalate_min: i64,
 }
 
 /// An incident row as the outbox payload needs it.
@@ -125,7 +127,7 @@ pub(crate) async fn record(
 
 /// Joins the open incident of the verdict's topic, edge and datacenter, or opens one. An open
 /// incident is superseded by a new one (which notifies) when this loss is much worse than any
-/// of its buckets (`escalate_factor`) or comes `incident_gap` after its last bad bucket: an
+/// of its buckets (`escalate_factor`, and at least `escalate_min`) or comes `incident_gap` after its last bad bucket: an
 /// open incident never mutes a topic for good.
 async fn join_or_open(
     tx: &mut Transaction<'_, Postgres>,
@@ -148,6 +150,7 @@ async fn join_or_open(
         Some((id, last, max_missing)) => {
             let late = c.bucket_start_ms > last.saturating_add(policy.incident_gap_ms);
             let worse = max_missing > 0
+                && missing >= policy.escalate_min
                 && missing >= max_missing.saturating_mul(i64::from(policy.escalate_factor));
             if late || worse {
                 sqlx::query(

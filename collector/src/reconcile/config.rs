@@ -52,8 +52,13 @@ pub struct ReconcileConfig {
     #[serde(with = "chaperone_audit::duration")]
     pub incident_gap: Duration,
     /// A loss at least this many times the largest loss of the topic's open incident opens a
-    /// new incident (and notifies) instead of joining it.
+    /// new incident (and notifies) instead of joining it, if it is also `escalate_min`
+    /// messages or more.
     pub escalate_factor: u32,
+    /// The smallest loss (messages in one bucket) that can escalate: a loss that starts in
+    /// the middle of a bucket shows a few messages there and the full rate in the next one,
+    /// which is the same loss, not a worse one.
+    pub escalate_min: u64,
     /// Buckets that ended longer ago than this are not judged (nor re-judged when very late
     /// records arrive): a collector started on weeks of stored counts does not alert about
     /// losses long past.
@@ -90,6 +95,7 @@ impl Default for ReconcileConfig {
             loss_after: Duration::from_secs(3_600),
             incident_gap: Duration::from_secs(3_600),
             escalate_factor: 10,
+            escalate_min: 100,
             lookback: Duration::from_secs(2 * 86_400),
             batch_buckets: 500,
             tiers: vec!["producer".into(), "regional".into(), "aggregate".into()],

@@ -581,6 +581,7 @@ async fn write_verdicts(
             let policy = Policy {
                 incident_gap_ms: millis(config.incident_gap),
                 escalate_factor: config.escalate_factor,
+                escalate_min: i64::try_from(config.escalate_min).unwrap_or(i64::MAX),
             };
             incident_id = incidents::record(tx, &change, &policy, now).await?;
         }
