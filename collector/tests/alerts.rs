@@ -12,6 +12,7 @@ use chaperone_collector::alerts::{
     WebhookFilters, WebhookFormat,
 };
 use chaperone_collector::reconcile::{ManualClock, VerdictStatus};
+use chaperone_test_support::{Notification, Receiver};
 use reconcile_support::*;
 
 const SECRET: &str = "correct horse battery staple";
@@ -69,7 +70,7 @@ async fn bucket(db: &TestDb, topic: &str, n: i64, regional: i64, aggregate: i64)
         .unwrap();
 }
 
-fn timestamp(r: &Received) -> i64 {
+fn timestamp(r: &Notification) -> i64 {
     r.headers
         .get(TIMESTAMP_HEADER)
         .expect("timestamped")
@@ -79,7 +80,7 @@ fn timestamp(r: &Received) -> i64 {
         .expect("epoch seconds")
 }
 
-fn verify_signature(r: &Received) {
+fn verify_signature(r: &Notification) {
     let header = r
         .headers
         .get(SIGNATURE_HEADER)
@@ -98,7 +99,7 @@ fn verify_signature(r: &Received) {
 /// timestamp more than `tolerance` away from its own clock (`now`, epoch seconds), then check
 /// the HMAC-SHA256 of `"{timestamp}.{body}"` in constant time.
 fn receiver_check(
-    r: &Received,
+    r: &Notification,
     secret: &[u8],
     now: i64,
     tolerance: Duration,
@@ -126,7 +127,7 @@ fn receiver_check(
         .map_err(|_| "bad signature")
 }
 
-fn body(r: &Received) -> WebhookBody {
+fn body(r: &Notification) -> WebhookBody {
     serde_json::from_slice(&r.body).expect("documented JSON body")
 }
 
@@ -160,7 +161,7 @@ async fn until(mut check: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_loss_fires_once_and_resolves_once_signed() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let receiver = Receiver::start().await.unwrap();
     let mut hook = webhook("ops", receiver.url());
     hook.secret_file = Some(secret_file());
@@ -269,7 +270,7 @@ async fn a_loss_fires_once_and_resolves_once_signed() {
 
 #[tokio::test]
 async fn no_alert_when_nothing_is_lost() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let receiver = Receiver::start().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(2) + 1_000);
     let s = sender(
@@ -299,7 +300,7 @@ async fn no_alert_when_nothing_is_lost() {
 
 #[tokio::test]
 async fn a_receiver_that_is_down_gets_the_alert_once_it_is_back() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     // Reserve a port, then leave nothing listening on it.
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -361,7 +362,7 @@ async fn a_receiver_that_is_down_gets_the_alert_once_it_is_back() {
 
 #[tokio::test]
 async fn filters_and_the_slack_format() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let strict = Receiver::start().await.unwrap();
     let chat = Receiver::start().await.unwrap();
     let mut big_losses = webhook("big-losses", strict.url());
@@ -410,7 +411,7 @@ async fn filters_and_the_slack_format() {
 
 #[tokio::test]
 async fn two_senders_never_send_the_same_firing_twice() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let receiver = Receiver::start().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(4) + 1_000);
     let config = alerts_config(vec![webhook("ops", receiver.url())]);
@@ -437,7 +438,7 @@ async fn two_senders_never_send_the_same_firing_twice() {
 
 #[tokio::test]
 async fn a_sender_that_dies_mid_delivery_leaves_the_notification_pending() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (hung_addr, mut seen_rx) = hung_receiver().await;
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     bucket(&db, "orders", 0, 10, 7).await;
@@ -498,7 +499,7 @@ async fn a_sender_that_dies_mid_delivery_leaves_the_notification_pending() {
 
 #[tokio::test]
 async fn a_hung_webhook_does_not_delay_the_others() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (hung_addr, mut hung_seen) = hung_receiver().await;
     let healthy = Receiver::start().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
@@ -672,13 +673,12 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// An HTTPS webhook receiver on 127.0.0.1 with the certificate of `pki`, recording every POST
-/// to `/hook` (any path below it too); stops when dropped.
+/// An HTTPS webhook receiver on 127.0.0.1 with the certificate of `pki`: the shared receiver
+/// behind [`TlsListener`]; stops when dropped.
 struct HttpsReceiver {
     addr: std::net::SocketAddr,
-    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    receiver: Receiver,
     failed_handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    stop: tokio_util::sync::CancellationToken,
 }
 
 impl HttpsReceiver {
@@ -694,43 +694,22 @@ impl HttpsReceiver {
             )
             .unwrap();
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
         let failed_handshakes = std::sync::Arc::default();
         let listener = TlsListener {
             tcp,
             acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls)),
             failed_handshakes: std::sync::Arc::clone(&failed_handshakes),
         };
-        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = std::sync::Arc::clone(&received);
-        let record = move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-            let log = std::sync::Arc::clone(&log);
-            async move {
-                log.lock().unwrap().push(Received { headers, body });
-                axum::http::StatusCode::OK
-            }
-        };
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(record.clone()))
-            .route("/hook/{*rest}", axum::routing::post(record));
-        let stop = tokio_util::sync::CancellationToken::new();
-        let token = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-                .ok();
-        });
+        let receiver = Receiver::serve(listener).unwrap();
         Self {
-            addr,
-            received,
+            addr: receiver.addr(),
+            receiver,
             failed_handshakes,
-            stop,
         }
     }
 
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
+    fn received(&self) -> Vec<Notification> {
+        self.receiver.received()
     }
 
     fn failed_handshakes(&self) -> usize {
@@ -739,15 +718,9 @@ impl HttpsReceiver {
     }
 }
 
-impl Drop for HttpsReceiver {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
 #[tokio::test]
 async fn an_https_receiver_behind_a_private_ca_gets_a_notification_that_verifies() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let pki = TestPki::new("private");
     let receiver = HttpsReceiver::start(&pki).await;
     let mut hook = webhook(
@@ -828,7 +801,7 @@ async fn an_untrusted_certificate_is_retried_and_shown_with_the_url_redacted() {
             .with_writer(move || writer.clone())
             .finish(),
     );
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let pki = TestPki::new("receiver");
     let receiver = HttpsReceiver::start(&pki).await;
     let url = format!(

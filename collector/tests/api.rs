@@ -25,7 +25,7 @@ async fn get(url: &str, token: Option<&str>) -> anyhow::Result<(u16, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_parameters_get_400_naming_them_and_the_token_is_required() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(1).await?;
     let collector = InProcess::start(config(&db, &topics), db.pool.clone(), Some(TOKEN)).await?;
 
@@ -98,7 +98,7 @@ fn values(seed: u64, n: usize, base: i64, spread: i64) -> Vec<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn percentiles_are_exact_merges_across_hosts() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(2).await?;
     let topic = unique("latency");
     // Three hosts in two datacenters with very different latency, over three partitions,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chaperone_audit::AuditRecord;
 use chaperone_collector::store;
+use chaperone_test_support::{aggregate_bootstrap, regional_bootstrap};
 use ingest_support::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -13,7 +14,7 @@ use rdkafka::message::{Headers, Message};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(3).await?;
     let prefix = unique("dup");
     let records = mixed_records(&prefix, 600);
@@ -79,7 +80,7 @@ async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_malformed_records_all_reach_the_dlq() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(2).await?;
     let prefix = unique("bad");
     let good = mixed_records(&prefix, 200);
@@ -169,7 +170,7 @@ async fn ten_thousand_malformed_records_all_reach_the_dlq() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_old_buckets_in_small_batches() -> anyhow::Result<()> {
     use chaperone_collector::store;
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let prefix = unique("ret");
     // 25 rows in an old bucket, 5 in a recent one.
     let old = BUCKET - 40 * 86_400_000;
@@ -217,7 +218,7 @@ async fn retention_deletes_old_buckets_in_small_batches() -> anyhow::Result<()> 
 /// the migration converts them with the same rule as `store::record_key`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_stored_before_the_uuid_migration_still_filter_duplicates() -> anyhow::Result<()> {
-    let db = TestDb::create_empty().await?;
+    let db = TestDb::create_empty_with(pool_options()).await?;
     for sql in [
         include_str!("../../migrations/0001_ingest_store.sql"),
         include_str!("../../migrations/0010_reconcile_verdicts.sql"),
@@ -297,7 +298,7 @@ fn sized(id: &str, topic: &str, partition: i32, count: u64, bytes: u64) -> Audit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_overflowing_its_row_is_dead_lettered_and_ingest_goes_on() -> anyhow::Result<()> {
     const MAX: u64 = chaperone_audit::record::MAX_TOTAL as u64;
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let regional = Topics::create(2).await?;
     let aggregate = Topics::create_on("aggregate", &aggregate_bootstrap(), 2).await?;
     let prefix = unique("overflow");
@@ -416,7 +417,7 @@ async fn a_record_overflowing_its_row_is_dead_lettered_and_ingest_goes_on() -> a
 /// the record is dead-lettered with that reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_with_nul_in_host_is_dead_lettered() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(2).await?;
     let prefix = unique("nul");
     let good = mixed_records(&prefix, 100);
@@ -476,7 +477,7 @@ async fn a_record_with_nul_in_host_is_dead_lettered() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_errors_are_told_from_other_failures() -> anyhow::Result<()> {
     use chaperone_collector::ingest::data_error_label;
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let prefix = unique("refused");
     let max = chaperone_audit::record::MAX_TOTAL as u64;
     // A topic holding NUL (the decoder would reject it; the store is asked directly).

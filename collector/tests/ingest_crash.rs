@@ -35,7 +35,7 @@ async fn wait_progress(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn totals_are_exact_after_kill_9_mid_batch_and_restart() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(4).await?;
     let records = mixed_records(&unique("crash"), RECORDS);
     produce(&topics, &encode_all(&records)).await?;

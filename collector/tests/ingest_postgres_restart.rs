@@ -4,9 +4,9 @@
 
 mod ingest_support;
 
-use std::process::Command;
 use std::time::Duration;
 
+use chaperone_test_support::dev_stack;
 use ingest_support::*;
 
 /// Starts PostgreSQL again when dropped, whatever happened in between.
@@ -14,21 +14,15 @@ struct Restart;
 
 impl Drop for Restart {
     fn drop(&mut self) {
-        let _ = Command::new(stack_script()).arg("start-postgres").status();
+        let _ = dev_stack(&["start-postgres"]);
     }
-}
-
-fn stack(cmd: &str) -> anyhow::Result<()> {
-    let status = Command::new(stack_script()).arg(cmd).status()?;
-    anyhow::ensure!(status.success(), "dev/stack {cmd} failed: {status}");
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_during_ingest_loses_nothing() -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let phase = |what: &str| eprintln!("[{:.1}s] {what}", t0.elapsed().as_secs_f64());
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(3).await?;
     let records = mixed_records(&unique("pg"), 9_000);
     let (before, rest) = records.split_at(3_000);
@@ -41,7 +35,7 @@ async fn postgres_restart_during_ingest_loses_nothing() -> anyhow::Result<()> {
 
     phase("first third stored");
     let guard = Restart;
-    stack("stop-postgres")?;
+    dev_stack(&["stop-postgres"])?;
     phase("postgres stopped");
     produce_with(&producer, &topics, &encode_all(during), 3_000).await?;
     // The writer must hit the outage (and keep the batch) before PostgreSQL comes back.
@@ -61,7 +55,7 @@ async fn postgres_restart_during_ingest_loses_nothing() -> anyhow::Result<()> {
     let ready = reqwest::get(collector.url("/readyz")).await?;
     assert_eq!(ready.status(), 503, "not ready while PostgreSQL is down");
     phase("writes failing");
-    stack("start-postgres")?;
+    dev_stack(&["start-postgres"])?;
     drop(guard);
     phase("postgres started");
     produce_with(&producer, &topics, &encode_all(after), 6_000).await?;

@@ -35,7 +35,7 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn complete_once_every_downstream_partition_is_past_the_lateness() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     add_counts(&db.pool, "orders", start(0), "producer", "dc1", -1, 15)
         .await
@@ -119,7 +119,7 @@ async fn complete_once_every_downstream_partition_is_past_the_lateness() {
 
 #[tokio::test]
 async fn an_idle_partition_equal_on_both_sides_does_not_wait() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, _clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     flow(&db, "orders", 0, 10, 10, 10).await;
     all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
@@ -142,7 +142,7 @@ async fn an_idle_partition_equal_on_both_sides_does_not_wait() {
 
 #[tokio::test]
 async fn missing_duplicated_and_per_datacenter_counts() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     // orders: 3 lost between regional and aggregate.
     flow(&db, "orders", 0, 10, 10, 7).await;
@@ -259,7 +259,7 @@ async fn missing_duplicated_and_per_datacenter_counts() {
 
 #[tokio::test]
 async fn silent_tier_is_judged_after_the_max_wait() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) - 1_000);
     // The aggregate never reports anything.
     add_counts(&db.pool, "orders", start(0), "producer", "dc1", -1, 10)
@@ -335,7 +335,7 @@ async fn silent_tier_is_judged_after_the_max_wait() {
 
 #[tokio::test]
 async fn zero_messages_at_every_tier_is_complete() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, _clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     // Producers and regional flushed empty counts; the aggregate has no row at all.
     add_counts(&db.pool, "quiet", start(0), "producer", "dc1", -1, 0)
@@ -371,7 +371,7 @@ async fn zero_messages_at_every_tier_is_complete() {
 
 #[tokio::test]
 async fn an_upstream_tier_that_never_reported_the_topic_is_not_expected() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, _clock) = reconciler(&db.pool, config(), end(0) + MAX_WAIT);
     // No producer uses the audit library for this topic: only the clusters report it.
     add_counts(&db.pool, "legacy", start(0), "regional", "dc1", 0, 8)
@@ -398,7 +398,7 @@ async fn an_upstream_tier_that_never_reported_the_topic_is_not_expected() {
 
 #[tokio::test]
 async fn late_records_reopen_the_verdict_and_the_change_is_recorded() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     flow(&db, "orders", 0, 10, 10, 6).await;
     all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
@@ -469,7 +469,7 @@ async fn late_records_reopen_the_verdict_and_the_change_is_recorded() {
 
 #[tokio::test]
 async fn consecutive_bad_buckets_form_one_incident() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(2) + 1_000);
     flow(&db, "orders", 0, 10, 10, 9).await;
     flow(&db, "orders", 1, 10, 10, 8).await;
@@ -539,7 +539,7 @@ async fn consecutive_bad_buckets_form_one_incident() {
 
 #[tokio::test]
 async fn partition_level_verdicts_where_partitions_map_one_to_one() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let mut cfg = config();
     cfg.edges = vec![EdgeConfig {
         from: "regional".into(),
@@ -581,7 +581,7 @@ async fn partition_level_verdicts_where_partitions_map_one_to_one() {
 
 #[tokio::test]
 async fn run_evaluates_periodically_until_shutdown() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     flow(&db, "orders", 0, 10, 10, 10).await;
     all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
         .await
@@ -624,7 +624,7 @@ async fn run_evaluates_periodically_until_shutdown() {
 
 #[tokio::test]
 async fn retention_deletes_old_verdicts_and_resolved_incidents() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     flow(&db, "orders", 0, 10, 10, 9).await;
     all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
@@ -665,7 +665,7 @@ async fn retention_deletes_old_verdicts_and_resolved_incidents() {
 
 #[tokio::test]
 async fn buckets_older_than_the_lookback_are_not_judged() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     // Started three days after a loss (the default lookback is two days).
     let (r, _clock) = reconciler(&db.pool, config(), end(0) + 3 * 86_400_000);
     flow(&db, "orders", 0, 10, 10, 5).await;
@@ -695,7 +695,7 @@ async fn revisions(db: &TestDb) -> i64 {
 
 #[tokio::test]
 async fn every_live_producer_instance_must_pass_the_bucket() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     let due = end(0) + LATENESS;
     // Two instances; the fast one has reported past the bucket, the slow one has not yet,
@@ -739,7 +739,7 @@ async fn every_live_producer_instance_must_pass_the_bucket() {
 
 #[tokio::test]
 async fn a_clean_shutdown_is_not_waited_for_and_a_killed_instance_is_named() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     let due = end(0) + LATENESS;
     // "gone" shut down cleanly before the bucket ended; "live" passed it.
@@ -819,7 +819,7 @@ async fn a_clean_shutdown_is_not_waited_for_and_a_killed_instance_is_named() {
 
 #[tokio::test]
 async fn a_lagging_tier_is_lag_until_it_catches_up_or_proves_the_loss() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) - 1_000);
     let due = end(0) + LATENESS;
     // The mirror is paused: the aggregate stays at the bucket start for both topics.
@@ -885,7 +885,7 @@ async fn a_lagging_tier_is_lag_until_it_catches_up_or_proves_the_loss() {
 
 #[tokio::test]
 async fn a_lag_that_outlasts_loss_after_is_loss() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let cfg = ReconcileConfig {
         loss_after: std::time::Duration::from_millis(2 * MAX_WAIT as u64),
         ..config()
@@ -923,7 +923,7 @@ async fn a_lag_that_outlasts_loss_after_is_loss() {
 
 #[tokio::test]
 async fn producers_event_time_lag_holds_consumer_tiers_back() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     let due = end(0) + LATENESS;
     // A producer whose event times run 90 s behind its clock: its watermark passed the bucket
@@ -967,7 +967,7 @@ async fn producers_event_time_lag_holds_consumer_tiers_back() {
 
 #[tokio::test]
 async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let (_, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
     flow(&db, "orders", 0, 10, 10, 10).await;
     all_progress(&db.pool, "orders", "dc1", end(0) + LATENESS)
@@ -1012,7 +1012,7 @@ async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
 
 #[tokio::test]
 async fn a_much_worse_or_much_later_loss_notifies_despite_an_open_incident() {
-    let db = TestDb::create().await.unwrap();
+    let db = reconcile_db().await.unwrap();
     let cfg = ReconcileConfig {
         incident_gap: std::time::Duration::from_secs(180),
         escalate_min: 10,

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use chaperone_audit::{AuditRecord, BucketWidth, Progress, Tier};
 use chaperone_collector::alerts::{AlertMetrics, AlertSender, AlertsConfig, WebhookConfig};
-use ingest_support::{BUCKET, InProcess, TestDb, Topics, counts, observer, unique};
+use chaperone_test_support::{Receiver, TestDb, eventually, unique};
+use ingest_support::{BUCKET, InProcess, Topics, counts, ingest_db, observer};
 use reqwest::redirect::Policy;
 use serde_json::Value;
 
@@ -204,7 +205,7 @@ async fn seed(db: &TestDb, topics: &Topics, lossy: &str, healthy: &str) -> anyho
         config,
         B1 + WIDTH + 10 * reconcile_support::LATENESS,
     );
-    ingest_support::eventually("the loss judged", Duration::from_secs(30), || async {
+    eventually("the loss judged", Duration::from_secs(30), || async {
         reconcile_support::rejudge(&r, &clock).await;
         let v = reconcile_support::verdict(&db.pool, lossy, "producer->regional", B0).await;
         let h = reconcile_support::verdict(&db.pool, healthy, "regional->aggregate", B1).await;
@@ -212,7 +213,7 @@ async fn seed(db: &TestDb, topics: &Topics, lossy: &str, healthy: &str) -> anyho
     })
     .await?;
 
-    let receiver = reconcile_support::Receiver::start().await?;
+    let receiver = Receiver::start().await?;
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let down = format!("http://{}/hook", closed.local_addr()?);
     drop(closed);
@@ -230,7 +231,7 @@ async fn seed(db: &TestDb, topics: &Topics, lossy: &str, healthy: &str) -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_show_the_same_numbers_as_the_api() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(2).await?;
     let lossy = unique("web-lossy");
     let healthy = unique("web-healthy");
@@ -472,7 +473,7 @@ async fn pages_show_the_same_numbers_as_the_api() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_need_the_token_when_one_is_set() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(1).await?;
     let collector = InProcess::start(
         ingest_support::config(&db, &topics),
@@ -561,7 +562,7 @@ async fn pages_need_the_token_when_one_is_set() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_are_open_without_a_token_and_bad_requests_are_named() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
+    let db = ingest_db().await?;
     let topics = Topics::create(1).await?;
     let collector =
         InProcess::start(ingest_support::config(&db, &topics), db.pool.clone(), None).await?;

@@ -1,78 +1,77 @@
 //! The audited pipeline run in the test process: a collector and a chaperone-service next to
-//! each cluster, plus a webhook receiver that records what a person would be sent.
+//! each cluster ([`Pipeline`]), or any other set of daemons ([`Daemons`]).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::routing::post;
-use chrono::{DateTime, Utc};
+use chaperone_test_support::{
+    TestDb, aggregate_bootstrap, regional_bootstrap, regional2_bootstrap,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{TestDb, aggregate_bootstrap, regional_bootstrap, regional2_bootstrap};
-
-/// One request the webhook receiver got, with when it arrived.
-#[derive(Debug, Clone)]
-pub struct Notification {
-    /// Arrival time.
-    pub at: DateTime<Utc>,
-    /// Request headers.
-    pub headers: HeaderMap,
-    /// Request body.
-    pub body: Bytes,
+/// Daemons running in this process as tasks, stopped together.
+#[derive(Debug, Default)]
+pub struct Daemons {
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-impl Notification {
-    /// The body as JSON.
-    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
-        serde_json::from_slice(&self.body).context("notification body is not JSON")
+impl Daemons {
+    /// None yet.
+    pub fn new() -> Self {
+        Self::default()
     }
-}
 
-/// A webhook receiver on 127.0.0.1 recording every POST to `/hook`.
-#[derive(Debug, Clone)]
-pub struct Receiver {
-    /// URL to configure as the webhook.
-    pub url: String,
-    received: Arc<Mutex<Vec<Notification>>>,
-}
-
-impl Receiver {
-    /// Starts on a free port; runs until the test process ends.
-    pub async fn start() -> anyhow::Result<Self> {
-        let received: Arc<Mutex<Vec<Notification>>> = Arc::default();
-        let app = Router::new()
-            .route(
-                "/hook",
-                post(
-                    |State(r): State<Arc<Mutex<Vec<Notification>>>>,
-                     headers: HeaderMap,
-                     body: Bytes| async move {
-                        r.lock().expect("receiver lock").push(Notification {
-                            at: Utc::now(),
-                            headers,
-                            body,
-                        });
-                        "ok"
-                    },
-                ),
-            )
-            .with_state(received.clone());
+    /// Starts a collector with `config` on `pool`, its HTTP API on a free port; returns that
+    /// port's address.
+    pub async fn collector(
+        &mut self,
+        config: chaperone_collector::Config,
+        pool: &sqlx::PgPool,
+    ) -> anyhow::Result<SocketAddr> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}/hook", listener.local_addr()?);
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Ok(Self { url, received })
+        let addr = listener.local_addr()?;
+        let deps = chaperone_collector::Deps {
+            pool: pool.clone(),
+            listener,
+            registry: prometheus::Registry::new(),
+            clock: chaperone_collector::Clock::system(),
+            api_token: None,
+        };
+        self.tasks.push(tokio::spawn(chaperone_collector::run(
+            config,
+            deps,
+            self.shutdown.clone(),
+        )));
+        Ok(addr)
     }
 
-    /// Everything received so far.
-    pub fn all(&self) -> Vec<Notification> {
-        self.received.lock().expect("receiver lock").clone()
+    /// Starts a chaperone-service with `config` and `deps`.
+    pub fn service(&mut self, config: chaperone_service::Config, deps: chaperone_service::Deps) {
+        self.tasks.push(tokio::spawn(chaperone_service::run(
+            config,
+            deps,
+            self.shutdown.clone(),
+        )));
+    }
+
+    /// Stops every daemon, waiting up to 60 s for each, and reports the first one that failed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let mut stopped = Ok(());
+        for task in self.tasks {
+            let r = tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .context("a daemon did not stop within 60 s")
+                .and_then(|joined| joined.context("a daemon panicked"))
+                .and_then(|r| r);
+            if stopped.is_ok() {
+                stopped = r;
+            }
+        }
+        stopped
     }
 }
 
@@ -100,8 +99,7 @@ pub struct PipelineSpec {
 /// The daemons of one pipeline, running in this process.
 #[derive(Debug)]
 pub struct Pipeline {
-    shutdown: CancellationToken,
-    daemons: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    daemons: Daemons,
     /// Address of the collector's HTTP API.
     pub collector_addr: SocketAddr,
     /// `/metrics` of every daemon.
@@ -143,33 +141,35 @@ refresh_interval = "2s"
     Ok(chaperone_service::Config::from_toml(&toml)?)
 }
 
+/// The start of a collector's TOML configuration: its database and a `[[clusters]]` entry per
+/// `(alias, bootstrap)`, each reading `audit_topic` and dead-lettering to `<audit_topic>-dlq`.
+/// What follows may add a `[clusters.librdkafka]` table to the last cluster.
+pub fn collector_toml(db_url: &str, clusters: &[(&str, &str)], audit_topic: &str) -> String {
+    let mut toml = format!("\n[database]\nurl = \"{db_url}\"\n");
+    for (alias, bootstrap) in clusters {
+        toml.push_str(&format!(
+            "\n[[clusters]]\nalias = \"{alias}\"\nbootstrap = \"{bootstrap}\"\n\
+             audit_topic = \"{audit_topic}\"\ndlq_topic = \"{audit_topic}-dlq\"\n"
+        ));
+    }
+    toml
+}
+
 fn collector_config(
     spec: &PipelineSpec,
     db_url: &str,
 ) -> anyhow::Result<chaperone_collector::Config> {
+    let clusters = collector_toml(
+        db_url,
+        &[
+            ("regional", &regional_bootstrap()),
+            ("regional2", &regional2_bootstrap()),
+            ("aggregate", &aggregate_bootstrap()),
+        ],
+        &spec.audit_topic,
+    );
     let toml = format!(
-        r#"
-[database]
-url = "{db_url}"
-
-[[clusters]]
-alias = "regional"
-bootstrap = "{regional}"
-audit_topic = "{audit}"
-dlq_topic = "{audit}-dlq"
-
-[[clusters]]
-alias = "regional2"
-bootstrap = "{regional2}"
-audit_topic = "{audit}"
-dlq_topic = "{audit}-dlq"
-
-[[clusters]]
-alias = "aggregate"
-bootstrap = "{aggregate}"
-audit_topic = "{audit}"
-dlq_topic = "{audit}-dlq"
-
+        r#"{clusters}
 [ingest]
 linger = "200ms"
 
@@ -181,10 +181,6 @@ poll_interval = "500ms"
 
 {webhooks}
 "#,
-        regional = regional_bootstrap(),
-        regional2 = regional2_bootstrap(),
-        aggregate = aggregate_bootstrap(),
-        audit = spec.audit_topic,
         reconcile = spec.reconcile,
         webhooks = spec.webhooks,
     );
@@ -203,24 +199,10 @@ impl Pipeline {
             )
             .with_test_writer()
             .try_init();
-        let shutdown = CancellationToken::new();
-        let mut daemons = Vec::new();
-        let collector = collector_config(spec, &db.url()?)?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let collector_addr = listener.local_addr()?;
+        let mut daemons = Daemons::new();
+        let collector = collector_config(spec, &db.url)?;
+        let collector_addr = daemons.collector(collector, &db.pool).await?;
         let mut scrape = vec![format!("http://{collector_addr}/metrics")];
-        let deps = chaperone_collector::Deps {
-            pool: db.pool.clone(),
-            listener,
-            registry: prometheus::Registry::new(),
-            clock: chaperone_collector::Clock::system(),
-            api_token: None,
-        };
-        daemons.push(tokio::spawn(chaperone_collector::run(
-            collector,
-            deps,
-            shutdown.clone(),
-        )));
         let regex = &spec.topics_regex;
         for (tier, cluster, bootstrap, include) in [
             (
@@ -254,14 +236,9 @@ impl Pipeline {
                 listener: Some(listener),
                 ..chaperone_service::Deps::default()
             };
-            daemons.push(tokio::spawn(chaperone_service::run(
-                config,
-                deps,
-                shutdown.clone(),
-            )));
+            daemons.service(config, deps);
         }
         Ok(Self {
-            shutdown,
             daemons,
             collector_addr,
             scrape,
@@ -270,12 +247,6 @@ impl Pipeline {
 
     /// Stops every daemon and reports the first one that failed.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        for d in self.daemons {
-            tokio::time::timeout(Duration::from_secs(60), d)
-                .await
-                .context("a daemon did not stop within 60 s")???;
-        }
-        Ok(())
+        self.daemons.stop().await
     }
 }

@@ -9,14 +9,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use chaperone_audit::{AuditConfig, AuditedProducer};
-use chaperone_tests::pipeline::{Pipeline, PipelineSpec, Receiver};
-use chaperone_tests::{
-    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
+use chaperone_test_support::{
+    Receiver, TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
+    wait_for_topics,
 };
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureRecord;
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
+use chaperone_tests::producer::{TestProducer, regional_client};
+use chaperone_tests::verdicts::{edge_totals, unsent_notifications, verdicts};
 
 const MESSAGES_PER_TOPIC: usize = 600;
 const LOST: usize = 17;
@@ -169,17 +168,7 @@ async fn the_lossy_topic_shows_its_exact_loss_in_chromium() -> anyhow::Result<()
     // MirrorMaker picks new topics up on its refresh interval: start once the copies exist,
     // so the aggregate tier is not judged silent while the mirror has not started.
     let copies = [format!("regional.{healthy}"), format!("regional.{lossy}")];
-    let metadata: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", aggregate_bootstrap())
-        .create()?;
-    eventually("the mirrored topics", Duration::from_secs(300), || async {
-        let md = metadata.fetch_metadata(None, Duration::from_secs(10))?;
-        Ok(copies
-            .iter()
-            .all(|c| md.topics().iter().any(|t| t.name() == c))
-            .then_some(()))
-    })
-    .await?;
+    wait_for_topics(&aggregate_bootstrap(), &copies, Duration::from_secs(300)).await?;
     let db = TestDb::create().await?;
     let received = Receiver::start().await?;
     let spec = PipelineSpec {
@@ -193,7 +182,7 @@ async fn the_lossy_topic_shows_its_exact_loss_in_chromium() -> anyhow::Result<()
         webhooks: format!(
             "[[alerts.webhooks]]\nname = \"browser\"\nurl = \"{}\"\n\
              [alerts.webhooks.filters]\ntopics = [\"{lossy}\"]\n",
-            received.url
+            received.url()
         ),
         regional_exclude: Vec::new(),
     };
@@ -212,69 +201,33 @@ async fn scenario(
     lossy: &str,
     audit_topic: &str,
 ) -> anyhow::Result<()> {
-    let spool = std::env::temp_dir().join(unique("browser-spool"));
-    let audit = AuditConfig {
-        topic: audit_topic.to_owned(),
-        flush_interval: Duration::from_secs(1),
-        bucket_width: Duration::from_secs(10),
-        spool_dir: spool.clone(),
-        ..AuditConfig::default()
-    };
-    let mut kafka = ClientConfig::new();
-    kafka
-        .set("bootstrap.servers", regional_bootstrap())
-        .set("linger.ms", "5");
-    let producer = AuditedProducer::new(&kafka, audit, &prometheus::Registry::new())?;
-    let mut pending = Vec::with_capacity(2 * MESSAGES_PER_TOPIC);
-    for i in 0..MESSAGES_PER_TOPIC {
-        for topic in [healthy, lossy] {
-            let payload = format!("{{\"n\":{i}}}");
-            let key = i.to_string();
-            let record = FutureRecord::to(topic).key(&key).payload(&payload);
-            pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
-        }
-    }
+    let producer = TestProducer::new(
+        &regional_client(),
+        audit_topic,
+        &prometheus::Registry::new(),
+    )?;
     // LOST messages of the lossy topic counted as acknowledged that never reach Kafka.
-    let now = chrono::Utc::now().timestamp_millis();
-    for i in 0..LOST {
-        producer
-            .tracker()
-            .record(lossy, Some((i % 3) as i32), now, 10, now);
-    }
-    for delivery in pending {
-        delivery.await?.map_err(|(e, _)| e)?;
-    }
+    producer
+        .send_numbered(&[healthy, lossy], MESSAGES_PER_TOPIC, Some((lossy, LOST)))
+        .await?;
     producer.shutdown().await;
 
     let produced = MESSAGES_PER_TOPIC as i64;
     let expected_lossy = produced + LOST as i64;
-    let totals = |topic: &str, edge: &str| {
-        let (pool, topic, edge) = (db.pool.clone(), topic.to_owned(), edge.to_owned());
-        async move {
-            let row: (Option<i64>, Option<i64>) = sqlx::query_as(
-                "SELECT sum(expected)::bigint, sum(actual)::bigint FROM reconcile_verdicts
-                  WHERE topic = $1 AND edge = $2 AND partition = -1",
-            )
-            .bind(topic)
-            .bind(edge)
-            .fetch_one(&pool)
-            .await?;
-            anyhow::Ok((row.0.unwrap_or(0), row.1.unwrap_or(0)))
-        }
-    };
     eventually(
         "final verdicts of both topics on both edges, the notification sent",
         Duration::from_secs(180),
         || async {
-            let (unsent,): (i64,) =
-                sqlx::query_as("SELECT count(*) FROM alert_deliveries WHERE sent_at IS NULL")
-                    .fetch_one(&db.pool)
-                    .await?;
+            let unsent = unsent_notifications(&db.pool).await?;
+            let (h, l) = (
+                verdicts(&db.pool, healthy).await?,
+                verdicts(&db.pool, lossy).await?,
+            );
             Ok(
-                (totals(healthy, "producer->regional").await? == (produced, produced)
-                    && totals(healthy, "regional->aggregate").await? == (produced, produced)
-                    && totals(lossy, "producer->regional").await? == (expected_lossy, produced)
-                    && totals(lossy, "regional->aggregate").await? == (produced, produced)
+                (edge_totals(&h, "producer->regional") == (produced, produced)
+                    && edge_totals(&h, "regional->aggregate") == (produced, produced)
+                    && edge_totals(&l, "producer->regional") == (expected_lossy, produced)
+                    && edge_totals(&l, "regional->aggregate") == (produced, produced)
                     && unsent == 0
                     && !received_nothing(pipeline).await?)
                     .then_some(()),
@@ -371,7 +324,6 @@ async fn scenario(
             && attr(&facts, "data-notifications-sent")? == "1",
         "incident facts: {facts}"
     );
-    let _ = std::fs::remove_dir_all(spool);
     Ok(())
 }
 

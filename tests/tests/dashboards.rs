@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use chaperone_tests::TestDb;
+use chaperone_test_support::TestDb;
 use serde_json::Value;
 
 fn dashboards() -> anyhow::Result<Vec<(PathBuf, Value)>> {
@@ -156,7 +156,7 @@ fn promql_panels_pass_promtool() -> anyhow::Result<()> {
         n >= 10,
         "expected the dashboards to hold PromQL panels, found {n}"
     );
-    let dir = std::env::temp_dir().join(chaperone_tests::unique("promtool"));
+    let dir = std::env::temp_dir().join(chaperone_test_support::unique("promtool"));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("dashboards.rules.yml");
     std::fs::write(&file, rules)?;

@@ -68,7 +68,7 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn temp_dir(what: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(chaperone_tests::unique(what));
+    let dir = std::env::temp_dir().join(chaperone_test_support::unique(what));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

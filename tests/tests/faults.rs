@@ -15,11 +15,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use chaperone_tests::pipeline::{Notification, Pipeline, PipelineSpec, Receiver};
-use chaperone_tests::{
-    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, regional2_bootstrap,
-    unique,
+use chaperone_test_support::{
+    Notification, Receiver, TestDb, aggregate_bootstrap, create_topic, dev_stack, end_offsets,
+    eventually, regional_bootstrap, regional2_bootstrap, unique, wait_for_topics,
 };
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -30,6 +30,8 @@ use tokio::process::{Child, Command};
 const WIDTH: &str = "10s";
 const WIDTH_MS: i64 = 10_000;
 const MAX_WAIT_S: u64 = 60;
+/// How long MirrorMaker may take to create the copy of a new topic.
+const MIRRORED: Duration = Duration::from_secs(120);
 
 fn reconcile_section() -> String {
     format!(
@@ -365,31 +367,6 @@ async fn topics(names: &[&str], partitions: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `dev/stack` with `args`, such as `["stop-mirror", "regional"]`.
-fn stack(args: &[&str]) -> anyhow::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cmd = args.join(" ");
-    let status = std::process::Command::new(root.join("dev/stack"))
-        .args(args)
-        .status()
-        .with_context(|| format!("running dev/stack {cmd}"))?;
-    ensure!(status.success(), "dev/stack {cmd} failed: {status}");
-    Ok(())
-}
-
-/// Offsets of the end of every partition of `topic` on the cluster at `bootstrap`.
-fn end_offsets(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    (0..partitions)
-        .map(|p| {
-            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-            Ok(high)
-        })
-        .collect()
-}
-
 /// Messages with the current time, `n` per partition, straight to `topic` on `bootstrap`.
 async fn produce(bootstrap: &str, topic: &str, partitions: i32, n: usize) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
@@ -463,7 +440,7 @@ async fn fault_scenarios() -> anyhow::Result<()> {
         reconcile: reconcile_section(),
         webhooks: format!(
             "[[alerts.webhooks]]\nname = \"faults\"\nurl = \"{}\"\n",
-            receiver.url
+            receiver.url()
         ),
         // Read by a chaperone-service process that is killed and restarted.
         regional_exclude: vec![format!("^{id}-restarted$")],
@@ -474,7 +451,7 @@ async fn fault_scenarios() -> anyhow::Result<()> {
         eprintln!("fault scenarios failed: {e:#}");
     }
     // MirrorMaker runs again whatever happened.
-    let mirror = stack(&["start-mirror"]);
+    let mirror = dev_stack(&["start-mirror"]);
     let stopped = pipeline.stop().await;
     let report = result?;
     report.print();
@@ -515,7 +492,7 @@ async fn scenarios(
     .map(|t| format!("regional.{t}"))
     .chain(["regional", "regional2"].map(|dc| format!("{dc}.{two_dc}")))
     .collect();
-    wait_for_topics(&aggregate_bootstrap(), &mirrored).await?;
+    wait_for_topics(&aggregate_bootstrap(), &mirrored, MIRRORED).await?;
 
     // Phase 1: the faults that need MirrorMaker running, all at once. One process writes
     // several topics where it can, to keep the machine (and the brokers) responsive.
@@ -589,9 +566,9 @@ async fn scenarios(
     // less than max_wait); the first one's keeps copying.
     let pause = tokio::task::spawn_blocking(|| {
         std::thread::sleep(Duration::from_secs(5));
-        stack(&["stop-mirror", "regional2"])?;
+        dev_stack(&["stop-mirror", "regional2"])?;
         std::thread::sleep(Duration::from_secs(25));
-        stack(&["start-mirror", "regional2"])
+        dev_stack(&["start-mirror", "regional2"])
     });
     // A poison record on the audit topic: a NUL character PostgreSQL cannot store.
     poison(audit).await?;
@@ -726,7 +703,7 @@ async fn scenarios(
     .await?;
     // Let the sender deliver what the reconciler decided.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let hooks = receiver.all();
+    let hooks = receiver.received();
 
     for (name, topics) in [
         (
@@ -836,6 +813,7 @@ async fn scenarios(
     wait_for_topics(
         &aggregate_bootstrap(),
         &[format!("regional.{paused}"), format!("regional.{removed}")],
+        MIRRORED,
     )
     .await?;
     let before = Loadgen::start(audit, &[&removed], &["--rate", "100", "--duration", "5s"])?;
@@ -851,7 +829,7 @@ async fn scenarios(
         },
     )
     .await?;
-    stack(&["stop-mirror", "regional"])?;
+    dev_stack(&["stop-mirror", "regional"])?;
     let stopped_at = Instant::now();
     Loadgen::start(audit, &[&removed], &["--count", "30", "--rate", "0"])?
         .finish()
@@ -861,7 +839,7 @@ async fn scenarios(
     tokio::time::sleep(Duration::from_secs(4)).await;
     delete_records(&removed, end).await?;
     tokio::time::sleep(Duration::from_secs(25).saturating_sub(stopped_at.elapsed())).await;
-    stack(&["start-mirror", "regional"])?;
+    dev_stack(&["start-mirror", "regional"])?;
     // More traffic after the loss, so that the aggregate shows it moved past the bucket.
     let after = Loadgen::start(audit, &[&removed], &["--rate", "50", "--duration", "25s"])?;
     let mut totals = paused_source.finish().await?;
@@ -887,7 +865,7 @@ async fn scenarios(
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let hooks = receiver.all();
+    let hooks = receiver.received();
     let o = outcome(db, &hooks, &[&paused]).await?;
     o.quiet("MirrorMaker stopped 25 s")?;
     report.0.push(("MirrorMaker stopped 25 s".into(), o));
@@ -901,9 +879,14 @@ async fn scenarios(
     // Phase 3: MirrorMaker stopped for longer than max_wait: lag, reported as lag.
     let stuck = t("stuck");
     topics(&[&stuck], 2).await?;
-    wait_for_topics(&aggregate_bootstrap(), &[format!("regional.{stuck}")]).await?;
+    wait_for_topics(
+        &aggregate_bootstrap(),
+        &[format!("regional.{stuck}")],
+        MIRRORED,
+    )
+    .await?;
     let source = Loadgen::start(audit, &[&stuck], &["--rate", "100", "--duration", "15s"])?;
-    stack(&["stop-mirror", "regional"])?;
+    dev_stack(&["stop-mirror", "regional"])?;
     let totals = source.finish().await?;
     let n = totals.get(&stuck).map_or(0, |t| t.0 as i64);
     eventually(
@@ -915,12 +898,12 @@ async fn scenarios(
         },
     )
     .await?;
-    let during = outcome(db, &receiver.all(), &[&stuck]).await?;
+    let during = outcome(db, &receiver.received(), &[&stuck]).await?;
     ensure!(
         during.count(R2A, "missing").0 == 0 && during.firing == 0,
         "a stopped mirror is lag, not loss: {during:#?}"
     );
-    stack(&["start-mirror", "regional"])?;
+    dev_stack(&["start-mirror", "regional"])?;
     settled(
         db,
         &[&stuck],
@@ -930,7 +913,7 @@ async fn scenarios(
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let o = outcome(db, &receiver.all(), &[&stuck]).await?;
+    let o = outcome(db, &receiver.received(), &[&stuck]).await?;
     // Lagging, then complete: never anything that notifies.
     ensure!(
         o.bad().is_empty() && o.ever_alarming == 0 && o.firing == 0 && o.resolved == 0,
@@ -940,21 +923,6 @@ async fn scenarios(
         .0
         .push(("MirrorMaker stopped beyond max_wait".into(), o));
     Ok(report)
-}
-
-async fn wait_for_topics(bootstrap: &str, names: &[String]) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    eventually("mirrored topics", Duration::from_secs(120), || async {
-        let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
-        let have: Vec<&str> = md.topics().iter().map(|t| t.name()).collect();
-        Ok(names
-            .iter()
-            .all(|n| have.contains(&n.as_str()))
-            .then_some(()))
-    })
-    .await
 }
 
 /// Deletes every record of partition 0 of `topic` on regional before `offset`.

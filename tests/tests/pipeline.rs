@@ -7,41 +7,20 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chaperone_audit::{AuditConfig, AuditedProducer};
-use chaperone_tests::pipeline::{Pipeline, PipelineSpec, Receiver};
-use chaperone_tests::{
-    TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, regional2_bootstrap,
-    unique,
+use chaperone_test_support::{
+    Receiver, TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap,
+    regional2_bootstrap, unique,
 };
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
+use chaperone_tests::producer::{TestProducer, regional_client};
+use chaperone_tests::verdicts::{edge_totals, unsent_notifications, verdicts};
 use hmac::{Hmac, Mac};
-use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sha2::Sha256;
 
 const MESSAGES_PER_TOPIC: usize = 3_000;
 const LOST: usize = 25;
 const SECRET: &str = "e2e-webhook-secret";
-
-/// Sums of topic-level verdicts per (edge, status): (buckets, expected, actual).
-async fn verdicts(
-    pool: &sqlx::PgPool,
-    topic: &str,
-) -> anyhow::Result<Vec<(String, String, i64, i64, i64)>> {
-    Ok(sqlx::query_as(
-        "SELECT edge, status, count(*), sum(expected)::bigint, sum(actual)::bigint
-         FROM reconcile_verdicts WHERE topic = $1 AND partition = -1
-         GROUP BY edge, status ORDER BY edge, status",
-    )
-    .bind(topic)
-    .fetch_all(pool)
-    .await?)
-}
-
-fn edge_totals(rows: &[(String, String, i64, i64, i64)], edge: &str) -> (i64, i64) {
-    rows.iter()
-        .filter(|r| r.0 == edge)
-        .fold((0, 0), |(e, a), r| (e + r.3, a + r.4))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::Result<()> {
@@ -76,7 +55,7 @@ async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::
         webhooks: format!(
             "[[alerts.webhooks]]\nname = \"e2e\"\nurl = \"{}\"\nsecret_file = \"{}\"\n\
              [alerts.webhooks.filters]\ntopics = [\"{healthy}\", \"{lossy}\"]\n",
-            received.url,
+            received.url(),
             secret_file.display()
         ),
         regional_exclude: Vec::new(),
@@ -102,38 +81,12 @@ async fn scenario(
 ) -> anyhow::Result<()> {
     // Producers: every message of both topics through the audited producer; on the lossy topic
     // LOST more messages are counted as acknowledged but never reach Kafka.
-    let spool = std::env::temp_dir().join(unique("e2e-spool"));
-    let audit = AuditConfig {
-        topic: audit_topic.to_owned(),
-        flush_interval: Duration::from_secs(1),
-        bucket_width: Duration::from_secs(10),
-        spool_dir: spool.clone(),
-        ..AuditConfig::default()
-    };
-    let mut kafka = ClientConfig::new();
-    kafka
-        .set("bootstrap.servers", regional_bootstrap())
-        .set("linger.ms", "5");
+    let kafka = regional_client();
     let registry = prometheus::Registry::new();
-    let producer = AuditedProducer::new(&kafka, audit, &registry)?;
-    let mut pending = Vec::with_capacity(2 * MESSAGES_PER_TOPIC);
-    for i in 0..MESSAGES_PER_TOPIC {
-        for topic in [healthy, lossy] {
-            let payload = format!("{{\"n\":{i}}}");
-            let key = i.to_string();
-            let record = FutureRecord::to(topic).key(&key).payload(&payload);
-            pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
-        }
-    }
-    let now = chrono::Utc::now().timestamp_millis();
-    for i in 0..LOST {
-        producer
-            .tracker()
-            .record(lossy, Some((i % 3) as i32), now, 10, now);
-    }
-    for delivery in pending {
-        delivery.await?.map_err(|(e, _)| e)?;
-    }
+    let producer = TestProducer::new(&kafka, audit_topic, &registry)?;
+    producer
+        .send_numbered(&[healthy, lossy], MESSAGES_PER_TOPIC, Some((lossy, LOST)))
+        .await?;
     // A record that is not an audit record on the audit topic: dead-lettered, never stored.
     let plain: FutureProducer = kafka.create()?;
     plain
@@ -191,16 +144,13 @@ async fn scenario(
         "the webhook delivered and marked sent",
         Duration::from_secs(60),
         || async {
-            let (unsent,): (i64,) =
-                sqlx::query_as("SELECT count(*) FROM alert_deliveries WHERE sent_at IS NULL")
-                    .fetch_one(&db.pool)
-                    .await?;
-            let got = received.all().len();
+            let unsent = unsent_notifications(&db.pool).await?;
+            let got = received.received().len();
             Ok((unsent == 0 && got > 0).then_some(()))
         },
     )
     .await?;
-    let all = received.all();
+    let all = received.received();
     anyhow::ensure!(
         all.len() == 1,
         "expected exactly one notification, got {}",
@@ -268,7 +218,6 @@ async fn scenario(
         unknown.is_empty(),
         "dashboards/daemons.json charts metrics nobody exports: {unknown:?}"
     );
-    let _ = std::fs::remove_dir_all(spool);
     Ok(())
 }
 

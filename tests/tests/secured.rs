@@ -13,13 +13,13 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use chaperone_audit::{AuditConfig, AuditedProducer};
-use chaperone_tests::{SecureListener, TestDb, eventually, secure_listener, unique};
+use chaperone_test_support::{
+    SecureListener, TestDb, create_topics, eventually, secure_listener, unique,
+};
+use chaperone_tests::pipeline::{Daemons, collector_toml};
+use chaperone_tests::producer::TestProducer;
+use chaperone_tests::verdicts::{edge_totals, verdicts};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::FutureRecord;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const MESSAGES: usize = 2_000;
@@ -192,17 +192,9 @@ fn collector_config(
     audit_topic: &str,
     password_file: &str,
 ) -> anyhow::Result<chaperone_collector::Config> {
+    let cluster = collector_toml(db_url, &[(alias, &s.bootstrap)], audit_topic);
     let toml = format!(
-        r#"
-[database]
-url = "{db_url}"
-
-[[clusters]]
-alias = "{alias}"
-bootstrap = "{bootstrap}"
-audit_topic = "{audit_topic}"
-dlq_topic = "{audit_topic}-dlq"
-
+        r#"{cluster}
 [clusters.librdkafka]
 {librdkafka}
 [ingest]
@@ -224,61 +216,11 @@ per_datacenter = true
 [alerts]
 poll_interval = "500ms"
 "#,
-        bootstrap = s.bootstrap,
         librdkafka = librdkafka_toml(s, password_file),
     );
     let mut config = chaperone_collector::Config::from_toml(&toml)?;
     config.resolve_secret_refs(env)?;
     Ok(config)
-}
-
-async fn collector_deps(db: &TestDb) -> anyhow::Result<chaperone_collector::Deps> {
-    Ok(chaperone_collector::Deps {
-        pool: db.pool.clone(),
-        listener: TcpListener::bind("127.0.0.1:0").await?,
-        registry: prometheus::Registry::new(),
-        clock: chaperone_collector::Clock::system(),
-        api_token: None,
-    })
-}
-
-fn service_deps() -> chaperone_service::Deps {
-    chaperone_service::Deps::default()
-}
-
-/// Creates the topics through the secured listener.
-async fn create_topics(s: &SecureListener, topics: &[(&str, i32)]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = client_config(s)?.create()?;
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin
-        .create_topics(&new, &opts)
-        .await
-        .context("creating topics through the secured listener")?
-    {
-        if let Err((name, code)) = r {
-            anyhow::bail!("creating topic {name} through the secured listener failed: {code}");
-        }
-    }
-    Ok(())
-}
-
-/// Topic-level verdicts of `edge`: (status, buckets, expected, actual).
-async fn verdicts(
-    pool: &sqlx::PgPool,
-    topic: &str,
-) -> anyhow::Result<Vec<(String, String, i64, i64, i64)>> {
-    Ok(sqlx::query_as(
-        "SELECT edge, status, count(*), sum(expected)::bigint, sum(actual)::bigint
-         FROM reconcile_verdicts WHERE topic = $1 AND partition = -1
-         GROUP BY edge, status ORDER BY edge, status",
-    )
-    .bind(topic)
-    .fetch_all(pool)
-    .await?)
 }
 
 // ----------------------------------------------------------------------- tests --
@@ -290,38 +232,19 @@ async fn the_pipeline_counts_exactly_over_sasl_ssl_and_logs_no_secret() -> anyho
     let id = unique("secured");
     let topic = format!("{id}-orders");
     let audit_topic = format!("{id}-audit");
-    create_topics(&s, &[(&topic, 3), (&audit_topic, 1)]).await?;
+    create_topics(&client_config(&s)?, &[(&topic, 3), (&audit_topic, 1)])
+        .await
+        .context("creating topics through the secured listener")?;
 
     let db = TestDb::create().await?;
-    let shutdown = CancellationToken::new();
     let alias = format!("{id}-regional");
-    let collector = collector_config(&s, &db.url()?, &alias, &audit_topic, &s.password_file)?;
+    let collector = collector_config(&s, &db.url, &alias, &audit_topic, &s.password_file)?;
     let service = service_config(&s, &id, "regional", &topic, &audit_topic, &s.password_file)?;
-    let daemons = vec![
-        tokio::spawn(chaperone_collector::run(
-            collector,
-            collector_deps(&db).await?,
-            shutdown.clone(),
-        )),
-        tokio::spawn(chaperone_service::run(
-            service,
-            service_deps(),
-            shutdown.clone(),
-        )),
-    ];
+    let mut daemons = Daemons::new();
+    daemons.collector(collector, &db.pool).await?;
+    daemons.service(service, chaperone_service::Deps::default());
     let outcome = produce_and_judge(&s, &db, &topic, &audit_topic).await;
-    shutdown.cancel();
-    let mut stopped = Ok(());
-    for d in daemons {
-        let r = tokio::time::timeout(Duration::from_secs(60), d)
-            .await
-            .context("a daemon did not stop within 60 s")
-            .and_then(|joined| joined.context("a daemon panicked"))
-            .and_then(|r| r);
-        if stopped.is_ok() {
-            stopped = r;
-        }
-    }
+    let stopped = daemons.stop().await;
     if outcome.is_err() || stopped.is_err() {
         eprintln!("last log lines:\n{}", last_lines(80));
     }
@@ -369,33 +292,15 @@ async fn produce_and_judge(
     topic: &str,
     audit_topic: &str,
 ) -> anyhow::Result<()> {
-    let spool = std::env::temp_dir().join(unique("secured-spool"));
-    let audit = AuditConfig {
-        topic: audit_topic.to_owned(),
-        flush_interval: Duration::from_secs(1),
-        bucket_width: Duration::from_secs(10),
-        spool_dir: spool.clone(),
-        ..AuditConfig::default()
-    };
     let mut kafka = client_config(s)?;
     kafka.set("linger.ms", "5");
-    let producer = AuditedProducer::new(&kafka, audit, &prometheus::Registry::new())?;
-    let mut pending = Vec::with_capacity(MESSAGES);
-    for i in 0..MESSAGES {
-        let payload = format!("{{\"n\":{i}}}");
-        let key = i.to_string();
-        let record = FutureRecord::to(topic).key(&key).payload(&payload);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
-    }
-    for delivery in pending {
-        delivery.await?.map_err(|(e, _)| e)?;
-    }
+    let producer = TestProducer::new(&kafka, audit_topic, &prometheus::Registry::new())?;
+    producer.send_numbered(&[topic], MESSAGES, None).await?;
     let stats = producer.shutdown().await;
     ensure!(
         stats.acked == MESSAGES as u64,
         "not every message was acknowledged: {stats:?}"
     );
-    let _ = std::fs::remove_dir_all(&spool);
 
     let n = MESSAGES as i64;
     let judged = eventually(
@@ -403,11 +308,7 @@ async fn produce_and_judge(
         Duration::from_secs(180),
         || async {
             let rows = verdicts(&db.pool, topic).await?;
-            let totals = rows
-                .iter()
-                .filter(|r| r.0 == EDGE)
-                .fold((0, 0), |(e, a), r| (e + r.3, a + r.4));
-            Ok((totals == (n, n)).then_some(rows))
+            Ok((edge_totals(&rows, EDGE) == (n, n)).then_some(rows))
         },
     )
     .await?;
@@ -435,7 +336,11 @@ async fn a_wrong_password_is_an_error_naming_the_cluster_not_a_hang() -> anyhow:
     let started = Instant::now();
     let result = tokio::time::timeout(
         Duration::from_secs(60),
-        chaperone_service::run(service, service_deps(), CancellationToken::new()),
+        chaperone_service::run(
+            service,
+            chaperone_service::Deps::default(),
+            CancellationToken::new(),
+        ),
     )
     .await
     .context("chaperone-service still running 60 s after start with a wrong password")?;
@@ -459,14 +364,10 @@ async fn a_wrong_password_is_an_error_naming_the_cluster_not_a_hang() -> anyhow:
     // The collector: an ERROR naming the cluster, and it still stops when asked.
     let db = TestDb::create().await?;
     let alias = format!("{id}-secure");
-    let collector = collector_config(&s, &db.url()?, &alias, &audit_topic, &wrong_file)?;
-    let shutdown = CancellationToken::new();
+    let collector = collector_config(&s, &db.url, &alias, &audit_topic, &wrong_file)?;
+    let mut daemons = Daemons::new();
     let started = Instant::now();
-    let handle = tokio::spawn(chaperone_collector::run(
-        collector,
-        collector_deps(&db).await?,
-        shutdown.clone(),
-    ));
+    daemons.collector(collector, &db.pool).await?;
     let error_line = eventually(
         "the collector's error naming the cluster",
         Duration::from_secs(30),
@@ -484,15 +385,12 @@ async fn a_wrong_password_is_an_error_naming_the_cluster_not_a_hang() -> anyhow:
     )
     .await;
     let collector_took = started.elapsed();
-    shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(60), handle)
-        .await
-        .context("the collector did not stop within 60 s")?;
+    let stopped = daemons.stop().await;
     if error_line.is_err() {
         eprintln!("last log lines:\n{}", last_lines(80));
     }
     let error_line = error_line?;
-    stopped.context("the collector panicked")??;
+    stopped.context("the collector did not stop cleanly")?;
     eprintln!(
         "wrong password refused: chaperone-service failed after {service_took:?} with \
          \"{err}\"; the collector logged after {collector_took:?}: {error_line}"

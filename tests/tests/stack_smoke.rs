@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chaperone_tests::{
+use chaperone_test_support::{
     aggregate_bootstrap, create_topic, database_url, eventually, regional_bootstrap, unique,
 };
 use rdkafka::ClientConfig;

@@ -1,153 +1,44 @@
-//! What the collector's integration tests share: the stack's addresses, a database and an
-//! audit topic per test, record builders, producing, polling with a deadline, and running the
-//! collector in-process or as its real binary.
+//! What the collector's ingest, API and web tests share beyond `chaperone-test-support` (where
+//! the stack's addresses, the database, topic creation and polling live): the database these
+//! tests use, an audit topic per test, record builders, producing, and running the collector
+//! in-process or as its real binary.
 //!
 //! Tests fail (never skip) when the stack from `dev/stack up` is not there.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use chaperone_audit::{AuditRecord, BucketWidth, Counts, Latency, Observer, Progress, Tier};
 use chaperone_collector::config::{ClusterConfig, Config};
 use chaperone_collector::{Clock, Deps};
+use chaperone_test_support::{create_topic, regional_bootstrap};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+
+// The shared helpers every test of this module's family uses, for `use ingest_support::*`.
+pub use chaperone_test_support::{TestDb, eventually, unique};
 
 /// Start of the bucket most test records fall in.
 pub const BUCKET: i64 = 1_764_067_200_000;
 
-pub fn regional_bootstrap() -> String {
-    std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into())
+/// Pool settings of these tests: a short acquire timeout, so that the collector's writes fail
+/// fast while PostgreSQL is stopped.
+pub fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(2))
 }
 
-pub fn aggregate_bootstrap() -> String {
-    std::env::var("CHAPERONE_AGGREGATE_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:29092".into())
-}
-
-pub fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://chaperone:chaperone@127.0.0.1:55432/chaperone".into())
-}
-
-/// A name no other test uses.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-/// The `dev/stack` script.
-pub fn stack_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dev/stack")
-}
-
-/// Polls `check` until it returns `Some`, failing with `what` once `timeout` has passed.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A database of its own for one test: `chaperone_test_<random>`, migrated.
-#[derive(Debug)]
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-    pub pool: PgPool,
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    match url.rfind('/') {
-        Some(i) => {
-            let (base, rest) = url.split_at(i);
-            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
-            format!("{base}/{db}{query}")
-        }
-        None => format!("{url}/{db}"),
-    }
-}
-
-impl TestDb {
-    pub async fn create() -> anyhow::Result<Self> {
-        let db = Self::create_empty().await?;
-        chaperone_collector::migrate(&db.pool).await?;
-        Ok(db)
-    }
-
-    /// A database without the schema.
-    pub async fn create_empty() -> anyhow::Result<Self> {
-        let admin_url = database_url();
-        let name = format!("chaperone_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url)
-            .await
-            .context("connecting to the stack's PostgreSQL (is `dev/stack up` running?)")?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        admin.close().await.ok();
-        let url = with_database(&admin_url, &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(2))
-            .connect(&url)
-            .await
-            .context("connecting to the test database")?;
-        Ok(Self { name, url, pool })
-    }
-
-    /// Drops the database; call at the end of a test that passed.
-    pub async fn drop_db(self) -> anyhow::Result<()> {
-        self.pool.close().await;
-        let mut admin = PgConnection::connect(&database_url()).await?;
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut admin)
-        .await?;
-        Ok(())
-    }
-}
-
-pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("creating admin client")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let results = admin
-        .create_topics(
-            [&new],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .with_context(|| format!("creating topic {topic}"))?;
-    for r in results {
-        if let Err((name, code)) = r {
-            bail!("creating topic {name} failed: {code}");
-        }
-    }
-    Ok(())
+/// A migrated database of its own for one test (see [`pool_options`]); drop it with
+/// [`TestDb::drop_db`] at the end of a test that passed.
+pub async fn ingest_db() -> anyhow::Result<TestDb> {
+    TestDb::create_with(pool_options()).await
 }
 
 /// An audit topic and its dead-letter topic, both new, on the cluster the collector calls
@@ -495,20 +386,12 @@ pub fn encode_all(records: &[AuditRecord]) -> Vec<Vec<u8>> {
 
 /// End offsets (high watermarks) of every partition of the audit topic.
 pub async fn end_offsets(topic: &Topics) -> anyhow::Result<BTreeMap<i32, i64>> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let t = topic.clone();
-    tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &t.bootstrap)
-            .create()?;
-        let mut out = BTreeMap::new();
-        for p in 0..t.partitions {
-            let (_, high) = c.fetch_watermarks(&t.audit, p, Duration::from_secs(10))?;
-            out.insert(p, high);
-        }
-        Ok(out)
+    let ends = tokio::task::spawn_blocking(move || {
+        chaperone_test_support::end_offsets(&t.bootstrap, &t.audit, t.partitions)
     })
-    .await?
+    .await??;
+    Ok((0..).zip(ends).collect())
 }
 
 /// Stored next offsets of the test's audit topic.

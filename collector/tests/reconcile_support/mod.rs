@@ -1,29 +1,24 @@
-//! What the reconciliation and alert tests share: a database of their own, rows of counts and
-//! progress written straight into the ingest tables, a reconciler on a hand-moved clock and a
-//! webhook receiver on 127.0.0.1.
+//! What the reconciliation and alert tests share beyond `chaperone-test-support` (where the
+//! database, the webhook receiver and polling live): a database dropped whatever the outcome,
+//! rows of counts and progress written straight into the ingest tables and a reconciler on a
+//! hand-moved clock.
 //!
 //! Tests fail (never skip) when the PostgreSQL of `dev/stack up` is not there.
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
-use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::body::Bytes;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
 use chaperone_collector::reconcile::{
     ManualClock, PassReport, ReconcileConfig, ReconcileMetrics, Reconciler, Verdict,
 };
 use chrono::{DateTime, TimeZone, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection as _, PgConnection, PgPool};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+// The shared test database, for `use reconcile_support::*`.
+pub use chaperone_test_support::TestDb;
 
 /// Start of the first bucket the tests use: 2026-01-01T00:00:00Z.
 pub const T0: i64 = 1_767_225_600_000;
@@ -35,11 +30,6 @@ pub const LATENESS: i64 = 30_000;
 pub const MAX_WAIT: i64 = 600_000;
 /// Settle time of [`config`].
 pub const SETTLE: i64 = 5_000;
-
-pub fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://chaperone:chaperone@127.0.0.1:55432/chaperone".into())
-}
 
 pub fn at(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().expect("valid time")
@@ -55,60 +45,13 @@ pub fn start(n: i64) -> i64 {
     T0 + n * WIDTH
 }
 
-/// A database of its own for one test (`chaperone_test_<random>`), migrated; dropped when the
-/// value is dropped, also when the test panics.
-#[derive(Debug)]
-pub struct TestDb {
-    pub name: String,
-    pub pool: PgPool,
-}
-
-impl TestDb {
-    pub async fn create() -> anyhow::Result<Self> {
-        let name = format!("chaperone_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&database_url())
-            .await
-            .context("connecting to the stack's PostgreSQL (is `dev/stack up` running?)")?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        admin.close().await.ok();
-        let options = PgConnectOptions::from_str(&database_url())?.database(&name);
-        let pool = PgPoolOptions::new()
-            .max_connections(6)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await
-            .context("connecting to the test database")?;
-        sqlx::migrate!("../migrations")
-            .run(&pool)
-            .await
-            .context("migrating the test database")?;
-        Ok(Self { name, pool })
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs inside the test's runtime, perhaps while tasks of a failed test still hold
-        // connections: drop the database from a thread of its own, with FORCE ending them.
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            rt.block_on(async move {
-                if let Ok(mut admin) = PgConnection::connect(&database_url()).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-            });
-        });
-        let _ = cleanup.join();
-    }
+/// A migrated database of its own for one test, dropped when the value is dropped, also when
+/// the test panics.
+pub async fn reconcile_db() -> anyhow::Result<TestDb> {
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(10));
+    Ok(TestDb::create_with(pool).await?.dropped_on_drop())
 }
 
 /// Adds `count` messages seen by `tier` in `datacenter` to one bucket and partition, the way
@@ -322,76 +265,4 @@ pub async fn verdict(
         .await
         .into_iter()
         .find(|v| v.edge == edge && v.partition.is_none() && v.bucket_start_ms == bucket_start_ms)
-}
-
-/// One request the test receiver got.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-/// A webhook receiver on 127.0.0.1 that records every POST to `/hook`; stops when dropped.
-#[derive(Debug)]
-pub struct Receiver {
-    pub addr: SocketAddr,
-    pub received: Arc<Mutex<Vec<Received>>>,
-    pub stop: CancellationToken,
-}
-
-impl Receiver {
-    /// Starts on a free port.
-    pub async fn start() -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        Ok(Self::serve(listener))
-    }
-
-    /// Starts on `addr` (a port the test reserved earlier).
-    pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
-        Ok(Self::serve(listener))
-    }
-
-    fn serve(listener: TcpListener) -> Self {
-        let addr = listener.local_addr().expect("bound");
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let stop = CancellationToken::new();
-        let log = Arc::clone(&received);
-        let app = Router::new().route(
-            "/hook",
-            post(move |headers: HeaderMap, body: Bytes| {
-                let log = Arc::clone(&log);
-                async move {
-                    log.lock().unwrap().push(Received { headers, body });
-                    StatusCode::OK
-                }
-            }),
-        );
-        let token = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-                .ok();
-        });
-        Self {
-            addr,
-            received,
-            stop,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
-
-    pub fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }

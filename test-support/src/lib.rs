@@ -1,0 +1,34 @@
+//! What the integration tests of every crate share, written once: where the stack of
+//! `dev/stack up` listens, a database of its own per test, topic creation, unique names,
+//! polling with a deadline and a webhook receiver. Not published, not linked by anything but
+//! tests (`collector` as a dev-dependency, `chaperone-tests`).
+//!
+//! - [`stack`]: the stack's addresses (overridable through the variables `dev/stack env`
+//!   prints), its secured listener, and `dev/stack` itself for tests that stop a part of it.
+//! - [`db`]: [`TestDb`], a migrated PostgreSQL database per test.
+//! - [`kafka`]: topic creation, waiting for topics (MirrorMaker's copies), end offsets.
+//! - [`poll`]: [`eventually`], the only way a test waits for a condition.
+//! - [`webhook`]: [`Receiver`], a webhook endpoint recording every [`Notification`].
+//!
+//! What only one crate's tests need (record builders, in-process daemons) stays with those
+//! tests. Every helper fails, never skips, when the stack is not there.
+
+pub mod db;
+pub mod kafka;
+pub mod poll;
+pub mod stack;
+pub mod webhook;
+
+pub use db::TestDb;
+pub use kafka::{create_topic, create_topics, end_offsets, wait_for_topics};
+pub use poll::eventually;
+pub use stack::{
+    SecureListener, aggregate_bootstrap, database_url, dev_stack, regional_bootstrap,
+    regional2_bootstrap, secure_listener,
+};
+pub use webhook::{Notification, Receiver};
+
+/// A name no other test uses: `<prefix>-<uuid>`, valid as a topic, group or schema suffix.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
