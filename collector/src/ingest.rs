@@ -355,6 +355,9 @@ impl Source {
                         config.alias, config.audit_topic
                     ),
                 ),
+                // A collector that dies hands its partitions over within seconds.
+                ("session.timeout.ms", "10000".to_owned()),
+                ("heartbeat.interval.ms", "2000".to_owned()),
                 // Partitions added to the audit topic are read within this.
                 (
                     "topic.metadata.refresh.interval.ms",
@@ -736,16 +739,22 @@ async fn sync_assignment(
                 METADATA_TIMEOUT,
             )
         })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        .await;
         match sought {
-            Ok(()) => {
+            Ok(Ok(())) => {
                 tracing::info!(cluster = %alias, partition = p, offset, "reading an audit partition again from its stored offset");
                 started.push(p);
             }
-            Err(error) => {
-                tracing::warn!(cluster = %alias, partition = p, %error, "cannot seek an audit partition; retrying");
+            Ok(Err(e)) => {
+                tracing::warn!(cluster = %alias, partition = p, error = %e, "cannot seek an audit partition; retrying");
+                source
+                    .resync
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(p);
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %alias, partition = p, error = %e, "seek task failed; retrying");
                 source
                     .resync
                     .lock()

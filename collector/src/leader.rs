@@ -155,9 +155,7 @@ impl Session {
             .map(|_| ())
     }
 
-    /// Runs a one-value query, failing after [`LEASE`] like a lost connection: a busy
-    /// PostgreSQL may answer slowly, and only one that has stopped answering for as long as it
-    /// would keep a silent session ends the leadership.
+    /// Runs a one-value query, failing after [`CHECK`] like a lost connection.
     async fn bounded<'q, T>(
         &mut self,
         q: sqlx::query::QueryScalar<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>,
@@ -166,7 +164,7 @@ impl Session {
         T: Send + Unpin,
         (T,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
-        tokio::time::timeout(LEASE, q.fetch_one(&mut self.conn))
+        tokio::time::timeout(CHECK, q.fetch_one(&mut self.conn))
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
     }

@@ -182,11 +182,10 @@ pub async fn write_batch(
     records: &[AuditRecord],
     offsets: &[ConsumedOffset],
 ) -> Result<BatchOutcome, StoreError> {
-    let offsets = OffsetColumns::of(offsets);
     let mut tx = pool.begin().await?;
     relax_commit(&mut tx).await?;
-    if !offsets.partition.is_empty() {
-        claim_offsets(&mut tx, &offsets).await?;
+    if !offsets.is_empty() {
+        claim_offsets(&mut tx, offsets).await?;
     }
 
     // First occurrence of every counts id in the batch. Progress records need no duplicate
@@ -311,17 +310,25 @@ pub async fn write_batch(
         .execute(&mut *tx)
         .await?;
     }
-    if !offsets.partition.is_empty() {
+    if !offsets.is_empty() {
+        let mut sorted: Vec<&ConsumedOffset> = offsets.iter().collect();
+        sorted.sort_by(|a, b| {
+            (&a.cluster, &a.topic, a.partition).cmp(&(&b.cluster, &b.topic, b.partition))
+        });
+        let clusters: Vec<&str> = sorted.iter().map(|o| o.cluster.as_str()).collect();
+        let topics: Vec<&str> = sorted.iter().map(|o| o.topic.as_str()).collect();
+        let partitions: Vec<i32> = sorted.iter().map(|o| o.partition).collect();
+        let next: Vec<i64> = sorted.iter().map(|o| o.next_offset).collect();
         sqlx::query(
             "INSERT INTO ingest_offsets (cluster, topic, partition, next_offset) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[]) \
              ON CONFLICT (cluster, topic, partition) DO UPDATE \
              SET next_offset = EXCLUDED.next_offset, updated_at = now()",
         )
-        .bind(&offsets.cluster)
-        .bind(&offsets.topic)
-        .bind(&offsets.partition)
-        .bind(&offsets.next)
+        .bind(&clusters)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&next)
         .execute(&mut *tx)
         .await?;
     }
@@ -352,60 +359,27 @@ pub struct FencedPartition {
     pub stored_offset: i64,
 }
 
-/// A batch's offsets as column arrays, in (cluster, topic, partition) order: the order their
-/// rows are locked in, so that two writers never deadlock on them.
-#[derive(Default)]
-struct OffsetColumns<'a> {
-    cluster: Vec<&'a str>,
-    topic: Vec<&'a str>,
-    partition: Vec<i32>,
-    stored: Vec<i64>,
-    next: Vec<i64>,
-}
-
-impl<'a> OffsetColumns<'a> {
-    fn of(offsets: &'a [ConsumedOffset]) -> Self {
-        let mut sorted: Vec<&ConsumedOffset> = offsets.iter().collect();
-        sorted.sort_by(|a, b| {
-            (&a.cluster, &a.topic, a.partition).cmp(&(&b.cluster, &b.topic, b.partition))
-        });
-        let mut cols = Self::default();
-        for o in sorted {
-            cols.cluster.push(&o.cluster);
-            cols.topic.push(&o.topic);
-            cols.partition.push(o.partition);
-            cols.stored.push(o.stored_offset);
-            cols.next.push(o.next_offset);
-        }
-        cols
-    }
-
-    /// The stored offset the writer continues from for a partition of the batch.
-    fn stored_offset(&self, cluster: &str, topic: &str, partition: i32) -> Option<i64> {
-        (0..self.partition.len())
-            .find(|&i| {
-                self.cluster[i] == cluster
-                    && self.topic[i] == topic
-                    && self.partition[i] == partition
-            })
-            .map(|i| self.stored[i])
-    }
-}
-
 /// Locks the offset rows of `offsets` (creating missing ones at 0) until the end of `tx`,
 /// and fails with [`StoreError::Fenced`] when one is not the writer's `stored_offset`.
 async fn claim_offsets(
     tx: &mut Transaction<'_, Postgres>,
-    offsets: &OffsetColumns<'_>,
+    offsets: &[ConsumedOffset],
 ) -> Result<(), StoreError> {
+    let mut sorted: Vec<&ConsumedOffset> = offsets.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.cluster, &a.topic, a.partition).cmp(&(&b.cluster, &b.topic, b.partition))
+    });
+    let clusters: Vec<&str> = sorted.iter().map(|o| o.cluster.as_str()).collect();
+    let topics: Vec<&str> = sorted.iter().map(|o| o.topic.as_str()).collect();
+    let partitions: Vec<i32> = sorted.iter().map(|o| o.partition).collect();
     sqlx::query(
         "INSERT INTO ingest_offsets (cluster, topic, partition, next_offset) \
          SELECT c, t, p, 0 FROM UNNEST($1::text[], $2::text[], $3::int4[]) AS u(c, t, p) \
          ON CONFLICT (cluster, topic, partition) DO NOTHING",
     )
-    .bind(&offsets.cluster)
-    .bind(&offsets.topic)
-    .bind(&offsets.partition)
+    .bind(&clusters)
+    .bind(&topics)
+    .bind(&partitions)
     .execute(&mut **tx)
     .await?;
     let stored: Vec<(String, String, i32, i64)> = sqlx::query_as(
@@ -414,14 +388,18 @@ async fn claim_offsets(
          USING (cluster, topic, partition) \
          ORDER BY 1, 2, 3 FOR UPDATE OF o",
     )
-    .bind(&offsets.cluster)
-    .bind(&offsets.topic)
-    .bind(&offsets.partition)
+    .bind(&clusters)
+    .bind(&topics)
+    .bind(&partitions)
     .fetch_all(&mut **tx)
     .await?;
     let fenced: Vec<FencedPartition> = stored
         .into_iter()
-        .filter(|(c, t, p, next)| offsets.stored_offset(c, t, *p).is_some_and(|s| s != *next))
+        .filter(|(c, t, p, next)| {
+            sorted.iter().any(|o| {
+                o.cluster == *c && o.topic == *t && o.partition == *p && o.stored_offset != *next
+            })
+        })
         .map(
             |(cluster, topic, partition, stored_offset)| FencedPartition {
                 cluster,
