@@ -124,17 +124,12 @@ impl Session {
         let mut conn = tokio::time::timeout(LEASE, PgConnection::connect_with(&options))
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        // PostgreSQL before 14 has no idle_session_timeout: a leader cut off from it then
-        // keeps the lock until TCP gives the session up.
-        if let Err(e) = sqlx::query(&format!(
+        sqlx::query(&format!(
             "SET idle_session_timeout = '{}ms'",
             LEASE.as_millis()
         ))
         .execute(&mut conn)
-        .await
-        {
-            tracing::warn!(error = %e, "cannot bound a silent leader's session; a leader cut off from PostgreSQL is replaced only when its connection times out");
-        }
+        .await?;
         sqlx::query("SET application_name = 'chaperone-collector leader'")
             .execute(&mut conn)
             .await?;
