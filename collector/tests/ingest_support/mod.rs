@@ -95,9 +95,6 @@ pub fn config(db: &TestDb, topics: &Topics) -> Config {
     // These tests are about ingest; reconciliation and alerts have their own.
     c.reconcile.enabled = false;
     c.alerts.enabled = false;
-    // The records' buckets are older than any retention; a leader (again after a restart of
-    // PostgreSQL) would delete them.
-    c.retention.days = 0;
     c
 }
 
