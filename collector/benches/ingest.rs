@@ -25,7 +25,8 @@
 //! same rows, the CPU the PostgreSQL backend and the collector spent storing, and where a
 //! batch's time goes: the same batches through `write_batch` with only their counts records,
 //! only their progress records, none (the fixed cost of a transaction), replayed (every id
-//! already stored), and the duplicate filter's two statements alone.
+//! already stored), and the duplicate filter's statement alone; and the end-to-end rate of
+//! two collectors sharing the audit topic against one.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -366,6 +367,7 @@ async fn collector_end_to_end(
     pool: &PgPool,
     bootstrap: &str,
     payloads: &[Vec<u8>],
+    instances: usize,
 ) -> anyhow::Result<Duration> {
     let topic = format!("bench-audit-{}", uuid::Uuid::new_v4().simple());
     produce(bootstrap, &topic, payloads).await?;
@@ -385,15 +387,22 @@ async fn collector_end_to_end(
     config.reconcile.enabled = false;
     config.alerts.enabled = false;
     let shutdown = CancellationToken::new();
-    let deps = Deps {
-        pool: pool.clone(),
-        listener: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-        registry: prometheus::Registry::new(),
-        clock: Clock::system(),
-        api_token: None,
-    };
     let started = Instant::now();
-    let task = tokio::spawn(chaperone_collector::run(config, deps, shutdown.clone()));
+    let mut tasks = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        let deps = Deps {
+            pool: pool.clone(),
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            registry: prometheus::Registry::new(),
+            clock: Clock::system(),
+            api_token: None,
+        };
+        tasks.push(tokio::spawn(chaperone_collector::run(
+            config.clone(),
+            deps,
+            shutdown.clone(),
+        )));
+    }
     let deadline = started + Duration::from_secs(600);
     loop {
         let rows: Vec<(i32, i64)> = sqlx::query_as(
@@ -406,14 +415,16 @@ async fn collector_end_to_end(
         if end.iter().all(|(p, e)| stored.get(p) == Some(e)) {
             break;
         }
-        if Instant::now() > deadline || task.is_finished() {
+        if Instant::now() > deadline || tasks.iter().any(|t| t.is_finished()) {
             bail!("collector did not store everything in time");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
     shutdown.cancel();
-    task.await??;
+    for task in tasks {
+        task.await??;
+    }
     Ok(elapsed)
 }
 
@@ -480,16 +491,22 @@ impl Store {
     ) -> anyhow::Result<Timed> {
         let (server, client) = self.cpu();
         let started = Instant::now();
-        let mut next_offset = 0;
+        let mut stored = store::load_offsets(&self.pool, "bench", "store-only")
+            .await?
+            .get(&0)
+            .copied()
+            .unwrap_or(0);
         for batch in batches {
-            next_offset += batch.len().max(1) as i64;
+            let next_offset = stored + batch.len().max(1) as i64;
             let offsets = [store::ConsumedOffset {
                 cluster: "bench".into(),
                 topic: "store-only".into(),
                 partition: 0,
+                stored_offset: stored,
                 next_offset,
             }];
             store::write_batch(&self.pool, batch, &offsets).await?;
+            stored = next_offset;
         }
         let wall = started.elapsed();
         let (server_end, client_end) = self.cpu();
@@ -627,8 +644,8 @@ async fn plain_insert(pool: &PgPool, records: &[AuditRecord]) -> anyhow::Result<
     Ok(started.elapsed())
 }
 
-/// The duplicate filter alone, as `write_batch` runs it (probe the batch's counts ids, insert
-/// the new ones), on an empty copy of `audit_record_seen`, in one transaction: what
+/// The duplicate filter alone, as `write_batch` runs it (insert the batch's counts ids, keep
+/// those returned as new), on an empty copy of `audit_record_seen`, in one transaction: what
 /// de-duplication by id costs the batches, without the commit.
 async fn id_filter(pool: &PgPool, batches: &[&[AuditRecord]]) -> anyhow::Result<Duration> {
     sqlx::query("CREATE TABLE bench_seen (LIKE audit_record_seen INCLUDING ALL)")
@@ -641,18 +658,16 @@ async fn id_filter(pool: &PgPool, batches: &[&[AuditRecord]]) -> anyhow::Result<
     let mut tx = pool.begin().await?;
     let started = Instant::now();
     for k in &keys {
-        let stored: Vec<uuid::Uuid> =
-            sqlx::query_scalar("SELECT id FROM bench_seen WHERE id = ANY($1)")
-                .bind(k)
-                .fetch_all(&mut *tx)
-                .await?;
-        if !stored.is_empty() {
+        let fresh: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "INSERT INTO bench_seen (id) SELECT UNNEST($1::uuid[]) \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+        )
+        .bind(k)
+        .fetch_all(&mut *tx)
+        .await?;
+        if fresh.len() != k.len() {
             bail!("fresh ids found stored");
         }
-        sqlx::query("INSERT INTO bench_seen (id) SELECT UNNEST($1::uuid[])")
-            .bind(k)
-            .execute(&mut *tx)
-            .await?;
     }
     let elapsed = started.elapsed();
     tx.commit().await?;
@@ -679,7 +694,7 @@ async fn worst_case(pool: &PgPool, store: &Store, bootstrap: &str) -> anyhow::Re
         AuditRecord::decode(p)?;
     }
     let decode = started.elapsed();
-    let e2e = collector_end_to_end(pool, bootstrap, &payloads).await?;
+    let e2e = collector_end_to_end(pool, bootstrap, &payloads, 1).await?;
     let rows = rows_in(pool, "audit_counts").await?;
     // A fresh database state: the end-to-end phase stored the same ids.
     store.truncate().await?;
@@ -739,7 +754,8 @@ async fn fleet(
     let n_counts: usize = split.iter().map(|(c, _)| c.len()).sum();
 
     let payloads: Vec<Vec<u8>> = records.iter().map(AuditRecord::encode).collect();
-    let e2e = collector_end_to_end(pool, bootstrap, &payloads).await?;
+    let e2e = collector_end_to_end(pool, bootstrap, &payloads, 1).await?;
+    let e2e_two = collector_end_to_end(pool, bootstrap, &payloads, 2).await?;
     drop(payloads);
     store.truncate().await?;
     let full = store.write(batches.iter().copied()).await?;
@@ -795,6 +811,12 @@ async fn fleet(
         e2e.as_secs_f64(),
         rate(n, e2e) / base
     );
+    println!(
+        "  two collectors end to end:          {:>9.0} records/s ({:.2} s)  {:.2}x one collector",
+        rate(n, e2e_two),
+        e2e_two.as_secs_f64(),
+        rate(n, e2e_two) / rate(n, e2e)
+    );
     println!("  a batch's time, each the same batches through write_batch unless said:");
     let line = |what: &str, t: &Timed| {
         println!(
@@ -806,11 +828,11 @@ async fn fleet(
     line("whole batches", &full);
     line("counts records only", &counts_only);
     line("progress records only", &progress_only);
-    line("no records (lock, offsets, commit)", &empty);
+    line("no records (offset check, offsets, commit)", &empty);
     line("replayed (every counts id already stored)", &replay);
     println!(
         "    {:<44} {:>6.1} ms/batch",
-        "id filter alone (probe + insert, no commit)",
+        "id filter alone (insert, no commit)",
         per_batch(ids)
     );
     Ok(())

@@ -1,14 +1,22 @@
-//! Consuming audit topics into the store, exactly once.
+//! Consuming audit topics into the store, exactly once, with any number of collectors.
 //!
-//! One consumer task per configured cluster reads every partition of the cluster's audit
-//! topic by manual assignment (no consumer group), starting from the offsets stored in
-//! PostgreSQL, and validates each record with the contract's strict decoder. A single writer
-//! task batches what the consumers queue (size + linger) and makes each batch durable:
-//! first the rejected records are acknowledged by the dead-letter topic, then one SQL
-//! transaction applies the valid records and stores the next offsets
+//! One consumer per configured cluster reads the cluster's audit topic as a member of a
+//! consumer group (cooperative-sticky), so several collectors split its partitions between
+//! them and take over those of one that stops or dies. Offsets live in PostgreSQL, not in
+//! Kafka: when the group gives this collector a partition, it is assigned from the offset
+//! stored with the records' effects. Each record is validated with the contract's strict
+//! decoder. A single writer task batches what the consumers queue (size + linger) and makes
+//! each batch durable: first the rejected records are acknowledged by the dead-letter
+//! topic, then one SQL transaction applies the valid records and stores the next offsets
 //! ([`crate::store::write_batch`]). A failed write keeps the batch and retries with capped
 //! backoff; the bounded queue then fills and the consumers wait, so nothing is lost and
 //! nothing is skipped. Offsets only move in PostgreSQL, together with their effects.
+//!
+//! A collector that lost a partition in a rebalance may still hold a batch of it. Each
+//! write names the stored offset it continues from and is refused when another collector
+//! has moved it since ([`crate::store::StoreError::Fenced`]): those records are dropped, the
+//! partition is read again from the stored offset if it is still this collector's, and no
+//! record is applied twice.
 //!
 //! A write PostgreSQL refuses because of the data itself (SQLSTATE class 22, such as a
 //! count that no longer fits in `bigint` once added to the stored one) is not retried: the
@@ -17,7 +25,7 @@
 //! record is applied (each part in one transaction with the offsets that follow it), and
 //! ingest goes on.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,10 +34,11 @@ use std::time::{Duration, Instant};
 use chaperone_audit::{AuditRecord, Counts, DecodeError};
 use chaperone_daemon_support::Backoff;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -149,6 +158,86 @@ impl ClientContext for KafkaContext {
 
 impl ConsumerContext for KafkaContext {}
 
+/// Partition changes the group made that the consume loop has not acted on yet, and what
+/// librdkafka is fetching.
+#[derive(Debug, Default)]
+struct Rebalances {
+    /// Partitions the group gave this collector, to be assigned from their stored offsets.
+    to_assign: BTreeSet<i32>,
+    /// Partitions taken away since the consume loop last looked.
+    revoked: BTreeSet<i32>,
+    /// Partitions assigned to the consumer.
+    assigned: BTreeSet<i32>,
+    /// The consume loop has stopped: partitions given from now on are assigned at once (and
+    /// never read), so that closing the consumer can complete the rebalance.
+    closing: bool,
+}
+
+/// The audit consumer's context: the client callbacks, and rebalances that leave the
+/// assignment of new partitions to the consume loop, which first reads their stored
+/// offsets from PostgreSQL (the callback cannot wait for a query). Revoked partitions are
+/// unassigned at once, as the protocol requires.
+#[derive(Debug)]
+struct AuditConsumerContext {
+    client: KafkaContext,
+    topic: String,
+    rebalances: Arc<Mutex<Rebalances>>,
+}
+
+impl ClientContext for AuditConsumerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.client.error(error, reason);
+    }
+}
+
+impl ConsumerContext for AuditConsumerContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let mut r = self.rebalances.lock().unwrap_or_else(|p| p.into_inner());
+        let revoke = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if partitions.is_empty() || r.closing {
+                    // Nothing to read first (or nothing will be read): complete the
+                    // rebalance now.
+                    if let Err(e) = consumer.incremental_assign(tpl) {
+                        tracing::warn!(cluster = %self.client.cluster, error = %e, "cannot complete a rebalance");
+                    }
+                    r.assigned.extend(partitions);
+                } else {
+                    tracing::info!(cluster = %self.client.cluster, ?partitions, "audit partitions given by the group");
+                    r.to_assign.extend(partitions);
+                }
+                return;
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => partitions,
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::warn!(cluster = %self.client.cluster, error = %code, "rebalance failed; giving up every audit partition");
+                r.assigned.iter().copied().collect()
+            }
+        };
+        let mut unassign = TopicPartitionList::new();
+        for p in revoke {
+            r.to_assign.remove(&p);
+            if r.assigned.remove(&p) {
+                unassign.add_partition(&self.topic, p);
+            }
+            r.revoked.insert(p);
+        }
+        if unassign.count() > 0 {
+            tracing::info!(cluster = %self.client.cluster, partitions = ?r.revoked, "audit partitions taken away by the group");
+            if let Err(e) = consumer.incremental_unassign(&unassign) {
+                tracing::warn!(cluster = %self.client.cluster, error = %e, "cannot unassign revoked audit partitions");
+            }
+        }
+    }
+}
+
 /// Allows one event per period and counts the ones suppressed in between.
 #[derive(Debug)]
 struct RateLimit {
@@ -183,10 +272,14 @@ impl RateLimit {
 }
 
 /// Settings forced on every consumer after the user's overrides.
-const FORCED_CONSUMER: [(&str, &str); 4] = [
+const FORCED_CONSUMER: [(&str, &str); 5] = [
     ("enable.auto.commit", "false"),
     ("enable.auto.offset.store", "false"),
     ("isolation.level", "read_committed"),
+    // Partitions a rebalance leaves in place keep being read, and the assignment of new
+    // ones is completed by the consume loop (from the stored offsets), outside the
+    // rebalance callback: both need the incremental protocol.
+    ("partition.assignment.strategy", "cooperative-sticky"),
     // An out-of-range stored offset means Kafka deleted records never stored: re-reading
     // from the earliest is safe (ids deduplicate), skipping to the end would lose data.
     ("auto.offset.reset", "earliest"),
@@ -219,9 +312,13 @@ fn client_config(
 struct Source {
     index: usize,
     config: ClusterConfig,
-    consumer: StreamConsumer<KafkaContext>,
+    consumer: StreamConsumer<AuditConsumerContext>,
     producer: FutureProducer<KafkaContext>,
     poison_log: RateLimit,
+    rebalances: Arc<Mutex<Rebalances>>,
+    /// Partitions whose writes were refused because another collector moved their stored
+    /// offsets: read again from there if still assigned.
+    resync: Mutex<BTreeSet<i32>>,
 }
 
 impl std::fmt::Debug for Source {
@@ -245,13 +342,31 @@ impl Source {
             errors: metrics.kafka_errors.with_label_values(&[&config.alias]),
             limiter: RateLimit::new(Duration::from_secs(10)),
         };
-        let consumer: StreamConsumer<KafkaContext> = client_config(
+        let rebalances = Arc::new(Mutex::new(Rebalances::default()));
+        let consumer: StreamConsumer<AuditConsumerContext> = client_config(
             "audit consumer",
             config,
             &FORCED_CONSUMER,
-            &[("group.id", format!("chaperone-collector-{}", config.alias))],
+            &[
+                (
+                    "group.id",
+                    format!(
+                        "chaperone-collector-{}-{}",
+                        config.alias, config.audit_topic
+                    ),
+                ),
+                // Partitions added to the audit topic are read within this.
+                (
+                    "topic.metadata.refresh.interval.ms",
+                    ingest.partition_refresh.as_millis().to_string(),
+                ),
+            ],
         )
-        .create_with_context(ctx())
+        .create_with_context(AuditConsumerContext {
+            client: ctx(),
+            topic: config.audit_topic.clone(),
+            rebalances: Arc::clone(&rebalances),
+        })
         .with_context(|| format!("creating the consumer of cluster `{}`", config.alias))?;
         let producer: FutureProducer<KafkaContext> = client_config(
             "dead-letter producer",
@@ -269,6 +384,14 @@ impl Source {
                 config.alias
             )
         })?;
+        consumer
+            .subscribe(&[config.audit_topic.as_str()])
+            .with_context(|| {
+                format!(
+                    "subscribing to the audit topic of cluster `{}`",
+                    config.alias
+                )
+            })?;
         tracing::info!(
             cluster = %config.alias,
             audit_topic = %config.audit_topic,
@@ -283,6 +406,8 @@ impl Source {
             consumer,
             producer,
             poison_log: RateLimit::new(Duration::from_secs(10)),
+            rebalances,
+            resync: Mutex::new(BTreeSet::new()),
         })
     }
 }
@@ -313,6 +438,26 @@ struct Consumed {
     record: Result<AuditRecord, Rejected>,
 }
 
+/// What a consume loop sends the writer, in the order it happened.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "nearly every event is a message; boxing them would allocate once per record"
+)]
+enum Event {
+    /// A message read.
+    Message(Consumed),
+    /// The partition is read from `from`, the next offset stored in PostgreSQL: records of
+    /// it before this event (from an earlier assignment) are not this writer's any more.
+    Assigned {
+        source: usize,
+        partition: i32,
+        from: i64,
+    },
+    /// The partition was taken away: records of it after this event are dropped.
+    Revoked { source: usize, partition: i32 },
+}
+
 /// A record on its way to the dead-letter topic.
 #[derive(Debug)]
 struct DeadLetter {
@@ -320,7 +465,8 @@ struct DeadLetter {
     rejected: Rejected,
 }
 
-/// Next offsets made durable, shared between the writer and the lag measurement.
+/// The partitions this collector reads, each with the next offset stored in PostgreSQL (what
+/// its next write continues from), shared between the writer and the lag measurement.
 type Stored = Arc<Mutex<HashMap<(usize, i32), i64>>>;
 
 /// Runs ingest until `shutdown` is cancelled and everything consumed has been stored (or
@@ -340,13 +486,12 @@ pub async fn run(
         .enumerate()
         .map(|(i, c)| Source::new(i, c, config, &metrics).map(Arc::new))
         .collect::<anyhow::Result<_>>()?;
-    let (tx, rx) = mpsc::channel(config.queue_capacity);
+    let (tx, rx) = mpsc::channel::<Event>(config.queue_capacity);
     let stored: Stored = Arc::default();
     let consumers = tokio_util::task::TaskTracker::new();
     for source in &sources {
         consumers.spawn(refresh_loop(
             Arc::clone(source),
-            pool.clone(),
             Arc::clone(&stored),
             metrics.clone(),
             Arc::clone(&status),
@@ -355,6 +500,7 @@ pub async fn run(
         ));
         consumers.spawn(consume(
             Arc::clone(source),
+            pool.clone(),
             tx.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -378,11 +524,10 @@ pub async fn run(
     Ok(())
 }
 
-/// Lists the audit topic's partitions every `refresh`, assigns new ones and publishes the
-/// lag. Runs beside [`consume`] so a slow broker answer never delays reading.
+/// Publishes the ingest lag of the partitions this collector reads every `refresh`. Runs
+/// beside [`consume`] so a slow broker answer never delays reading.
 async fn refresh_loop(
     source: Arc<Source>,
-    pool: PgPool,
     stored: Stored,
     metrics: IngestMetrics,
     status: Arc<IngestStatus>,
@@ -390,7 +535,6 @@ async fn refresh_loop(
     shutdown: CancellationToken,
 ) {
     let alias = source.config.alias.clone();
-    let mut assigned: BTreeMap<i32, i64> = BTreeMap::new();
     let mut ticker = tokio::time::interval(refresh);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -403,20 +547,20 @@ async fn refresh_loop(
         let result = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            r = refresh_partitions(&source, &pool, &mut assigned, &stored) => r,
+            r = measure_lag(&source, &stored) => r,
         };
         match result {
-            Ok(lag) => {
+            Ok((partitions, lag)) => {
                 status.sources[source.index].store(true, Ordering::Relaxed);
                 metrics
                     .partitions
                     .with_label_values(&[&alias])
-                    .set(assigned.len() as i64);
+                    .set(partitions as i64);
                 metrics.lag_records.with_label_values(&[&alias]).set(lag);
-                tracing::debug!(cluster = %alias, lag, took_ms = started.elapsed().as_millis() as u64, "audit partitions refreshed");
+                tracing::debug!(cluster = %alias, partitions, lag, took_ms = started.elapsed().as_millis() as u64, "ingest lag measured");
             }
             Err(e) => {
-                tracing::warn!(cluster = %alias, error = %e, "cannot refresh the audit topic's partitions");
+                tracing::warn!(cluster = %alias, error = %e, "cannot measure the ingest lag");
             }
         }
     }
@@ -425,18 +569,34 @@ async fn refresh_loop(
 /// How long one wait for a message lasts before it is started again. librdkafka only
 /// signals a queue that goes from empty to non-empty, and a wake-up can be missed when
 /// other events are served from the same queue; polling again periodically makes a missed
-/// wake-up cost at most this much.
+/// wake-up cost at most this much. Rebalances are acted on between waits.
 const RECV_REPOLL: Duration = Duration::from_millis(250);
+
+/// The channel to the writer is closed: the writer has stopped.
+struct WriterGone;
 
 async fn consume(
     source: Arc<Source>,
-    tx: mpsc::Sender<Consumed>,
+    pool: PgPool,
+    tx: mpsc::Sender<Event>,
     metrics: IngestMetrics,
     shutdown: CancellationToken,
 ) {
     let alias = source.config.alias.clone();
     let error_log = RateLimit::new(Duration::from_secs(10));
+    let store_log = RateLimit::new(Duration::from_secs(10));
+    // The partitions read, each with the next offset accepted: a message from before it
+    // (fetched from an earlier position) is dropped.
+    let mut reading: HashMap<i32, i64> = HashMap::new();
     loop {
+        let synced = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            r = sync_assignment(&source, &pool, &tx, &mut reading, &store_log) => r,
+        };
+        if synced.is_err() {
+            break;
+        }
         let msg = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
@@ -445,8 +605,8 @@ async fn consume(
                 Err(_) => continue,
             },
         };
-        let consumed = match msg {
-            Ok(m) => decode(&source, &m),
+        let m = match msg {
+            Ok(m) => m,
             Err(e) => {
                 metrics.kafka_errors.with_label_values(&[&alias]).inc();
                 if let Some(suppressed) = error_log.allow() {
@@ -455,13 +615,156 @@ async fn consume(
                 continue;
             }
         };
+        match reading.get_mut(&m.partition()) {
+            Some(next) if m.offset() >= *next => *next = m.offset() + 1,
+            _ => continue,
+        }
+        let consumed = decode(&source, &m);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            sent = tx.send(consumed) => if sent.is_err() { break },
+            sent = tx.send(Event::Message(consumed)) => if sent.is_err() { break },
+        }
+    }
+    // Partitions the group gave and the loop has not assigned yet keep the rebalance open,
+    // and closing the consumer would wait for it forever: complete it (nothing more is read).
+    let pending: Vec<i32> = {
+        let mut r = source.rebalances.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = std::mem::take(&mut r.to_assign);
+        r.assigned.extend(&pending);
+        r.closing = true;
+        pending.into_iter().collect()
+    };
+    if !pending.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for &p in &pending {
+            tpl.add_partition(&source.config.audit_topic, p);
+        }
+        if let Err(e) = source.consumer.incremental_assign(&tpl) {
+            tracing::debug!(cluster = %alias, error = %e, "cannot complete the last rebalance");
         }
     }
     tracing::debug!(cluster = %alias, "consumer stopped");
+}
+
+/// Acts on what the group changed since the last call: tells the writer about revoked
+/// partitions, assigns new ones from their stored offsets, and reads again from the stored
+/// offset the partitions whose writes another collector fenced off. What fails (PostgreSQL
+/// unreachable) is tried again at the next call.
+async fn sync_assignment(
+    source: &Arc<Source>,
+    pool: &PgPool,
+    tx: &mpsc::Sender<Event>,
+    reading: &mut HashMap<i32, i64>,
+    store_log: &RateLimit,
+) -> Result<(), WriterGone> {
+    let (revoked, to_assign) = {
+        let mut r = source.rebalances.lock().unwrap_or_else(|p| p.into_inner());
+        (std::mem::take(&mut r.revoked), r.to_assign.clone())
+    };
+    let resync: BTreeSet<i32> = {
+        let mut r = source.resync.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *r)
+    };
+    for partition in revoked {
+        reading.remove(&partition);
+        tx.send(Event::Revoked {
+            source: source.index,
+            partition,
+        })
+        .await
+        .map_err(|_| WriterGone)?;
+    }
+    let resync: Vec<i32> = resync
+        .into_iter()
+        .filter(|p| reading.contains_key(p))
+        .collect();
+    if to_assign.is_empty() && resync.is_empty() {
+        return Ok(());
+    }
+    let alias = &source.config.alias;
+    let topic = &source.config.audit_topic;
+    let offsets = match store::load_offsets(pool, alias, topic).await {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(suppressed) = store_log.allow() {
+                tracing::warn!(cluster = %alias, error = %e, suppressed, "cannot read the stored offsets of audit partitions; retrying");
+            }
+            source
+                .resync
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(resync);
+            return Ok(());
+        }
+    };
+    let from = |p: i32| offsets.get(&p).copied().unwrap_or(0);
+    let mut started = Vec::new();
+    if !to_assign.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for &p in &to_assign {
+            let offset = offsets
+                .get(&p)
+                .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+            if let Err(e) = tpl.add_partition_offset(topic, p, offset) {
+                tracing::warn!(cluster = %alias, partition = p, error = %e, "cannot assign an audit partition");
+            }
+        }
+        match source.consumer.incremental_assign(&tpl) {
+            Ok(()) => {
+                let mut r = source.rebalances.lock().unwrap_or_else(|p| p.into_inner());
+                for p in &to_assign {
+                    r.to_assign.remove(p);
+                    r.assigned.insert(*p);
+                }
+                started.extend(to_assign.iter().copied());
+                tracing::info!(cluster = %alias, %topic, partitions = ?to_assign, stored_offsets = ?offsets, "reading audit partitions");
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %alias, error = %e, "cannot assign audit partitions; retrying");
+            }
+        }
+    }
+    for p in resync {
+        let s = Arc::clone(source);
+        let offset = from(p);
+        let sought = tokio::task::spawn_blocking(move || {
+            s.consumer.seek(
+                &s.config.audit_topic,
+                p,
+                Offset::Offset(offset),
+                METADATA_TIMEOUT,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        match sought {
+            Ok(()) => {
+                tracing::info!(cluster = %alias, partition = p, offset, "reading an audit partition again from its stored offset");
+                started.push(p);
+            }
+            Err(error) => {
+                tracing::warn!(cluster = %alias, partition = p, %error, "cannot seek an audit partition; retrying");
+                source
+                    .resync
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(p);
+            }
+        }
+    }
+    for partition in started {
+        reading.insert(partition, from(partition));
+        tx.send(Event::Assigned {
+            source: source.index,
+            partition,
+            from: from(partition),
+        })
+        .await
+        .map_err(|_| WriterGone)?;
+    }
+    Ok(())
 }
 
 fn decode(source: &Source, m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
@@ -499,63 +802,18 @@ fn decode(source: &Source, m: &rdkafka::message::BorrowedMessage<'_>) -> Consume
     Consumed { origin, record }
 }
 
-/// Assigns partitions of the audit topic not read yet, from their stored offsets, and
-/// returns the ingest lag in records.
-async fn refresh_partitions(
-    source: &Arc<Source>,
-    pool: &PgPool,
-    assigned: &mut BTreeMap<i32, i64>,
-    stored: &Stored,
-) -> anyhow::Result<i64> {
-    let topic = source.config.audit_topic.clone();
-    let s = Arc::clone(source);
-    let partitions: Vec<i32> = tokio::task::spawn_blocking(move || {
-        let md = s.consumer.fetch_metadata(Some(&topic), METADATA_TIMEOUT)?;
-        let parts = md
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect::<Vec<_>>();
-        Ok::<_, KafkaError>(parts)
-    })
-    .await??;
-    let new: Vec<i32> = partitions
-        .iter()
-        .copied()
-        .filter(|p| !assigned.contains_key(p))
-        .collect();
-    if !new.is_empty() {
-        let offsets =
-            store::load_offsets(pool, &source.config.alias, &source.config.audit_topic).await?;
-        let mut tpl = TopicPartitionList::new();
-        for &p in &new {
-            let offset = match offsets.get(&p) {
-                Some(&o) => Offset::Offset(o),
-                None => Offset::Beginning,
-            };
-            tpl.add_partition_offset(&source.config.audit_topic, p, offset)?;
-        }
-        source.consumer.incremental_assign(&tpl)?;
-        for &p in &new {
-            assigned.insert(p, offsets.get(&p).copied().unwrap_or(0));
-        }
-        tracing::info!(
-            cluster = %source.config.alias,
-            topic = %source.config.audit_topic,
-            partitions = ?new,
-            stored_offsets = ?offsets,
-            "reading audit partitions"
-        );
-    }
-    // Lag: high watermark minus the next offset made durable (or the offset we started at).
+/// The number of partitions this collector reads and their ingest lag in records: the high
+/// watermark minus the next offset stored.
+async fn measure_lag(source: &Arc<Source>, stored: &Stored) -> anyhow::Result<(usize, i64)> {
     let done: Vec<(i32, i64)> = {
         let stored = stored.lock().unwrap_or_else(|p| p.into_inner());
-        assigned
+        stored
             .iter()
-            .map(|(&p, &start)| (p, stored.get(&(source.index, p)).copied().unwrap_or(start)))
+            .filter(|((s, _), _)| *s == source.index)
+            .map(|(&(_, p), &next)| (p, next))
             .collect()
     };
+    let n = done.len();
     let s = Arc::clone(source);
     let lag = tokio::task::spawn_blocking(move || {
         let mut lag = 0i64;
@@ -568,7 +826,7 @@ async fn refresh_partitions(
         Ok::<_, KafkaError>(lag)
     })
     .await??;
-    Ok(lag)
+    Ok((n, lag))
 }
 
 /// Batches consumed records and makes each batch durable.
@@ -697,22 +955,48 @@ struct Attempt {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Consumed>) {
+    async fn run(self, mut rx: mpsc::Receiver<Event>) {
         let mut batch = Vec::with_capacity(self.config.batch_size);
         while let Some(first) = rx.recv().await {
-            batch.push(first);
-            let deadline = tokio::time::Instant::now() + self.config.linger;
-            while batch.len() < self.config.batch_size {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(c)) => batch.push(c),
-                    Ok(None) | Err(_) => break,
+            // A change of assignment ends the batch: the records before it are written
+            // under the assignment they were read in.
+            let mut change = None;
+            match first {
+                Event::Message(c) => batch.push(c),
+                other => change = Some(other),
+            }
+            if change.is_none() {
+                let deadline = tokio::time::Instant::now() + self.config.linger;
+                while batch.len() < self.config.batch_size {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(Event::Message(c))) => batch.push(c),
+                        Ok(Some(other)) => {
+                            change = Some(other);
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
-            if self.commit(std::mem::take(&mut batch)).await.is_err() {
+            if !batch.is_empty() && self.commit(std::mem::take(&mut batch)).await.is_err() {
                 tracing::warn!(
                     "shutdown grace period over with a batch not stored; it will be read again at the next start"
                 );
                 return;
+            }
+            let mut stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+            match change {
+                Some(Event::Assigned {
+                    source,
+                    partition,
+                    from,
+                }) => {
+                    stored.insert((source, partition), from);
+                }
+                Some(Event::Revoked { source, partition }) => {
+                    stored.remove(&(source, partition));
+                }
+                Some(Event::Message(_)) | None => {}
             }
         }
     }
@@ -771,14 +1055,8 @@ impl Writer {
             arrived: &arrived,
             arrivals: &arrivals,
         };
-        let (outcome, next) = self.store(&batch, &mut attempt).await?;
+        let outcome = self.store(&batch, &mut attempt).await?;
         self.status.store_ok.store(true, Ordering::Relaxed);
-        {
-            let mut stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, o) in &next {
-                stored.insert(*k, *o);
-            }
-        }
         let m = &self.metrics;
         m.records_ingested
             .with_label_values(&["counts"])
@@ -795,7 +1073,7 @@ impl Writer {
     }
 
     /// Applies the batch's records and stores the offsets of all its messages; returns what
-    /// was applied and the offsets stored.
+    /// was applied.
     ///
     /// Normally this is one transaction. When PostgreSQL refuses the data (or the batch would
     /// overflow a row by itself, see [`sums_overflow`]), the batch is split in halves, the
@@ -809,7 +1087,7 @@ impl Writer {
         &self,
         batch: &Batch<'_>,
         attempt: &mut Attempt,
-    ) -> Result<(BatchOutcome, NextOffsets), GaveUp> {
+    ) -> Result<BatchOutcome, GaveUp> {
         let n = batch.records.len();
         let mut total = BatchOutcome::default();
         // Offsets stored so far, and how many messages they cover.
@@ -828,7 +1106,12 @@ impl Writer {
             let mut part_next = next.clone();
             raise_offsets(&mut part_next, &batch.arrivals[covered..end]);
             match self
-                .write(&batch.records[part.clone()], &part_next, attempt)
+                .write(
+                    &batch.records[part.clone()],
+                    &batch.origins[part.clone()],
+                    &part_next,
+                    attempt,
+                )
                 .await?
             {
                 Written::Stored(o) => {
@@ -880,14 +1163,18 @@ impl Writer {
                 }
             }
         }
-        Ok((total, next))
+        Ok(total)
     }
 
-    /// Writes `records` with the offsets `next` in one transaction, retrying with backoff
-    /// while it fails for any reason but the data.
+    /// Writes `records` (read at `origins`) with the offsets `next` in one transaction,
+    /// retrying with backoff while it fails for any reason but the data. Only the records
+    /// and offsets of partitions this collector still reads are written; a partition
+    /// another collector fenced off is dropped from the write (and read again from its
+    /// stored offset if the group still gives it to this collector).
     async fn write(
         &self,
         records: &[AuditRecord],
+        origins: &[Origin],
         next: &NextOffsets,
         attempt: &mut Attempt,
     ) -> Result<Written, GaveUp> {
@@ -897,24 +1184,26 @@ impl Writer {
                 error: "the counts of one row add up to more than a bigint holds".to_owned(),
             }));
         }
-        let offsets: Vec<ConsumedOffset> = next
-            .iter()
-            .map(|(&(s, p), &o)| ConsumedOffset {
-                cluster: self.sources[s].config.alias.clone(),
-                topic: self.sources[s].config.audit_topic.clone(),
-                partition: p,
-                next_offset: o,
-            })
-            .collect();
         let mut delay = Backoff::new(self.config.retry_min, self.config.retry_max);
         let mut failures = 0u32;
         loop {
-            let e = match store::write_batch(&self.pool, records, &offsets).await {
+            let (owned_records, offsets) = self.owned(records, origins, next);
+            let e = match store::write_batch(&self.pool, &owned_records, &offsets).await {
                 Ok(o) => {
                     if failures > 0 {
                         tracing::info!(attempts = failures + 1, "batch stored after retries");
                     }
+                    let mut stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+                    for ((s, p), o) in next {
+                        if let Some(v) = stored.get_mut(&(*s, *p)) {
+                            *v = *o;
+                        }
+                    }
                     return Ok(Written::Stored(o));
+                }
+                Err(StoreError::Fenced(fenced)) => {
+                    self.fenced(&fenced);
+                    continue;
                 }
                 Err(e) => e,
             };
@@ -940,6 +1229,74 @@ impl Writer {
             }
             self.backoff(&mut delay, &mut attempt.shutdown_since)
                 .await?;
+        }
+    }
+
+    /// The records of `records` and the offsets of `next` that belong to partitions this
+    /// collector reads, each offset with the stored offset it continues from.
+    fn owned<'r>(
+        &self,
+        records: &'r [AuditRecord],
+        origins: &[Origin],
+        next: &NextOffsets,
+    ) -> (std::borrow::Cow<'r, [AuditRecord]>, Vec<ConsumedOffset>) {
+        let stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+        let offsets = next
+            .iter()
+            .filter_map(|(&(s, p), &o)| {
+                let from = *stored.get(&(s, p))?;
+                Some(ConsumedOffset {
+                    cluster: self.sources[s].config.alias.clone(),
+                    topic: self.sources[s].config.audit_topic.clone(),
+                    partition: p,
+                    stored_offset: from,
+                    next_offset: o,
+                })
+            })
+            .collect();
+        let mine = |o: &Origin| stored.contains_key(&(o.source, o.partition));
+        let records = if origins.iter().all(mine) {
+            std::borrow::Cow::Borrowed(records)
+        } else {
+            let kept: Vec<AuditRecord> = records
+                .iter()
+                .zip(origins)
+                .filter(|(_, o)| mine(o))
+                .map(|(r, _)| r.clone())
+                .collect();
+            self.metrics
+                .records_dropped
+                .inc_by((records.len() - kept.len()) as u64);
+            std::borrow::Cow::Owned(kept)
+        };
+        (records, offsets)
+    }
+
+    /// Stops writing partitions another collector has written since this one did, and asks
+    /// their consume loops to read them again from the stored offset.
+    fn fenced(&self, fenced: &[store::FencedPartition]) {
+        let mut stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+        for f in fenced {
+            let Some(source) = self
+                .sources
+                .iter()
+                .find(|s| s.config.alias == f.cluster && s.config.audit_topic == f.topic)
+            else {
+                continue;
+            };
+            stored.remove(&(source.index, f.partition));
+            tracing::warn!(
+                cluster = %f.cluster,
+                topic = %f.topic,
+                partition = f.partition,
+                stored_offset = f.stored_offset,
+                "another collector has written this audit partition since; dropping what was read of it and reading it again from the stored offset"
+            );
+            source
+                .resync
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(f.partition);
         }
     }
 

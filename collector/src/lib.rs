@@ -2,8 +2,10 @@
 //! PostgreSQL exactly once, reconciles tiers bucket by bucket and raises alerts.
 //!
 //! - [`config`]: the daemon's TOML configuration, environment overrides and validation.
-//! - [`ingest`]: Kafka consumers of the audit topics, validation, the dead-letter topic and
-//!   the batch writer.
+//! - [`ingest`]: Kafka consumers of the audit topics (a consumer group shared by every
+//!   collector instance), validation, the dead-letter topic and the batch writer.
+//! - [`leader`]: which instance runs the once-per-database jobs (reconcile, alerts,
+//!   retention).
 //! - [`store`]: PostgreSQL reads and writes of counts, progress, record ids and consumed
 //!   offsets, and the retention job (schema in `migrations/`).
 //! - [`api`]: the axum HTTP API, `/metrics`, `/healthz` and `/readyz`.
@@ -19,6 +21,7 @@ pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod ingest;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod store;
@@ -106,51 +109,68 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
         }
     });
 
+    // Every instance ingests; the leader also reconciles, sends alerts and applies
+    // retention. A failure of reconciliation or alerts stops the collector.
     let jobs = TaskTracker::new();
-    jobs.spawn(store::run_retention(
+    jobs.spawn(leader::run(
         pool.clone(),
-        config.retention.clone(),
-        config.reconcile.retention_days,
-        clock.clone(),
-        metrics.clone(),
+        metrics.leader.clone(),
         shutdown.clone(),
-    ));
-
-    // Reconciliation and alerts run until shutdown; a failure of either stops the collector.
-    for job in [
-        tokio::spawn(reconcile::run_with_clock(
-            pool.clone(),
-            config.reconcile.clone(),
-            clock.clone(),
-            reconcile_metrics,
-            shutdown.clone(),
-        )),
-        tokio::spawn(alerts::run_with_clock(
-            pool.clone(),
-            config.alerts.clone(),
-            clock.clone(),
-            alert_metrics,
-            shutdown.clone(),
-        )),
-    ] {
-        let shutdown = shutdown.clone();
-        jobs.spawn(async move {
-            match job.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(
-                        error = format!("{e:#}"),
-                        "background job failed; shutting down"
-                    );
-                    shutdown.cancel();
+        {
+            let pool = pool.clone();
+            let shutdown = shutdown.clone();
+            let metrics = metrics.clone();
+            let retention = config.retention.clone();
+            let reconcile_config = config.reconcile.clone();
+            let alerts_config = config.alerts.clone();
+            move |stop| {
+                let led = TaskTracker::new();
+                led.spawn(store::run_retention(
+                    pool.clone(),
+                    retention.clone(),
+                    reconcile_config.retention_days,
+                    clock.clone(),
+                    metrics.clone(),
+                    stop.clone(),
+                ));
+                for job in [
+                    tokio::spawn(reconcile::run_with_clock(
+                        pool.clone(),
+                        reconcile_config.clone(),
+                        clock.clone(),
+                        reconcile_metrics.clone(),
+                        stop.clone(),
+                    )),
+                    tokio::spawn(alerts::run_with_clock(
+                        pool.clone(),
+                        alerts_config.clone(),
+                        clock.clone(),
+                        alert_metrics.clone(),
+                        stop.clone(),
+                    )),
+                ] {
+                    let shutdown = shutdown.clone();
+                    led.spawn(async move {
+                        match job.await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::error!(
+                                    error = format!("{e:#}"),
+                                    "background job failed; shutting down"
+                                );
+                                shutdown.cancel();
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "background job panicked; shutting down");
+                                shutdown.cancel();
+                            }
+                        }
+                    });
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "background job panicked; shutting down");
-                    shutdown.cancel();
-                }
+                led
             }
-        });
-    }
+        },
+    ));
 
     let ingested = ingest::run(
         &config.clusters,

@@ -8,7 +8,8 @@
 //! lag is named as in chaperone-service (`consumer_lag_messages`).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub use chaperone_audit::metrics::NAMESPACE;
@@ -40,6 +41,11 @@ pub struct IngestMetrics {
     pub partitions: IntGaugeVec,
     /// Errors reported by librdkafka, by cluster alias.
     pub kafka_errors: IntCounterVec,
+    /// Records dropped unapplied because another collector had taken their audit partition
+    /// over (that collector applies them).
+    pub records_dropped: IntCounter,
+    /// 1 while this instance leads (reconciles, sends alerts, applies retention).
+    pub leader: IntGauge,
     /// Rows deleted by the retention job, by table.
     pub retention_deleted: IntCounterVec,
     /// Time to run `/api` queries, by route.
@@ -120,6 +126,14 @@ impl IngestMetrics {
                 opts("kafka_errors_total", "Errors reported by librdkafka"),
                 &["cluster"],
             )?,
+            records_dropped: IntCounter::with_opts(opts(
+                "records_dropped_total",
+                "Audit records dropped unapplied because another collector took their audit partition over",
+            ))?,
+            leader: IntGauge::with_opts(opts(
+                "leader",
+                "1 while this collector reconciles, sends alerts and applies retention",
+            ))?,
             retention_deleted: IntCounterVec::new(
                 opts(
                     "retention_deleted_rows_total",
@@ -146,6 +160,8 @@ impl IngestMetrics {
         registry.register(Box::new(m.lag_records.clone()))?;
         registry.register(Box::new(m.partitions.clone()))?;
         registry.register(Box::new(m.kafka_errors.clone()))?;
+        registry.register(Box::new(m.records_dropped.clone()))?;
+        registry.register(Box::new(m.leader.clone()))?;
         registry.register(Box::new(m.retention_deleted.clone()))?;
         registry.register(Box::new(m.api_seconds.clone()))?;
         Ok(m)

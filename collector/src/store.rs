@@ -17,11 +17,9 @@ pub use read::{
     summarize,
 };
 pub use retention::{RetentionOutcome, delete_expired, delete_expired_verdicts, run_retention};
-pub use write::{BatchOutcome, ConsumedOffset, CountsKey, load_offsets, record_key, write_batch};
-
-/// Key of the advisory lock every ingest (and retention) transaction holds, so writers of
-/// the counts tables are serialized and `change_seq` becomes visible in order.
-pub const INGEST_LOCK: &str = "chaperone-ingest";
+pub use write::{
+    BatchOutcome, ConsumedOffset, CountsKey, FencedPartition, load_offsets, record_key, write_batch,
+};
 
 /// Partition stored for records that do not name one.
 pub const NO_PARTITION: i32 = -1;
@@ -33,6 +31,10 @@ pub enum StoreError {
     /// PostgreSQL refused or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// Another collector has stored records of these audit partitions since this one last
+    /// did (it reads them now); nothing was written.
+    #[error("audit partitions taken over by another collector: {0:?}")]
+    Fenced(Vec<FencedPartition>),
 }
 
 impl StoreError {
@@ -41,6 +43,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Database(e) => is_transient(e),
+            StoreError::Fenced(_) => false,
         }
     }
 }

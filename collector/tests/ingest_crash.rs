@@ -72,21 +72,7 @@ async fn totals_are_exact_after_kill_9_mid_batch_and_restart() -> anyhow::Result
         .await?;
     assert_eq!(ids, RECORDS as i64);
     // Every latency value is in the stored histograms exactly once.
-    let hists: Vec<Vec<u8>> = sqlx::query_scalar("SELECT latency FROM audit_counts")
-        .fetch_all(&db.pool)
-        .await?;
-    let samples: u64 = hists
-        .iter()
-        .map(|h| chaperone_audit::Latency::from_bytes(h).map(|h| h.len()))
-        .sum::<Result<u64, _>>()
-        .map_err(anyhow::Error::msg)?;
-    let expected_samples: u64 = records
-        .iter()
-        .map(|r| match r {
-            chaperone_audit::AuditRecord::Counts(c) => c.latency.len(),
-            chaperone_audit::AuditRecord::Progress(_) => 0,
-        })
-        .sum();
+    let (samples, expected_samples) = latency_samples(&db.pool, &records).await?;
     assert_eq!(samples, expected_samples);
 
     drop(third);

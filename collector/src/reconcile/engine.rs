@@ -234,7 +234,12 @@ pub(crate) async fn pass(
     Ok(report)
 }
 
-/// Queues every bucket with counts changed since the cursor and moves the cursor.
+/// Queues every bucket whose counts changed and removes the changes it took.
+///
+/// Ingest writers commit concurrently, so the order of their change numbers says nothing
+/// about the order in which they become visible; instead of reading past a cursor, each
+/// pass takes (deletes) exactly the changes its snapshot sees, and a change committed later
+/// is still there for the next pass.
 async fn enqueue(
     pool: &PgPool,
     config: &ReconcileConfig,
@@ -242,43 +247,23 @@ async fn enqueue(
 ) -> Result<u64, ReconcileError> {
     let mut tx = pool.begin().await?;
     lock(&mut tx).await?;
-    let cursor: i64 =
-        sqlx::query_scalar("SELECT change_seq FROM reconcile_cursor WHERE id = 1 FOR UPDATE")
-            .fetch_one(&mut *tx)
-            .await?;
-    // Ingest makes change_seq values visible in increasing order, so everything up to the
-    // highest value seen now is here; later changes get higher values.
-    let high: Option<i64> =
-        sqlx::query_scalar("SELECT max(change_seq) FROM audit_count_changes WHERE change_seq > $1")
-            .bind(cursor)
-            .fetch_one(&mut *tx)
-            .await?;
-    let Some(high) = high else {
-        tx.commit().await?;
-        return Ok(0);
-    };
     let queued = sqlx::query(
-        "INSERT INTO reconcile_pending (topic, bucket_start_ms, bucket_width_ms, queued_at,
+        "WITH taken AS (DELETE FROM audit_count_changes
+                         RETURNING topic, bucket_start_ms, bucket_width_ms, tier)
+         INSERT INTO reconcile_pending (topic, bucket_start_ms, bucket_width_ms, queued_at,
              first_queued_at)
-         SELECT DISTINCT topic, bucket_start_ms, bucket_width_ms, $4::timestamptz, $4::timestamptz
-           FROM audit_count_changes
-          WHERE change_seq > $1 AND change_seq <= $2 AND tier = ANY($3)
-            AND bucket_start_ms + bucket_width_ms >= $5
+         SELECT DISTINCT topic, bucket_start_ms, bucket_width_ms, $2::timestamptz, $2::timestamptz
+           FROM taken
+          WHERE tier = ANY($1) AND bucket_start_ms + bucket_width_ms >= $3
          ON CONFLICT (topic, bucket_start_ms, bucket_width_ms)
          DO UPDATE SET queued_at = EXCLUDED.queued_at",
     )
-    .bind(cursor)
-    .bind(high)
     .bind(&config.tiers)
     .bind(now)
     .bind(now.timestamp_millis() - millis(config.lookback))
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    sqlx::query("UPDATE reconcile_cursor SET change_seq = $1 WHERE id = 1")
-        .bind(high)
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await?;
     Ok(queued)
 }

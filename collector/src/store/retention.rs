@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres};
 
 use super::StoreError;
-use super::write::lock_ingest;
+use super::write::relax_commit;
 
 /// Rows removed by one retention run, by table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,7 +174,7 @@ async fn delete_in_batches(
     let mut total = 0;
     loop {
         let mut tx = pool.begin().await?;
-        lock_ingest(&mut tx).await?;
+        relax_commit(&mut tx).await?;
         let n = bind(sqlx::query(sql))
             .execute(&mut *tx)
             .await?

@@ -1,21 +1,22 @@
 //! Ingest's write path. [`write_batch`] is the heart of exactly-once ingest: in ONE
-//! transaction it inserts the batch's record ids (keeping only those not seen before), adds the
-//! counts of the new records, raises the progress marks and moves the consumed offsets. Either
-//! all of it commits or none of it does, so replaying a batch after a crash changes nothing
-//! twice.
+//! transaction it checks that the batch's audit partitions are still this writer's, inserts
+//! the batch's record ids (keeping only those not seen before), adds the counts of the new
+//! records, raises the progress marks and moves the consumed offsets. Either all of it
+//! commits or none of it does, so replaying a batch after a crash changes nothing twice.
 //!
 //! Latency histograms are stored as V2-serialized HdrHistograms (audit-lib's
-//! [`Latency::to_bytes`]) and merged in Rust with HdrHistogram addition while the ingest lock
-//! is held, so stored percentiles are exact over every record.
+//! [`Latency::to_bytes`]) and merged in Rust with HdrHistogram addition while the row is
+//! locked, so stored percentiles are exact over every record.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chaperone_audit::{AuditRecord, Counts, Latency, Progress};
 use sha2::{Digest as _, Sha256};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::postgres::PgArguments;
+use sqlx::{PgPool, Postgres, Row as _, Transaction};
 use uuid::Uuid;
 
-use super::{INGEST_LOCK, NO_PARTITION, StoreError};
+use super::{NO_PARTITION, StoreError};
 
 /// The next offset to read of one audit-topic partition, stored with a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,10 @@ pub struct ConsumedOffset {
     pub topic: String,
     /// Partition of the audit topic.
     pub partition: i32,
+    /// The next offset stored when this writer last stored or loaded it (0 when none was):
+    /// the batch is written only if it is still the stored one, that is if no other
+    /// collector has written this partition since. See [`write_batch`].
+    pub stored_offset: i64,
     /// Offset of the first record not yet applied.
     pub next_offset: i64,
 }
@@ -165,13 +170,24 @@ pub fn record_key(id: &str) -> Uuid {
 /// Writes one batch of validated records and the offsets that follow them, in one
 /// transaction. Records whose id is already stored (or that repeat an id earlier in the
 /// batch) are skipped. On error nothing is written; the caller retries the same batch.
+///
+/// No lock is global: collectors write concurrently, each the audit partitions it reads.
+/// The offset rows of the batch's partitions are locked first, and the batch is refused
+/// with [`StoreError::Fenced`] (nothing written) when one of them is no longer the
+/// `stored_offset` the writer continues from: another collector has taken the partition
+/// over (a consumer group rebalance) and stored records of it since. The records are then
+/// the other collector's to apply, so none is applied twice.
 pub async fn write_batch(
     pool: &PgPool,
     records: &[AuditRecord],
     offsets: &[ConsumedOffset],
 ) -> Result<BatchOutcome, StoreError> {
+    let offsets = OffsetColumns::of(offsets);
     let mut tx = pool.begin().await?;
-    lock_ingest(&mut tx).await?;
+    relax_commit(&mut tx).await?;
+    if !offsets.partition.is_empty() {
+        claim_offsets(&mut tx, &offsets).await?;
+    }
 
     // First occurrence of every counts id in the batch. Progress records need no duplicate
     // filter: applying one twice changes nothing, every mark keeps its maximum.
@@ -197,34 +213,30 @@ pub async fn write_batch(
         ..BatchOutcome::default()
     };
 
-    // The ingest lock keeps other writers out, so probing and then inserting only the new
-    // ids is safe, and cheaper than ON CONFLICT DO NOTHING.
+    // The ids inserted now are the new records; an id stored before, or by a concurrent
+    // writer (which this insert waits for), is not returned.
     let keys: Vec<Uuid> = first.iter().filter_map(|(_, k)| *k).collect();
-    let stored: HashSet<Uuid> = if keys.is_empty() {
+    let fresh: HashSet<Uuid> = if keys.is_empty() {
         HashSet::new()
     } else {
-        sqlx::query_scalar("SELECT id FROM audit_record_seen WHERE id = ANY($1)")
-            .bind(&keys)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect()
+        sqlx::query_scalar(
+            "INSERT INTO audit_record_seen (id) SELECT UNNEST($1::uuid[]) \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect()
     };
-    let fresh_keys: Vec<Uuid> = keys.into_iter().filter(|k| !stored.contains(k)).collect();
-    if !fresh_keys.is_empty() {
-        sqlx::query("INSERT INTO audit_record_seen (id) SELECT UNNEST($1::uuid[])")
-            .bind(&fresh_keys)
-            .execute(&mut *tx)
-            .await?;
-    }
-    outcome.duplicates += stored.len();
+    outcome.duplicates += keys.len() - fresh.len();
 
     let mut counts: BTreeMap<CountsKey, CountsSum<'_>> = BTreeMap::new();
     let mut progress: BTreeMap<ProgressKey, ProgressMax<'_>> = BTreeMap::new();
     let mut topics: BTreeSet<&str> = BTreeSet::new();
     let fresh = first
         .iter()
-        .filter(|(_, key)| key.is_none_or(|k| !stored.contains(&k)));
+        .filter(|(_, key)| key.is_none_or(|k| fresh.contains(&k)));
     for (r, _) in fresh {
         match r {
             AuditRecord::Counts(c) => {
@@ -299,25 +311,17 @@ pub async fn write_batch(
         .execute(&mut *tx)
         .await?;
     }
-    if !offsets.is_empty() {
-        let mut sorted: Vec<&ConsumedOffset> = offsets.iter().collect();
-        sorted.sort_by(|a, b| {
-            (&a.cluster, &a.topic, a.partition).cmp(&(&b.cluster, &b.topic, b.partition))
-        });
-        let clusters: Vec<&str> = sorted.iter().map(|o| o.cluster.as_str()).collect();
-        let topics: Vec<&str> = sorted.iter().map(|o| o.topic.as_str()).collect();
-        let partitions: Vec<i32> = sorted.iter().map(|o| o.partition).collect();
-        let next: Vec<i64> = sorted.iter().map(|o| o.next_offset).collect();
+    if !offsets.partition.is_empty() {
         sqlx::query(
             "INSERT INTO ingest_offsets (cluster, topic, partition, next_offset) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[]) \
              ON CONFLICT (cluster, topic, partition) DO UPDATE \
              SET next_offset = EXCLUDED.next_offset, updated_at = now()",
         )
-        .bind(&clusters)
-        .bind(&topics)
-        .bind(&partitions)
-        .bind(&next)
+        .bind(&offsets.cluster)
+        .bind(&offsets.topic)
+        .bind(&offsets.partition)
+        .bind(&offsets.next)
         .execute(&mut *tx)
         .await?;
     }
@@ -325,18 +329,113 @@ pub async fn write_batch(
     Ok(outcome)
 }
 
-/// Takes the ingest lock for the rest of `tx`, and lets `tx` commit without waiting for
-/// its WAL flush: a commit lost in a PostgreSQL crash takes its consumed offsets with it, so
-/// the records are read again from Kafka and applied again; nothing is lost or doubled.
-pub(super) async fn lock_ingest(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(INGEST_LOCK)
-        .execute(&mut **tx)
-        .await?;
+/// Lets `tx` commit without waiting for its WAL flush: a commit lost in a PostgreSQL crash
+/// takes its consumed offsets with it, so the records are read again from Kafka and applied
+/// again; nothing is lost or doubled.
+pub(super) async fn relax_commit(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
     sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// A partition whose stored offset another writer has moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FencedPartition {
+    /// Cluster alias.
+    pub cluster: String,
+    /// Audit topic.
+    pub topic: String,
+    /// Partition of the audit topic.
+    pub partition: i32,
+    /// The next offset stored now.
+    pub stored_offset: i64,
+}
+
+/// A batch's offsets as column arrays, in (cluster, topic, partition) order: the order their
+/// rows are locked in, so that two writers never deadlock on them.
+#[derive(Default)]
+struct OffsetColumns<'a> {
+    cluster: Vec<&'a str>,
+    topic: Vec<&'a str>,
+    partition: Vec<i32>,
+    stored: Vec<i64>,
+    next: Vec<i64>,
+}
+
+impl<'a> OffsetColumns<'a> {
+    fn of(offsets: &'a [ConsumedOffset]) -> Self {
+        let mut sorted: Vec<&ConsumedOffset> = offsets.iter().collect();
+        sorted.sort_by(|a, b| {
+            (&a.cluster, &a.topic, a.partition).cmp(&(&b.cluster, &b.topic, b.partition))
+        });
+        let mut cols = Self::default();
+        for o in sorted {
+            cols.cluster.push(&o.cluster);
+            cols.topic.push(&o.topic);
+            cols.partition.push(o.partition);
+            cols.stored.push(o.stored_offset);
+            cols.next.push(o.next_offset);
+        }
+        cols
+    }
+
+    /// The stored offset the writer continues from for a partition of the batch.
+    fn stored_offset(&self, cluster: &str, topic: &str, partition: i32) -> Option<i64> {
+        (0..self.partition.len())
+            .find(|&i| {
+                self.cluster[i] == cluster
+                    && self.topic[i] == topic
+                    && self.partition[i] == partition
+            })
+            .map(|i| self.stored[i])
+    }
+}
+
+/// Locks the offset rows of `offsets` (creating missing ones at 0) until the end of `tx`,
+/// and fails with [`StoreError::Fenced`] when one is not the writer's `stored_offset`.
+async fn claim_offsets(
+    tx: &mut Transaction<'_, Postgres>,
+    offsets: &OffsetColumns<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO ingest_offsets (cluster, topic, partition, next_offset) \
+         SELECT c, t, p, 0 FROM UNNEST($1::text[], $2::text[], $3::int4[]) AS u(c, t, p) \
+         ON CONFLICT (cluster, topic, partition) DO NOTHING",
+    )
+    .bind(&offsets.cluster)
+    .bind(&offsets.topic)
+    .bind(&offsets.partition)
+    .execute(&mut **tx)
+    .await?;
+    let stored: Vec<(String, String, i32, i64)> = sqlx::query_as(
+        "SELECT o.cluster, o.topic, o.partition, o.next_offset FROM ingest_offsets o \
+         JOIN UNNEST($1::text[], $2::text[], $3::int4[]) AS u(cluster, topic, partition) \
+         USING (cluster, topic, partition) \
+         ORDER BY 1, 2, 3 FOR UPDATE OF o",
+    )
+    .bind(&offsets.cluster)
+    .bind(&offsets.topic)
+    .bind(&offsets.partition)
+    .fetch_all(&mut **tx)
+    .await?;
+    let fenced: Vec<FencedPartition> = stored
+        .into_iter()
+        .filter(|(c, t, p, next)| offsets.stored_offset(c, t, *p).is_some_and(|s| s != *next))
+        .map(
+            |(cluster, topic, partition, stored_offset)| FencedPartition {
+                cluster,
+                topic,
+                partition,
+                stored_offset,
+            },
+        )
+        .collect();
+    if fenced.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced(fenced))
+    }
 }
 
 /// Column arrays of a set of count keys, in key order.
@@ -375,17 +474,29 @@ struct StoredLatency {
     latency: Vec<u8>,
 }
 
-async fn upsert_counts(
-    tx: &mut Transaction<'_, Postgres>,
-    counts: BTreeMap<CountsKey, CountsSum<'_>>,
-) -> Result<(), sqlx::Error> {
-    let mut keys = KeyColumns::default();
-    for k in counts.keys() {
-        keys.push(k);
+impl StoredLatency {
+    fn into_entry(self) -> (CountsKey, Vec<u8>) {
+        (
+            CountsKey {
+                topic: self.topic,
+                bucket_start_ms: self.bucket_start_ms,
+                bucket_width_ms: self.bucket_width_ms,
+                tier: self.tier,
+                datacenter: self.datacenter,
+                cluster: self.cluster,
+                partition: self.partition,
+            },
+            self.latency,
+        )
     }
-    // Read the stored histograms. No row lock is needed: every writer of `audit_counts`
-    // (ingest and retention) holds the ingest advisory lock for its whole transaction, so
-    // nothing changes these rows, or inserts missing ones, before the upsert below.
+}
+
+/// The stored histograms of the rows of `keys` that exist, each row locked until the end of
+/// `tx` (in key order, so that two writers of the same rows never deadlock).
+async fn lock_stored(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &KeyColumns<'_>,
+) -> Result<BTreeMap<CountsKey, Vec<u8>>, sqlx::Error> {
     let stored: Vec<StoredLatency> = sqlx::query_as(
         "SELECT c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.cluster, \
                 c.partition, c.latency \
@@ -393,7 +504,8 @@ async fn upsert_counts(
          JOIN UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int4[]) \
               AS k(topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
          USING (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
-         ",
+         ORDER BY 1, 2, 3, 4, 5, 6, 7 \
+         FOR UPDATE OF c",
     )
     .bind(&keys.topic)
     .bind(&keys.bucket_start_ms)
@@ -404,82 +516,157 @@ async fn upsert_counts(
     .bind(&keys.partition)
     .fetch_all(&mut **tx)
     .await?;
-    let mut existing: BTreeMap<CountsKey, Vec<u8>> = stored
-        .into_iter()
-        .map(|s| {
-            (
-                CountsKey {
-                    topic: s.topic,
-                    bucket_start_ms: s.bucket_start_ms,
-                    bucket_width_ms: s.bucket_width_ms,
-                    tier: s.tier,
-                    datacenter: s.datacenter,
-                    cluster: s.cluster,
-                    partition: s.partition,
-                },
-                s.latency,
-            )
-        })
-        .collect();
+    Ok(stored.into_iter().map(StoredLatency::into_entry).collect())
+}
 
-    let n = counts.len();
-    let mut count = Vec::with_capacity(n);
-    let mut bytes = Vec::with_capacity(n);
-    let mut no_timestamp = Vec::with_capacity(n);
-    let mut malformed = Vec::with_capacity(n);
-    let mut min_event = Vec::with_capacity(n);
-    let mut max_event = Vec::with_capacity(n);
-    let mut records = Vec::with_capacity(n);
-    let mut merges = Vec::with_capacity(n);
-    for (key, sum) in &counts {
-        count.push(sum.count);
-        bytes.push(sum.bytes);
-        no_timestamp.push(sum.no_timestamp);
-        malformed.push(sum.malformed);
-        min_event.push(sum.min_event_ms);
-        max_event.push(sum.max_event_ms);
-        records.push(sum.records);
-        merges.push((key, existing.remove(key), sum.latencies.as_slice()));
+/// Column arrays of count rows to write: their keys, the batch's sums and the merged
+/// histograms.
+#[derive(Default)]
+struct RowColumns<'a> {
+    keys: KeyColumns<'a>,
+    count: Vec<i64>,
+    bytes: Vec<i64>,
+    no_timestamp: Vec<i64>,
+    malformed: Vec<i64>,
+    min_event: Vec<Option<i64>>,
+    max_event: Vec<Option<i64>>,
+    records: Vec<i64>,
+    latency: Vec<Vec<u8>>,
+}
+
+impl<'a> RowColumns<'a> {
+    /// The rows of `keys`, each with its histogram merged onto the stored one in `stored`.
+    fn of(
+        keys: &[&'a CountsKey],
+        counts: &'a BTreeMap<CountsKey, CountsSum<'a>>,
+        stored: &mut BTreeMap<CountsKey, Vec<u8>>,
+    ) -> Self {
+        let mut rows = RowColumns::default();
+        let mut merges = Vec::with_capacity(keys.len());
+        for &key in keys {
+            let sum = &counts[key];
+            rows.keys.push(key);
+            rows.count.push(sum.count);
+            rows.bytes.push(sum.bytes);
+            rows.no_timestamp.push(sum.no_timestamp);
+            rows.malformed.push(sum.malformed);
+            rows.min_event.push(sum.min_event_ms);
+            rows.max_event.push(sum.max_event_ms);
+            rows.records.push(sum.records);
+            merges.push((key, stored.remove(key), sum.latencies.as_slice()));
+        }
+        rows.latency = merge_all(merges);
+        rows
     }
-    let latency = merge_all(merges);
 
-    sqlx::query(
-        "INSERT INTO audit_counts AS c (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, \
-             cluster, partition, count, bytes, no_timestamp, malformed, min_event_ms, max_event_ms, \
-             latency, records) \
-         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
-             $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], \
-             $12::int8[], $13::int8[], $14::bytea[], $15::int8[]) \
-         ON CONFLICT (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
-         DO UPDATE SET \
-             count = c.count + EXCLUDED.count, \
-             bytes = c.bytes + EXCLUDED.bytes, \
-             no_timestamp = c.no_timestamp + EXCLUDED.no_timestamp, \
-             malformed = c.malformed + EXCLUDED.malformed, \
-             min_event_ms = LEAST(c.min_event_ms, EXCLUDED.min_event_ms), \
-             max_event_ms = GREATEST(c.max_event_ms, EXCLUDED.max_event_ms), \
-             latency = EXCLUDED.latency, \
-             records = c.records + EXCLUDED.records, \
-             updated_at = now(), \
-             change_seq = nextval('audit_change_seq')",
-    )
-    .bind(&keys.topic)
-    .bind(&keys.bucket_start_ms)
-    .bind(&keys.bucket_width_ms)
-    .bind(&keys.tier)
-    .bind(&keys.datacenter)
-    .bind(&keys.cluster)
-    .bind(&keys.partition)
-    .bind(&count)
-    .bind(&bytes)
-    .bind(&no_timestamp)
-    .bind(&malformed)
-    .bind(&min_event)
-    .bind(&max_event)
-    .bind(&latency)
-    .bind(&records)
-    .execute(&mut **tx)
-    .await?;
+    fn bind<'q>(&'q self, sql: &'q str) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql)
+            .bind(&self.keys.topic)
+            .bind(&self.keys.bucket_start_ms)
+            .bind(&self.keys.bucket_width_ms)
+            .bind(&self.keys.tier)
+            .bind(&self.keys.datacenter)
+            .bind(&self.keys.cluster)
+            .bind(&self.keys.partition)
+            .bind(&self.count)
+            .bind(&self.bytes)
+            .bind(&self.no_timestamp)
+            .bind(&self.malformed)
+            .bind(&self.min_event)
+            .bind(&self.max_event)
+            .bind(&self.latency)
+            .bind(&self.records)
+    }
+}
+
+/// The count rows of a batch as one UNNEST, in [`RowColumns::bind`] order.
+const ROWS: &str = "UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
+    $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], \
+    $13::int8[], $14::bytea[], $15::int8[]) \
+    AS u(topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition, count, \
+         bytes, no_timestamp, malformed, min_event_ms, max_event_ms, latency, records)";
+
+/// Adds the batch's sums to `audit_counts`. Histograms are merged in Rust, so each row is
+/// read and locked first; a row is normally written by one collector (its topic's records
+/// come through one audit partition), and the lock keeps the merge exact when another
+/// collector writes the same row at the same time all the same.
+async fn upsert_counts(
+    tx: &mut Transaction<'_, Postgres>,
+    counts: BTreeMap<CountsKey, CountsSum<'_>>,
+) -> Result<(), sqlx::Error> {
+    let mut keys = KeyColumns::default();
+    for k in counts.keys() {
+        keys.push(k);
+    }
+    let mut stored = lock_stored(tx, &keys).await?;
+
+    // New rows. One that another writer inserted since the read above is not inserted
+    // again: it is locked, read and added to like a stored one.
+    let new: Vec<&CountsKey> = counts.keys().filter(|k| !stored.contains_key(*k)).collect();
+    let mut known: Vec<&CountsKey> = counts.keys().filter(|k| stored.contains_key(*k)).collect();
+    if !new.is_empty() {
+        let rows = RowColumns::of(&new, &counts, &mut BTreeMap::new());
+        let sql = format!(
+            "INSERT INTO audit_counts (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, \
+                 cluster, partition, count, bytes, no_timestamp, malformed, min_event_ms, \
+                 max_event_ms, latency, records) \
+             SELECT u.* FROM {ROWS} \
+             ON CONFLICT (topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition) \
+             DO NOTHING \
+             RETURNING topic, bucket_start_ms, bucket_width_ms, tier, datacenter, cluster, partition"
+        );
+        let inserted: BTreeSet<CountsKey> = rows
+            .bind(&sql)
+            .fetch_all(&mut **tx)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(CountsKey {
+                    topic: r.try_get(0)?,
+                    bucket_start_ms: r.try_get(1)?,
+                    bucket_width_ms: r.try_get(2)?,
+                    tier: r.try_get(3)?,
+                    datacenter: r.try_get(4)?,
+                    cluster: r.try_get(5)?,
+                    partition: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        let raced: Vec<&CountsKey> = new.into_iter().filter(|k| !inserted.contains(*k)).collect();
+        if !raced.is_empty() {
+            let mut raced_keys = KeyColumns::default();
+            for k in &raced {
+                raced_keys.push(k);
+            }
+            stored.extend(lock_stored(tx, &raced_keys).await?);
+            known.extend(raced);
+            known.sort();
+        }
+    }
+
+    // Stored rows: add the sums, replace the histograms with the merged ones.
+    if !known.is_empty() {
+        let rows = RowColumns::of(&known, &counts, &mut stored);
+        let sql = format!(
+            "UPDATE audit_counts AS c SET \
+                 count = c.count + u.count, \
+                 bytes = c.bytes + u.bytes, \
+                 no_timestamp = c.no_timestamp + u.no_timestamp, \
+                 malformed = c.malformed + u.malformed, \
+                 min_event_ms = LEAST(c.min_event_ms, u.min_event_ms), \
+                 max_event_ms = GREATEST(c.max_event_ms, u.max_event_ms), \
+                 latency = u.latency, \
+                 records = c.records + u.records, \
+                 updated_at = now(), \
+                 change_seq = nextval('audit_change_seq') \
+             FROM {ROWS} \
+             WHERE (c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, \
+                    c.cluster, c.partition) \
+                 = (u.topic, u.bucket_start_ms, u.bucket_width_ms, u.tier, u.datacenter, \
+                    u.cluster, u.partition)"
+        );
+        rows.bind(&sql).execute(&mut **tx).await?;
+    }
 
     // Tell readers which buckets changed (see migrations/0013_*.sql).
     let changed: BTreeSet<(&str, i64, i64, &str)> = counts

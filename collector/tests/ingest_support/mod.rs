@@ -95,6 +95,9 @@ pub fn config(db: &TestDb, topics: &Topics) -> Config {
     // These tests are about ingest; reconciliation and alerts have their own.
     c.reconcile.enabled = false;
     c.alerts.enabled = false;
+    // The records' buckets are older than any retention; a leader (again after a restart of
+    // PostgreSQL) would delete them.
+    c.retention.days = 0;
     c
 }
 
@@ -435,6 +438,26 @@ pub type TotalsKey = (String, i64, String, String, i32);
 /// (count, bytes, records).
 pub type Totals = BTreeMap<TotalsKey, (i64, i64, i64)>;
 type TotalsRow = (String, i64, String, String, i32, i64, i64, i64);
+
+/// Latency values in the stored histograms, and in the counts records of `records`: equal
+/// when every record's histogram was merged exactly once.
+pub async fn latency_samples(pool: &PgPool, records: &[AuditRecord]) -> anyhow::Result<(u64, u64)> {
+    let stored: u64 = sqlx::query_scalar::<_, Vec<u8>>("SELECT latency FROM audit_counts")
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|h| Latency::from_bytes(h).map(|h| h.len()))
+        .sum::<Result<u64, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let sent = records
+        .iter()
+        .map(|r| match r {
+            AuditRecord::Counts(c) => c.latency.len(),
+            AuditRecord::Progress(_) => 0,
+        })
+        .sum();
+    Ok((stored, sent))
+}
 
 /// Totals per (topic, bucket, tier, datacenter, partition) as stored.
 pub async fn stored_totals(pool: &PgPool) -> anyhow::Result<Totals> {

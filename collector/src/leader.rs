@@ -1,0 +1,178 @@
+//! Leadership: which collector instance runs the jobs that run once per database
+//! (reconciliation, alert delivery and retention) while every instance ingests.
+//!
+//! The leader holds a session-level advisory lock on a PostgreSQL connection of its own.
+//! PostgreSQL releases the lock when that session ends: a clean stop, a crash or `kill -9`
+//! of the process (the kernel closes its socket and the backend exits at once), or silence
+//! longer than [`LEASE`] (the session's `idle_session_timeout`; the leader speaks on it
+//! every [`CHECK`]). The other instances try to take the lock every [`CHECK`], so a dead
+//! leader is replaced within about a second, and one cut off from the database within
+//! about [`LEASE`]. A leader whose check fails stops its jobs before it tries again.
+//!
+//! Two instances may briefly both run the jobs (a leader cut off from the database has not
+//! noticed yet). That stays correct: reconcile passes and alert fan-out each hold a
+//! transaction-level advisory lock, and deliveries are claimed row by row with
+//! `FOR UPDATE SKIP LOCKED`. Leadership keeps the work in one place; the locks keep it right.
+
+use std::time::Duration;
+
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Key of the advisory lock the leader holds (scoped to the database, like every advisory
+/// lock).
+pub const LEADER_LOCK: &str = "chaperone-collector-leader";
+
+/// How often the leader checks its session and the others try to take the lock.
+pub const CHECK: Duration = Duration::from_secs(1);
+
+/// How long PostgreSQL keeps a silent leader's session (and lock) before ending it.
+pub const LEASE: Duration = Duration::from_secs(10);
+
+/// Runs until `shutdown`: takes leadership whenever it is free, calls `start` with a token
+/// that is cancelled when leadership ends, and waits for the returned jobs to stop before
+/// trying to lead again. `leading` is 1 while this instance leads.
+pub async fn run<F>(
+    pool: PgPool,
+    leading: prometheus::IntGauge,
+    shutdown: CancellationToken,
+    mut start: F,
+) where
+    F: FnMut(CancellationToken) -> TaskTracker,
+{
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let session = tokio::select! {
+            () = shutdown.cancelled() => break,
+            s = Session::open(&pool) => s,
+        };
+        let mut session = match session {
+            Ok(s) => {
+                failures = 0;
+                s
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(error = %e, "cannot open the leadership session; retrying");
+                }
+                pause(&shutdown).await;
+                continue;
+            }
+        };
+        // Wait for the lock on this session; on a failure open another one.
+        let acquired = loop {
+            let r = tokio::select! {
+                () = shutdown.cancelled() => break false,
+                r = session.try_lock() => r,
+            };
+            match r {
+                Ok(true) => break true,
+                Ok(false) => pause(&shutdown).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "leadership session failed; opening another");
+                    break false;
+                }
+            }
+        };
+        if !acquired {
+            continue;
+        }
+        leading.set(1);
+        tracing::info!("leading: this instance now reconciles, sends alerts and applies retention");
+        let stop = shutdown.child_token();
+        let jobs = start(stop.clone());
+        let reason = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break "shutting down",
+                () = tokio::time::sleep(CHECK) => {}
+            }
+            if let Err(e) = session.check().await {
+                tracing::error!(
+                    error = %e,
+                    "lost the database session that holds leadership; stopping the leader's jobs"
+                );
+                break "session lost";
+            }
+        };
+        stop.cancel();
+        jobs.close();
+        jobs.wait().await;
+        leading.set(0);
+        tracing::info!(reason, "no longer leading");
+        session.close().await;
+    }
+}
+
+async fn pause(shutdown: &CancellationToken) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = tokio::time::sleep(CHECK) => {}
+    }
+}
+
+/// The connection that holds (or waits for) the leader lock, outside the pool so that it is
+/// never reused or recycled by anyone else.
+struct Session {
+    conn: PgConnection,
+}
+
+impl Session {
+    async fn open(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let options = pool.connect_options();
+        let mut conn = tokio::time::timeout(LEASE, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        // PostgreSQL before 14 has no idle_session_timeout: a leader cut off from it then
+        // keeps the lock until TCP gives the session up.
+        if let Err(e) = sqlx::query(&format!(
+            "SET idle_session_timeout = '{}ms'",
+            LEASE.as_millis()
+        ))
+        .execute(&mut conn)
+        .await
+        {
+            tracing::warn!(error = %e, "cannot bound a silent leader's session; a leader cut off from PostgreSQL is replaced only when its connection times out");
+        }
+        sqlx::query("SET application_name = 'chaperone-collector leader'")
+            .execute(&mut conn)
+            .await?;
+        Ok(Self { conn })
+    }
+
+    async fn try_lock(&mut self) -> Result<bool, sqlx::Error> {
+        self.bounded(
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))").bind(LEADER_LOCK),
+        )
+        .await
+    }
+
+    /// Fails when the session is gone (a live session keeps its lock until it ends).
+    async fn check(&mut self) -> Result<(), sqlx::Error> {
+        self.bounded(sqlx::query_scalar::<_, bool>("SELECT true"))
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs a one-value query, failing after [`LEASE`] like a lost connection: a busy
+    /// PostgreSQL may answer slowly, and only one that has stopped answering for as long as it
+    /// would keep a silent session ends the leadership.
+    async fn bounded<'q, T>(
+        &mut self,
+        q: sqlx::query::QueryScalar<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>,
+    ) -> Result<T, sqlx::Error>
+    where
+        T: Send + Unpin,
+        (T,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        tokio::time::timeout(LEASE, q.fetch_one(&mut self.conn))
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+    }
+
+    /// Ends the session; PostgreSQL releases the lock with it.
+    async fn close(self) {
+        let _ = tokio::time::timeout(CHECK, self.conn.close()).await;
+    }
+}
