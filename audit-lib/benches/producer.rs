@@ -18,15 +18,14 @@ const MESSAGES: usize = 100_000;
 const ROUNDS: usize = 15;
 const PAYLOAD: usize = 100;
 
-fn bootstrap() -> String {
-    std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
-}
-
 fn kafka() -> ClientConfig {
     let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", bootstrap())
-        .set("linger.ms", "5")
-        .set("enable.idempotence", "true");
+    cc.set(
+        "bootstrap.servers",
+        chaperone_test_support::regional_bootstrap(),
+    )
+    .set("linger.ms", "5")
+    .set("enable.idempotence", "true");
     cc
 }
 

@@ -17,29 +17,21 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use chaperone_test_support::{create_topics as create_topics_on, regional_bootstrap, unique};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message};
 use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: i32 = 6;
-
-fn bootstrap() -> String {
-    std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
 
 fn env_num(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
 fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
@@ -50,23 +42,13 @@ fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
 }
 
 async fn create_topics(bootstrap: &str, names: &[String], partitions: i32) {
-    let admin = admin(bootstrap);
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(60)));
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", bootstrap);
     for chunk in names.chunks(50) {
-        let topics: Vec<NewTopic<'_>> = chunk
-            .iter()
-            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
-            .collect();
-        for r in admin
-            .create_topics(&topics, &opts)
+        let topics: Vec<(&str, i32)> = chunk.iter().map(|n| (n.as_str(), partitions)).collect();
+        create_topics_on(&client, &topics)
             .await
-            .expect("create topics (is `dev/stack up` running?)")
-        {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, e)) => panic!("cannot create {t}: {e}"),
-            }
-        }
+            .expect("create topics (is `dev/stack up` running?)");
     }
 }
 
@@ -362,7 +344,7 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let bootstrap = bootstrap();
+        let bootstrap = regional_bootstrap();
         let total = env_num("BENCH_MESSAGES", 5_000_000) as u64;
         let topic = unique("bench-throughput");
         create_topics(&bootstrap, std::slice::from_ref(&topic), PARTITIONS).await;

@@ -39,7 +39,6 @@ use chaperone_collector::{Clock, Deps};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -348,18 +347,11 @@ async fn produce(bootstrap: &str, topic: &str, payloads: &[Vec<u8>]) -> anyhow::
 
 async fn end_offsets(bootstrap: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
     let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()?;
-        (0..PARTITIONS)
-            .map(|p| {
-                let (_, high) = c.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-                Ok((p, high))
-            })
-            .collect()
+    let ends = tokio::task::spawn_blocking(move || {
+        chaperone_test_support::end_offsets(&bootstrap, &topic, PARTITIONS)
     })
-    .await?
+    .await??;
+    Ok((0..).zip(ends).collect())
 }
 
 /// End to end: records already in Kafka, collector started, timed until all are stored.

@@ -348,7 +348,7 @@ async fn settled(
     timeout: Duration,
     done: impl Fn(&Outcome) -> bool,
 ) -> anyhow::Result<()> {
-    eventually(what, timeout, || async {
+    let waited = eventually(what, timeout, || async {
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM reconcile_pending WHERE topic = ANY($1)")
                 .bind(topics)
@@ -357,7 +357,40 @@ async fn settled(
         let o = outcome(db, &[], topics).await?;
         Ok((pending == 0 && done(&o)).then_some(()))
     })
-    .await
+    .await;
+    if waited.is_err() {
+        eprintln!("{}", pending_report(db, topics).await?);
+    }
+    waited
+}
+
+/// What a failed wait was still waiting for: the buckets queued for a verdict, and the stored
+/// ingest offsets.
+async fn pending_report(db: &TestDb, topics: &[&str]) -> anyhow::Result<String> {
+    let pending: Vec<(String, i64, String, String)> = sqlx::query_as(
+        "SELECT topic, bucket_start_ms, first_queued_at::text, queued_at::text
+           FROM reconcile_pending WHERE topic = ANY($1) ORDER BY topic, bucket_start_ms",
+    )
+    .bind(topics)
+    .fetch_all(&db.pool)
+    .await?;
+    let waiting: Vec<(String, String, i64, String, Vec<String>)> = sqlx::query_as(
+        "SELECT v.topic, v.edge, v.bucket_start_ms, v.status, v.waiting_on
+           FROM reconcile_verdicts v JOIN reconcile_pending p USING (topic, bucket_start_ms)
+          WHERE v.topic = ANY($1) AND v.partition = -1 ORDER BY 1, 3, 2",
+    )
+    .bind(topics)
+    .fetch_all(&db.pool)
+    .await?;
+    let offsets: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT cluster, partition, next_offset FROM ingest_offsets ORDER BY 1, 2")
+            .fetch_all(&db.pool)
+            .await?;
+    Ok(format!(
+        "still queued (topic, bucket, first queued, last change): {pending:#?}\n\
+         their verdicts so far (topic, edge, bucket, status, waiting on): {waiting:#?}\n\
+         stored ingest offsets (cluster, partition, next): {offsets:?}"
+    ))
 }
 
 async fn topics(names: &[&str], partitions: i32) -> anyhow::Result<()> {

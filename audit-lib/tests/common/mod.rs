@@ -10,19 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use chaperone_audit::{AuditConfig, AuditRecord};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-pub fn regional_bootstrap() -> String {
-    std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
+pub use chaperone_test_support::{regional_bootstrap, unique};
 
 pub fn temp_dir(prefix: &str) -> PathBuf {
     let d = std::env::temp_dir().join(unique(prefix));
@@ -36,38 +28,16 @@ pub fn client(bootstrap: &str) -> ClientConfig {
     cc
 }
 
-/// Creates a topic and waits until its metadata shows every partition.
+/// Creates a topic on the regional cluster and waits until its metadata shows it.
 pub async fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
     let bootstrap = regional_bootstrap();
-    let admin: AdminClient<DefaultClientContext> =
-        client(&bootstrap).create().context("admin client")?;
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .with_context(|| format!("creating {topic}: is the stack up (dev/stack up)?"))?;
-    for r in results {
-        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let md = admin
-            .inner()
-            .fetch_metadata(Some(topic), Duration::from_secs(5))?;
-        if md
-            .topics()
-            .iter()
-            .any(|t| t.name() == topic && t.partitions().len() == partitions as usize)
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("topic {topic} did not appear");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    chaperone_test_support::create_topic(&bootstrap, topic, partitions).await?;
+    chaperone_test_support::wait_for_topics(
+        &bootstrap,
+        &[topic.to_owned()],
+        Duration::from_secs(30),
+    )
+    .await
 }
 
 /// Audit config for a test: its own audit topic and spool directory, fast flushes.

@@ -9,26 +9,21 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chaperone_audit::{AuditRecord, Counts, Progress};
-use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
-};
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
+pub use chaperone_test_support::unique;
+
 pub fn regional() -> String {
-    std::env::var("CHAPERONE_REGIONAL_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into())
+    chaperone_test_support::regional_bootstrap()
 }
 
 pub fn aggregate() -> String {
-    std::env::var("CHAPERONE_AGGREGATE_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:29092".into())
-}
-
-/// A random name, unique per test run.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+    chaperone_test_support::aggregate_bootstrap()
 }
 
 pub fn now_ms() -> i64 {
@@ -37,29 +32,11 @@ pub fn now_ms() -> i64 {
 
 /// Creates a topic (fails the test when the cluster is unreachable).
 pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let res = admin
-        .create_topics(
-            [&NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-            &opts,
-        )
+    chaperone_test_support::create_topic(bootstrap, name, partitions)
         .await
-        .unwrap_or_else(|e| {
-            panic!("cannot create topic {name} on {bootstrap} (is `dev/stack up` running?): {e}")
-        });
-    for r in res {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => panic!("cannot create topic {t}: {e}"),
-        }
-    }
+        .unwrap_or_else(|e| panic!("{e:#} (is `dev/stack up` running?)"));
 }
 
-/// One message to produce: partition, CreateTime timestamp, payload.
 /// A fresh topic `<prefix>-<suffix>` with `partitions` partitions and a 3-partition audit topic
 /// `<prefix>-audit` on the regional cluster, `prefix` being unique per call. Returns (prefix,
 /// audit topic, topic, bootstrap servers).
@@ -117,6 +94,7 @@ pub fn metric_value(body: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One message to produce: partition, CreateTime timestamp, payload.
 #[derive(Debug, Clone)]
 pub struct Msg {
     pub partition: i32,
@@ -542,16 +520,11 @@ pub fn diff(want: &Expected, got: &Expected) -> String {
 
 /// End offsets of every partition of `topics` on `bootstrap` (read_uncommitted high watermarks).
 pub fn ends(bootstrap: &str, topics: &[(String, i32)]) -> HashMap<(String, i32), i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("consumer");
     let mut out = HashMap::new();
     for (t, parts) in topics {
-        for p in 0..*parts {
-            let (_, high) = c
-                .fetch_watermarks(t, p, Duration::from_secs(10))
-                .expect("watermarks");
+        let offsets =
+            chaperone_test_support::end_offsets(bootstrap, t, *parts).expect("end offsets");
+        for (p, high) in (0..).zip(offsets) {
             out.insert((t.clone(), p), high);
         }
     }
