@@ -19,6 +19,8 @@
 //! - [`reporter`]: [`Reporter`], which drains the tracker every flush interval into audit
 //!   records, writes them ahead to the [`spool`], sends them with `acks=all` and
 //!   idempotence, and re-sends what failed (also after a restart) with the original ids.
+//! - [`sequence`]: counts record ids that number each process's records per topic, so the
+//!   collector remembers applied records as ranges.
 //! - [`spool`]: the crash-safe, bounded local file store of undelivered records.
 //! - [`config`]: [`AuditConfig`], serde configuration with validation naming the bad key.
 //! - [`duration`]: the workspace's one duration syntax (a unit is required), also used by
@@ -36,6 +38,7 @@ pub mod producer;
 #[allow(clippy::collapsible_if)]
 pub mod record;
 pub mod reporter;
+pub mod sequence;
 pub mod spool;
 pub mod tally;
 pub mod tracker;
@@ -48,6 +51,7 @@ pub use metrics::AuditMetrics;
 pub use producer::{AuditedProducer, DeliveryFuture, DeliveryStats};
 pub use record::{AuditRecord, Counts, DecodeError, Observer, Progress, Tier};
 pub use reporter::{AuditError, Clock, Reporter, SystemClock, Watermarks};
+pub use sequence::{SequenceIds, SequencedId};
 pub use spool::Spool;
 pub use tally::{Cell, Entry, Tally};
 pub use tracker::{Drained, Tracker};

@@ -44,6 +44,7 @@ use crate::bucket::BucketWidth;
 use crate::config::{AuditConfig, ConfigError, FORCED_AUDIT_PROPERTIES, redacted_properties};
 use crate::metrics::AuditMetrics;
 use crate::record::{AuditRecord, Counts, MIN_TIMESTAMP_MS, Observer, Progress};
+use crate::sequence::SequenceIds;
 use crate::spool::{EncodedRecord, Spool, SpoolError};
 use crate::tracker::Tracker;
 
@@ -189,6 +190,8 @@ pub(crate) struct Core {
     width: BucketWidth,
     max_known: usize,
     known: Mutex<BTreeSet<(String, Option<i32>)>>,
+    /// Ids of counts records: numbered per topic ([`crate::sequence`]).
+    ids: Mutex<SequenceIds>,
     /// Set once counts records were lost (spool full or unwritable): this instance can no
     /// longer say that every count it made was delivered.
     lost_counts: AtomicBool,
@@ -257,6 +260,7 @@ impl Core {
             );
         }
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
         let records = drained
             .entries
             .into_iter()
@@ -264,7 +268,7 @@ impl Core {
                 if known.len() < self.max_known {
                     known.insert((e.topic.clone(), e.partition));
                 }
-                let id = uuid::Uuid::now_v7().to_string();
+                let id = ids.next(&e.topic);
                 let logical = e.topic.clone();
                 let counts: Counts =
                     e.into_counts(id, logical, self.width, self.observer.clone(), now_ms);
@@ -419,6 +423,7 @@ impl Reporter {
             width,
             max_known: config.max_open_cells,
             known: Mutex::new(BTreeSet::new()),
+            ids: Mutex::new(SequenceIds::new()),
             lost_counts: AtomicBool::new(false),
         });
         core.publish_spool_size(&core.lock_spool());
@@ -755,6 +760,7 @@ mod tests {
             width: BucketWidth::default(),
             max_known: 100,
             known: Mutex::new(BTreeSet::new()),
+            ids: Mutex::new(SequenceIds::new()),
             lost_counts: AtomicBool::new(false),
         }
     }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chaperone_audit::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
-use chaperone_audit::{AuditRecord, BucketWidth, Observer, Progress, Tally, Tier};
+use chaperone_audit::{AuditRecord, BucketWidth, Observer, Progress, SequenceIds, Tally, Tier};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _, Timestamp};
@@ -94,6 +94,8 @@ pub struct Core {
     dater: Dater,
     mapping: Mapping,
     mapped: HashMap<String, Mapped>,
+    /// Ids of counts records: numbered per logical topic ([`chaperone_audit::sequence`]).
+    ids: SequenceIds,
     marks: Marks,
     ends: HashMap<Key, Ends>,
     log_append_warned: HashSet<String>,
@@ -147,6 +149,7 @@ impl Core {
             now_ms: clock.now_ms(),
             clock,
             assigned_once: false,
+            ids: SequenceIds::new(),
             closing: false,
             fatal: None,
             poisoned: false,
@@ -402,7 +405,7 @@ impl Core {
             let key = record_key(&mapped);
             let observer = self.observer(mapped.datacenter);
             let counts = e.into_counts(
-                uuid::Uuid::now_v7().to_string(),
+                self.ids.next(&mapped.topic),
                 mapped.topic,
                 width,
                 observer,

@@ -3,6 +3,8 @@
 //!
 //! * [`write`]: ingest's write path, exactly once ([`write_batch`]) and the offsets it keeps
 //!   ([`load_offsets`]).
+//! * [`sequence`]: the duplicate filter of numbered counts records, as applied ranges per
+//!   stream.
 //! * [`read`]: what the API and the status page read: topics, count rows, bucket summaries
 //!   with exact merged latency percentiles.
 //! * [`retention`]: the one job that deletes what outlived its retention, from counts and
@@ -10,6 +12,7 @@
 
 pub mod read;
 pub mod retention;
+pub mod sequence;
 pub mod write;
 
 pub use read::{

@@ -42,9 +42,7 @@ async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {
     wait_caught_up(&db.pool, &topics, Duration::from_secs(60)).await?;
 
     assert_eq!(stored_totals(&db.pool).await?, expected_totals(&records));
-    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_record_seen")
-        .fetch_one(&db.pool)
-        .await?;
+    let ids = applied_records(&db.pool).await?;
     // Ids of counts records only: progress records need no duplicate filter.
     assert_eq!(ids, 600);
     // Progress keeps the furthest marks of each partition.
@@ -273,6 +271,55 @@ async fn ids_stored_before_the_uuid_migration_still_filter_duplicates() -> anyho
         .collect();
     let out = store::write_batch(&db.pool, &again, &[]).await?;
     assert_eq!((out.counts, out.duplicates), (0, ids.len()));
+    db.drop_db().await
+}
+
+/// Numbered records (audit-lib's ids) arriving out of order, repeated within a batch, across
+/// batches and from a second stream of the same topic are each applied exactly once, next to
+/// records with other ids; each stream's applied numbers end as one range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbered_records_are_applied_once_in_any_order() -> anyhow::Result<()> {
+    use chaperone_audit::SequenceIds;
+    use chaperone_collector::store;
+    let db = ingest_db().await?;
+    let prefix = unique("numbered");
+    let (mut a, mut b) = (SequenceIds::new(), SequenceIds::new());
+    let ids_a: Vec<String> = (0..40).map(|_| a.next("orders")).collect();
+    let ids_b: Vec<String> = (0..10).map(|_| b.next("orders")).collect();
+    let record = |id: &str| sized(id, "orders", 0, 1, 10);
+    // Batch 1: a's odd numbers backwards, one of them twice, and b's first half.
+    let mut batch1: Vec<AuditRecord> = ids_a
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .rev()
+        .map(|id| record(id))
+        .collect();
+    batch1.push(record(&ids_a[5]));
+    batch1.extend(ids_b[..5].iter().map(|id| record(id)));
+    batch1.push(record(&format!("{prefix}-plain")));
+    let out = store::write_batch(&db.pool, &batch1, &[]).await?;
+    assert_eq!((out.counts, out.duplicates), (26, 1));
+    // Batch 2: everything again, in order, plus what was missing.
+    let mut batch2: Vec<AuditRecord> = ids_a.iter().map(|id| record(id)).collect();
+    batch2.extend(ids_b.iter().map(|id| record(id)));
+    batch2.push(record(&format!("{prefix}-plain")));
+    let out = store::write_batch(&db.pool, &batch2, &[]).await?;
+    assert_eq!((out.counts, out.duplicates), (25, 26));
+    // Batch 3: a replay of all of it changes nothing.
+    let out = store::write_batch(&db.pool, &batch2, &[]).await?;
+    assert_eq!((out.counts, out.duplicates), (0, 51));
+
+    let count: i64 = sqlx::query_scalar("SELECT sum(count)::int8 FROM audit_counts")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(count, 51, "every record counted once");
+    assert_eq!(applied_records(&db.pool).await?, 51);
+    let ranges: Vec<String> =
+        sqlx::query_scalar("SELECT ranges::text FROM audit_record_ranges ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(ranges, vec!["{[1,11)}", "{[1,41)}"]);
     db.drop_db().await
 }
 

@@ -67,9 +67,7 @@ async fn totals_are_exact_after_kill_9_mid_batch_and_restart() -> anyhow::Result
         stored, expected,
         "counts, bytes and applied records per row"
     );
-    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_record_seen")
-        .fetch_one(&db.pool)
-        .await?;
+    let ids = applied_records(&db.pool).await?;
     assert_eq!(ids, RECORDS as i64);
     // Every latency value is in the stored histograms exactly once.
     let (samples, expected_samples) = latency_samples(&db.pool, &records).await?;

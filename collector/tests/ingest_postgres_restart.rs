@@ -63,9 +63,7 @@ async fn postgres_restart_during_ingest_loses_nothing() -> anyhow::Result<()> {
     wait_caught_up(&db.pool, &topics, Duration::from_secs(120)).await?;
     phase("caught up");
     assert_eq!(stored_totals(&db.pool).await?, expected_totals(&records));
-    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_record_seen")
-        .fetch_one(&db.pool)
-        .await?;
+    let ids = applied_records(&db.pool).await?;
     assert_eq!(ids, 9_000);
     eventually(
         "readiness after the restart",

@@ -16,6 +16,8 @@ pub struct RetentionOutcome {
     pub counts: u64,
     /// `audit_record_seen` rows (ids of applied counts records).
     pub record_ids: u64,
+    /// `audit_record_ranges` rows (applied sequence numbers of a stream of counts records).
+    pub record_ranges: u64,
     /// `audit_count_changes` rows.
     pub changes: u64,
     /// `audit_progress` rows.
@@ -24,8 +26,8 @@ pub struct RetentionOutcome {
     pub topics: u64,
 }
 
-/// Deletes count rows of buckets that started before `cutoff_ms`, and record ids, bucket
-/// changes, progress rows and topics last touched before `cutoff_at`, `batch` rows per
+/// Deletes count rows of buckets that started before `cutoff_ms`, and record ids, streams'
+/// applied ranges, bucket changes, progress rows and topics last touched before `cutoff_at`, `batch` rows per
 /// transaction.
 pub async fn delete_expired(
     pool: &PgPool,
@@ -43,6 +45,8 @@ pub async fn delete_expired(
     .await?;
     let record_ids =
         delete_before(pool, "audit_record_seen", "ingested_at", cutoff_at, batch).await?;
+    let record_ranges =
+        delete_before(pool, "audit_record_ranges", "updated_at", cutoff_at, batch).await?;
     let changes =
         delete_before(pool, "audit_count_changes", "changed_at", cutoff_at, batch).await?;
     let progress = delete_before(pool, "audit_progress", "last_seen_at", cutoff_at, batch).await?;
@@ -58,6 +62,7 @@ pub async fn delete_expired(
     let out = RetentionOutcome {
         counts,
         record_ids,
+        record_ranges,
         changes,
         progress,
         topics,
@@ -118,6 +123,7 @@ async fn run_once(
         for (table, n) in [
             ("audit_counts", out.counts),
             ("audit_record_seen", out.record_ids),
+            ("audit_record_ranges", out.record_ranges),
             ("audit_count_changes", out.changes),
             ("audit_progress", out.progress),
             ("audit_topics", out.topics),
@@ -131,6 +137,7 @@ async fn run_once(
             %cutoff_at,
             counts = out.counts,
             record_ids = out.record_ids,
+            record_ranges = out.record_ranges,
             changes = out.changes,
             progress = out.progress,
             topics = out.topics,

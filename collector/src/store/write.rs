@@ -1,6 +1,7 @@
 //! Ingest's write path. [`write_batch`] is the heart of exactly-once ingest: in ONE
-//! transaction it checks that the batch's audit partitions are still this writer's, inserts
-//! the batch's record ids (keeping only those not seen before), adds the counts of the new
+//! transaction it checks that the batch's audit partitions are still this writer's, keeps
+//! only the counts records not applied before (numbered records by their stream's applied
+//! ranges, [`super::sequence`]; others by inserting their ids), adds the counts of the new
 //! records, raises the progress marks and moves the consumed offsets. Either all of it
 //! commits or none of it does, so replaying a batch after a crash changes nothing twice.
 //!
@@ -10,13 +11,23 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use chaperone_audit::{AuditRecord, Counts, Latency, Progress};
+use chaperone_audit::{AuditRecord, Counts, Latency, Progress, SequencedId};
 use sha2::{Digest as _, Sha256};
 use sqlx::postgres::PgArguments;
 use sqlx::{PgPool, Postgres, Row as _, Transaction};
 use uuid::Uuid;
 
-use super::{NO_PARTITION, StoreError};
+use super::{NO_PARTITION, StoreError, sequence};
+
+/// How [`write_batch`] tells a new record from one applied before.
+enum Filter<'a> {
+    /// A progress record: applying it again changes nothing.
+    None,
+    /// A counts record filtered by its id's key in `audit_record_seen`.
+    Id(Uuid),
+    /// A numbered counts record: (topic, stream, number), filtered by the stream's ranges.
+    Sequence(&'a str, i64, i64),
+}
 
 /// The next offset to read of one audit-topic partition, stored with a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,8 +179,8 @@ pub fn record_key(id: &str) -> Uuid {
 }
 
 /// Writes one batch of validated records and the offsets that follow them, in one
-/// transaction. Records whose id is already stored (or that repeat an id earlier in the
-/// batch) are skipped. On error nothing is written; the caller retries the same batch.
+/// transaction. Counts records applied before (or repeated in the batch) are skipped:
+/// numbered ones by their stream's applied ranges, others by their stored id. On error nothing is written; the caller retries the same batch.
 ///
 /// No lock is global: collectors write concurrently, each the audit partitions it reads.
 /// The offset rows of the batch's partitions are locked first, and the batch is refused
@@ -189,23 +200,32 @@ pub async fn write_batch(
         claim_offsets(&mut tx, &offsets).await?;
     }
 
-    // First occurrence of every counts id in the batch. Progress records need no duplicate
-    // filter: applying one twice changes nothing, every mark keeps its maximum.
+    // How each record is filtered: progress records need none (applying one twice changes
+    // nothing, every mark keeps its maximum); numbered counts records by their stream's
+    // applied ranges (see [`super::sequence`]); other counts records by their id, whose first
+    // occurrence in the batch is kept here.
     let mut seen = HashSet::with_capacity(records.len());
-    // Each record with its id key; progress records have none.
-    let mut first: Vec<(&AuditRecord, Option<Uuid>)> = Vec::with_capacity(records.len());
+    let mut first: Vec<(&AuditRecord, Filter<'_>)> = Vec::with_capacity(records.len());
+    let mut claims = sequence::Claims::new();
     let mut duplicates = 0;
     for r in records {
         match r {
-            AuditRecord::Counts(c) => {
-                let key = record_key(&c.id);
-                if seen.insert(key) {
-                    first.push((r, Some(key)));
-                } else {
-                    duplicates += 1;
+            AuditRecord::Counts(c) => match SequencedId::parse(&c.id) {
+                Some(s) => {
+                    let (stream, n) = (s.stream as i64, s.sequence as i64);
+                    claims.entry((&c.topic, stream)).or_default().push(n);
+                    first.push((r, Filter::Sequence(&c.topic, stream, n)));
                 }
-            }
-            AuditRecord::Progress(_) => first.push((r, None)),
+                None => {
+                    let key = record_key(&c.id);
+                    if seen.insert(key) {
+                        first.push((r, Filter::Id(key)));
+                    } else {
+                        duplicates += 1;
+                    }
+                }
+            },
+            AuditRecord::Progress(_) => first.push((r, Filter::None)),
         }
     }
     let mut outcome = BatchOutcome {
@@ -215,8 +235,14 @@ pub async fn write_batch(
 
     // The ids inserted now are the new records; an id stored before, or by a concurrent
     // writer (which this insert waits for), is not returned.
-    let keys: Vec<Uuid> = first.iter().filter_map(|(_, k)| *k).collect();
-    let fresh: HashSet<Uuid> = if keys.is_empty() {
+    let keys: Vec<Uuid> = first
+        .iter()
+        .filter_map(|(_, f)| match f {
+            Filter::Id(k) => Some(*k),
+            _ => None,
+        })
+        .collect();
+    let fresh_ids: HashSet<Uuid> = if keys.is_empty() {
         HashSet::new()
     } else {
         sqlx::query_scalar(
@@ -229,15 +255,32 @@ pub async fn write_batch(
         .into_iter()
         .collect()
     };
-    outcome.duplicates += keys.len() - fresh.len();
+    outcome.duplicates += keys.len() - fresh_ids.len();
+    let mut fresh_numbers = if claims.is_empty() {
+        HashSet::new()
+    } else {
+        sequence::claim(&mut tx, &claims).await?
+    };
+    let fresh: Vec<&AuditRecord> = first
+        .into_iter()
+        .filter_map(|(r, f)| {
+            let new = match f {
+                Filter::None => true,
+                Filter::Id(k) => fresh_ids.contains(&k),
+                // Taken out of the set: a number repeated in the batch is applied once.
+                Filter::Sequence(topic, stream, n) => fresh_numbers.remove(&(topic, stream, n)),
+            };
+            if !new {
+                outcome.duplicates += matches!(f, Filter::Sequence(..)) as usize;
+            }
+            new.then_some(r)
+        })
+        .collect();
 
     let mut counts: BTreeMap<CountsKey, CountsSum<'_>> = BTreeMap::new();
     let mut progress: BTreeMap<ProgressKey, ProgressMax<'_>> = BTreeMap::new();
     let mut topics: BTreeSet<&str> = BTreeSet::new();
-    let fresh = first
-        .iter()
-        .filter(|(_, key)| key.is_none_or(|k| fresh.contains(&k)));
-    for (r, _) in fresh {
+    for r in fresh {
         match r {
             AuditRecord::Counts(c) => {
                 outcome.counts += 1;

@@ -7,11 +7,13 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use chaperone_audit::{AuditRecord, BucketWidth, Counts, Latency, Observer, Progress, Tier};
+use chaperone_audit::{
+    AuditRecord, BucketWidth, Counts, Latency, Observer, Progress, SequenceIds, Tier,
+};
 use chaperone_collector::config::{ClusterConfig, Config};
 use chaperone_collector::{Clock, Deps};
 use chaperone_test_support::{create_topic, regional_bootstrap};
@@ -499,8 +501,12 @@ pub fn expected_totals(records: &[AuditRecord]) -> Totals {
     out
 }
 
-/// Records of several topics, tiers, datacenters, partitions and buckets.
+/// Records of several topics, tiers, datacenters, partitions and buckets. The producer
+/// tier's records carry numbered ids, a stream per host and topic, as audit-lib writes them
+/// (filtered by `audit_record_ranges`); the others ids `<prefix>-<i>` (filtered by
+/// `audit_record_seen`).
 pub fn mixed_records(prefix: &str, n: usize) -> Vec<AuditRecord> {
+    let mut numbered: HashMap<String, SequenceIds> = HashMap::new();
     (0..n)
         .map(|i| {
             let tier = if i % 3 == 0 {
@@ -509,21 +515,40 @@ pub fn mixed_records(prefix: &str, n: usize) -> Vec<AuditRecord> {
                 Tier::Regional
             };
             let dc = if i % 2 == 0 { "dc1" } else { "dc2" };
+            let host = format!("host-{}", i % 6);
+            let topic = format!("orders-{}", i % 3);
+            let id = if tier == Tier::Producer {
+                numbered.entry(host.clone()).or_default().next(&topic)
+            } else {
+                format!("{prefix}-{i}")
+            };
             let lat: Vec<i64> = (0..(i % 7 + 1) as i64).map(|j| j * 13 + i as i64).collect();
             AuditRecord::Counts(counts(
-                &format!("{prefix}-{i}"),
-                &format!("orders-{}", i % 3),
+                &id,
+                &topic,
                 if i % 5 == 0 {
                     None
                 } else {
                     Some((i % 4) as i32)
                 },
                 BUCKET + 60_000 * (i % 4) as i64,
-                observer(tier, dc, &format!("host-{}", i % 6)),
+                observer(tier, dc, &host),
                 &lat,
             ))
         })
         .collect()
+}
+
+/// How many distinct counts records the duplicate filters hold: ids in `audit_record_seen`
+/// and sequence numbers in `audit_record_ranges`.
+pub async fn applied_records(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM audit_record_seen) \
+              + (SELECT COALESCE(sum(upper(r) - lower(r)), 0)::int8 \
+                   FROM audit_record_ranges, unnest(ranges) AS r)",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Sum of a counter (optionally of one label value) in `registry`.
