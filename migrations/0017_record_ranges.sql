@@ -7,11 +7,13 @@
 -- `audit_record_seen` row per record (collector/src/store/sequence.rs). Records with any
 -- other id still go through `audit_record_seen`. Retention deletes a stream's row once it has
 -- not changed for the retention period, like the ids.
+-- Every batch rewrites the rows of its streams: no index but the key, and room on each page,
+-- keep those updates HOT (no index entries written). Retention scans the table, which holds
+-- one small row per stream.
 CREATE TABLE audit_record_ranges (
     topic      text           NOT NULL,
     stream     bigint         NOT NULL,
     ranges     int8multirange NOT NULL,
     updated_at timestamptz    NOT NULL DEFAULT now(),
     PRIMARY KEY (topic, stream)
-);
-CREATE INDEX audit_record_ranges_updated_at ON audit_record_ranges (updated_at);
+) WITH (fillfactor = 50);

@@ -32,7 +32,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use chaperone_audit::{AuditRecord, BucketWidth, Counts, Latency, Observer, Progress, Tier};
+use chaperone_audit::{
+    AuditRecord, BucketWidth, Counts, Latency, Observer, Progress, SequenceIds, Tier,
+};
 use chaperone_collector::config::{ClusterConfig, Config};
 use chaperone_collector::store;
 use chaperone_collector::{Clock, Deps};
@@ -96,7 +98,8 @@ fn worst_case_records(n: usize) -> Vec<AuditRecord> {
             }
             let count = 20 + (i % 30) as u64;
             AuditRecord::Counts(Counts {
-                // Ids as audit-lib and chaperone-service make them.
+                // Ids that are not numbered (as before audit-lib numbered them, or from another
+                // writer): each is filtered by its own stored key, the costlier filter.
                 id: uuid::Uuid::now_v7().to_string(),
                 topic: topic.clone(),
                 physical_topic: topic,
@@ -117,8 +120,8 @@ fn worst_case_records(n: usize) -> Vec<AuditRecord> {
         .collect()
 }
 
-/// Partitions of every fleet topic.
-const FLEET_PARTITIONS: i32 = 3;
+/// Partitions of every fleet topic, unless `BENCH_FLEET_PARTITIONS` says otherwise.
+const FLEET_PARTITIONS: &str = "3";
 /// Producer instances of every fleet topic, all writing to all its partitions.
 const FLEET_INSTANCES: usize = 50;
 /// audit-lib's default flush interval.
@@ -145,6 +148,8 @@ impl Reporter {
     /// Its records over `[BUCKET, end_ms)`, each with the time it is flushed.
     fn records(&self, end_ms: i64, out: &mut Vec<(i64, AuditRecord)>) {
         let width = BucketWidth::default();
+        // Counts ids as audit-lib and chaperone-service make them: numbered per topic.
+        let mut ids = SequenceIds::new();
         let mut at = BUCKET + self.phase_ms;
         let mut flush = 0;
         while at < end_ms {
@@ -158,7 +163,7 @@ impl Reporter {
                     out.push((
                         at,
                         AuditRecord::Counts(Counts {
-                            id: uuid::Uuid::now_v7().to_string(),
+                            id: ids.next(topic),
                             topic: topic.clone(),
                             physical_topic: physical.clone(),
                             partition: Some(*partition),
@@ -214,7 +219,7 @@ fn observer(tier: Tier, datacenter: &str, cluster: &str, host: String) -> Observ
 }
 
 /// The fleet workload, in the order the audit topics deliver it:
-/// - `topics` topics of `FLEET_PARTITIONS` partitions, half produced in datacenter dc1
+/// - `topics` topics of `partitions` partitions, half produced in datacenter dc1
 ///   (cluster `regional`), half in dc2 (`regional2`);
 /// - per topic `FLEET_INSTANCES` producer instances (audit-lib), each flushing every 10 s
 ///   at its own phase a counts record per partition for the current 60 s bucket (two when
@@ -224,11 +229,11 @@ fn observer(tier: Tier, datacenter: &str, cluster: &str, host: String) -> Observ
 ///   cluster (tier aggregate, reading the mirrored `<dc>.<topic>`), flushing every 5 s a
 ///   counts record per (topic, partition, bucket) and a progress record per partition;
 /// - `flushes` producer flushes: `flushes` x 10 s of the fleet's time from a bucket start.
-fn fleet_records(topics: usize, flushes: usize) -> Vec<AuditRecord> {
+fn fleet_records(topics: usize, partition_count: i32, flushes: usize) -> Vec<AuditRecord> {
     let dcs = [("dc1", "regional"), ("dc2", "regional2")];
     let partitions = |t: usize, physical: &dyn Fn(&str) -> String| {
         let topic = format!("topic-{t}");
-        (0..FLEET_PARTITIONS)
+        (0..partition_count)
             .map(|p| (topic.clone(), physical(&topic), p))
             .collect::<Vec<_>>()
     };
@@ -461,8 +466,8 @@ impl Store {
     /// A fresh database state: no ids, counts, progress or offsets stored.
     async fn truncate(&self) -> anyhow::Result<()> {
         sqlx::query(
-            "TRUNCATE audit_record_seen, audit_count_changes, audit_counts, audit_progress, \
-             audit_topics, ingest_offsets",
+            "TRUNCATE audit_record_seen, audit_record_ranges, audit_count_changes, audit_counts, \
+             audit_progress, audit_topics, ingest_offsets",
         )
         .execute(&self.pool)
         .await?;
@@ -721,6 +726,15 @@ async fn worst_case(pool: &PgPool, store: &Store, bootstrap: &str) -> anyhow::Re
     Ok(stored)
 }
 
+/// `r` with a version 7 UUID as id when it is a counts record (not numbered).
+fn unnumbered(r: &AuditRecord) -> AuditRecord {
+    let mut r = r.clone();
+    if let AuditRecord::Counts(c) = &mut r {
+        c.id = uuid::Uuid::now_v7().to_string();
+    }
+    r
+}
+
 /// The fleet workload through `write_batch`, against a plain INSERT of the same rows and,
 /// when it ran, the worst case's store-only rate; then where a batch's time goes.
 async fn fleet(
@@ -731,7 +745,8 @@ async fn fleet(
 ) -> anyhow::Result<()> {
     let topics: usize = env_or("BENCH_FLEET_TOPICS", "100").parse()?;
     let flushes: usize = env_or("BENCH_FLEET_FLUSHES", "12").parse()?;
-    let mut records = fleet_records(topics, flushes);
+    let partitions: i32 = env_or("BENCH_FLEET_PARTITIONS", FLEET_PARTITIONS).parse()?;
+    let mut records = fleet_records(topics, partitions, flushes);
     // Counts records first within each batch, so that a batch's counts and its progress
     // records can be written alone below; the order inside a batch changes nothing stored.
     for chunk in records.chunks_mut(BATCH) {
@@ -755,6 +770,11 @@ async fn fleet(
     let progress_rows = rows_in(pool, "audit_progress").await?;
     let replay = store.write(batches.iter().copied()).await?;
     store.truncate().await?;
+    // The same batches with ids that are not numbered: one stored key per counts record.
+    let unnumbered: Vec<AuditRecord> = records.iter().map(unnumbered).collect();
+    let by_id = store.write(unnumbered.chunks(BATCH)).await?;
+    drop(unnumbered);
+    store.truncate().await?;
     let counts_only = store.write(split.iter().map(|(c, _)| *c)).await?;
     store.truncate().await?;
     let progress_only = store.write(split.iter().map(|(_, p)| *p)).await?;
@@ -767,7 +787,7 @@ async fn fleet(
     let stored = rate(n, full.wall);
     let per_batch = |d: Duration| d.as_secs_f64() * 1_000.0 / batches.len() as f64;
     println!(
-        "fleet: {topics} topics x {FLEET_PARTITIONS} partitions, {FLEET_INSTANCES} producer \
+        "fleet: {topics} topics x {partitions} partitions, {FLEET_INSTANCES} producer \
          instances a topic (flush {} s), regional and aggregate services (flush {} s), \
          {} s buckets, {} s of fleet time",
         PRODUCER_FLUSH_MS / 1_000,
@@ -798,6 +818,12 @@ async fn fleet(
     }
     println!("      {}", full.cpu());
     println!(
+        "  same, ids not numbered (one key each): {:>6.0} records/s ({:.2} s)  numbered ids {:.2}x this",
+        rate(n, by_id.wall),
+        by_id.wall.as_secs_f64(),
+        stored / rate(n, by_id.wall)
+    );
+    println!(
         "  collector end to end (Kafka -> PG): {:>9.0} records/s ({:.2} s)  ratio {:.2}x",
         rate(n, e2e),
         e2e.as_secs_f64(),
@@ -824,7 +850,7 @@ async fn fleet(
     line("replayed (every counts id already stored)", &replay);
     println!(
         "    {:<44} {:>6.1} ms/batch",
-        "id filter alone (insert, no commit)",
+        "one stored key per id alone (insert, no commit)",
         per_batch(ids)
     );
     Ok(())

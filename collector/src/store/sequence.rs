@@ -76,6 +76,25 @@ impl Applied {
 /// so that two writers never deadlock on them).
 pub type Claims<'a> = BTreeMap<(&'a str, i64), Vec<i64>>;
 
+/// Locks the existing rows of `(topics[i], streams[i])`, in key order, and returns their sets
+/// in text form.
+async fn lock(
+    tx: &mut Transaction<'_, Postgres>,
+    topics: &[&str],
+    streams: &[i64],
+) -> Result<BTreeMap<(String, i64), String>, sqlx::Error> {
+    let rows: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT r.topic, r.stream, r.ranges::text FROM audit_record_ranges r \
+         JOIN UNNEST($1::text[], $2::int8[]) AS u(topic, stream) USING (topic, stream) \
+         ORDER BY 1, 2 FOR UPDATE OF r",
+    )
+    .bind(topics)
+    .bind(streams)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(|(t, s, r)| ((t, s), r)).collect())
+}
+
 /// Locks the rows of `claims` (creating missing ones), adds the batch's numbers and returns
 /// those that were not applied before, each once (a number repeated in the batch is new at
 /// most once).
@@ -85,26 +104,28 @@ pub async fn claim<'a>(
 ) -> Result<HashSet<(&'a str, i64, i64)>, sqlx::Error> {
     let topics: Vec<&str> = claims.keys().map(|(t, _)| *t).collect();
     let streams: Vec<i64> = claims.keys().map(|(_, s)| *s).collect();
-    sqlx::query(
-        "INSERT INTO audit_record_ranges (topic, stream, ranges) \
-         SELECT t, s, '{}' FROM UNNEST($1::text[], $2::int8[]) AS u(t, s) \
-         ON CONFLICT (topic, stream) DO NOTHING",
-    )
-    .bind(&topics)
-    .bind(&streams)
-    .execute(&mut **tx)
-    .await?;
-    let stored: Vec<(String, i64, String)> = sqlx::query_as(
-        "SELECT r.topic, r.stream, r.ranges::text FROM audit_record_ranges r \
-         JOIN UNNEST($1::text[], $2::int8[]) AS u(topic, stream) USING (topic, stream) \
-         ORDER BY 1, 2 FOR UPDATE OF r",
-    )
-    .bind(&topics)
-    .bind(&streams)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut stored: BTreeMap<(String, i64), String> =
-        stored.into_iter().map(|(t, s, r)| ((t, s), r)).collect();
+    let mut stored = lock(tx, &topics, &streams).await?;
+    // Streams seen for the first time: their rows are created (empty), then locked like the
+    // others; a row another writer created meanwhile is locked as it is. (Two writers of the
+    // same streams, which the consumer group avoids, may then deadlock: PostgreSQL aborts one,
+    // and a deadlock is transient, so its batch is retried.)
+    let (new_topics, new_streams): (Vec<&str>, Vec<i64>) = claims
+        .keys()
+        .filter(|(t, s)| !stored.contains_key(&((*t).to_owned(), *s)))
+        .copied()
+        .unzip();
+    if !new_topics.is_empty() {
+        sqlx::query(
+            "INSERT INTO audit_record_ranges (topic, stream, ranges) \
+             SELECT t, s, '{}' FROM UNNEST($1::text[], $2::int8[]) AS u(t, s) \
+             ON CONFLICT (topic, stream) DO NOTHING",
+        )
+        .bind(&new_topics)
+        .bind(&new_streams)
+        .execute(&mut **tx)
+        .await?;
+        stored.extend(lock(tx, &new_topics, &new_streams).await?);
+    }
     let mut fresh = HashSet::new();
     let mut updated = Vec::with_capacity(claims.len());
     for (&(topic, stream), numbers) in claims {
