@@ -27,8 +27,8 @@ pub struct RetentionOutcome {
 }
 
 /// Deletes count rows of buckets that started before `cutoff_ms`, and record ids, streams'
-/// applied ranges, bucket changes, progress rows and topics last touched before `cutoff_at`, `batch` rows per
-/// transaction.
+/// applied ranges, bucket changes, progress rows and topics last touched before
+/// `cutoff_at`, `batch` rows per transaction.
 pub async fn delete_expired(
     pool: &PgPool,
     cutoff_ms: i64,

@@ -180,7 +180,8 @@ pub fn record_key(id: &str) -> Uuid {
 
 /// Writes one batch of validated records and the offsets that follow them, in one
 /// transaction. Counts records applied before (or repeated in the batch) are skipped:
-/// numbered ones by their stream's applied ranges, others by their stored id. On error nothing is written; the caller retries the same batch.
+/// numbered ones by their stream's applied ranges, others by their stored id. On error
+/// nothing is written; the caller retries the same batch.
 ///
 /// No lock is global: collectors write concurrently, each the audit partitions it reads.
 /// The offset rows of the batch's partitions are locked first, and the batch is refused
