@@ -194,12 +194,34 @@ async fn retention_deletes_old_buckets_in_small_batches() -> anyhow::Result<()> 
             &[1, 2],
         ))
     }));
+    // Two streams of numbered records; one of them has been idle since before the cutoff.
+    let mut streams = [
+        chaperone_audit::SequenceIds::new(),
+        chaperone_audit::SequenceIds::new(),
+    ];
+    records.extend(streams.iter_mut().map(|ids| {
+        AuditRecord::Counts(counts(
+            &ids.next("orders"),
+            "orders",
+            Some(0),
+            BUCKET,
+            observer(chaperone_audit::Tier::Producer, "dc1", "h"),
+            &[1],
+        ))
+    }));
     store::write_batch(&db.pool, &records, &[]).await?;
     let cutoff_ms = BUCKET - 30 * 86_400_000;
     let far_past =
         chrono::DateTime::<chrono::Utc>::from_timestamp_millis(cutoff_ms).expect("timestamp");
+    let idle = chaperone_audit::SequencedId::parse(&streams[0].next("orders")).expect("numbered");
+    sqlx::query("UPDATE audit_record_ranges SET updated_at = $1 WHERE stream = $2")
+        .bind(far_past - chrono::Duration::days(1))
+        .bind(idle.stream as i64)
+        .execute(&db.pool)
+        .await?;
     let out = store::delete_expired(&db.pool, cutoff_ms, far_past, 4).await?;
     assert_eq!(out.counts, 25);
+    assert_eq!(out.record_ranges, 1, "the idle stream's ranges");
     // Ids, changes, progress and topics were all touched just now: kept.
     assert_eq!(
         (out.record_ids, out.changes, out.progress, out.topics),
