@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
+use chaperone_audit::record::MIN_TIMESTAMP_MS;
 use serde::{Deserialize, Serialize};
 
 mod bucket;
@@ -481,15 +482,22 @@ pub fn judge(outcome: &Outcome, now_ms: i64, expected: i64, actual: i64) -> Judg
             Judgement {
                 status: VerdictStatus::Lagging,
                 silent: None,
-                lag_ms: Some(
-                    down.behind_ms
-                        .map_or(0, |w| now_ms.saturating_sub(w).max(0)),
-                ),
+                lag_ms: lag_ms(down.behind_ms, now_ms),
             }
         }
     } else {
         status(VerdictStatus::Complete)
     }
+}
+
+/// How far the lowest watermark of a downstream tier's observers that have not passed a
+/// bucket (`behind_ms`) trails `now_ms`. Unknown when that observer has claimed no event time
+/// yet (its watermark is the contract's earliest timestamp, which no record carries
+/// otherwise), or when no observer has a watermark (a partition with counts and no progress).
+fn lag_ms(behind_ms: Option<i64>, now_ms: i64) -> Option<i64> {
+    behind_ms
+        .filter(|&w| w != MIN_TIMESTAMP_MS)
+        .map(|w| now_ms.saturating_sub(w).max(0))
 }
 
 #[cfg(test)]
@@ -684,6 +692,14 @@ mod tests {
         assert_eq!(j.status, VerdictStatus::Lagging);
         assert_eq!(j.lag_ms, Some(1_300));
         assert!(!o.settled, "a lagging bucket stays queued");
+        // A consumer partition that has read nothing yet lags by an unknown amount, not by
+        // the time since the contract's earliest timestamp.
+        assert_eq!(
+            lag_ms(Some(MIN_TIMESTAMP_MS), MIN_TIMESTAMP_MS + 5_000),
+            None
+        );
+        assert_eq!(lag_ms(None, END), None);
+        assert_eq!(lag_ms(Some(END - 300), END + 1_000), Some(1_300));
         let (o, j) = c.at(END + 5_000).unwrap();
         assert_eq!(
             (j.status, o.finality),
