@@ -129,25 +129,36 @@ async fn create_topics(bootstrap: &str, topics: &[String], partitions: i32) -> a
     Ok(())
 }
 
-/// Partition counts per topic, waiting (with a deadline) for metadata.
+/// Partition counts per topic, waiting (with a deadline) for metadata. A broker that does not
+/// answer in time (a busy or just-started one) is asked again until the deadline.
 fn partition_counts(producer: &FutureProducer, topics: &[String]) -> anyhow::Result<Vec<i32>> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(120);
     topics
         .iter()
         .map(|t| {
             loop {
-                let md = producer
+                match producer
                     .client()
-                    .fetch_metadata(Some(t), Duration::from_secs(5))?;
-                let n = md
-                    .topics()
-                    .iter()
-                    .find(|m| m.name() == t)
-                    .map_or(0, |m| m.partitions().len());
-                if n > 0 {
-                    return Ok(n as i32);
+                    .fetch_metadata(Some(t), Duration::from_secs(5))
+                {
+                    Ok(md) => {
+                        let n = md
+                            .topics()
+                            .iter()
+                            .find(|m| m.name() == t)
+                            .map_or(0, |m| m.partitions().len());
+                        if n > 0 {
+                            return Ok(n as i32);
+                        }
+                        anyhow::ensure!(Instant::now() < deadline, "topic {t} has no partitions");
+                    }
+                    Err(e) => {
+                        if Instant::now() >= deadline {
+                            anyhow::bail!("no metadata for topic {t}: {e}");
+                        }
+                        tracing::warn!(topic = %t, error = %e, "no metadata yet; asking again");
+                    }
                 }
-                anyhow::ensure!(Instant::now() < deadline, "topic {t} has no partitions");
                 std::thread::sleep(Duration::from_millis(200));
             }
         })

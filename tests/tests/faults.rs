@@ -609,7 +609,8 @@ async fn scenarios(
     // The victim is killed once it has reported for a while.
     eventually(
         "the producer to be killed reporting",
-        Duration::from_secs(60),
+        // A fresh broker under this load can stall for half a minute.
+        Duration::from_secs(120),
         || async {
             let instances: i64 = sqlx::query_scalar(
                 "SELECT count(DISTINCT instance) FROM audit_progress
