@@ -26,6 +26,21 @@ pub const MAX_SEQUENCE: u64 = (1 << 62) - 1;
 /// Largest stream an id can carry (60 bits).
 pub const MAX_STREAM: u64 = (1 << 60) - 1;
 
+/// `id` as a UUID when it is one in canonical form: lowercase hex, hyphenated (as audit-lib and
+/// chaperone-service write ids). Any other form, even of a valid UUID, is `None`.
+pub fn canonical_uuid(id: &str) -> Option<Uuid> {
+    let canonical = id.len() == 36
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        });
+    if canonical {
+        Uuid::parse_str(id).ok()
+    } else {
+        None
+    }
+}
+
 /// A record id's stream and sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SequencedId {
@@ -39,15 +54,7 @@ impl SequencedId {
     /// Reads `id` as a sequenced id: a canonical lowercase version 8 UUID (variant RFC 9562).
     /// Any other id, including other UUIDs, is `None`.
     pub fn parse(id: &str) -> Option<Self> {
-        let canonical = id.len() == 36
-            && id.bytes().enumerate().all(|(i, b)| match i {
-                8 | 13 | 18 | 23 => b == b'-',
-                _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
-            });
-        if !canonical {
-            return None;
-        }
-        let uuid = Uuid::parse_str(id).ok()?;
+        let uuid = canonical_uuid(id)?;
         if uuid.get_version_num() != 8 || uuid.get_variant() != uuid::Variant::RFC4122 {
             return None;
         }

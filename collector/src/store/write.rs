@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use chaperone_audit::sequence::canonical_uuid;
 use chaperone_audit::{AuditRecord, Counts, Latency, Progress, SequencedId};
 use sha2::{Digest as _, Sha256};
 use sqlx::postgres::PgArguments;
@@ -164,12 +165,7 @@ fn to_i64(v: u64) -> i64 {
 /// otherwise the first 16 bytes of the SHA-256 of the id. `migrations/0013_*.sql` converts
 /// stored ids with the same rule.
 pub fn record_key(id: &str) -> Uuid {
-    let canonical = id.len() == 36
-        && id.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
-        });
-    if canonical && let Ok(u) = Uuid::parse_str(id) {
+    if let Some(u) = canonical_uuid(id) {
         return u;
     }
     let digest = Sha256::digest(id.as_bytes());
