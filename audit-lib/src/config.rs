@@ -180,7 +180,10 @@ impl AuditConfig {
             if let Some(v) = value
                 && (v.is_empty() || v.len() > MAX_NAME_LEN)
             {
-                return Err(bad(key, format!("must be 1 to {MAX_NAME_LEN} characters")));
+                return Err(bad(
+                    key,
+                    format!("must be 1 to {MAX_NAME_LEN} bytes (UTF-8)"),
+                ));
             }
         }
         if self.max_open_cells == 0 {

@@ -19,6 +19,19 @@ const SIGFIG: u8 = 2;
 /// Upper bound on the size of an encoded histogram accepted by the decoder.
 pub const MAX_ENCODED_LEN: usize = 64 * 1024;
 
+/// Most significant decimal digits a histogram read from the wire may declare. Its buckets
+/// are allocated before its counts are read, so this bounds what one record costs to read:
+/// 3 digits over 0..=7 days is about 170 KiB for the moment of reading.
+pub const MAX_WIRE_SIGFIG: u32 = 3;
+
+/// First 4 bytes of a V2 HdrHistogram.
+const V2_COOKIE: u32 = 0x1c84_9313;
+/// First 4 bytes of a DEFLATE-compressed V2 HdrHistogram.
+const V2_COMPRESSED_COOKIE: u32 = 0x1c84_9314;
+/// Bytes of a V2 header: cookie, payload length, normalizing offset, significant digits,
+/// lowest discernible value, highest trackable value, integer-to-double ratio.
+const V2_HEADER_LEN: usize = 40;
+
 /// A latency histogram in milliseconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Latency(Histogram<u64>);
@@ -39,6 +52,11 @@ pub enum HistogramError {
     /// The histogram tracks values beyond [`MAX_LATENCY_MS`].
     #[error("histogram tracks values up to {0}, beyond the {MAX_LATENCY_MS} ms allowed")]
     Range(u64),
+    /// The V2 header is not one this crate reads: wrong cookie, a payload length that is not
+    /// the length of the bytes that follow, or bounds or precision out of range. Checked
+    /// before anything is allocated for the histogram.
+    #[error("histogram header is invalid: {0}")]
+    Header(String),
 }
 
 impl Default for Latency {
@@ -128,9 +146,29 @@ impl Latency {
 
     /// Parses a V2 HdrHistogram written by [`Latency::to_bytes`] (or by any writer, as long as
     /// it tracks values within [`MAX_LATENCY_MS`]).
+    ///
+    /// The header is checked before the deserializer sees it, since the deserializer
+    /// allocates what the header declares: the payload length must be the length of the bytes
+    /// that follow, the bounds within 1..=[`MAX_LATENCY_MS`] and the precision at most
+    /// [`MAX_WIRE_SIGFIG`] digits. A compressed V2 histogram is inflated into at most
+    /// [`MAX_ENCODED_LEN`] bytes and then checked the same way.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, HistogramError> {
+        let inflated;
+        let plain = match cookie(bytes)? {
+            V2_COOKIE => bytes,
+            V2_COMPRESSED_COOKIE => {
+                inflated = inflate(bytes)?;
+                &inflated[..]
+            }
+            other => {
+                return Err(HistogramError::Header(format!(
+                    "cookie {other:#010x} is not a V2 HdrHistogram's"
+                )));
+            }
+        };
+        check_v2_header(plain)?;
         let h: Histogram<u64> = Deserializer::new()
-            .deserialize(&mut &bytes[..])
+            .deserialize(&mut &plain[..])
             .map_err(|e| HistogramError::Format(format!("{e:?}")))?;
         if h.high() > MAX_LATENCY_MS {
             return Err(HistogramError::Range(h.high()));
@@ -145,6 +183,85 @@ impl Latency {
             .map_err(|e| HistogramError::Format(format!("{e:?}")))?;
         Ok(out)
     }
+}
+
+fn be_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_be_bytes(b)
+}
+
+fn be_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_be_bytes(b)
+}
+
+fn cookie(bytes: &[u8]) -> Result<u32, HistogramError> {
+    if bytes.len() < 8 {
+        return Err(HistogramError::Header(format!(
+            "{} bytes, shorter than a header",
+            bytes.len()
+        )));
+    }
+    Ok(be_u32(bytes, 0))
+}
+
+/// The uncompressed V2 histogram inside a compressed one, bounded to [`MAX_ENCODED_LEN`].
+fn inflate(bytes: &[u8]) -> Result<Vec<u8>, HistogramError> {
+    use std::io::Read as _;
+    let declared = be_u32(bytes, 4) as usize;
+    if declared != bytes.len() - 8 {
+        return Err(HistogramError::Header(format!(
+            "compressed payload length is {declared} but {} bytes follow",
+            bytes.len() - 8
+        )));
+    }
+    let mut out = Vec::new();
+    flate2::read::ZlibDecoder::new(&bytes[8..])
+        .take(MAX_ENCODED_LEN as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| HistogramError::Format(format!("cannot inflate: {e}")))?;
+    if out.len() > MAX_ENCODED_LEN {
+        return Err(HistogramError::TooLarge(out.len()));
+    }
+    if cookie(&out)? != V2_COOKIE {
+        return Err(HistogramError::Header(
+            "compressed histogram does not hold a V2 histogram".to_owned(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Checks an uncompressed V2 header against the bytes that follow it.
+fn check_v2_header(bytes: &[u8]) -> Result<(), HistogramError> {
+    let bad = |what: String| Err(HistogramError::Header(what));
+    if bytes.len() < V2_HEADER_LEN {
+        return bad(format!("{} bytes, shorter than a header", bytes.len()));
+    }
+    let declared = be_u32(bytes, 4) as usize;
+    if declared != bytes.len() - V2_HEADER_LEN {
+        return bad(format!(
+            "payload length is {declared} but {} bytes follow",
+            bytes.len() - V2_HEADER_LEN
+        ));
+    }
+    let sigfig = be_u32(bytes, 12);
+    if sigfig > MAX_WIRE_SIGFIG {
+        return bad(format!(
+            "{sigfig} significant digits, more than the {MAX_WIRE_SIGFIG} allowed"
+        ));
+    }
+    let (low, high) = (be_u64(bytes, 16), be_u64(bytes, 24));
+    if high > MAX_LATENCY_MS {
+        return Err(HistogramError::Range(high));
+    }
+    if low == 0 || high < low.saturating_mul(2) {
+        return bad(format!(
+            "bounds {low}..={high}: the lowest value must be at least 1 and the highest at least twice it"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -231,11 +348,94 @@ mod tests {
         ));
         assert!(matches!(
             Latency::decode("AAAA"),
-            Err(HistogramError::Format(_))
+            Err(HistogramError::Header(_))
         ));
         let huge = "A".repeat(MAX_ENCODED_LEN + 4);
         assert!(matches!(
             Latency::decode(&huge),
+            Err(HistogramError::TooLarge(_))
+        ));
+    }
+
+    /// A valid encoding of `h` with its header's field at `at` overwritten by `value`.
+    fn with_field(h: &Latency, at: usize, value: &[u8]) -> Vec<u8> {
+        let mut b = h.to_bytes();
+        b[at..at + value.len()].copy_from_slice(value);
+        b
+    }
+
+    #[test]
+    fn a_header_declaring_more_than_follows_is_refused_before_allocating() {
+        // 40 bytes claiming a payload of 0xFFFFFFFF bytes: the deserializer would resize its
+        // buffer to that before reading.
+        let claim = "HISTE/////8AAAAAAAAAAgAAAAAAAAABAAAAACQMhAA/8AAAAAAAAA==";
+        let err = Latency::decode(claim).expect_err("refused");
+        assert!(matches!(err, HistogramError::Header(_)), "{err}");
+        assert!(err.to_string().contains("4294967295"), "{err}");
+
+        let h = of(&[5, 50, 500]);
+        let short = with_field(&h, 4, &1u32.to_be_bytes());
+        assert!(matches!(
+            Latency::from_bytes(&short),
+            Err(HistogramError::Header(_))
+        ));
+        let mut trailing = h.to_bytes();
+        trailing.push(0);
+        assert!(matches!(
+            Latency::from_bytes(&trailing),
+            Err(HistogramError::Header(_))
+        ));
+    }
+
+    #[test]
+    fn header_bounds_and_precision_are_checked() {
+        let h = of(&[5]);
+        let sigfig = with_field(&h, 12, &5u32.to_be_bytes());
+        assert!(matches!(
+            Latency::from_bytes(&sigfig),
+            Err(HistogramError::Header(_))
+        ));
+        let zero_low = with_field(&h, 16, &0u64.to_be_bytes());
+        assert!(matches!(
+            Latency::from_bytes(&zero_low),
+            Err(HistogramError::Header(_))
+        ));
+        let high = with_field(&h, 24, &u64::MAX.to_be_bytes());
+        assert!(matches!(
+            Latency::from_bytes(&high),
+            Err(HistogramError::Range(u64::MAX))
+        ));
+        let cookie = with_field(&h, 0, &0x1c84_9311u32.to_be_bytes());
+        assert!(matches!(
+            Latency::from_bytes(&cookie),
+            Err(HistogramError::Header(_))
+        ));
+        // Unchanged, the same bytes decode.
+        assert_eq!(Latency::from_bytes(&h.to_bytes()).expect("decodes"), h);
+    }
+
+    #[test]
+    fn compressed_histograms_are_read_within_bounds() {
+        use hdrhistogram::serialization::V2DeflateSerializer;
+        let h = of(&[1, 20, 300, 4_000]);
+        let mut buf = Vec::new();
+        V2DeflateSerializer::new()
+            .serialize(h.inner(), &mut buf)
+            .expect("serializes");
+        assert_eq!(Latency::from_bytes(&buf).expect("decodes"), h);
+
+        // A compressed stream that inflates past the bound is refused however small it is.
+        let mut bomb_inner = V2_COOKIE.to_be_bytes().to_vec();
+        bomb_inner.extend(std::iter::repeat_n(0u8, 4 * MAX_ENCODED_LEN));
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut z, &bomb_inner).expect("compresses");
+        let packed = z.finish().expect("compresses");
+        assert!(packed.len() < 2048);
+        let mut bomb = V2_COMPRESSED_COOKIE.to_be_bytes().to_vec();
+        bomb.extend((packed.len() as u32).to_be_bytes());
+        bomb.extend(packed);
+        assert!(matches!(
+            Latency::from_bytes(&bomb),
             Err(HistogramError::TooLarge(_))
         ));
     }

@@ -17,10 +17,13 @@ use crate::histogram::{HistogramError, Latency};
 /// Wire-format version written by this crate.
 pub const VERSION: u32 = 1;
 
-/// Longest topic name Kafka allows.
+/// Longest topic name Kafka allows, in bytes (Kafka's own names are ASCII, so also
+/// characters).
 pub const MAX_TOPIC_LEN: usize = 249;
 
-/// Longest identity string (tier, datacenter, cluster, host, instance, id).
+/// Longest identity string (tier, datacenter, cluster, host, instance, id), in UTF-8 bytes.
+/// Bytes, not characters: the collector's keys hold up to seven of these strings, and
+/// PostgreSQL refuses an index row over about 2.7 KB (a third of a page).
 pub const MAX_NAME_LEN: usize = 255;
 
 /// Earliest timestamp accepted anywhere in a record: 2000-01-01T00:00:00Z.
@@ -235,12 +238,12 @@ pub enum DecodeError {
         /// Value found.
         value: i64,
     },
-    /// A string is empty or too long.
-    #[error("field `{field}` has length {len}, allowed 1..={max}")]
+    /// A string is empty or too long (in UTF-8 bytes).
+    #[error("field `{field}` is {len} bytes long, allowed 1..={max} bytes (UTF-8)")]
     StringLength {
         /// Field name.
         field: &'static str,
-        /// Length found.
+        /// Length found, in bytes.
         len: usize,
         /// Longest allowed.
         max: usize,
@@ -315,7 +318,7 @@ fn require<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
 
 fn name(v: Option<String>, field: &'static str, max: usize) -> Result<String, DecodeError> {
     let s = require(v, field)?;
-    let len = s.chars().count();
+    let len = s.len();
     if len == 0 || len > max {
         return Err(DecodeError::StringLength { field, len, max });
     }
@@ -916,6 +919,16 @@ mod tests {
                 ..
             })
         ));
+        // Limits are bytes: 200 two-byte characters are 400 bytes.
+        assert!(matches!(
+            with("host", json!("ж".repeat(200))),
+            Err(DecodeError::StringLength {
+                field: "host",
+                len: 400,
+                ..
+            })
+        ));
+        assert!(with("host", json!("ж".repeat(127))).is_ok());
         assert_eq!(
             with("host", json!("web\u{0}1")),
             Err(DecodeError::NulCharacter { field: "host" })

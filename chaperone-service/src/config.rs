@@ -405,8 +405,8 @@ impl Config {
             if value.trim().is_empty() {
                 return Err(invalid(key, "must be set and non-empty"));
             }
-            if value.chars().count() > chaperone_audit::record::MAX_NAME_LEN {
-                return Err(invalid(key, "must be at most 255 characters"));
+            if value.len() > chaperone_audit::record::MAX_NAME_LEN {
+                return Err(invalid(key, "must be at most 255 bytes (UTF-8)"));
             }
         }
         if self.tier() == Tier::Producer {

@@ -251,7 +251,7 @@ impl ReconcileConfig {
             if name.is_empty() || name.len() > 255 {
                 return Err(ConfigError::new(
                     format!("reconcile.edges[{i}].name"),
-                    "must be 1 to 255 characters",
+                    "must be 1 to 255 bytes",
                 ));
             }
             if !names.insert(name.clone()) {
