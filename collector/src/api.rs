@@ -133,6 +133,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/topics/{topic}/buckets", get(buckets))
         .route("/api/v1/verdicts", get(verdicts))
         .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/parked", get(parked))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(api)
@@ -171,13 +172,14 @@ async fn timed(State(state): State<ApiState>, req: Request, next: Next) -> Respo
 
 /// The route template of `path`, so the metric label stays bounded.
 fn route_label(path: &str) -> &'static str {
-    const STATIC: [&str; 9] = [
+    const STATIC: [&str; 10] = [
         "/",
         "/login",
         "/logout",
         "/api/v1/topics",
         "/api/v1/verdicts",
         "/api/v1/alerts",
+        "/api/v1/parked",
         "/healthz",
         "/readyz",
         "/metrics",
@@ -459,20 +461,36 @@ async fn alerts(
                 .map_err(|e| ApiError::bad("status", e.to_string()))
         })
         .transpose()?;
-    let limit = match param(&p, "limit") {
-        None => 100,
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) if (1..=10_000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad(
-                    "limit",
-                    format!("`{v}` is not a whole number from 1 to 10000"),
-                ));
-            }
-        },
-    };
+    let limit = limit_param(&p, 100)?;
     let alerts = crate::alerts::list_alerts(&state.pool, status, limit).await?;
     Ok(Json(json!({ "alerts": alerts })).into_response())
+}
+
+/// The `limit` parameter: a whole number from 1 to 10000, `default` when absent.
+fn limit_param(p: &Params, default: i64) -> Result<i64, ApiError> {
+    match param(p, "limit") {
+        None => Ok(default),
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad(
+                "limit",
+                format!("`{v}` is not a whole number from 1 to 10000"),
+            )),
+        },
+    }
+}
+
+/// Records the dead-letter topic did not take, parked in PostgreSQL: how many, and the latest
+/// `limit` (default 100), newest first.
+async fn parked(
+    State(state): State<ApiState>,
+    q: Result<Query<Params>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = params(q)?;
+    check_params(&p, &["limit"])?;
+    let limit = limit_param(&p, 100)?;
+    let (total, records) = store::list_parked(&state.pool, limit).await?;
+    Ok(Json(json!({ "total": total, "parked": records })).into_response())
 }
 
 #[cfg(test)]

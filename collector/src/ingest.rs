@@ -79,25 +79,7 @@ pub fn reason_label(e: &DecodeError) -> &'static str {
     }
 }
 
-/// Short, bounded label (metric label and DLQ header) when PostgreSQL refused a write
-/// because of the data it was given (SQLSTATE class 22, "data exception"), `None` for any
-/// other failure. Such a write fails the same way however often it is retried, so the
-/// records that cause it are dead-lettered instead.
-pub fn data_error_label(e: &StoreError) -> Option<&'static str> {
-    let StoreError::Database(sqlx::Error::Database(db)) = e else {
-        return None;
-    };
-    let code = db.code()?;
-    if !code.starts_with("22") {
-        return None;
-    }
-    Some(match code.as_ref() {
-        "22003" => "db_out_of_range",
-        "22021" => "db_invalid_text",
-        "22P05" => "db_untranslatable_character",
-        _ => "db_data_exception",
-    })
-}
+pub use crate::store::data_error_label;
 
 /// Shared view of the ingest pipeline's health, read by `/readyz`.
 #[derive(Debug)]
@@ -1300,40 +1282,92 @@ impl Writer {
         }
     }
 
-    /// Sends `letters` to their dead-letter topics and waits until every one is
-    /// acknowledged, retrying with backoff.
+    /// Sends `letters` to their dead-letter topics and waits until each one is acknowledged
+    /// or parked. A letter the dead-letter topic refuses (too large, no topic, no ACL) or
+    /// does not acknowledge within `dlq_timeout` (librdkafka retrying all along) is parked
+    /// in PostgreSQL with why, so that no record holds ingest up for longer than that.
     async fn dead_letter(
         &self,
         letters: Vec<DeadLetter>,
         shutdown_since: &mut Option<Instant>,
     ) -> Result<(), GaveUp> {
-        let mut delay = Backoff::new(self.config.retry_min, self.config.retry_max);
-        let mut failures = 0u32;
-        let mut pending = letters;
-        while !pending.is_empty() {
-            pending = self.send_dead_letters(pending).await;
-            if !pending.is_empty() {
-                self.metrics
-                    .write_failures
-                    .with_label_values(&["dlq"])
-                    .inc();
-                failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(
-                        records = pending.len(),
-                        attempt = failures,
-                        "dead-letter topic did not acknowledge; retrying"
-                    );
-                }
-                self.backoff(&mut delay, shutdown_since).await?;
-            }
+        if letters.is_empty() {
+            return Ok(());
+        }
+        for (letter, why) in self.send_dead_letters(letters).await {
+            self.metrics
+                .write_failures
+                .with_label_values(&["dlq"])
+                .inc();
+            self.park(&letter, &why, shutdown_since).await?;
         }
         Ok(())
     }
 
+    /// Parks a dead letter the dead-letter topic did not take, retrying while PostgreSQL
+    /// cannot be written.
+    async fn park(
+        &self,
+        letter: &DeadLetter,
+        dlq_error: &str,
+        shutdown_since: &mut Option<Instant>,
+    ) -> Result<(), GaveUp> {
+        let DeadLetter {
+            origin: o,
+            rejected: r,
+        } = letter;
+        let source = &self.sources[o.source];
+        // Messages quote what they found, which may hold a NUL `text` cannot store.
+        let error = r.error.replace('\0', "\\0");
+        let dlq_error = dlq_error.replace('\0', "\\0");
+        let parked = store::ParkedRecord {
+            cluster: &source.config.alias,
+            topic: &source.config.audit_topic,
+            partition: o.partition,
+            offset: o.offset,
+            reason: r.reason,
+            error: &error,
+            dlq_error: &dlq_error,
+            key: o.key.as_deref(),
+            payload: o.payload.as_deref(),
+        };
+        let mut delay = Backoff::new(self.config.retry_min, self.config.retry_max);
+        let mut failures = 0u32;
+        loop {
+            match store::park(&self.pool, &parked).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.metrics
+                        .write_failures
+                        .with_label_values(&["postgres"])
+                        .inc();
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(error = %e, attempt = failures, "cannot park a dead letter; retrying");
+                    }
+                    self.backoff(&mut delay, shutdown_since).await?;
+                }
+            }
+        }
+        tracing::error!(
+            cluster = %source.config.alias,
+            partition = o.partition,
+            offset = o.offset,
+            reason = r.reason,
+            dlq_topic = %source.config.dlq_topic,
+            dlq_error = %dlq_error,
+            "the dead-letter topic did not take a rejected audit record; parked it in PostgreSQL (ingest_parked)"
+        );
+        self.metrics
+            .records_parked
+            .with_label_values(&[r.reason])
+            .inc();
+        Ok(())
+    }
+
     /// Sends dead letters and waits for their acknowledgement; returns those not
-    /// acknowledged. Counts the acknowledged ones by reason.
-    async fn send_dead_letters(&self, letters: Vec<DeadLetter>) -> Vec<DeadLetter> {
+    /// acknowledged, each with why. Counts the acknowledged ones by reason.
+    async fn send_dead_letters(&self, letters: Vec<DeadLetter>) -> Vec<(DeadLetter, String)> {
         let mut inflight: Vec<(DeliveryFuture, DeadLetter)> = Vec::with_capacity(letters.len());
         let mut failed = Vec::new();
         for letter in letters {
@@ -1381,8 +1415,7 @@ impl Writer {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot enqueue a dead-letter record");
-                        failed.push(letter);
+                        failed.push((letter, format!("not accepted by the producer: {e}")));
                         break;
                     }
                 }
@@ -1396,11 +1429,8 @@ impl Writer {
                         .with_label_values(&[letter.rejected.reason])
                         .inc();
                 }
-                Ok(Err((e, _))) => {
-                    tracing::debug!(error = %e, "dead-letter record not acknowledged");
-                    failed.push(letter);
-                }
-                Err(_) => failed.push(letter),
+                Ok(Err((e, _))) => failed.push((letter, format!("not acknowledged: {e}"))),
+                Err(_) => failed.push((letter, "the producer was dropped".to_owned())),
             }
         }
         failed

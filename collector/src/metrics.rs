@@ -25,6 +25,9 @@ pub struct IngestMetrics {
     pub records_duplicate: IntCounter,
     /// Records that failed validation and went to the dead-letter topic, by reason.
     pub records_rejected: IntCounterVec,
+    /// Rejected records the dead-letter topic did not take, parked in PostgreSQL
+    /// (`ingest_parked`), by reason.
+    pub records_parked: IntCounterVec,
     /// Batches committed to PostgreSQL.
     pub batches: IntCounter,
     /// Time from a batch being complete to its transaction committing (includes retries).
@@ -84,6 +87,13 @@ impl IngestMetrics {
                 opts(
                     "records_rejected_total",
                     "Audit records that failed validation and were sent to the dead-letter topic",
+                ),
+                &["reason"],
+            )?,
+            records_parked: IntCounterVec::new(
+                opts(
+                    "records_parked_total",
+                    "Rejected audit records the dead-letter topic did not take, parked in PostgreSQL",
                 ),
                 &["reason"],
             )?,
@@ -153,6 +163,7 @@ impl IngestMetrics {
         registry.register(Box::new(m.records_ingested.clone()))?;
         registry.register(Box::new(m.records_duplicate.clone()))?;
         registry.register(Box::new(m.records_rejected.clone()))?;
+        registry.register(Box::new(m.records_parked.clone()))?;
         registry.register(Box::new(m.batches.clone()))?;
         registry.register(Box::new(m.batch_seconds.clone()))?;
         registry.register(Box::new(m.batch_records.clone()))?;

@@ -7,14 +7,17 @@
 //!   stream.
 //! * [`read`]: what the API and the status page read: topics, count rows, bucket summaries
 //!   with exact merged latency percentiles.
+//! * [`parked`]: records the dead-letter topic would not take, parked instead of retried.
 //! * [`retention`]: the one job that deletes what outlived its retention, from counts and
 //!   progress to verdicts and incidents ([`run_retention`]).
 
+pub mod parked;
 pub mod read;
 pub mod retention;
 pub mod sequence;
 pub mod write;
 
+pub use parked::{PARKED_BYTES, ParkedRecord, ParkedRow, list_parked, park};
 pub use read::{
     BucketSummary, CountsRow, LatencySummary, TierSummary, TopicRow, counts_rows, list_topics,
     summarize,
@@ -40,33 +43,107 @@ pub enum StoreError {
     Fenced(Vec<FencedPartition>),
 }
 
+/// What a failed store operation calls for: the crate's one reading of SQLSTATEs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Likely to pass by itself (connection lost, server restarting, a timeout, lock
+    /// conflicts, serialization failures): retry.
+    Transient,
+    /// Caused by the data written, with a short label (metric label and dead-letter
+    /// reason): the same write fails however often it is retried, so the records at fault
+    /// are isolated and dead-lettered. SQLSTATE classes 22 (data exception), 23 (integrity
+    /// constraint, but for unique and exclusion violations, which concurrent writers cause)
+    /// and 54 (program limit exceeded, such as an index row too large).
+    Data(&'static str),
+    /// Neither: a bug, a schema or permission problem, another collector's fence. Retried,
+    /// and logged as an error while it lasts; never blamed on a record.
+    Other,
+}
+
 impl StoreError {
+    /// What this failure calls for.
+    pub fn failure(&self) -> Failure {
+        match self {
+            StoreError::Database(e) => classify(e),
+            StoreError::Fenced(_) => Failure::Other,
+        }
+    }
+
     /// Whether the failure is likely to pass by itself (connection lost, server restarting,
     /// lock conflicts), as opposed to a bug or bad data.
     pub fn is_transient(&self) -> bool {
-        match self {
-            StoreError::Database(e) => is_transient(e),
-            StoreError::Fenced(_) => false,
-        }
+        self.failure() == Failure::Transient
     }
 }
 
-fn is_transient(e: &sqlx::Error) -> bool {
+/// Short, bounded label (metric label and dead-letter reason) when PostgreSQL refused a
+/// write because of the data it was given ([`Failure::Data`]), `None` for any other failure.
+pub fn data_error_label(e: &StoreError) -> Option<&'static str> {
+    match e.failure() {
+        Failure::Data(label) => Some(label),
+        Failure::Transient | Failure::Other => None,
+    }
+}
+
+fn classify(e: &sqlx::Error) -> Failure {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            // connection exception, insufficient resources, operator intervention,
-            // transaction rollback (serialization, deadlock), lock not available, system error
-            ["08", "53", "57", "40", "58"]
-                .iter()
-                .any(|class| c.starts_with(class))
-                || c == "55P03"
-        }),
-        _ => false,
+        | sqlx::Error::Protocol(_) => Failure::Transient,
+        sqlx::Error::Database(db) => db.code().map_or(Failure::Other, |c| classify_code(&c)),
+        _ => Failure::Other,
+    }
+}
+
+fn classify_code(code: &str) -> Failure {
+    // connection exception, insufficient resources, operator intervention (including
+    // `statement_timeout`), transaction rollback (serialization, deadlock), system error;
+    // lock not available (`lock_timeout`), idle in transaction timeout, and the unique and
+    // exclusion violations two writers racing on one key can cause.
+    const TRANSIENT_CLASSES: [&str; 5] = ["08", "53", "57", "40", "58"];
+    const TRANSIENT_CODES: [&str; 4] = ["55P03", "25P03", "23505", "23P01"];
+    if TRANSIENT_CLASSES
+        .iter()
+        .any(|class| code.starts_with(class))
+        || TRANSIENT_CODES.contains(&code)
+    {
+        return Failure::Transient;
+    }
+    match code {
+        "22003" => Failure::Data("db_out_of_range"),
+        "22021" => Failure::Data("db_invalid_text"),
+        "22P05" => Failure::Data("db_untranslatable_character"),
+        "54000" => Failure::Data("db_program_limit"),
+        c if c.starts_with("22") => Failure::Data("db_data_exception"),
+        c if c.starts_with("23") => Failure::Data("db_integrity"),
+        c if c.starts_with("54") => Failure::Data("db_program_limit"),
+        _ => Failure::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified_once() {
+        for code in [
+            "08006", "53200", "57014", "40001", "40P01", "58030", "55P03", "25P03",
+        ] {
+            assert_eq!(classify_code(code), Failure::Transient, "{code}");
+        }
+        assert_eq!(classify_code("23505"), Failure::Transient);
+        assert_eq!(classify_code("22003"), Failure::Data("db_out_of_range"));
+        assert_eq!(classify_code("22021"), Failure::Data("db_invalid_text"));
+        assert_eq!(classify_code("22001"), Failure::Data("db_data_exception"));
+        assert_eq!(classify_code("23514"), Failure::Data("db_integrity"));
+        assert_eq!(classify_code("54000"), Failure::Data("db_program_limit"));
+        assert_eq!(classify_code("54001"), Failure::Data("db_program_limit"));
+        for code in ["42P01", "42501", "28P01", "XX000", "0A000"] {
+            assert_eq!(classify_code(code), Failure::Other, "{code}");
+        }
     }
 }

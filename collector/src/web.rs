@@ -387,6 +387,7 @@ async fn index(
         status: status.and(api::param(&p, "status").map(str::to_owned)),
         q: search.map(str::to_owned),
         open,
+        parked: store::list_parked(&state.pool, 20).await?,
         with_logout: state.token.is_some(),
     })))
 }

@@ -571,6 +571,27 @@ async fn data_errors_are_told_from_other_failures() -> anyhow::Result<()> {
             .fetch_one(&db.pool)
             .await?;
     assert_eq!(stored, (1023 * (1 << 53), 1023));
+    // Names longer than the contract allows (the decoder would reject them): the progress
+    // key's index row is over PostgreSQL's limit (SQLSTATE 54000).
+    let mut long = progress(&unique("long"), &"t".repeat(249), 0, BUCKET, 1);
+    // Scrambled, so that PostgreSQL cannot compress them under the limit.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let name: String = (0..500)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from_u32(0x0410 + (x % 64) as u32).expect("Cyrillic")
+        })
+        .collect();
+    long.observer.datacenter = name.clone();
+    long.observer.cluster = name.clone();
+    long.observer.host = name.clone();
+    long.observer.instance = name;
+    let e = store::write_batch(&db.pool, &[AuditRecord::Progress(long)], &[])
+        .await
+        .expect_err("index row too large");
+    assert_eq!(data_error_label(&e), Some("db_program_limit"), "{e}");
     // Not a data error: PostgreSQL cannot be reached.
     db.pool.close().await;
     let e = store::write_batch(&db.pool, &fill[..1], &[])

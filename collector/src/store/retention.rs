@@ -24,11 +24,13 @@ pub struct RetentionOutcome {
     pub progress: u64,
     /// `audit_topics` rows.
     pub topics: u64,
+    /// `ingest_parked` rows (records the dead-letter topic would not take).
+    pub parked: u64,
 }
 
 /// Deletes count rows of buckets that started before `cutoff_ms`, and record ids, streams'
-/// applied ranges, bucket changes, progress rows and topics last touched before
-/// `cutoff_at`, `batch` rows per transaction.
+/// applied ranges, bucket changes, progress rows, topics and parked records last touched
+/// before `cutoff_at`, `batch` rows per transaction.
 pub async fn delete_expired(
     pool: &PgPool,
     cutoff_ms: i64,
@@ -59,6 +61,7 @@ pub async fn delete_expired(
         batch,
     )
     .await?;
+    let parked = delete_before(pool, "ingest_parked", "parked_at", cutoff_at, batch).await?;
     let out = RetentionOutcome {
         counts,
         record_ids,
@@ -66,6 +69,7 @@ pub async fn delete_expired(
         changes,
         progress,
         topics,
+        parked,
     };
     Ok(out)
 }
@@ -127,6 +131,7 @@ async fn run_once(
             ("audit_count_changes", out.changes),
             ("audit_progress", out.progress),
             ("audit_topics", out.topics),
+            ("ingest_parked", out.parked),
         ] {
             metrics
                 .retention_deleted
@@ -141,6 +146,7 @@ async fn run_once(
             changes = out.changes,
             progress = out.progress,
             topics = out.topics,
+            parked = out.parked,
             "retention run finished"
         );
     }

@@ -10,7 +10,7 @@ use super::format::{duration_ms, time, time_ms, utc_ms};
 use super::query::{BucketVerdict, Delivery, Incident, TierWatermark};
 use crate::alerts::Alert;
 use crate::reconcile::{Verdict, VerdictChange, VerdictStatus};
-use crate::store::{BucketSummary, LatencySummary, TierSummary};
+use crate::store::{BucketSummary, LatencySummary, ParkedRow, TierSummary};
 
 /// Topics on one page of `/`.
 pub const PAGE_SIZE: usize = 100;
@@ -147,6 +147,8 @@ pub struct IndexPage {
     pub q: Option<String>,
     /// Open incidents, newest first (the first few are listed).
     pub open: Vec<Alert>,
+    /// Records the dead-letter topic did not take: how many are parked, and the latest.
+    pub parked: (i64, Vec<ParkedRow>),
     /// Show the logout button.
     pub with_logout: bool,
 }
@@ -222,6 +224,26 @@ pub fn index(p: &IndexPage) -> Markup {
                 }
             }
             @if p.open.len() > 20 { p.muted { "and " (p.open.len() - 20) " more" } }
+        }
+        @if p.parked.0 > 0 {
+            h2 { "Parked records" }
+            p #parked data-parked=(p.parked.0) {
+                strong.err { (p.parked.0) " rejected audit records" }
+                " could not be dead-lettered and are parked in PostgreSQL (table "
+                code { "ingest_parked" } ", " a href="/api/v1/parked" { "/api/v1/parked" } "); their counts are not stored."
+            }
+            table #parked-records {
+                tr { th { "Source" } th { "Reason" } th { "Why the dead-letter topic did not take it" } th.n { "Bytes" } th { "Parked" } }
+                @for r in &p.parked.1 {
+                    tr.parked data-reason=(r.reason) {
+                        td { (r.cluster) "/" (r.topic) "/" (r.partition) "@" (r.offset) }
+                        td { span title=(r.error) { (r.reason) } }
+                        td { (r.dlq_error) }
+                        td.n { (r.payload_len.unwrap_or(0)) }
+                        td { (time(p.now, r.parked_at)) }
+                    }
+                }
+            }
         }
         h2 { "Latest verdicts" }
         table #topics {
