@@ -80,6 +80,10 @@ impl AlertSender {
             .collect::<Result<Vec<_>, crate::reconcile::ConfigError>>()
             .context("alerts configuration")?;
         for hook in &hooks {
+            // At 0 from the start, so that the first parking is an increase.
+            metrics
+                .parked
+                .with_label_values(&[hook.config.name.as_str()]);
             tracing::info!(
                 webhook = %hook.config.name,
                 url = %client::redact_url(&hook.config.url),

@@ -415,7 +415,7 @@ impl Sender {
             )
             .await?;
             tx.commit().await?;
-            tracing::error!(
+            tracing::warn!(
                 %webhook, %kind, delivery_id = id, incident_id,
                 "webhook delivery parked: its firing was parked"
             );
