@@ -5,10 +5,15 @@
 //! sender then
 //! * fans events out into `alert_deliveries`, one per matching webhook, at most one `firing`
 //!   and one `resolved` per webhook and incident (a `resolved` only where a `firing` went);
-//! * claims due deliveries with `FOR UPDATE SKIP LOCKED`, POSTs them (signed with
-//!   HMAC-SHA256 when the webhook has a secret, with an `Idempotency-Key` header that is the
-//!   same on every retry) and marks them sent, or schedules a retry with capped exponential
-//!   backoff. A crash or an unreachable receiver loses nothing: rows stay pending.
+//! * locks each due delivery with `FOR UPDATE SKIP LOCKED` in a transaction of its own, POSTs
+//!   it (signed with HMAC-SHA256 when the webhook has a secret, with an `Idempotency-Key`
+//!   header that is the same on every retry) and commits it as sent right after the answer, or
+//!   schedules a retry with capped exponential backoff. A crash or an unreachable receiver
+//!   loses nothing: rows stay pending; a crash between an answer and its commit sends that one
+//!   delivery again.
+//! * parks a delivery the receiver refused (4xx other than 408 and 429) `max_attempts` times,
+//!   or one still failing `max_age` after it was created: it is not tried again, and the API,
+//!   the incident page and the metrics show it with the last status and error.
 //!
 //! * [`config`]: webhooks, filters, secrets, retry policy ([`AlertsConfig`]).
 //! * [`client`]: each webhook's HTTPS client (rustls, `ca_file`) and URL redaction.
@@ -35,11 +40,14 @@ pub use metrics::AlertMetrics;
 pub use payload::{NotificationKind, SlackBody, WebhookBody};
 pub use query::{Alert, Delivery, IncidentStatus, list_alerts};
 pub use sender::{
-    AlertError, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SendReport, TIMESTAMP_HEADER,
-    signature,
+    AlertError, ERROR_BODY_BYTES, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SendReport,
+    TIMESTAMP_HEADER, signature,
 };
 
 use crate::Clock;
+
+/// How much longer than `request_timeout` a stopping sender waits for its round to end.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// Delivers outbox events to the configured webhooks.
 #[derive(Debug)]
@@ -72,6 +80,10 @@ impl AlertSender {
             .collect::<Result<Vec<_>, crate::reconcile::ConfigError>>()
             .context("alerts configuration")?;
         for hook in &hooks {
+            // At 0 from the start, so that the first parking is an increase.
+            metrics
+                .parked
+                .with_label_values(&[hook.config.name.as_str()]);
             tracing::info!(
                 webhook = %hook.config.name,
                 url = %client::redact_url(&hook.config.url),
@@ -94,12 +106,18 @@ impl AlertSender {
     /// One round: fans out every pending event, then sends due deliveries until none is left
     /// or none goes through (failed ones wait for their backoff).
     pub async fn run_once(&self) -> Result<SendReport, AlertError> {
+        self.round(&CancellationToken::new()).await
+    }
+
+    /// [`Self::run_once`], starting no further POST once `stop` is cancelled: a POST in
+    /// flight then ends with its answer (or the request timeout) and its outcome is committed.
+    async fn round(&self, stop: &CancellationToken) -> Result<SendReport, AlertError> {
         let mut report = SendReport::default();
         self.inner.fan_out(&mut report).await?;
         // Keep going while deliveries go through: a sent firing may unblock its resolved.
-        loop {
+        while !stop.is_cancelled() {
             let sent_before = report.sent;
-            let claimed = self.inner.deliver_batch(&mut report).await?;
+            let claimed = self.inner.deliver_batch(&mut report, stop).await?;
             if claimed == 0 || report.sent == sent_before {
                 break;
             }
@@ -119,9 +137,12 @@ pub async fn run(
     run_with_clock(pool, config, Clock::system(), metrics, shutdown).await
 }
 
-/// Runs the alert sender on `clock` until `shutdown` is cancelled. Database or receiver
-/// failures are logged and retried; a round in progress at shutdown is abandoned (claimed
-/// deliveries roll back to pending).
+/// Runs the alert sender on `clock` until `shutdown` is cancelled (for a leader, when its
+/// leadership ends). Database or receiver failures are logged and retried. At shutdown no
+/// further POST starts, and those in flight are given `request_timeout` and a margin to be
+/// answered and committed, so that the next leader does not send them again; one still
+/// unanswered or uncommitted after that is abandoned (it rolls back to pending and is sent
+/// again, with the same idempotency key).
 pub async fn run_with_clock(
     pool: PgPool,
     config: AlertsConfig,
@@ -142,15 +163,27 @@ pub async fn run_with_clock(
         poll_ms = poll.as_millis() as u64,
         "alert sender started"
     );
-    loop {
-        tokio::select! {
+    let grace = sender.inner.config.request_timeout + STOP_MARGIN;
+    while !shutdown.is_cancelled() {
+        let round = sender.round(&shutdown);
+        tokio::pin!(round);
+        let result = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
-            result = sender.run_once() => {
-                if let Err(error) = result {
-                    tracing::warn!(%error, "alert round failed; retrying");
+            result = &mut round => result,
+            () = shutdown.cancelled() => match tokio::time::timeout(grace, round).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        grace_ms = grace.as_millis() as u64,
+                        "alert round still busy at shutdown; abandoned (a delivery in flight \
+                         stays pending and is sent again)"
+                    );
+                    break;
                 }
-            }
+            },
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "alert round failed; retrying");
         }
         tokio::select! {
             biased;

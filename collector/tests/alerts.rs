@@ -897,3 +897,521 @@ async fn an_untrusted_certificate_is_retried_and_shown_with_the_url_redacted() {
         assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
     }
 }
+
+/// The topic a notification is about.
+fn topic_of(r: &Notification) -> String {
+    body(r).topic
+}
+
+/// `SELECT` of one delivery's state as stored: (state, attempts, refusals, last_status,
+/// last_error).
+type Stored = (String, i32, i32, Option<i32>, Option<String>);
+
+async fn stored(db: &TestDb, webhook: &str, topic: &str, kind: &str) -> Stored {
+    sqlx::query_as(
+        "SELECT CASE WHEN sent_at IS NOT NULL THEN 'sent'
+                     WHEN parked_at IS NOT NULL THEN 'parked' ELSE 'pending' END,
+                attempts, refusals, last_status, last_error
+           FROM alert_deliveries
+          WHERE webhook = $1 AND body::json->>'topic' = $2 AND kind = $3",
+    )
+    .bind(webhook)
+    .bind(topic)
+    .bind(kind)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// What a receiver that refuses `orders` answers: a 400 with a long explanation.
+fn refusal_text() -> String {
+    format!(
+        "no route for topic orders\r\n\tchannel #orders-alerts was archived; {}",
+        "x".repeat(400)
+    )
+}
+
+/// A receiver refusing the notifications of topic `orders` (400), accepting the others.
+async fn refuses_orders() -> Receiver {
+    Receiver::start_answering(|n: &Notification| {
+        if topic_of(n) == "orders" {
+            (axum::http::StatusCode::BAD_REQUEST, refusal_text())
+        } else {
+            (axum::http::StatusCode::OK, String::new())
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// Three refusals park a notification; the webhook's other notifications, before and after
+/// it, arrive.
+fn parking_config(webhooks: Vec<WebhookConfig>) -> AlertsConfig {
+    AlertsConfig {
+        max_attempts: 3,
+        ..alerts_config(webhooks)
+    }
+}
+
+#[tokio::test]
+async fn a_refused_notification_is_parked_and_the_others_still_arrive() {
+    let db = reconcile_db().await.unwrap();
+    let receiver = refuses_orders().await;
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let registry = prometheus::Registry::new();
+    let metrics = AlertMetrics::new(&registry).unwrap();
+    let s = AlertSender::new(
+        db.pool.clone(),
+        parking_config(vec![webhook("ops", receiver.url())]),
+        clock.clock(),
+        metrics.clone(),
+    )
+    .unwrap();
+    let posted = |topic: &str| {
+        receiver
+            .received()
+            .iter()
+            .filter(|n| topic_of(n) == topic)
+            .count()
+    };
+    // orders first: its refusal does not hold back payments, posted right after it.
+    bucket(&db, "orders", 0, 10, 7).await;
+    pass(&r).await;
+    bucket(&db, "payments", 0, 10, 8).await;
+    pass(&r).await;
+    let report = s.run_once().await.unwrap();
+    assert_eq!(
+        (report.created, report.sent, report.failed, report.refused),
+        (2, 1, 1, 1),
+        "{report:?}"
+    );
+    assert_eq!((posted("orders"), posted("payments")), (1, 1));
+    let (state, attempts, refusals, status, error) = stored(&db, "ops", "orders", "firing").await;
+    assert_eq!(
+        (state.as_str(), attempts, refusals, status),
+        ("pending", 1, 1, Some(400))
+    );
+    let error = error.expect("why");
+    assert!(
+        error.contains("receiver answered 400 Bad Request: no route for topic orders channel #orders-alerts was archived"),
+        "{error}"
+    );
+
+    // Refused again after 1 s; a loss of another topic meanwhile arrives in the same round.
+    clock.advance(chrono::Duration::seconds(1));
+    bucket(&db, "shipping", 0, 20, 19).await;
+    pass(&r).await;
+    let report = s.run_once().await.unwrap();
+    assert_eq!(
+        (report.sent, report.refused, report.parked),
+        (1, 1, 0),
+        "{report:?}"
+    );
+    assert_eq!((posted("orders"), posted("shipping")), (2, 1));
+
+    // The third refusal (2 s later) parks it.
+    clock.advance(chrono::Duration::seconds(2));
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.refused, report.parked), (1, 1), "{report:?}");
+    let (state, attempts, refusals, status, error) = stored(&db, "ops", "orders", "firing").await;
+    assert_eq!(
+        (state.as_str(), attempts, refusals, status),
+        ("parked", 3, 3, Some(400))
+    );
+    let error = error.expect("why");
+    assert!(error.ends_with('…'), "the answer is cut: {error}");
+    assert!(
+        error.chars().filter(|c| *c == 'x').count() < 256,
+        "at most {} bytes of the answer: {error}",
+        alerts::ERROR_BODY_BYTES
+    );
+
+    // Never tried again; later notifications of the webhook go on.
+    for _ in 0..5 {
+        clock.advance(chrono::Duration::minutes(10));
+        s.run_once().await.unwrap();
+    }
+    bucket(&db, "inventory", 0, 30, 27).await;
+    pass(&r).await;
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.sent, report.failed), (1, 0), "{report:?}");
+    assert_eq!(posted("orders"), 3, "three attempts, then parked");
+    let mut arrived: Vec<String> = receiver
+        .received()
+        .iter()
+        .map(topic_of)
+        .filter(|t| t != "orders")
+        .collect();
+    arrived.sort();
+    assert_eq!(arrived, ["inventory", "payments", "shipping"]);
+
+    // The parked incident heals: its resolved is parked too, never posted.
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 3)
+        .await
+        .unwrap();
+    rejudge(&r, &clock).await;
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.created, report.parked), (1, 1), "{report:?}");
+    assert_eq!(posted("orders"), 3);
+    let (state, attempts, _, _, error) = stored(&db, "ops", "orders", "resolved").await;
+    assert_eq!((state.as_str(), attempts), ("parked", 0));
+    assert!(error.is_some_and(|e| e.contains("firing notification of this incident was parked")));
+
+    let parked = metrics.parked.with_label_values(&["ops"]).get();
+    assert_eq!(
+        (parked, metrics.parked_now.get(), metrics.pending.get()),
+        (2, 2, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_receiver_failing_longer_than_max_age_has_its_old_notifications_parked() {
+    let db = reconcile_db().await.unwrap();
+    // Answers 503 until told otherwise.
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answer = std::sync::Arc::clone(&failing);
+    let receiver = Receiver::start_answering(move |_| {
+        if answer.load(std::sync::atomic::Ordering::SeqCst) {
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "maintenance".to_owned(),
+            )
+        } else {
+            (axum::http::StatusCode::OK, String::new())
+        }
+    })
+    .await
+    .unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let cfg = AlertsConfig {
+        max_attempts: 2,
+        max_age: Duration::from_secs(60),
+        ..alerts_config(vec![webhook("ops", receiver.url())])
+    };
+    let s = sender(&db, cfg, &clock);
+    bucket(&db, "orders", 0, 10, 7).await;
+    bucket(&db, "payments", 0, 10, 8).await;
+    pass(&r).await;
+
+    // 503 is not a refusal: more than max_attempts attempts, still pending, and the other
+    // notification waits behind it.
+    let mut attempts = 0;
+    for step in [0, 1, 2, 4] {
+        clock.advance(chrono::Duration::seconds(step));
+        let report = s.run_once().await.unwrap();
+        assert_eq!(
+            (report.sent, report.failed, report.refused, report.parked),
+            (0, 1, 0, 0),
+            "{report:?}"
+        );
+        attempts += 1;
+    }
+    assert_eq!(receiver.received().len(), attempts);
+    let (state, tried, refusals, status, error) = stored(&db, "ops", "orders", "firing").await;
+    assert_eq!(
+        (state.as_str(), tried, refusals, status),
+        ("pending", 4, 0, Some(503))
+    );
+    assert!(error.is_some_and(|e| e.contains("503 Service Unavailable: maintenance")));
+
+    // Past max_age since they were created: the next failure parks both.
+    clock.advance(chrono::Duration::seconds(60));
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.failed, report.parked), (1, 2), "{report:?}");
+    for topic in ["orders", "payments"] {
+        let (state, _, _, status, _) = stored(&db, "ops", topic, "firing").await;
+        assert_eq!((state.as_str(), status), ("parked", Some(503)), "{topic}");
+    }
+    let (_, tried, _, _, error) = stored(&db, "ops", "payments", "firing").await;
+    assert_eq!(tried, 0, "parked with the one that was tried");
+    assert!(error.is_some_and(|e| e.starts_with("not delivered within alerts.max_age")));
+
+    // The receiver is back: what comes next is delivered, the parked ones are not.
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    clock.advance(chrono::Duration::minutes(10));
+    bucket(&db, "shipping", 0, 10, 9).await;
+    pass(&r).await;
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.sent, report.failed), (1, 0), "{report:?}");
+    let last = receiver.received();
+    assert_eq!(last.len(), attempts + 2);
+    assert_eq!(topic_of(last.last().unwrap()), "shipping");
+}
+
+#[tokio::test]
+async fn a_parked_notification_shows_in_the_api_the_incident_page_and_the_metrics() {
+    let db = reconcile_db().await.unwrap();
+    let receiver = refuses_orders().await;
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    let registry = prometheus::Registry::new();
+    let metrics = AlertMetrics::new(&registry).unwrap();
+    let s = AlertSender::new(
+        db.pool.clone(),
+        AlertsConfig {
+            max_attempts: 1,
+            ..alerts_config(vec![webhook("ops", receiver.url())])
+        },
+        clock.clock(),
+        metrics,
+    )
+    .unwrap();
+    bucket(&db, "orders", 0, 10, 7).await;
+    pass(&r).await;
+    let report = s.run_once().await.unwrap();
+    assert_eq!((report.refused, report.parked), (1, 1), "{report:?}");
+
+    let ingest_metrics = chaperone_collector::metrics::IngestMetrics::register(&registry).unwrap();
+    let state = chaperone_collector::api::ApiState {
+        pool: db.pool.clone(),
+        registry: registry.clone(),
+        token: None,
+        status: std::sync::Arc::new(chaperone_collector::ingest::IngestStatus::new(0)),
+        clock: clock.clock(),
+        metrics: ingest_metrics,
+        max_range: Duration::from_secs(86_400),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(chaperone_collector::api::serve(
+        listener,
+        chaperone_collector::api::router(state),
+        stop.clone(),
+    ));
+    let get = |path: String| {
+        let url = format!("http://{api}{path}");
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+
+    let alerts: serde_json::Value =
+        serde_json::from_str(&get("/api/v1/alerts?status=open".into()).await).unwrap();
+    let alert = &alerts["alerts"][0];
+    assert_eq!(
+        (
+            &alert["notifications_sent"],
+            &alert["notifications_pending"],
+            &alert["notifications_parked"]
+        ),
+        (&0.into(), &0.into(), &1.into()),
+        "{alert}"
+    );
+    let d = &alert["deliveries"][0];
+    assert_eq!(d["state"], "parked", "{d}");
+    assert_eq!(
+        (&d["attempts"], &d["last_status"]),
+        (&1.into(), &400.into())
+    );
+    assert!(d["parked_at"].is_string(), "{d}");
+    assert!(d["sent_at"].is_null(), "{d}");
+    let error = d["last_error"].as_str().unwrap_or_else(|| panic!("{d}"));
+    assert!(
+        error.contains("400 Bad Request: no route for topic orders"),
+        "{error}"
+    );
+
+    let page = get(format!("/incidents/{}", alert["id"])).await;
+    for needle in [
+        "data-notifications-parked=\"1\"",
+        "data-state=\"parked\"",
+        "data-last-status=\"400\"",
+        "no route for topic orders",
+    ] {
+        assert!(page.contains(needle), "{needle} in\n{page}");
+    }
+
+    let metrics_text = get("/metrics".into()).await;
+    stop.cancel();
+    for line in [
+        "chaperone_collector_alerts_webhook_deliveries_parked_total{webhook=\"ops\"} 1",
+        "chaperone_collector_alerts_parked_deliveries 1",
+        "chaperone_collector_alerts_pending_deliveries 0",
+    ] {
+        assert!(metrics_text.contains(line), "{line} in\n{metrics_text}");
+    }
+}
+
+/// A receiver on 127.0.0.1 that reads each request whole, reports it on the channel and
+/// answers `200 OK` only once `release` has a permit for it.
+async fn gated_receiver() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<String>,
+    std::sync::Arc<tokio::sync::Semaphore>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::channel::<String>(16);
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = std::sync::Arc::clone(&release);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen_tx.clone();
+            let gate = std::sync::Arc::clone(&gate);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 8192];
+                // Headers, then as many body bytes as Content-Length says.
+                let complete = |r: &[u8]| {
+                    let text = String::from_utf8_lossy(r).to_lowercase();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        return false;
+                    };
+                    let length = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    r.len() >= end + 4 + length
+                };
+                while !complete(&request) {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.send(String::from_utf8_lossy(&request).into_owned())
+                    .await
+                    .ok();
+                let Ok(permit) = gate.acquire().await else {
+                    return;
+                };
+                permit.forget();
+                conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await
+                .ok();
+                conn.shutdown().await.ok();
+            });
+        }
+    });
+    (addr, seen_rx, release)
+}
+
+/// The `Idempotency-Key` of a raw request.
+fn idempotency_key(request: &str) -> String {
+    request
+        .lines()
+        .find_map(|l| {
+            l.to_lowercase()
+                .strip_prefix("idempotency-key:")
+                .map(|v| v.trim().to_owned())
+        })
+        .expect("idempotency key sent")
+}
+
+async fn sent_keys(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT idempotency_key FROM alert_deliveries WHERE sent_at IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn each_answered_notification_is_committed_at_once_so_a_new_leader_does_not_resend_it() {
+    let db = reconcile_db().await.unwrap();
+    let (addr, mut seen, release) = gated_receiver().await;
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    for topic in ["orders", "payments"] {
+        bucket(&db, topic, 0, 10, 7).await;
+    }
+    pass(&r).await;
+    // Long enough that only the drop below ends the round.
+    let mut cfg = alerts_config(vec![webhook("ops", format!("http://{addr}/hook"))]);
+    cfg.request_timeout = Duration::from_secs(120);
+    let old_leader = sender(&db, cfg, &clock);
+    // The first notification is answered, the second hangs: the leader loses its leadership
+    // (its round is dropped) while waiting on it.
+    release.add_permits(1);
+    let mut round = Box::pin(old_leader.run_once());
+    let mut requests = Vec::new();
+    while requests.len() < 2 {
+        tokio::select! {
+            got = seen.recv() => requests.push(got.expect("the receiver is up")),
+            result = &mut round => panic!("the round cannot end, the second POST hangs: {result:?}"),
+        }
+    }
+    let first = idempotency_key(&requests[0]);
+    // Committed while the round still waits on the second answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sent_keys(&db).await != [first.clone()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the answered notification is committed as sent before the round ends"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            result = &mut round => panic!("the round ended: {result:?}"),
+        }
+    }
+    drop(round);
+    drop(old_leader);
+
+    // The new leader sends only the one that was in flight, with the same key.
+    let receiver = Receiver::start().await.unwrap();
+    let new_leader = sender(
+        &db,
+        alerts_config(vec![webhook("ops", receiver.url())]),
+        &clock,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while receiver.received().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        // The dropped transaction is rolled back when its connection is cleaned up.
+        new_leader.run_once().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    new_leader.run_once().await.unwrap();
+    let got = receiver.received();
+    assert_eq!(
+        got.len(),
+        1,
+        "only the notification in flight is sent again"
+    );
+    assert_eq!(
+        got[0].headers.get(IDEMPOTENCY_HEADER).unwrap(),
+        idempotency_key(&requests[1]).as_str()
+    );
+    assert_eq!(sent_keys(&db).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_stopping_sender_commits_the_notification_in_flight() {
+    let db = reconcile_db().await.unwrap();
+    let (addr, mut seen, release) = gated_receiver().await;
+    let (r, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
+    bucket(&db, "orders", 0, 10, 7).await;
+    bucket(&db, "payments", 0, 10, 7).await;
+    pass(&r).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let metrics = AlertMetrics::new(&prometheus::Registry::new()).unwrap();
+    let mut cfg = alerts_config(vec![webhook("ops", format!("http://{addr}/hook"))]);
+    cfg.request_timeout = Duration::from_secs(60);
+    let running = tokio::spawn(alerts::run_with_clock(
+        db.pool.clone(),
+        cfg,
+        clock.clock(),
+        metrics,
+        shutdown.clone(),
+    ));
+    let request = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+        .await
+        .expect("posted")
+        .expect("the receiver is up");
+    // Leadership ends while the first POST waits on its answer; then the answer comes.
+    shutdown.cancel();
+    release.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the sender stops")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        sent_keys(&db).await,
+        [idempotency_key(&request)],
+        "the answered notification is committed, the other is not started"
+    );
+    assert!(seen.try_recv().is_err(), "nothing posted after the stop");
+}

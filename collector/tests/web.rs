@@ -438,6 +438,7 @@ async fn pages_show_the_same_numbers_as_the_api() -> anyhow::Result<()> {
         ("data-max-missing", "max_missing"),
         ("data-notifications-sent", "notifications_sent"),
         ("data-notifications-pending", "notifications_pending"),
+        ("data-notifications-parked", "notifications_parked"),
     ] {
         assert_eq!(facts.get(attr), num(&alert[field]), "{field}");
     }

@@ -30,8 +30,8 @@ impl Notification {
     }
 }
 
-/// A webhook receiver answering 200 to every POST to `/hook` (and any path below it) and
-/// recording it; stops when dropped.
+/// A webhook receiver answering 200 (or what it is told) to every POST to `/hook` (and any
+/// path below it) and recording it; stops when dropped.
 #[derive(Debug)]
 pub struct Receiver {
     addr: SocketAddr,
@@ -53,25 +53,51 @@ impl Receiver {
         Self::serve(listener)
     }
 
+    /// Starts on a free port of 127.0.0.1, answering each request what `answer` says of it
+    /// (status and body), for example a 400 to the notifications of one topic. Every request
+    /// is recorded, answered 2xx or not.
+    pub async fn start_answering<A>(answer: A) -> anyhow::Result<Self>
+    where
+        A: Fn(&Notification) -> (StatusCode, String) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the webhook receiver")?;
+        Self::serve_answering(listener, answer)
+    }
+
     /// Serves on `listener`, such as one that wraps TCP in TLS.
     pub fn serve<L>(listener: L) -> anyhow::Result<Self>
     where
         L: axum::serve::Listener<Addr = SocketAddr>,
     {
+        Self::serve_answering(listener, |_: &Notification| (StatusCode::OK, String::new()))
+    }
+
+    /// Serves on `listener`, answering as `answer` says (see [`Self::start_answering`]).
+    pub fn serve_answering<L, A>(listener: L, answer: A) -> anyhow::Result<Self>
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+        A: Fn(&Notification) -> (StatusCode, String) + Send + Sync + 'static,
+    {
         let addr = listener.local_addr()?;
         let received: Arc<Mutex<Vec<Notification>>> = Arc::default();
         let log = Arc::clone(&received);
+        let answer = Arc::new(answer);
         let record = move |headers: HeaderMap, body: Bytes| {
             let log = Arc::clone(&log);
+            let answer = Arc::clone(&answer);
             async move {
+                let notification = Notification {
+                    at: Utc::now(),
+                    headers,
+                    body,
+                };
+                let answered = answer(&notification);
                 log.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(Notification {
-                        at: Utc::now(),
-                        headers,
-                        body,
-                    });
-                StatusCode::OK
+                    .push(notification);
+                answered
             }
         };
         let app = Router::new()

@@ -197,6 +197,7 @@ fn exposition() -> anyhow::Result<String> {
     reconcile.passes.with_label_values(&["ok"]).inc();
     let alerts = chaperone_collector::alerts::AlertMetrics::new(&registry)?;
     alerts.deliveries.with_label_values(&["ops", "sent"]).inc();
+    alerts.parked.with_label_values(&["ops"]).inc();
     Ok(prometheus::TextEncoder::new().encode_to_string(&registry.gather())?)
 }
 

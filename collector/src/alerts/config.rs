@@ -29,7 +29,23 @@ pub struct AlertsConfig {
     /// Cap of the retry delay: a receiver that is down for hours is still retried this often.
     #[serde(with = "chaperone_audit::duration")]
     pub max_backoff: Duration,
-    /// Deliveries claimed and sent per transaction.
+    /// A delivery the receiver refuses this many times is parked: never tried again, shown in
+    /// the API, on the incident page and in the metrics. A refusal is a 4xx answer other than
+    /// 408 (Request Timeout) and 429 (Too Many Requests): the receiver got the request and
+    /// turned it down, so sending the same bytes again only helps once someone fixes the
+    /// receiver or its configuration. The attempts are spread by the backoff (with the
+    /// defaults, 10 refusals take about 8.5 minutes). Other failures (no connection, a
+    /// timeout, 408, 429, 5xx) do not count here: an outage of the receiver is waited out
+    /// up to `max_age`.
+    pub max_attempts: u32,
+    /// A delivery that still fails this long after it was created (whatever the failure) is
+    /// parked at its next failed attempt, with the webhook's other notifications that have
+    /// waited as long: a receiver down for longer gets the notifications of the last
+    /// `max_age` when it is back, not older ones.
+    #[serde(with = "chaperone_audit::duration")]
+    pub max_age: Duration,
+    /// Due deliveries of one webhook read per query; each is then locked, posted and
+    /// committed in its own transaction.
     pub batch_size: usize,
     /// Base URL of this collector as people reach it, used for the `link` field (the incident's
     /// status page), for example `http://collector.internal:8080`. Without it `link` is null.
@@ -46,6 +62,8 @@ impl Default for AlertsConfig {
             request_timeout: Duration::from_secs(10),
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
+            max_attempts: 10,
+            max_age: Duration::from_secs(24 * 3600),
             batch_size: 16,
             public_url: None,
             webhooks: Vec::new(),
@@ -197,6 +215,15 @@ impl AlertsConfig {
                 "must be at least alerts.initial_backoff",
             ));
         }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "alerts.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.max_age.is_zero() {
+            return Err(ConfigError::new("alerts.max_age", "must be above zero"));
+        }
         if self.batch_size == 0 {
             return Err(ConfigError::new("alerts.batch_size", "must be at least 1"));
         }
@@ -334,6 +361,8 @@ mod tests {
             r#"
             public_url = "http://collector:8080"
             initial_backoff = "500ms"
+            max_attempts = 3
+            max_age = "2h"
             [[webhooks]]
             name = "ops"
             url = "http://hooks.internal/chaperone"
@@ -353,6 +382,10 @@ mod tests {
         .expect("parses");
         cfg.validate().expect("valid");
         assert_eq!(cfg.initial_backoff, Duration::from_millis(500));
+        assert_eq!(
+            (cfg.max_attempts, cfg.max_age),
+            (3, Duration::from_secs(7200))
+        );
         assert_eq!(cfg.webhooks[1].format, WebhookFormat::Slack);
         assert_eq!(cfg.webhooks[0].filters.min_missing_count, 10);
         assert_eq!(
@@ -397,6 +430,12 @@ mod tests {
         cfg.webhooks[0].filters.min_missing_ratio = 0.5;
         cfg.max_backoff = Duration::from_millis(1);
         assert_eq!(cfg.validate().unwrap_err().key, "alerts.max_backoff");
+        cfg.max_backoff = Duration::from_secs(300);
+        cfg.max_attempts = 0;
+        assert_eq!(cfg.validate().unwrap_err().key, "alerts.max_attempts");
+        cfg.max_attempts = 10;
+        cfg.max_age = Duration::ZERO;
+        assert_eq!(cfg.validate().unwrap_err().key, "alerts.max_age");
     }
 
     #[test]

@@ -10,8 +10,13 @@ pub struct AlertMetrics {
     /// Webhook delivery attempts by webhook name (from config, so bounded) and result
     /// (`sent` or `failed`).
     pub deliveries: IntCounterVec,
-    /// Deliveries not yet sent.
+    /// Deliveries not yet sent and not parked.
     pub pending: IntGauge,
+    /// Deliveries parked, by webhook: refused `max_attempts` times or still failing after
+    /// `max_age`; never tried again.
+    pub parked: IntCounterVec,
+    /// Parked deliveries stored (until retention deletes their incident).
+    pub parked_now: IntGauge,
 }
 
 impl AlertMetrics {
@@ -29,16 +34,38 @@ impl AlertMetrics {
         let pending = IntGauge::with_opts(
             Opts::new(
                 "alerts_pending_deliveries",
-                "Webhook notifications not yet delivered",
+                "Webhook notifications not yet delivered and not parked",
+            )
+            .namespace(NAMESPACE)
+            .subsystem(SUBSYSTEM),
+        )?;
+        let parked = IntCounterVec::new(
+            Opts::new(
+                "alerts_webhook_deliveries_parked_total",
+                "Webhook notifications parked by webhook: refused max_attempts times or still \
+                 failing after max_age, never tried again",
+            )
+            .namespace(NAMESPACE)
+            .subsystem(SUBSYSTEM),
+            &["webhook"],
+        )?;
+        let parked_now = IntGauge::with_opts(
+            Opts::new(
+                "alerts_parked_deliveries",
+                "Webhook notifications parked and still stored",
             )
             .namespace(NAMESPACE)
             .subsystem(SUBSYSTEM),
         )?;
         registry.register(Box::new(deliveries.clone()))?;
         registry.register(Box::new(pending.clone()))?;
+        registry.register(Box::new(parked.clone()))?;
+        registry.register(Box::new(parked_now.clone()))?;
         Ok(Self {
             deliveries,
             pending,
+            parked,
+            parked_now,
         })
     }
 }

@@ -92,6 +92,9 @@ pub struct Alert {
     pub notifications_sent: i64,
     /// Webhook notifications still waiting to be delivered.
     pub notifications_pending: i64,
+    /// Webhook notifications parked: refused `alerts.max_attempts` times or still failing
+    /// after `alerts.max_age`, never tried again (see each delivery's `last_error`).
+    pub notifications_parked: i64,
     /// Each notification of this incident: where it stands, and why the last attempt failed.
     #[sqlx(skip)]
     pub deliveries: Vec<Delivery>,
@@ -107,14 +110,23 @@ pub struct Delivery {
     pub webhook: String,
     /// `firing` or `resolved`.
     pub kind: String,
+    /// `pending`, `sent` or `parked`.
+    pub state: String,
     /// Attempts so far.
     pub attempts: i32,
-    /// When the receiver accepted it; null while pending.
+    /// Of those, attempts the receiver refused (a 4xx other than 408 and 429).
+    pub refusals: i32,
+    /// When the receiver accepted it; null while pending or parked.
     pub sent_at: Option<DateTime<Utc>>,
-    /// When a pending notification is tried next.
+    /// When a pending notification is tried next (meaningless once sent or parked).
     pub next_attempt_at: DateTime<Utc>,
-    /// Why the last attempt failed (the webhook's URL shown as scheme, host and port only);
-    /// null once sent.
+    /// When it was parked: it is never tried again.
+    pub parked_at: Option<DateTime<Utc>>,
+    /// HTTP status of the last failed attempt's answer; null when there was none (no
+    /// connection, a timeout) or once sent.
+    pub last_status: Option<i32>,
+    /// Why the last attempt failed (the webhook's URL shown as scheme, host and port only,
+    /// then the receiver's answer, cut after its first 256 bytes); null once sent.
     pub last_error: Option<String>,
 }
 
@@ -132,7 +144,10 @@ pub async fn list_alerts(
                 (SELECT count(*) FROM alert_deliveries d
                   WHERE d.incident_id = i.id AND d.sent_at IS NOT NULL) AS notifications_sent,
                 (SELECT count(*) FROM alert_deliveries d
-                  WHERE d.incident_id = i.id AND d.sent_at IS NULL) AS notifications_pending
+                  WHERE d.incident_id = i.id AND d.sent_at IS NULL
+                    AND d.parked_at IS NULL) AS notifications_pending,
+                (SELECT count(*) FROM alert_deliveries d
+                  WHERE d.incident_id = i.id AND d.parked_at IS NOT NULL) AS notifications_parked
            FROM alert_incidents i
           WHERE ($1::text IS NULL OR i.status = $1)
           ORDER BY i.id DESC
@@ -144,7 +159,11 @@ pub async fn list_alerts(
     .await?;
     let ids: Vec<i64> = alerts.iter().map(|a| a.id).collect();
     let deliveries: Vec<Delivery> = sqlx::query_as(
-        "SELECT incident_id, webhook, kind, attempts, sent_at, next_attempt_at, last_error
+        "SELECT incident_id, webhook, kind,
+                CASE WHEN sent_at IS NOT NULL THEN 'sent'
+                     WHEN parked_at IS NOT NULL THEN 'parked'
+                     ELSE 'pending' END AS state,
+                attempts, refusals, sent_at, next_attempt_at, parked_at, last_status, last_error
            FROM alert_deliveries
           WHERE incident_id = ANY($1)
           ORDER BY incident_id, id",

@@ -27,7 +27,7 @@ th{background:#eef0f3;font-weight:600}td.n,th.n{text-align:right;font-variant-nu
 .complete{background:#d3f2dc;color:#125c2b}.missing{background:#fbd5d5;color:#8a1111}
 .duplicated{background:#ffe6c7;color:#7a4300}.tier_silent,.lagging,.upstream_incomplete{background:#fff3bf;color:#6b5300}
 .open{background:#fbd5d5;color:#8a1111}.resolved{background:#d3f2dc;color:#125c2b}.superseded{background:#e4e0f5}
-.pending{background:#fff3bf;color:#6b5300}.sent{background:#d3f2dc;color:#125c2b}
+.pending{background:#fff3bf;color:#6b5300}.sent{background:#d3f2dc;color:#125c2b}.parked{background:#fbd5d5;color:#8a1111}
 .rel{color:#5c6670}.muted{color:#5c6670}.err{color:#8a1111;font-weight:600}
 form.filters{display:flex;gap:.5rem;align-items:center;margin-bottom:.8rem;flex-wrap:wrap}
 input,select,button{font:inherit;padding:.2rem .4rem}
@@ -535,8 +535,8 @@ pub struct IncidentPage {
 /// `/incidents/{id}`: the incident's buckets and its notifications.
 pub fn incident(p: &IncidentPage) -> Markup {
     let i = &p.incident;
-    let sent = p.deliveries.iter().filter(|d| d.sent_at.is_some()).count();
-    let pending = p.deliveries.len() - sent;
+    let count = |state: &str| p.deliveries.iter().filter(|d| d.state() == state).count();
+    let (sent, pending, parked) = (count("sent"), count("pending"), count("parked"));
     let missing: i64 = p.verdicts.iter().map(|v| v.missing).sum();
     let topic_range = format!(
         "{}?from={}&to={}",
@@ -548,14 +548,15 @@ pub fn incident(p: &IncidentPage) -> Markup {
         h1 { "Incident #" (i.id) " " (badge(&i.status)) }
         dl.facts #incident data-id=(i.id) data-status=(i.status) data-buckets=(i.buckets)
             data-bad-buckets=(i.bad_buckets) data-max-missing=(i.max_missing) data-missing=(missing)
-            data-notifications-sent=(sent) data-notifications-pending=(pending) {
+            data-notifications-sent=(sent) data-notifications-pending=(pending)
+            data-notifications-parked=(parked) {
             dt { "Topic" } dd { a href=(topic_range) { (i.topic) } }
             dt { "Edge" } dd { (edge_label(&i.edge, Some(&i.datacenter))) }
             dt { "Opened" } dd { (time(p.now, i.opened_at)) }
             dt { "Resolved" } dd { @if let Some(r) = i.resolved_at { (time(p.now, r)) } @else { "not yet" } }
             dt { "Buckets" } dd { (i.buckets) " (" (i.bad_buckets) " still bad), from " (utc_ms(i.first_bucket_start_ms)) " to " (utc_ms(i.last_bucket_start_ms)) }
             dt { "Missing now" } dd { strong.err { (missing) } " messages over its buckets; worst bucket " (i.max_missing) }
-            dt { "Notifications" } dd { (sent) " sent, " (pending) " pending" }
+            dt { "Notifications" } dd { (sent) " sent, " (pending) " pending" @if parked > 0 { ", " strong.err { (parked) " parked" } " (not tried again)" } }
         }
         h2 { "Buckets" }
         table #incident-buckets {
@@ -573,13 +574,15 @@ pub fn incident(p: &IncidentPage) -> Markup {
         @if p.deliveries.is_empty() { p.muted { "No webhook was notified (none configured, or none whose filters pass)." } }
         @else {
             table #deliveries {
-                tr { th { "Webhook" } th { "Event" } th { "State" } th.n { "Attempts" } th { "Sent" } th { "Next attempt" } th { "Last error" } }
+                tr { th { "Webhook" } th { "Event" } th { "State" } th.n { "Attempts" } th { "Sent" } th { "Next attempt" } th.n { "Last status" } th { "Last error" } }
                 @for d in &p.deliveries {
-                    @let state = if d.sent_at.is_some() { "sent" } else { "pending" };
-                    tr.delivery data-webhook=(d.webhook) data-kind=(d.kind) data-state=(state) data-attempts=(d.attempts) {
+                    @let state = d.state();
+                    tr.delivery data-webhook=(d.webhook) data-kind=(d.kind) data-state=(state) data-attempts=(d.attempts)
+                        data-last-status=[d.last_status] {
                         td { (d.webhook) } td { (d.kind) } td { (badge(state)) } td.n { (d.attempts) }
                         td { @if let Some(s) = d.sent_at { (time(p.now, s)) } }
-                        td { @if d.sent_at.is_none() { (time(p.now, d.next_attempt_at)) } }
+                        td { @if let Some(at) = d.parked_at { "none: parked " (time(p.now, at)) } @else if d.sent_at.is_none() { (time(p.now, d.next_attempt_at)) } }
+                        td.n { @if let Some(s) = d.last_status { (s) } }
                         td { @if let Some(e) = &d.last_error { code { (e) } } }
                     }
                 }

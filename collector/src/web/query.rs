@@ -138,20 +138,38 @@ pub struct Delivery {
     pub kind: String,
     /// POSTs tried so far.
     pub attempts: i32,
-    /// When the receiver accepted it; `None` while pending.
+    /// When the receiver accepted it; `None` while pending or parked.
     pub sent_at: Option<DateTime<Utc>>,
     /// When the next attempt is due, while pending.
     pub next_attempt_at: DateTime<Utc>,
+    /// When it was parked (never tried again).
+    pub parked_at: Option<DateTime<Utc>>,
+    /// HTTP status of the last failed attempt's answer, if there was one.
+    pub last_status: Option<i32>,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
     /// When the notification was created.
     pub created_at: DateTime<Utc>,
 }
 
+impl Delivery {
+    /// `sent`, `parked` or `pending`, as the API's `state`.
+    pub fn state(&self) -> &'static str {
+        if self.sent_at.is_some() {
+            "sent"
+        } else if self.parked_at.is_some() {
+            "parked"
+        } else {
+            "pending"
+        }
+    }
+}
+
 /// Every notification of incident `id`, oldest first.
 pub async fn incident_deliveries(pool: &PgPool, id: i64) -> Result<Vec<Delivery>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT webhook, kind, attempts, sent_at, next_attempt_at, last_error, created_at
+        "SELECT webhook, kind, attempts, sent_at, next_attempt_at, parked_at, last_status,
+                last_error, created_at
            FROM alert_deliveries
           WHERE incident_id = $1
           ORDER BY id",
