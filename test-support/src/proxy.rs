@@ -95,6 +95,12 @@ impl Drop for FreezingProxy {
 }
 
 async fn connection(client: TcpStream, upstream: String, shared: Arc<Shared>) {
+    if shared.frozen.load(Ordering::SeqCst) {
+        // Nothing gets through a partition, a new connection neither.
+        shared.stop.cancelled().await;
+        drop(client);
+        return;
+    }
     let server = tokio::select! {
         () = shared.stop.cancelled() => return,
         s = TcpStream::connect(&upstream) => s,
@@ -131,19 +137,18 @@ async fn pump(
     // The end of the previous read, so that a pattern split over two reads is found.
     let mut tail: Vec<u8> = Vec::new();
     loop {
+        let read = tokio::select! {
+            () = shared.stop.cancelled() => return Ok(()),
+            r = from.read(&mut buf) => r,
+        };
         if shared.frozen.load(Ordering::SeqCst) {
+            // Frozen while reading: what was read, or that the peer closed or reset, is not
+            // passed on (a FIN reaching the other side would end the partition).
             break;
         }
-        let n = tokio::select! {
-            () = shared.stop.cancelled() => return Ok(()),
-            n = from.read(&mut buf) => n.context("reading")?,
-        };
-        if n == 0 || shared.frozen.load(Ordering::SeqCst) {
-            // Closed by the peer, or frozen while reading: these bytes are not forwarded.
-            if n == 0 {
-                return Ok(());
-            }
-            break;
+        let n = read.context("reading")?;
+        if n == 0 {
+            return Ok(());
         }
         let chunk = &buf[..n];
         let trigger = to_upstream
