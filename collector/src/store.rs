@@ -60,12 +60,15 @@ fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            // connection exception, insufficient resources, operator intervention,
-            // transaction rollback (serialization, deadlock), lock not available, system error
+            // connection exception, insufficient resources, operator intervention (also
+            // statement_timeout and idle_session_timeout), transaction rollback (serialization,
+            // deadlock), lock not available (lock_timeout), system error, and a session ended
+            // by idle_in_transaction_session_timeout
             ["08", "53", "57", "40", "58"]
                 .iter()
                 .any(|class| c.starts_with(class))
                 || c == "55P03"
+                || c == "25P03"
         }),
         _ => false,
     }
