@@ -142,6 +142,7 @@ async fn bench() -> anyhow::Result<()> {
 
     let registry = prometheus::Registry::new();
     let state = ApiState {
+        health_pool: api::health_pool(&db.pool),
         pool: db.pool.clone(),
         registry: registry.clone(),
         token: None,

@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use prometheus::Registry;
 use serde_json::json;
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,11 +32,35 @@ use crate::store;
 /// Default span of `/buckets` when `from` is not given.
 pub(crate) const DEFAULT_RANGE: Duration = Duration::from_secs(3_600);
 
+/// Connections of the health checks' own pool ([`health_pool`]).
+pub const HEALTH_CONNECTIONS: u32 = 2;
+
+/// Longest `/readyz` waits for a connection of its pool; a flood of probes past
+/// [`HEALTH_CONNECTIONS`] answers "database unreachable" rather than queueing.
+pub const HEALTH_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The pool `/readyz` checks the database with: [`HEALTH_CONNECTIONS`] connections of its own
+/// to the database of `pool` (same settings), so that probes, however many, never take a
+/// connection that ingest, reconciliation or the API needs. Connects on first use.
+pub fn health_pool(pool: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(HEALTH_CONNECTIONS)
+        .acquire_timeout(HEALTH_ACQUIRE_TIMEOUT)
+        .connect_lazy_with(
+            pool.connect_options()
+                .as_ref()
+                .clone()
+                .options([("statement_timeout", HEALTH_ACQUIRE_TIMEOUT.as_millis())]),
+        )
+}
+
 /// Shared state of every handler.
 #[derive(Clone, Debug)]
 pub struct ApiState {
     /// The store.
     pub pool: PgPool,
+    /// `/readyz`'s own small pool to the store ([`health_pool`]).
+    pub health_pool: PgPool,
     /// Served by `/metrics`.
     pub registry: Registry,
     /// Required bearer token, if any. Never logged.
@@ -238,7 +263,7 @@ async fn authorize(
 async fn readyz(State(state): State<ApiState>) -> Response {
     let db = tokio::time::timeout(
         Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&state.pool),
+        sqlx::query("SELECT 1").execute(&state.health_pool),
     )
     .await;
     let (ready, reason) = match db {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chaperone_daemon_support::secrets;
 use serde::Deserialize;
+use sqlx::postgres::PgConnectOptions;
 
 /// Environment variable that overrides `database.url`.
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
@@ -72,6 +73,33 @@ pub struct DatabaseConfig {
     /// How long to wait for a connection before an operation counts as failed.
     #[serde(with = "chaperone_audit::duration")]
     pub acquire_timeout: Duration,
+    /// PostgreSQL `statement_timeout` of every pooled session: a statement running longer is
+    /// cancelled and its operation retried (an ingest batch, a reconcile pass, an alert round,
+    /// a retention run). It bounds how long a runaway query holds its locks. The longest
+    /// statements are a reconcile pass queueing a long backlog of changed buckets and a
+    /// retention batch scanning the counts table; start-up migrations run without this limit.
+    /// Default 5 min.
+    #[serde(with = "chaperone_audit::duration")]
+    pub statement_timeout: Duration,
+    /// PostgreSQL `lock_timeout` of every pooled session: a statement that waits this long
+    /// for a lock fails, and its operation is retried, instead of queueing behind a session
+    /// that may never let go (one of a collector cut off from the database). The waits the
+    /// collector means are short: an ingest batch waits for another writer's batch of the
+    /// same rows, a reconcile pass or an alert fan-out for another instance's transaction, a
+    /// start-up migration for another instance's migration (retried until it applies). Must
+    /// not be longer than `statement_timeout`. Default 30 s.
+    #[serde(with = "chaperone_audit::duration")]
+    pub lock_timeout: Duration,
+    /// PostgreSQL `idle_in_transaction_session_timeout` of every pooled session: the server
+    /// ends a session that has left a transaction open and silent this long, and its locks
+    /// go with it. This is what frees the row and advisory locks of a collector cut off from
+    /// the database in the middle of a transaction (network partition, frozen VM), which the
+    /// server would otherwise keep until TCP gives the connection up, about 2 h: another
+    /// instance's reconcile, alert fan-out and ingest then go on after at most this long.
+    /// A webhook delivery is posted inside its transaction, so this must be longer than
+    /// `alerts.request_timeout`. Default 60 s.
+    #[serde(with = "chaperone_audit::duration")]
+    pub idle_in_transaction_session_timeout: Duration,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -81,6 +109,12 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("url_file", &self.url_file)
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("lock_timeout", &self.lock_timeout)
+            .field(
+                "idle_in_transaction_session_timeout",
+                &self.idle_in_transaction_session_timeout,
+            )
             .finish()
     }
 }
@@ -92,6 +126,9 @@ impl Default for DatabaseConfig {
             url_file: None,
             max_connections: 8,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(300),
+            lock_timeout: Duration::from_secs(30),
+            idle_in_transaction_session_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -116,6 +153,65 @@ impl DatabaseConfig {
             "database.url",
             format!("no database URL: set {ENV_DATABASE_URL}, database.url or database.url_file"),
         ))
+    }
+
+    /// The session settings every pooled connection starts with, as PostgreSQL parameters
+    /// in milliseconds: `statement_timeout`, `lock_timeout` and
+    /// `idle_in_transaction_session_timeout`.
+    pub fn session_settings(&self) -> [(&'static str, u128); 3] {
+        [
+            ("statement_timeout", self.statement_timeout.as_millis()),
+            ("lock_timeout", self.lock_timeout.as_millis()),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_session_timeout.as_millis(),
+            ),
+        ]
+    }
+
+    /// Connection options for `url` (from [`DatabaseConfig::resolve_url`]) with the
+    /// [session settings](DatabaseConfig::session_settings), sent when each connection starts
+    /// (they override any the URL sets).
+    pub fn connect_options(&self, url: &str) -> Result<PgConnectOptions, ConfigError> {
+        let options: PgConnectOptions = url.parse().map_err(|e| {
+            // The message of a parse error never holds the URL (nor its password).
+            ConfigError::new("database.url", format!("not a PostgreSQL URL: {e}"))
+        })?;
+        Ok(options.options(self.session_settings()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections < 2 {
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be at least 2 (ingest holds one while the API uses another)",
+            ));
+        }
+        nonzero(self.acquire_timeout, "database.acquire_timeout")?;
+        for (key, d) in [
+            ("database.statement_timeout", self.statement_timeout),
+            ("database.lock_timeout", self.lock_timeout),
+            (
+                "database.idle_in_transaction_session_timeout",
+                self.idle_in_transaction_session_timeout,
+            ),
+        ] {
+            // PostgreSQL takes whole milliseconds up to i32::MAX; 0 would turn the limit off.
+            if d < Duration::from_millis(1) || d.as_millis() > i32::MAX as u128 {
+                return Err(ConfigError::new(
+                    key,
+                    "must be 1ms ..= 24d (PostgreSQL's largest timeout)",
+                ));
+            }
+        }
+        if self.lock_timeout > self.statement_timeout {
+            return Err(ConfigError::new(
+                "database.lock_timeout",
+                "must not be longer than database.statement_timeout (the statement would be \
+                 cancelled first)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -355,13 +451,7 @@ impl Config {
 
     /// Checks every value, naming the first key that cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.database.max_connections < 2 {
-            return Err(ConfigError::new(
-                "database.max_connections",
-                "must be at least 2 (ingest holds one while the API uses another)",
-            ));
-        }
-        nonzero(self.database.acquire_timeout, "database.acquire_timeout")?;
+        self.database.validate()?;
         if self.clusters.is_empty() {
             return Err(ConfigError::new(
                 "clusters",
@@ -444,6 +534,15 @@ impl Config {
         nonzero(self.api.max_range, "api.max_range")?;
         self.reconcile.validate()?;
         self.alerts.validate()?;
+        if self.alerts.enabled
+            && self.database.idle_in_transaction_session_timeout <= self.alerts.request_timeout
+        {
+            return Err(ConfigError::new(
+                "database.idle_in_transaction_session_timeout",
+                "must be longer than alerts.request_timeout (a webhook delivery is posted \
+                 inside its transaction)",
+            ));
+        }
         Ok(())
     }
 }
@@ -554,6 +653,81 @@ mod tests {
         let mut c = minimal();
         c.ingest.retry_max = Duration::from_millis(1);
         assert_eq!(c.validate().expect_err("bad").key, "ingest.retry_max");
+    }
+
+    #[test]
+    fn session_timeouts_have_defaults_and_reach_every_connection() {
+        let c = minimal();
+        assert_eq!(
+            c.database.session_settings(),
+            [
+                ("statement_timeout", 300_000),
+                ("lock_timeout", 30_000),
+                ("idle_in_transaction_session_timeout", 60_000),
+            ]
+        );
+        let c = Config::from_toml(
+            "[database]\nstatement_timeout = \"90s\"\nlock_timeout = \"1500ms\"\n\
+             idle_in_transaction_session_timeout = \"20s\"\n",
+        )
+        .expect("parses");
+        let options = c
+            .database
+            .connect_options("postgres://u:p@localhost/db?options=-c%20geqo%3Doff")
+            .expect("options");
+        assert_eq!(
+            options.get_options(),
+            Some(
+                "-c geqo=off -c statement_timeout=90000 -c lock_timeout=1500 \
+                 -c idle_in_transaction_session_timeout=20000"
+            )
+        );
+        let err = c
+            .database
+            .connect_options("postgres://u:s3cret@h:port/d")
+            .expect_err("no port");
+        assert_eq!(err.key, "database.url");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let err = Config::from_toml("[database]\nlock_timeout = 30\n").expect_err("no unit");
+        assert!(err.to_string().contains("\"30s\""), "{err}");
+    }
+
+    #[test]
+    fn session_timeouts_are_validated() {
+        let mut c = minimal();
+        c.database.statement_timeout = Duration::ZERO;
+        assert_eq!(
+            c.validate().expect_err("zero").key,
+            "database.statement_timeout"
+        );
+        let mut c = minimal();
+        c.database.idle_in_transaction_session_timeout = Duration::from_micros(500);
+        assert_eq!(
+            c.validate().expect_err("rounds to zero").key,
+            "database.idle_in_transaction_session_timeout"
+        );
+        let mut c = minimal();
+        c.database.lock_timeout = Duration::from_secs(30 * 86_400);
+        assert_eq!(
+            c.validate().expect_err("too long").key,
+            "database.lock_timeout"
+        );
+        let mut c = minimal();
+        c.database.lock_timeout = Duration::from_secs(600);
+        assert_eq!(
+            c.validate().expect_err("longer than statements").key,
+            "database.lock_timeout"
+        );
+        let mut c = minimal();
+        c.database.idle_in_transaction_session_timeout = c.alerts.request_timeout;
+        assert_eq!(
+            c.validate()
+                .expect_err("shorter than a webhook request")
+                .key,
+            "database.idle_in_transaction_session_timeout"
+        );
+        c.alerts.enabled = false;
+        c.validate().expect("no webhook is posted");
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! noticed yet). That stays correct: reconcile passes and alert fan-out each hold a
 //! transaction-level advisory lock, and deliveries are claimed row by row with
 //! `FOR UPDATE SKIP LOCKED`. Leadership keeps the work in one place; the locks keep it right.
+//! A leader cut off in the middle of such a transaction holds its locks no longer than the
+//! pool's `database.idle_in_transaction_session_timeout`, after which PostgreSQL ends the
+//! session; a wait for them fails after `database.lock_timeout` and is retried. The leader
+//! session itself only ever tries the lock (`pg_try_advisory_lock`), so it never waits.
 
 use std::time::Duration;
 

@@ -57,12 +57,26 @@ pub struct Deps {
     pub api_token: Option<String>,
 }
 
-/// Applies the migrations in `migrations/` (embedded at build time).
+/// Applies the migrations in `migrations/` (embedded at build time), on a connection of
+/// `pool` without `statement_timeout`: a migration may rewrite a large table. Its
+/// `lock_timeout` stays, so that a migration waiting for another instance's (or for a table
+/// in use) fails and is retried instead of queueing every other session behind it.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("../migrations")
-        .run(pool)
+    let mut conn = pool
+        .acquire()
         .await
-        .context("applying database migrations")
+        .context("connecting to apply database migrations")?;
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await
+        .context("lifting the statement timeout for the migrations")?;
+    let result = sqlx::migrate!("../migrations")
+        .run(&mut *conn)
+        .await
+        .context("applying database migrations");
+    // The session's settings changed: it does not go back to the pool.
+    conn.close().await.ok();
+    result
 }
 
 /// Runs the collector until `shutdown` is cancelled, then stops in order: consumers stop,
@@ -86,6 +100,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
 
     let http_shutdown = CancellationToken::new();
     let state = api::ApiState {
+        health_pool: api::health_pool(&pool),
         pool: pool.clone(),
         registry: registry.clone(),
         token: api_token.map(Arc::from),

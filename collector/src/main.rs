@@ -51,11 +51,12 @@ async fn start(config: Config) -> anyhow::Result<()> {
     let shutdown = process::shutdown_on_signal();
     let url = config.database.resolve_url()?;
     let token = config.api.resolve_token(|k| std::env::var(k).ok())?;
+    // Every pooled session starts with the configured statement, lock and
+    // idle-in-transaction timeouts (`[database]`).
     let pool = PgPoolOptions::new()
         .max_connections(config.database.max_connections)
         .acquire_timeout(config.database.acquire_timeout)
-        .connect_lazy(&url)
-        .context("parsing the database URL")?;
+        .connect_lazy_with(config.database.connect_options(&url)?);
     // PostgreSQL may still be starting: retry the migrations until they apply.
     let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {

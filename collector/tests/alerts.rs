@@ -842,6 +842,7 @@ async fn an_untrusted_certificate_is_retried_and_shown_with_the_url_redacted() {
     // The API and /metrics of the collector show it.
     let ingest_metrics = chaperone_collector::metrics::IngestMetrics::register(&registry).unwrap();
     let state = chaperone_collector::api::ApiState {
+        health_pool: chaperone_collector::api::health_pool(&db.pool),
         pool: db.pool.clone(),
         registry: registry.clone(),
         token: None,
@@ -1163,6 +1164,7 @@ async fn a_parked_notification_shows_in_the_api_the_incident_page_and_the_metric
     let ingest_metrics = chaperone_collector::metrics::IngestMetrics::register(&registry).unwrap();
     let state = chaperone_collector::api::ApiState {
         pool: db.pool.clone(),
+        health_pool: chaperone_collector::api::health_pool(&db.pool),
         registry: registry.clone(),
         token: None,
         status: std::sync::Arc::new(chaperone_collector::ingest::IngestStatus::new(0)),

@@ -200,3 +200,61 @@ async fn percentiles_are_exact_merges_across_hosts() -> anyhow::Result<()> {
     collector.stop().await?;
     db.drop_db().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_checks_the_database_on_connections_of_its_own() -> anyhow::Result<()> {
+    let db = ingest_db().await?;
+    let topics = Topics::create(1).await?;
+    // The collector's pool: two connections, both of which the test takes below.
+    let pool = pool_options().max_connections(2).connect(&db.url).await?;
+    let collector = InProcess::start(config(&db, &topics), pool.clone(), None).await?;
+    eventually(
+        "the collector to be ready",
+        Duration::from_secs(60),
+        || async {
+            let (status, _) = get(&collector.url("/readyz"), None).await?;
+            Ok((status == 200).then_some(()))
+        },
+    )
+    .await?;
+
+    // Every connection of the pool is busy (long queries, a stalled batch): /readyz still
+    // reaches the database.
+    let held = eventually(
+        "both connections of the collector's pool",
+        Duration::from_secs(30),
+        || async {
+            let a = pool.try_acquire();
+            let b = pool.try_acquire();
+            Ok(a.zip(b))
+        },
+    )
+    .await?;
+    let (_, body) = get(&collector.url("/readyz"), None).await?;
+    assert_ne!(
+        body["reason"], "database unreachable",
+        "/readyz waited for the busy pool: {body}"
+    );
+    drop(held);
+
+    // A flood of probes meanwhile takes none of the pool: the records of a produce in the
+    // middle of it are all stored.
+    let flood: Vec<_> = (0..200)
+        .map(|_| {
+            let url = collector.url("/readyz");
+            tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let records: Vec<AuditRecord> = mixed_records(&unique("flood"), 500);
+    produce(&topics, &encode_all(&records)).await?;
+    wait_caught_up(&db.pool, &topics, Duration::from_secs(60)).await?;
+    for probe in flood {
+        let status = probe.await??;
+        assert!([200, 503].contains(&status), "/readyz answered {status}");
+    }
+    assert_eq!(stored_totals(&db.pool).await?, expected_totals(&records));
+
+    collector.stop().await?;
+    pool.close().await;
+    db.drop_db().await
+}

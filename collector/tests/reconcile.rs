@@ -1082,3 +1082,82 @@ async fn a_much_worse_or_much_later_loss_notifies_despite_an_open_incident() {
     .await;
     assert_eq!(resolved, 1);
 }
+
+/// Adds `count` to one tier's partition of a bucket as seen on `cluster` (a second cluster
+/// of the same datacenter: the reconciler sums the two).
+async fn add_counts_on(db: &TestDb, topic: &str, n: i64, tier: &str, cluster: &str, count: i64) {
+    sqlx::query(
+        "INSERT INTO audit_counts (topic, bucket_start_ms, bucket_width_ms, tier, datacenter,
+             cluster, partition, count, latency, records)
+         VALUES ($1, $2, $3, $4, 'dc1', $5, 0, $6, ''::bytea, 1)",
+    )
+    .bind(topic)
+    .bind(start(n))
+    .bind(WIDTH)
+    .bind(tier)
+    .bind(cluster)
+    .bind(count)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO audit_count_changes (topic, bucket_start_ms, bucket_width_ms, tier)
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(topic)
+    .bind(start(n))
+    .bind(WIDTH)
+    .bind(tier)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn counts_summing_past_i64_max_are_reported_once_and_the_pass_judges_the_rest() {
+    let db = reconcile_db().await.unwrap();
+    let (_, clock) = reconciler(&db.pool, config(), end(1) + LATENESS + 1_000);
+    let registry = prometheus::Registry::new();
+    let metrics = ReconcileMetrics::new(&registry).unwrap();
+    let r = Reconciler::new(db.pool.clone(), config(), clock.clock(), metrics.clone());
+    // One bucket of `hostile` is fine on each cluster, and past i64::MAX summed over both.
+    for topic in ["orders", "hostile"] {
+        flow(&db, topic, 0, 10, 10, 10).await;
+        flow(&db, topic, 1, 10, 10, 10).await;
+        all_progress(&db.pool, topic, "dc1", end(1) + LATENESS)
+            .await
+            .unwrap();
+    }
+    add_counts_on(&db, "hostile", 0, "regional", "regional-dc1-b", i64::MAX).await;
+
+    let report = pass(&r).await;
+    assert_eq!(report.pending, 0, "every bucket is settled");
+    for (topic, n) in [("orders", 0), ("orders", 1), ("hostile", 1)] {
+        for edge in [P2R, R2A] {
+            let v = verdict(&db.pool, topic, edge, start(n))
+                .await
+                .unwrap_or_else(|| panic!("{topic} bucket {n} on {edge} judged"));
+            assert_eq!(
+                (v.status, v.expected, v.actual),
+                (VerdictStatus::Complete, 10, 10)
+            );
+        }
+    }
+    // Both edges of the overflowing bucket compare the regional tier: neither is judged, and
+    // nothing is alerted.
+    for edge in [P2R, R2A] {
+        assert!(verdict(&db.pool, "hostile", edge, start(0)).await.is_none());
+    }
+    assert_eq!(metrics.count_overflows.get(), 2, "one per cell");
+    assert_eq!(count(&db, "SELECT count(*) FROM alert_incidents").await, 0);
+
+    // The cell changes again: judged again, not reported again.
+    add_counts(&db.pool, "hostile", start(0), "producer", "dc1", -1, 1)
+        .await
+        .unwrap();
+    clock.advance(chrono::Duration::seconds(1));
+    let report = pass(&r).await;
+    assert_eq!((report.queued, report.pending), (1, 0));
+    assert_eq!(metrics.count_overflows.get(), 2, "each cell reported once");
+    assert!(verdict(&db.pool, "hostile", P2R, start(0)).await.is_none());
+}

@@ -8,6 +8,8 @@
 //! - [`db`]: [`TestDb`], a migrated PostgreSQL database per test.
 //! - [`kafka`]: topic creation, waiting for topics (MirrorMaker's copies), end offsets.
 //! - [`poll`]: [`eventually`], the only way a test waits for a condition.
+//! - [`proxy`]: [`FreezingProxy`], a TCP proxy that can freeze its connections open and
+//!   silent, as a network partition does.
 //! - [`webhook`]: [`Receiver`], a webhook endpoint recording every [`Notification`].
 //!
 //! What only one crate's tests need (record builders, in-process daemons) stays with those
@@ -16,12 +18,14 @@
 pub mod db;
 pub mod kafka;
 pub mod poll;
+pub mod proxy;
 pub mod stack;
 pub mod webhook;
 
 pub use db::TestDb;
 pub use kafka::{create_topic, create_topics, end_offsets, wait_for_topics};
 pub use poll::eventually;
+pub use proxy::FreezingProxy;
 pub use stack::{
     SecureListener, aggregate_bootstrap, database_url, dev_stack, regional_bootstrap,
     regional2_bootstrap, secure_listener,

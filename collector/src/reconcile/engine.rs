@@ -11,12 +11,17 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::config::{ReconcileConfig, millis};
 use super::metrics::ReconcileMetrics;
 use super::verdict::{
-    BucketKey, Computed, CountRow, Mark, ProgressRow, VerdictKey, VerdictStatus, judge_bucket,
+    BucketKey, Computed, CountRow, Findings, Mark, ProgressRow, VerdictKey, VerdictStatus,
+    judge_bucket,
 };
 use crate::alerts::incidents::{self, IncidentError, Policy, VerdictChange};
 
 /// Advisory lock key (hashed by PostgreSQL) held by every reconciler transaction.
 const LOCK_KEY: &str = "chaperone-reconcile";
+
+/// Overflowing cells remembered as reported; past this many the memory starts again (a cell
+/// may then be reported a second time).
+const MAX_OVERFLOWS_REMEMBERED: usize = 10_000;
 
 /// Errors of one evaluation pass.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,7 @@ pub struct PassReport {
 pub(crate) struct Notices {
     stale: BTreeSet<String>,
     widths: BTreeSet<String>,
+    overflows: BTreeSet<String>,
 }
 
 impl Notices {
@@ -85,6 +91,25 @@ impl Notices {
             tracing::info!(mismatch = %gone, "bucket widths agree again (or the buckets expired)");
         }
         self.widths = now;
+    }
+
+    /// Logs and counts each cell whose counts overflow once, however many passes see it.
+    fn overflows(&mut self, found: BTreeSet<String>, metrics: &ReconcileMetrics) {
+        for cell in found {
+            if self.overflows.contains(&cell) {
+                continue;
+            }
+            if self.overflows.len() >= MAX_OVERFLOWS_REMEMBERED {
+                self.overflows.clear();
+            }
+            tracing::warn!(
+                %cell,
+                "counts of this cell sum past the largest 64-bit integer (a tier counts wrong, \
+                 or a hostile record): the cell is not judged, and no alert is raised for it"
+            );
+            metrics.count_overflows.inc();
+            self.overflows.insert(cell);
+        }
     }
 }
 
@@ -143,7 +168,7 @@ pub(crate) async fn pass(
         ..PassReport::default()
     };
     let mut after: Option<BucketKey> = None;
-    let mut mismatches = BTreeSet::new();
+    let mut findings = Findings::default();
     loop {
         let mut tx = pool.begin().await?;
         lock(&mut tx).await?;
@@ -191,7 +216,7 @@ pub(crate) async fn pass(
                 now.timestamp_millis(),
                 rows,
                 topic_progress,
-                &mut mismatches,
+                &mut findings,
             );
             if now - q.changed_at < settle {
                 // Verdicts judged before whose counts changed again wait until every tier
@@ -210,14 +235,21 @@ pub(crate) async fn pass(
             write_verdicts(&mut tx, computed, &existing, config, now, metrics).await?;
         delete_pending(&mut tx, &done).await?;
         tx.commit().await?;
+        // Reported once committed (a rolled-back batch is judged again).
+        notices
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .overflows(std::mem::take(&mut findings.overflows), metrics);
     }
     // Buckets of mismatched edges stay queued (within the lookback), so every pass sees every
     // mismatch that still holds.
-    metrics.width_mismatches.set(mismatches.len() as i64);
+    metrics
+        .width_mismatches
+        .set(findings.mismatches.len() as i64);
     notices
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .widths(mismatches);
+        .widths(findings.mismatches);
     refresh_stale_instances(pool, config, now, metrics, notices).await?;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM reconcile_pending")
         .fetch_one(pool)
@@ -341,12 +373,15 @@ async fn load_counts(
         tier: String,
         datacenter: String,
         partition: i32,
-        count: i64,
+        count: Option<i64>,
     }
     let (topics, starts, widths) = key_arrays(keys);
+    // The sum over clusters is `numeric`; one that does not fit in a bigint comes back NULL
+    // (the judgement reports the cell), not as an error that would fail the pass.
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.partition,
-                sum(c.count)::bigint AS count
+                CASE WHEN sum(c.count) BETWEEN -9223372036854775808 AND 9223372036854775807
+                     THEN sum(c.count)::bigint END AS count
            FROM audit_counts c
            JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
              ON c.topic = k.topic AND c.bucket_start_ms = k.start_ms
@@ -570,8 +605,9 @@ async fn write_verdicts(
             };
             incident_id = incidents::record(tx, &change, &policy, now).await?;
         }
-        let difference = c.actual - c.expected;
-        let missing = (c.expected - c.actual).max(0);
+        // Judged counts and their differences fit (`judge_bucket`); saturating regardless.
+        let difference = c.actual.saturating_sub(c.expected);
+        let missing = c.expected.saturating_sub(c.actual).max(0);
         sqlx::query(
             "INSERT INTO reconcile_verdicts (edge, topic, datacenter, partition, bucket_start_ms,
                  bucket_width_ms, from_tier, to_tier, status, expected, actual, difference, missing,
@@ -698,7 +734,7 @@ async fn refresh_missing_gauge(
 ) -> Result<(), sqlx::Error> {
     let since = now.timestamp_millis() - millis(config.missing_metric_window);
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT topic, sum(missing)::bigint FROM reconcile_verdicts
+        "SELECT topic, LEAST(sum(missing), 9223372036854775807)::bigint FROM reconcile_verdicts
           WHERE partition = -1 AND status = 'missing' AND bucket_start_ms >= $1
           GROUP BY topic ORDER BY 2 DESC, topic",
     )
@@ -715,7 +751,7 @@ async fn refresh_missing_gauge(
                 .with_label_values(&[topic.as_str()])
                 .set(missing);
         } else {
-            other += missing;
+            other = i64::saturating_add(other, missing);
         }
     }
     if other > 0 {

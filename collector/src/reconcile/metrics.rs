@@ -2,7 +2,9 @@
 //! [`crate::metrics`] for the naming rule.
 
 use crate::metrics::{NAMESPACE, SUBSYSTEM};
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The reconciler's metrics; cheap to clone (every metric is shared).
 #[derive(Debug, Clone)]
@@ -24,6 +26,9 @@ pub struct ReconcileMetrics {
     pub lagging_buckets: IntGauge,
     /// (topic, edge) pairs whose tiers report different bucket widths: not compared.
     pub width_mismatches: IntGauge,
+    /// Cells (edge, topic, scope, bucket) not judged because their counts sum past the
+    /// largest 64-bit integer, each counted once.
+    pub count_overflows: IntCounter,
 }
 
 impl ReconcileMetrics {
@@ -81,6 +86,12 @@ impl ReconcileMetrics {
             "Topic and edge pairs not compared because their tiers count in different bucket \
              widths",
         ))?;
+        let count_overflows = IntCounter::with_opts(opts(
+            "reconcile_count_overflows_total",
+            "Cells (edge, topic, scope, bucket) not judged because their counts sum past the \
+             largest 64-bit integer",
+        ))?;
+        registry.register(Box::new(count_overflows.clone()))?;
         registry.register(Box::new(stale_instances.clone()))?;
         registry.register(Box::new(lagging_buckets.clone()))?;
         registry.register(Box::new(width_mismatches.clone()))?;
@@ -98,6 +109,7 @@ impl ReconcileMetrics {
             stale_instances,
             lagging_buckets,
             width_mismatches,
+            count_overflows,
         })
     }
 }

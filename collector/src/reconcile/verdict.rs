@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 mod bucket;
 
-pub(crate) use bucket::{BucketKey, Computed, CountRow, ProgressRow, VerdictKey, judge_bucket};
+pub(crate) use bucket::{
+    BucketKey, Computed, CountRow, Findings, ProgressRow, VerdictKey, judge_bucket,
+};
 
 /// The verdict on one bucket of one edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -333,9 +335,13 @@ fn tier_state(
     state
 }
 
+/// The sum of `counts`, wide enough never to overflow.
+fn total(counts: &BTreeMap<i32, i64>) -> i128 {
+    counts.values().map(|&n| i128::from(n)).sum()
+}
+
 /// Whether the counts of `p` are known to be equal on both sides.
 fn equal_at(expected: &BTreeMap<i32, i64>, actual: &BTreeMap<i32, i64>, p: i32) -> bool {
-    let total = |c: &BTreeMap<i32, i64>| c.values().sum::<i64>();
     let unknown = |c: &BTreeMap<i32, i64>| c.get(&-1).is_some_and(|&n| n != 0);
     if unknown(expected) || unknown(actual) {
         // A side counted without partitions: only the whole topic can be compared.
@@ -377,7 +383,7 @@ pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
     let (finality, settled) = if upstream.passed && downstream.passed {
         (Finality::Progress, true)
     } else if b.now_ms >= waited_from.saturating_add(rules.max_wait_ms) {
-        let short = b.actual.values().sum::<i64>() < b.expected.values().sum::<i64>();
+        let short = total(b.actual) < total(b.expected);
         if short && !downstream.passed && downstream.live {
             if b.now_ms >= waited_from.saturating_add(rules.loss_after_ms) {
                 (Finality::LossAfter, true)

@@ -17,13 +17,30 @@ pub(crate) struct BucketKey {
     pub(crate) width: i64,
 }
 
-/// Counts of one tier, datacenter and partition in the bucket.
+/// Counts of one tier, datacenter and partition in the bucket, summed over clusters: `None`
+/// when that sum does not fit in an `i64`.
 #[derive(Debug, Clone)]
 pub(crate) struct CountRow {
     pub(crate) tier: String,
     pub(crate) datacenter: String,
     pub(crate) partition: i32,
-    pub(crate) count: i64,
+    pub(crate) count: Option<i64>,
+}
+
+/// What judging found that is reported rather than judged.
+#[derive(Debug, Default)]
+pub(crate) struct Findings {
+    /// Edges of a topic whose tiers count in different bucket widths: not compared, and their
+    /// buckets stay queued while the mismatch lasts.
+    pub(crate) mismatches: BTreeSet<String>,
+    /// Cells (edge, topic, scope, bucket) whose counts sum past `i64::MAX`: not judged (no
+    /// verdict, no alert), and settled, since counts only grow.
+    pub(crate) overflows: BTreeSet<String>,
+}
+
+/// Sum of `counts`, `None` past `i64::MAX`.
+fn checked_total(counts: &BTreeMap<i32, i64>) -> Option<i64> {
+    counts.values().try_fold(0i64, |sum, &n| sum.checked_add(n))
 }
 
 /// One observer's progress in one partition of the bucket's topic.
@@ -67,7 +84,9 @@ pub(crate) struct Computed {
 /// Judges one bucket on every edge and scope that is final (see [`evaluate_all`]). Returns the
 /// verdicts and whether every edge and scope is settled (the bucket can leave the queue).
 /// Edges whose tiers count the topic in different bucket widths are not compared; they are
-/// added to `mismatches`.
+/// added to `findings.mismatches`. Edges and scopes whose counts, or any sum of them the
+/// judgement takes, do not fit in an `i64` are not judged; they are added to
+/// `findings.overflows`.
 pub(crate) fn judge_bucket(
     config: &ReconcileConfig,
     key: &BucketKey,
@@ -75,7 +94,7 @@ pub(crate) fn judge_bucket(
     now_ms: i64,
     rows: &[CountRow],
     progress: &[ProgressRow],
-    mismatches: &mut BTreeSet<String>,
+    findings: &mut Findings,
 ) -> (Vec<Computed>, bool) {
     let end = key.start.saturating_add(key.width);
     let rules = Rules {
@@ -116,7 +135,7 @@ pub(crate) fn judge_bucket(
                 && !down_widths.is_empty()
                 && up_widths.is_disjoint(&down_widths)
             {
-                mismatches.insert(format!(
+                findings.mismatches.insert(format!(
                     "topic `{}` on `{}`: {} counts in {:?} ms buckets, {} in {:?} ms",
                     key.topic,
                     edge.name(),
@@ -129,19 +148,47 @@ pub(crate) fn judge_bucket(
                 all_final = false;
                 continue;
             }
-            let by_partition = |tier: &str, dc: Option<&str>| -> BTreeMap<i32, i64> {
+            // `None` when a count or a sum of counts does not fit in an i64.
+            let by_partition = |tier: &str, dc: Option<&str>| -> Option<BTreeMap<i32, i64>> {
                 let mut m = BTreeMap::new();
                 for r in on_edge.iter().filter(|r| {
                     r.tier == tier
                         && in_scope(&r.datacenter)
                         && dc.is_none_or(|d| d == r.datacenter)
                 }) {
-                    *m.entry(r.partition).or_insert(0) += r.count;
+                    let sum: &mut i64 = m.entry(r.partition).or_insert(0);
+                    *sum = sum.checked_add(r.count?)?;
                 }
-                m
+                Some(m)
             };
-            let expected = by_partition(&edge.from, None);
-            let actual = by_partition(&edge.to, None);
+            let overflow = |findings: &mut Findings| {
+                let scope = if scope.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in `{scope}`")
+                };
+                findings.overflows.insert(format!(
+                    "topic `{}` on `{}`{scope}, bucket {} ({} ms)",
+                    key.topic,
+                    edge.name(),
+                    key.start,
+                    key.width
+                ));
+            };
+            let (Some(expected), Some(actual)) =
+                (by_partition(&edge.from, None), by_partition(&edge.to, None))
+            else {
+                overflow(findings);
+                continue;
+            };
+            // The topic-level counts and their difference (stored with the verdict).
+            let Some((expected_total, actual_total)) = checked_total(&expected)
+                .zip(checked_total(&actual))
+                .filter(|&(e, a)| e.checked_sub(a).is_some() && a.checked_sub(e).is_some())
+            else {
+                overflow(findings);
+                continue;
+            };
             if !scoped.iter().any(|p| p.tier == edge.from) && expected.values().all(|&n| n == 0) {
                 // The upstream tier never reported this topic here (for example producers
                 // without the audit library): nothing to compare against.
@@ -167,7 +214,7 @@ pub(crate) fn judge_bucket(
                 actual: BTreeMap<i32, i64>,
                 event_lag_ms: i64,
             }
-            let parts: Vec<Part> = datacenters
+            let parts: Option<Vec<Part>> = datacenters
                 .into_iter()
                 .map(|dc| {
                     let marks = |tier: &str| -> Vec<Mark> {
@@ -184,22 +231,30 @@ pub(crate) fn judge_bucket(
                         .filter(|p| p.datacenter == dc)
                         .map(|p| p.mark.clone())
                         .collect();
-                    Part {
+                    // Each datacenter's totals are taken too (`evaluate`).
+                    let counts = |tier: &str| {
+                        by_partition(tier, Some(dc)).filter(|m| checked_total(m).is_some())
+                    };
+                    Some(Part {
                         up: marks(&edge.from),
                         down: marks(&edge.to),
-                        expected: by_partition(&edge.from, Some(dc)),
-                        actual: by_partition(&edge.to, Some(dc)),
+                        expected: counts(&edge.from)?,
+                        actual: counts(&edge.to)?,
                         event_lag_ms: event_lag_ms(&sources),
-                    }
-                })
-                .filter(|p| {
-                    // A datacenter where only the downstream reports, counting nothing, has
-                    // nothing to prove.
-                    !(p.up.is_empty()
-                        && p.expected.values().all(|&n| n == 0)
-                        && p.actual.values().all(|&n| n == 0))
+                    })
                 })
                 .collect();
+            let Some(mut parts) = parts else {
+                overflow(findings);
+                continue;
+            };
+            // A datacenter where only the downstream reports, counting nothing, has nothing to
+            // prove.
+            parts.retain(|p| {
+                !(p.up.is_empty()
+                    && p.expected.values().all(|&n| n == 0)
+                    && p.actual.values().all(|&n| n == 0))
+            });
             let buckets: Vec<EdgeBucket<'_>> = parts
                 .iter()
                 .map(|p| EdgeBucket {
@@ -256,7 +311,7 @@ pub(crate) fn judge_bucket(
                     alert: edge.alert,
                 });
             };
-            push(-1, expected.values().sum(), actual.values().sum());
+            push(-1, expected_total, actual_total);
             if edge.partition_level {
                 if expected.contains_key(&-1) || actual.contains_key(&-1) {
                     tracing::debug!(
@@ -318,7 +373,7 @@ mod tests {
             tier: tier.into(),
             datacenter: dc.into(),
             partition,
-            count,
+            count: Some(count),
         }
     }
 
@@ -343,10 +398,10 @@ mod tests {
         rows: &[CountRow],
         marks: &[ProgressRow],
         now_ms: i64,
-    ) -> (Vec<Computed>, bool, BTreeSet<String>) {
-        let mut mismatches = BTreeSet::new();
-        let (v, done) = judge_bucket(&config(), &key(), END, now_ms, rows, marks, &mut mismatches);
-        (v, done, mismatches)
+    ) -> (Vec<Computed>, bool, Findings) {
+        let mut findings = Findings::default();
+        let (v, done) = judge_bucket(&config(), &key(), END, now_ms, rows, marks, &mut findings);
+        (v, done, findings)
     }
 
     fn topic_level<'a>(v: &'a [Computed], edge: &str, dc: &str) -> Option<&'a Computed> {
@@ -426,7 +481,7 @@ mod tests {
         for m in marks.iter_mut().filter(|m| m.tier == "aggregate") {
             m.width = 10_000;
         }
-        let (v, done, mismatches) = judged(&rows, &marks, END + 5_000);
+        let (v, done, Findings { mismatches, .. }) = judged(&rows, &marks, END + 5_000);
         assert!(!done);
         assert!(topic_level(&v, "regional->aggregate", "").is_none());
         assert_eq!(mismatches.len(), 1, "{mismatches:?}");
@@ -435,5 +490,92 @@ mod tests {
                 .iter()
                 .all(|m| m.contains("orders") && m.contains("10000"))
         );
+    }
+
+    #[test]
+    fn a_cell_whose_counts_overflow_is_reported_and_not_judged_and_the_others_are() {
+        // Regional dc1 counted nearly i64::MAX: each datacenter fits on its own, the sum over
+        // datacenters of regional->aggregate does not.
+        let big = i64::MAX - 5;
+        let (mut rows, marks) = two_datacenters(6, END + 2_000);
+        for r in &mut rows {
+            if r.datacenter == "dc1" {
+                r.count = Some(big);
+            }
+        }
+        let (v, done, findings) = judged(&rows, &marks, END + 5_000);
+        assert!(done, "an overflowing cell does not hold the bucket back");
+        assert_eq!(
+            findings.overflows,
+            BTreeSet::from([format!(
+                "topic `orders` on `regional->aggregate`, bucket {START} ({WIDTH} ms)"
+            )])
+        );
+        assert!(
+            v.iter().all(|c| c.key.edge != "regional->aggregate"),
+            "not judged: {v:?}"
+        );
+        let dc1 = topic_level(&v, "producer->regional", "dc1").expect("dc1 judged");
+        assert_eq!(
+            (dc1.status, dc1.expected, dc1.actual),
+            (VerdictStatus::Complete, big, big)
+        );
+        let dc2 = topic_level(&v, "producer->regional", "dc2").expect("dc2 judged");
+        assert_eq!(
+            (dc2.status, dc2.expected, dc2.actual),
+            (VerdictStatus::Missing, 7, 6)
+        );
+    }
+
+    #[test]
+    fn overflowing_sums_of_partitions_and_of_clusters_are_caught() {
+        let half = i64::MAX / 2 + 1;
+        let passed = END + 2_000;
+        let marks = vec![
+            progress("producer", "dc1", -1, passed),
+            progress("regional", "dc1", 0, passed),
+            progress("regional", "dc1", 1, passed),
+        ];
+        // Two partitions whose sum does not fit; then one whose rows' sum over clusters did
+        // not (PostgreSQL gives no count).
+        for rows in [
+            vec![
+                counts("producer", "dc1", -1, 10),
+                counts("regional", "dc1", 0, half),
+                counts("regional", "dc1", 1, half),
+            ],
+            vec![
+                counts("producer", "dc1", -1, 10),
+                CountRow {
+                    count: None,
+                    ..counts("regional", "dc1", 0, 0)
+                },
+            ],
+        ] {
+            let (v, done, findings) = judged(&rows, &marks, END + 5_000);
+            assert!(done);
+            assert!(v.is_empty(), "{v:?}");
+            assert_eq!(
+                findings.overflows,
+                BTreeSet::from([
+                    format!(
+                        "topic `orders` on `producer->regional` in `dc1`, bucket {START} \
+                         ({WIDTH} ms)"
+                    ),
+                    format!("topic `orders` on `regional->aggregate`, bucket {START} ({WIDTH} ms)")
+                ])
+            );
+        }
+        // A difference that does not fit (only negative counts could make one).
+        let rows = vec![
+            counts("producer", "dc1", -1, i64::MAX),
+            counts("regional", "dc1", 0, -1),
+        ];
+        let (v, _, findings) = judged(&rows, &marks, END + 5_000);
+        assert!(
+            v.iter().all(|c| c.key.edge != "producer->regional"),
+            "{v:?}"
+        );
+        assert_eq!(findings.overflows.len(), 1, "{:?}", findings.overflows);
     }
 }
