@@ -146,6 +146,7 @@ async fn bench() -> anyhow::Result<()> {
         pool: db.pool.clone(),
         registry: registry.clone(),
         token: None,
+        login: Default::default(),
         status: Arc::new(IngestStatus::new(1)),
         clock: Clock::system(),
         metrics: IngestMetrics::register(&registry)?,

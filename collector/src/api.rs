@@ -65,6 +65,8 @@ pub struct ApiState {
     pub registry: Registry,
     /// Required bearer token, if any. Never logged.
     pub token: Option<Arc<str>>,
+    /// Status page sessions and the failed-login limit.
+    pub login: crate::web::session::Login,
     /// Ingest health for `/readyz`.
     pub status: Arc<IngestStatus>,
     /// Wall clock for default ranges.
@@ -172,15 +174,19 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then finishes the requests
-/// in progress.
+/// in progress. Handlers see the peer's address (the status page's login limit counts
+/// failures per address).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }
 
 async fn timed(State(state): State<ApiState>, req: Request, next: Next) -> Response {

@@ -349,6 +349,15 @@ pub struct ApiConfig {
     /// the whole table.
     #[serde(with = "chaperone_audit::duration")]
     pub max_range: Duration,
+    /// How long a status page login lasts (the session's expiry and the cookie's `Max-Age`).
+    #[serde(with = "chaperone_audit::duration")]
+    pub session_ttl: Duration,
+    /// Failed status page logins a client address may make within `login_window`; past that,
+    /// its logins answer 429 with `Retry-After` until the window ends.
+    pub login_max_failures: u32,
+    /// The window of `login_max_failures`, starting at a client's first failure.
+    #[serde(with = "chaperone_audit::duration")]
+    pub login_window: Duration,
 }
 
 impl Default for ApiConfig {
@@ -357,6 +366,9 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9480)),
             token_file: None,
             max_range: Duration::from_secs(7 * 86_400),
+            session_ttl: Duration::from_secs(12 * 3_600),
+            login_max_failures: 5,
+            login_window: Duration::from_secs(60),
         }
     }
 }
@@ -532,6 +544,19 @@ impl Config {
         }
         nonzero(self.retention.interval, "retention.interval")?;
         nonzero(self.api.max_range, "api.max_range")?;
+        if self.api.session_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "api.session_ttl",
+                "must be at least 1s (the cookie's Max-Age counts whole seconds)",
+            ));
+        }
+        if self.api.login_max_failures == 0 {
+            return Err(ConfigError::new(
+                "api.login_max_failures",
+                "must be positive",
+            ));
+        }
+        nonzero(self.api.login_window, "api.login_window")?;
         self.reconcile.validate()?;
         self.alerts.validate()?;
         if self.alerts.enabled
@@ -624,6 +649,25 @@ mod tests {
             let e = Config::from_toml(text).expect_err(text).to_string();
             assert!(e.contains(line) && e.contains(fix), "{e}");
         }
+    }
+
+    #[test]
+    fn login_settings_default_and_are_checked() {
+        let c = minimal();
+        assert_eq!(c.api.session_ttl, Duration::from_secs(12 * 3_600));
+        assert_eq!(c.api.login_max_failures, 5);
+        assert_eq!(c.api.login_window, Duration::from_secs(60));
+        let c = Config::from_toml("[api]\nsession_ttl = \"30m\"\n").expect("parses");
+        assert_eq!(c.api.session_ttl, Duration::from_secs(1_800));
+        let mut c = minimal();
+        c.api.session_ttl = Duration::from_millis(500);
+        assert_eq!(c.validate().expect_err("bad").key, "api.session_ttl");
+        let mut c = minimal();
+        c.api.login_max_failures = 0;
+        assert_eq!(c.validate().expect_err("bad").key, "api.login_max_failures");
+        let mut c = minimal();
+        c.api.login_window = Duration::ZERO;
+        assert_eq!(c.validate().expect_err("bad").key, "api.login_window");
     }
 
     #[test]

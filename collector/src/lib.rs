@@ -104,6 +104,15 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
         pool: pool.clone(),
         registry: registry.clone(),
         token: api_token.map(Arc::from),
+        login: web::session::Login::new(web::session::LoginLimits {
+            session_ttl: config.api.session_ttl,
+            max_failures: config.api.login_max_failures,
+            window: config.api.login_window,
+            secure: config.alerts.public_url.as_deref().is_some_and(|u| {
+                u.get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            }),
+        }),
         status: Arc::clone(&status),
         clock: clock.clone(),
         metrics: metrics.clone(),
@@ -111,6 +120,14 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
     };
     let addr = listener.local_addr().context("reading the API address")?;
     tracing::info!(%addr, "api listening");
+    if state.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the API and status page listen beyond loopback with no token: anyone who can \
+             reach this address can read them (set {} or api.token_file)",
+            config::ENV_API_TOKEN
+        );
+    }
     let http = tokio::spawn({
         let http_shutdown = http_shutdown.clone();
         let shutdown = shutdown.clone();

@@ -18,23 +18,30 @@
 //! naming the parameter, times are epoch ms or RFC 3339).
 //!
 //! When the collector has an API token, the pages need it too: `/login` takes it in a form
-//! and sets it (hex-encoded) in an HttpOnly, SameSite=Strict cookie, compared in constant
-//! time like the bearer token, which the pages also accept. Without a token the pages are
-//! open.
+//! and opens a server-side session ([`session`]): the cookie holds a random id (HttpOnly,
+//! SameSite=Lax, `Max-Age` of `api.session_ttl`, `Secure` when `alerts.public_url` is https),
+//! never the token. `/logout` deletes the session. Failed logins are rate-limited per client
+//! address (429 with `Retry-After`). The pages also accept the token as a bearer token.
+//! Without a token the pages are open.
 //!
 //! - [`pages`]: the HTML of each page, pure functions of what was read.
 //! - [`chart`]: the SVG chart.
 //! - [`format`]: UTC and relative times.
 //! - [`query`]: reads of its own.
+//! - [`session`]: login sessions and the failed-login limit.
 
 pub mod chart;
 pub mod format;
 pub mod pages;
 pub mod query;
+pub mod session;
 
 use axum::Router;
 use axum::extract::rejection::{FormRejection, QueryRejection};
-use axum::extract::{Form, Path, Query, Request, State};
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::extract::{ConnectInfo, Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -47,8 +54,7 @@ use crate::api::{self, ApiError, ApiState, Params};
 use crate::reconcile::{self, VerdictStatus};
 use crate::store;
 
-/// Cookie holding the hex-encoded API token after a login.
-pub const COOKIE: &str = "chaperone_token";
+pub use session::COOKIE;
 
 /// Most open incidents `/` reads (as `/api/v1/alerts` allows).
 const MAX_OPEN_INCIDENTS: i64 = 10_000;
@@ -150,25 +156,32 @@ fn local_path(next: Option<&str>) -> String {
     }
 }
 
-/// Whether the request carries the token, in the cookie or as a bearer token.
-fn authenticated(token: &str, headers: &HeaderMap) -> bool {
-    let bearer = headers
+/// Whether the request carries the token as a bearer token.
+fn bearer(token: &str, headers: &HeaderMap) -> bool {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if bearer.is_some_and(|b| api::constant_time_eq(b.as_bytes(), token.as_bytes())) {
-        return true;
+        .map(str::trim)
+        .is_some_and(|b| api::constant_time_eq(b.as_bytes(), token.as_bytes()))
+}
+
+/// Whether the request carries the token as a bearer token or a live session's cookie.
+async fn authenticated(
+    state: &ApiState,
+    token: &str,
+    headers: &HeaderMap,
+) -> Result<bool, PageError> {
+    if bearer(token, headers) {
+        return Ok(true);
     }
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .filter(|(name, _)| *name == COOKIE)
-        .filter_map(|(_, value)| hex::decode(value).ok())
-        .any(|given| api::constant_time_eq(&given, token.as_bytes()))
+    let now = state.clock.now();
+    for id in session::cookie_ids(headers) {
+        if session::valid(&state.pool, &id, token, now).await? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 async fn require_login(
@@ -176,18 +189,18 @@ async fn require_login(
     headers: HeaderMap,
     req: Request,
     next: Next,
-) -> Response {
-    match &state.token {
-        Some(token) if !authenticated(token, &headers) => {
-            let here = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
-            Redirect::to(&format!("/login?next={}", encode(&here))).into_response()
-        }
-        _ => next.run(req).await,
+) -> Result<Response, PageError> {
+    if let Some(token) = &state.token
+        && !authenticated(&state, token, &headers).await?
+    {
+        let here = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        return Ok(Redirect::to(&format!("/login?next={}", encode(&here))).into_response());
     }
+    Ok(next.run(req).await)
 }
 
 async fn login_form(
@@ -210,8 +223,17 @@ struct LoginForm {
     next: Option<String>,
 }
 
+/// The address a request came from, when the server was started with it.
+type Peer = Option<Extension<ConnectInfo<SocketAddr>>>;
+
+fn set_cookie(value: String) -> Result<HeaderValue, ApiError> {
+    HeaderValue::from_str(&value)
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("login cookie")))
+}
+
 async fn login(
     State(state): State<ApiState>,
+    peer: Peer,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     let Form(form) = form.map_err(|e| ApiError::bad("token", e.body_text()))?;
@@ -219,7 +241,30 @@ async fn login(
     let Some(token) = &state.token else {
         return Ok(Redirect::to(&next).into_response());
     };
+    let client = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let now = state.clock.now();
+    if let Err(wait) = state.login.check(client, now) {
+        tracing::warn!(
+            client = ?client,
+            retry_after_s = wait.as_secs(),
+            "status page login refused: too many failed logins"
+        );
+        let retry = HeaderValue::from(wait.as_secs());
+        return Ok((
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, retry)],
+            page(pages::login(
+                &next,
+                Some(&format!(
+                    "Too many failed logins from this address; try again in {} s.",
+                    wait.as_secs()
+                )),
+            )),
+        )
+            .into_response());
+    }
     if !api::constant_time_eq(form.token.trim().as_bytes(), token.as_bytes()) {
+        state.login.failed(client, now);
         return Ok((
             StatusCode::UNAUTHORIZED,
             page(pages::login(
@@ -229,26 +274,18 @@ async fn login(
         )
             .into_response());
     }
-    let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        hex::encode(token.as_bytes())
-    );
-    let cookie = HeaderValue::from_str(&cookie)
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("login cookie")))?;
+    state.login.succeeded(client);
+    let id = session::open(&state.pool, token, state.login.limits.session_ttl, now).await?;
+    let cookie = set_cookie(state.login.cookie(&id))?;
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response())
 }
 
-async fn logout() -> Response {
-    (
-        [(
-            header::SET_COOKIE,
-            HeaderValue::from_static(
-                "chaperone_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-            ),
-        )],
-        Redirect::to("/login"),
-    )
-        .into_response()
+async fn logout(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, PageError> {
+    for id in session::cookie_ids(&headers) {
+        session::revoke(&state.pool, &id).await?;
+    }
+    let cookie = set_cookie(state.login.clear_cookie())?;
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response())
 }
 
 /// The `status` filter of `/`.
@@ -487,27 +524,15 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_token_from_the_cookie_or_the_header() {
+    fn reads_the_bearer_token() {
         let mut h = HeaderMap::new();
-        assert!(!authenticated("s3cret", &h));
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_str(&format!("a=b; {COOKIE}={}", hex::encode("s3cret"))).unwrap(),
-        );
-        assert!(authenticated("s3cret", &h));
-        assert!(!authenticated("other", &h));
-        let mut h = HeaderMap::new();
+        assert!(!bearer("s3cret", &h));
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer s3cret"),
         );
-        assert!(authenticated("s3cret", &h));
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_static("chaperone_token=zz"),
-        );
-        assert!(!authenticated("s3cret", &h));
+        assert!(bearer("s3cret", &h));
+        assert!(!bearer("other", &h));
     }
 
     #[test]

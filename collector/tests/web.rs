@@ -495,13 +495,19 @@ async fn pages_need_the_token_when_one_is_set() -> anyhow::Result<()> {
             format!("/login?next={next}"),
             "{path}"
         );
-        // A wrong cookie or bearer token is no better.
-        let resp = client()
-            .get(format!("{base}{path}"))
-            .header("cookie", format!("chaperone_token={}", hex::encode("nope")))
-            .send()
-            .await?;
-        assert_eq!(resp.status().as_u16(), 303, "{path} with a wrong cookie");
+        // A wrong cookie or bearer token is no better, nor the token itself as a cookie.
+        for cookie in [
+            format!("chaperone_session={}", "ab".repeat(32)),
+            format!("chaperone_session={}", hex::encode(TOKEN)),
+            format!("chaperone_token={}", hex::encode(TOKEN)),
+        ] {
+            let resp = client()
+                .get(format!("{base}{path}"))
+                .header("cookie", &cookie)
+                .send()
+                .await?;
+            assert_eq!(resp.status().as_u16(), 303, "{path} with {cookie}");
+        }
         let resp = client()
             .get(format!("{base}{path}"))
             .bearer_auth("nope")
@@ -525,13 +531,25 @@ async fn pages_need_the_token_when_one_is_set() -> anyhow::Result<()> {
     assert_eq!(right.status().as_u16(), 303);
     assert_eq!(right.headers()["location"], "/topics/orders");
     let set = right.headers()["set-cookie"].to_str()?.to_owned();
-    assert!(set.contains("HttpOnly"), "{set}");
-    assert!(set.contains("SameSite=Strict"), "{set}");
-    let cookie = set.split(';').next().expect("cookie").to_owned();
-    assert_eq!(cookie, format!("chaperone_token={}", hex::encode(TOKEN)));
+    let attrs: Vec<&str> = set.split(';').map(str::trim).collect();
+    for a in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=43200"] {
+        assert!(attrs.contains(&a), "{a} in {set}");
+    }
+    assert!(!attrs.contains(&"Secure"), "plain http: {set}");
+    let cookie = attrs[0].to_owned();
+    let id = session_id(&cookie);
+    // The cookie is a random id, not the token nor anything computed from it: another login
+    // with the same token gets another id, and the store keeps only the id's hash.
+    assert!(
+        !id.contains(&hex::encode(TOKEN)) && !id.contains(TOKEN),
+        "{cookie}"
+    );
     // No open redirect.
     let away = login(&base, TOKEN, "//elsewhere.example/").await?;
     assert_eq!(away.headers()["location"], "/");
+    let other = away.headers()["set-cookie"].to_str()?.to_owned();
+    assert_ne!(session_id(&other), id, "two logins, two ids");
+    assert_eq!(stored_sessions(&db, &id).await?, (1, 0));
 
     let s = Session {
         base: base.clone(),
@@ -553,9 +571,198 @@ async fn pages_need_the_token_when_one_is_set() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(resp.status().as_u16(), 401);
-    let out = client().post(format!("{base}/logout")).send().await?;
+    // Logging out deletes the session: the same cookie no longer opens a page.
+    let out = client()
+        .post(format!("{base}/logout"))
+        .header("cookie", s.cookie.clone().expect("cookie"))
+        .send()
+        .await?;
     assert_eq!(out.status().as_u16(), 303);
-    assert!(out.headers()["set-cookie"].to_str()?.contains("Max-Age=0"));
+    assert_eq!(out.headers()["location"], "/login");
+    let cleared = out.headers()["set-cookie"].to_str()?;
+    assert!(
+        cleared.starts_with("chaperone_session=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
+    assert_eq!(stored_sessions(&db, &id).await?, (0, 0));
+    let (status, _) = s.page("/").await?;
+    assert_eq!(status, 303, "a revoked session is refused");
+
+    collector.stop().await?;
+    db.drop_db().await
+}
+
+/// The session id in a `Set-Cookie` or `Cookie` value: 64 hex digits.
+fn session_id(cookie: &str) -> String {
+    let pair = cookie.split(';').next().expect("pair");
+    let id = pair
+        .strip_prefix("chaperone_session=")
+        .unwrap_or_else(|| panic!("{cookie}"));
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{cookie}"
+    );
+    id.to_owned()
+}
+
+/// Stored sessions whose id hashes to `id`'s SHA-256, and rows holding `id` itself.
+async fn stored_sessions(db: &TestDb, id: &str) -> anyhow::Result<(i64, i64)> {
+    use sha2::Digest as _;
+    let raw = hex::decode(id)?;
+    let hashed = sha2::Sha256::digest(&raw).to_vec();
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE id_sha256 = $1), count(*) FILTER (WHERE id_sha256 = $2) \
+         FROM web_sessions",
+    )
+    .bind(hashed)
+    .bind(raw)
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+/// A wall clock moved forward by what the test adds.
+#[derive(Clone, Default)]
+struct Ahead(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl Ahead {
+    fn clock(&self) -> chaperone_collector::Clock {
+        let ahead = self.clone();
+        chaperone_collector::Clock::from_fn(move || {
+            chrono::Utc::now()
+                + chrono::Duration::milliseconds(ahead.0.load(std::sync::atomic::Ordering::SeqCst))
+        })
+    }
+
+    fn add(&self, d: Duration) {
+        self.0.fetch_add(
+            i64::try_from(d.as_millis()).expect("ms"),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
+/// The collector in process with `token` and the clock `ahead`; the status page's public URL
+/// is https.
+async fn start_https(
+    db: &TestDb,
+    topics: &Topics,
+    token: &str,
+    ahead: &Ahead,
+) -> anyhow::Result<InProcess> {
+    let mut config = ingest_support::config(db, topics);
+    config.alerts.public_url = Some("https://status.chaperone.test".into());
+    config.api.session_ttl = Duration::from_secs(600);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let registry = prometheus::Registry::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let deps = chaperone_collector::Deps {
+        pool: db.pool.clone(),
+        listener,
+        registry: registry.clone(),
+        clock: ahead.clock(),
+        api_token: Some(token.to_owned()),
+    };
+    let task = tokio::spawn(chaperone_collector::run(config, deps, shutdown.clone()));
+    Ok(InProcess {
+        shutdown,
+        addr,
+        registry,
+        task,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_secure_behind_https_expire_and_end_with_the_token() -> anyhow::Result<()> {
+    let db = ingest_db().await?;
+    let topics = Topics::create(1).await?;
+    let ahead = Ahead::default();
+    let collector = start_https(&db, &topics, TOKEN, &ahead).await?;
+    let base = collector.url("");
+
+    let right = login(&base, TOKEN, "/").await?;
+    assert_eq!(right.status().as_u16(), 303);
+    let set = right.headers()["set-cookie"].to_str()?.to_owned();
+    let attrs: Vec<&str> = set.split(';').map(str::trim).collect();
+    assert!(attrs.contains(&"Secure"), "public_url is https: {set}");
+    assert!(attrs.contains(&"Max-Age=600"), "{set}");
+    let id = session_id(&set);
+    let s = Session {
+        base: base.clone(),
+        cookie: Some(attrs[0].to_owned()),
+    };
+    assert_eq!(s.page("/").await?.0, 200);
+    let out = client().post(format!("{base}/logout")).send().await?;
+    assert!(
+        out.headers()["set-cookie"].to_str()?.contains("Secure"),
+        "the cleared cookie matches"
+    );
+
+    // Past api.session_ttl the session is refused and its row deleted.
+    ahead.add(Duration::from_secs(599));
+    assert_eq!(s.page("/").await?.0, 200, "not expired yet");
+    ahead.add(Duration::from_secs(2));
+    assert_eq!(s.page("/").await?.0, 303, "expired");
+    assert_eq!(stored_sessions(&db, &id).await?, (0, 0));
+
+    // A new API token ends the sessions opened with the old one.
+    let fresh = login(&base, TOKEN, "/").await?;
+    let fresh = Session {
+        base: base.clone(),
+        cookie: Some(format!(
+            "chaperone_session={}",
+            session_id(fresh.headers()["set-cookie"].to_str()?)
+        )),
+    };
+    assert_eq!(fresh.page("/").await?.0, 200);
+    collector.stop().await?;
+    let rotated = start_https(&db, &topics, "web-test-token-rotated", &ahead).await?;
+    let fresh = Session {
+        base: rotated.url(""),
+        cookie: fresh.cookie,
+    };
+    assert_eq!(fresh.page("/").await?.0, 303, "opened with the old token");
+
+    rotated.stop().await?;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_limited_per_client() -> anyhow::Result<()> {
+    let db = ingest_db().await?;
+    let topics = Topics::create(1).await?;
+    let ahead = Ahead::default();
+    let collector = start_https(&db, &topics, TOKEN, &ahead).await?;
+    let base = collector.url("");
+
+    for n in 1..=5 {
+        let wrong = login(&base, &format!("guess-{n}"), "/").await?;
+        assert_eq!(wrong.status().as_u16(), 401, "failure {n}");
+        assert!(wrong.headers().get("retry-after").is_none());
+    }
+    // The sixth within the minute is refused without being checked, the right token too:
+    // a locked-out client waits for the end of its window.
+    for token in ["guess-6", TOKEN] {
+        let refused = login(&base, token, "/").await?;
+        assert_eq!(refused.status().as_u16(), 429);
+        assert!(refused.headers().get("set-cookie").is_none());
+        let retry: u64 = refused.headers()["retry-after"].to_str()?.parse()?;
+        assert!((1..=60).contains(&retry), "Retry-After: {retry}");
+        assert!(refused.text().await?.contains("Too many failed logins"));
+    }
+    // The bearer token still opens the pages.
+    let resp = client()
+        .get(format!("{base}/"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+
+    // Once the window has passed, the right token logs in.
+    ahead.add(Duration::from_secs(61));
+    let right = login(&base, TOKEN, "/").await?;
+    assert_eq!(right.status().as_u16(), 303);
+    session_id(right.headers()["set-cookie"].to_str()?);
 
     collector.stop().await?;
     db.drop_db().await
