@@ -233,6 +233,37 @@ fn inflate(bytes: &[u8]) -> Result<Vec<u8>, HistogramError> {
     Ok(out)
 }
 
+/// Checks the counts of a V2 payload (zig-zag LEB128 varints, negative ones runs of zeros)
+/// for the one value the deserializer cannot take: a run of 2^63 zeros, whose negation
+/// overflows.
+fn check_v2_payload(payload: &[u8]) -> Result<(), HistogramError> {
+    let mut i = 0;
+    while i < payload.len() {
+        let mut value = 0u64;
+        let mut len = 0;
+        while len < 9 && i + len < payload.len() {
+            let b = payload[i + len];
+            if len == 8 {
+                value |= u64::from(b) << 56;
+                len += 1;
+                break;
+            }
+            value |= u64::from(b & 0x7f) << (7 * len);
+            len += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        if value == u64::MAX {
+            return Err(HistogramError::Format(format!(
+                "a run of 2^63 zeros at payload byte {i}"
+            )));
+        }
+        i += len;
+    }
+    Ok(())
+}
+
 /// Checks an uncompressed V2 header against the bytes that follow it.
 fn check_v2_header(bytes: &[u8]) -> Result<(), HistogramError> {
     let bad = |what: String| Err(HistogramError::Header(what));
@@ -252,6 +283,7 @@ fn check_v2_header(bytes: &[u8]) -> Result<(), HistogramError> {
             "{sigfig} significant digits, more than the {MAX_WIRE_SIGFIG} allowed"
         ));
     }
+    check_v2_payload(&bytes[V2_HEADER_LEN..])?;
     let (low, high) = (be_u64(bytes, 16), be_u64(bytes, 24));
     if high > MAX_LATENCY_MS {
         return Err(HistogramError::Range(high));
@@ -412,6 +444,19 @@ mod tests {
         ));
         // Unchanged, the same bytes decode.
         assert_eq!(Latency::from_bytes(&h.to_bytes()).expect("decodes"), h);
+    }
+
+    #[test]
+    fn a_zero_run_that_cannot_be_negated_is_refused() {
+        // One 9-byte varint of all ones: zig-zag decodes to i64::MIN, a run of 2^63 zeros.
+        let mut b = of(&[]).to_bytes();
+        b.truncate(V2_HEADER_LEN);
+        b.extend([0xff; 9]);
+        b[4..8].copy_from_slice(&9u32.to_be_bytes());
+        assert!(matches!(
+            Latency::from_bytes(&b),
+            Err(HistogramError::Format(_))
+        ));
     }
 
     #[test]
