@@ -11,8 +11,9 @@
 //! 2. **buckets**: the binary (the release build `cargo bench` makes, or
 //!    `BENCH_BASELINE_BIN` as well for a ratio) reads `BENCH_CELLS` messages in as many
 //!    distinct one-minute buckets, all between two flushes (`flush_interval = "30s"`):
-//!    RSS with every cell open, peak RSS, RSS after the flush, and whether the counts read
-//!    back from the audit topic are exact.
+//!    the highest RSS until that flush committed (every cell open, then their records in the
+//!    transaction), peak RSS, RSS after the flush, and whether the counts read back from the
+//!    audit topic are exact.
 //! 3. **hostile**: with the default configuration, a producer writes random CreateTimes from
 //!    2000 to 2200 at `BENCH_RATE` msg/s (default 20,000) for `BENCH_SECONDS` (default 60)
 //!    into 12 partitions: peak RSS, and the counts read back per partition and bucket,
@@ -413,8 +414,8 @@ async fn buckets_with(bin: &Path, bootstrap: &str, n: usize) -> (u64, u64, u64, 
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(AtomicU64::new(0));
     let sampling = sampler(pid, stop.clone(), last.clone());
-    // The first flush commits every cell: until then, the highest RSS is that of the open
-    // cells.
+    // The first flush commits every cell: until it has committed, the highest RSS is that
+    // of the open cells, then of their records in the transaction.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut open = 0;
     while svc.messages() == 0 && Instant::now() < deadline {
@@ -446,7 +447,7 @@ async fn buckets(bootstrap: &str, n: usize) {
     let (open, peak, after, verdict) = buckets_with(&bin, bootstrap, n).await;
     println!("buckets: {n} messages in {n} distinct (partition, bucket) cells, one flush");
     println!(
-        "  this build: {:>8.1} MiB with every cell open, peak {:>8.1} MiB, {:>8.1} MiB after the flush; counts {verdict}",
+        "  this build: {:>8.1} MiB until the flush committed, peak {:>8.1} MiB, {:>8.1} MiB after the flush; counts {verdict}",
         mib(open),
         mib(peak),
         mib(after)
@@ -455,7 +456,7 @@ async fn buckets(bootstrap: &str, n: usize) {
         let (b_open, b_peak, b_after, b_verdict) =
             buckets_with(Path::new(&base), bootstrap, n).await;
         println!(
-            "  baseline:   {:>8.1} MiB with every cell open, peak {:>8.1} MiB, {:>8.1} MiB after the flush; counts {b_verdict}",
+            "  baseline:   {:>8.1} MiB until the flush committed, peak {:>8.1} MiB, {:>8.1} MiB after the flush; counts {b_verdict}",
             mib(b_open),
             mib(b_peak),
             mib(b_after)
@@ -481,6 +482,8 @@ async fn hostile(bootstrap: &str, rate: usize, seconds: usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(AtomicU64::new(0));
     let sampling = sampler(pid, stop.clone(), last.clone());
+    // Started, subscribed and assigned, before any message.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let idle = status_kib(pid, "VmRSS:");
 
     let (b, t) = (bootstrap.to_owned(), topic.clone());
