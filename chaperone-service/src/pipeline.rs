@@ -10,8 +10,9 @@
 //! on the committer thread while this loop counts on; one is in flight at a time. An early
 //! flush takes the same path as a timed one; when the tally is full while a transaction is
 //! still in flight, the loop stops counting until that one has ended, so the open counts
-//! never grow past their limit by more than a few hundred messages. On partition revocation and on shutdown,
-//! [`Core::flush`] waits for it and commits what is left before returning.
+//! outgrow their limit by one message at most. On partition revocation and on shutdown,
+//! [`Core::flush`] waits for the transaction in flight and commits what is left before
+//! returning.
 //!
 //! When a transaction fails it is aborted, its counts and everything counted since are
 //! discarded and every assigned partition is rewound to its committed offset, so those
