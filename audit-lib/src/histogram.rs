@@ -82,6 +82,13 @@ impl Latency {
         self.0.saturating_record(v);
     }
 
+    /// Records `n` occurrences of one latency, as `n` calls of [`Latency::record`] would.
+    #[inline]
+    pub fn record_n(&mut self, latency_ms: i64, n: u64) {
+        let v = u64::try_from(latency_ms).unwrap_or(0).min(MAX_LATENCY_MS);
+        self.0.saturating_record_n(v, n);
+    }
+
     /// Adds every value of `other` into `self`.
     pub fn merge(&mut self, other: &Latency) {
         // Both histograms share the same bounds, so `add` cannot fail; saturate defensively.
@@ -345,6 +352,15 @@ mod tests {
             ba.merge(&of(&a));
             prop_assert_eq!(ab, ba);
         }
+    }
+
+    #[test]
+    fn record_n_equals_recording_n_times() {
+        let mut once = Latency::new();
+        once.record_n(1_234, 3);
+        once.record_n(-7, 2);
+        once.record_n(i64::MAX, 1);
+        assert_eq!(once, of(&[1_234, 1_234, 1_234, -7, -7, i64::MAX]));
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Single-threaded accumulation of messages into (topic, partition, bucket) cells.
 //!
-//! A [`Tally`] is what every hop counts into between two flushes: audit-lib's concurrent
-//! tracker keeps one per shard, chaperone-service keeps one per consumer loop. Draining it
-//! yields [`Entry`] values that become [`Counts`] records once the caller names the logical
-//! topic and the observer.
+//! A [`Tally`] is what a producer's hop counts into between two flushes: audit-lib's
+//! concurrent tracker keeps one per shard. Draining it yields [`Entry`] values that become
+//! [`Counts`] records once the caller names the logical topic and the observer.
+//! (chaperone-service keeps a tally of its own, with compact latencies and a memory limit.)
 
 // Topic names and partition numbers come from the audited cluster, not from strangers, so a
 // fast non-cryptographic hash is safe here; it is on the per-message path.

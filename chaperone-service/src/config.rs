@@ -47,6 +47,9 @@ pub enum ConfigError {
     },
 }
 
+/// Smallest `open_cells_max_bytes`: room for a few dozen busy cells.
+pub const MIN_OPEN_CELLS_MAX_BYTES: u64 = 1024 * 1024;
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -206,6 +209,15 @@ pub struct Config {
     /// less recounting after a crash; longer means fewer, larger transactions.
     #[serde(with = "chaperone_audit::duration")]
     pub flush_interval: Duration,
+    /// Estimated memory of the open counts (cells of topic, partition and event-time bucket
+    /// not yet committed) at which they are committed before `flush_interval` is up. Any
+    /// producer can write any CreateTime from 2000 to 2200, so the number of cells between two
+    /// flushes is the producers' choice: this bounds the service's memory whatever they write.
+    /// A cell takes about 1 KiB (with the record it becomes), one with many messages about
+    /// 25 KiB (a full latency histogram); the batch being committed takes as much again.
+    /// Raise it for tens of thousands of busy partitions, or early commits will outpace the
+    /// interval (`chaperone_service_early_flushes_total`). At least 1 MiB.
+    pub open_cells_max_bytes: u64,
     /// Kafka `transaction.timeout.ms`: how long the broker keeps a dead instance's open
     /// transaction (and so the group's offsets) locked before aborting it.
     #[serde(with = "chaperone_audit::duration")]
@@ -252,6 +264,7 @@ impl std::fmt::Debug for Config {
             .field("audit_topic_replication", &self.audit_topic_replication)
             .field("bucket_width", &self.bucket_width)
             .field("flush_interval", &self.flush_interval)
+            .field("open_cells_max_bytes", &self.open_cells_max_bytes)
             .field("transaction_timeout", &self.transaction_timeout)
             .field("kafka_timeout", &self.kafka_timeout)
             .field("http_addr", &self.http_addr)
@@ -282,6 +295,7 @@ impl Default for Config {
             audit_topic_replication: -1,
             bucket_width: Duration::from_secs(60),
             flush_interval: Duration::from_secs(5),
+            open_cells_max_bytes: 128 * 1024 * 1024,
             transaction_timeout: Duration::from_secs(60),
             kafka_timeout: Duration::from_secs(30),
             http_addr: SocketAddr::from(([0, 0, 0, 0], 9464)),
@@ -446,6 +460,12 @@ impl Config {
         if self.flush_interval < Duration::from_millis(100) {
             return Err(invalid("flush_interval", "must be at least 100ms"));
         }
+        if self.open_cells_max_bytes < MIN_OPEN_CELLS_MAX_BYTES {
+            return Err(invalid(
+                "open_cells_max_bytes",
+                format!("must be at least {MIN_OPEN_CELLS_MAX_BYTES} (1 MiB)"),
+            ));
+        }
         if self.transaction_timeout < Duration::from_secs(1) {
             return Err(invalid("transaction_timeout", "must be at least 1s"));
         }
@@ -548,6 +568,7 @@ mod tests {
         let c = base();
         c.validate().expect("valid");
         assert_eq!(c.flush_interval, Duration::from_secs(5));
+        assert_eq!(c.open_cells_max_bytes, 128 * 1024 * 1024);
         assert_eq!(c.width().as_millis(), 60_000);
         assert_eq!(c.mapping_kind(), MappingKind::Identity);
         assert_eq!(c.audit_topic, "chaperone-audit");
@@ -575,6 +596,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("flush_interval")
+        );
+        let mut c = base();
+        c.open_cells_max_bytes = 1024;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`open_cells_max_bytes`")
         );
         let mut c = base();
         c.datacenter = String::new();

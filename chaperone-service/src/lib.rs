@@ -7,6 +7,8 @@
 //! - [`event_time`]: how a message is dated (CreateTime, a JSON field, or its arrival).
 //! - [`mapping`]: physical topic -> logical topic and source datacenter across mirrors.
 //! - [`kafka`]: client configurations with forced safety settings, audit topic creation.
+//! - [`tally`] and [`latency`]: the open counts between two flushes, kept small (sparse
+//!   latencies) and measured, so the loop can commit early before they outgrow their limit.
 //! - [`pipeline`]: the consume loop, counting into a tally and committing counts together
 //!   with consumer offsets in Kafka transactions.
 //! - [`transaction`]: the thread that runs those transactions while the loop counts on.
@@ -20,10 +22,12 @@ pub mod config;
 pub mod event_time;
 pub mod http;
 pub mod kafka;
+pub mod latency;
 pub mod mapping;
 pub mod metrics;
 pub mod pipeline;
 pub mod subscription;
+pub mod tally;
 pub mod transaction;
 pub mod watermark;
 
@@ -148,6 +152,7 @@ async fn start_pipeline(
         audit_topic: config.audit_topic.clone(),
         width: config.width(),
         flush_interval: config.flush_interval,
+        open_cells_max_bytes: usize::try_from(config.open_cells_max_bytes).unwrap_or(usize::MAX),
         kafka_timeout: config.kafka_timeout,
         watermark_lateness: config.event_time.watermark_lateness,
         refresh_interval: config.topics.refresh_interval,

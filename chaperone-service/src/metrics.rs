@@ -43,6 +43,11 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     /// Topics that use LogAppendTime (their record timestamps are not event times).
     pub log_append_time_topics: IntCounter,
+    /// Flushes started before `flush_interval` was up because the open counts reached
+    /// `open_cells_max_bytes`.
+    pub early_flushes: IntCounter,
+    /// Estimated memory of the open counts when the last flush drained them.
+    pub open_cells_bytes: IntGauge,
     tier: String,
     max_lag_series: usize,
     lag_series: std::sync::Arc<std::sync::Mutex<HashSet<(String, i32)>>>,
@@ -132,6 +137,22 @@ impl Metrics {
                 .namespace(ns)
                 .subsystem(sub),
             )?,
+            early_flushes: IntCounter::with_opts(
+                Opts::new(
+                    "early_flushes_total",
+                    "Flushes started early because the open counts reached open_cells_max_bytes",
+                )
+                .namespace(ns)
+                .subsystem(sub),
+            )?,
+            open_cells_bytes: IntGauge::with_opts(
+                Opts::new(
+                    "open_cells_bytes",
+                    "Estimated memory of the open counts when the last flush drained them",
+                )
+                .namespace(ns)
+                .subsystem(sub),
+            )?,
             tier: tier.to_owned(),
             max_lag_series,
             lag_series: Default::default(),
@@ -149,6 +170,8 @@ impl Metrics {
         registry.register(Box::new(m.subscribed_topics.clone()))?;
         registry.register(Box::new(m.flush_duration.clone()))?;
         registry.register(Box::new(m.log_append_time_topics.clone()))?;
+        registry.register(Box::new(m.early_flushes.clone()))?;
+        registry.register(Box::new(m.open_cells_bytes.clone()))?;
         // Create the series up front so dashboards see zeros, not gaps.
         for result in ["committed", "aborted"] {
             m.transactions.with_label_values(&[result]);

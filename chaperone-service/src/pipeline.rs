@@ -1,13 +1,18 @@
 //! The consume-count-commit loop, run on a dedicated thread.
 //!
-//! Messages are counted into a [`Tally`] in memory. Every flush interval, the tally is
+//! Messages are counted into a [`Tally`] in memory. Every flush interval, or as soon as the
+//! tally's estimated memory reaches `open_cells_max_bytes` (an early flush), the tally is
 //! drained together with the consumer's positions into one Kafka transaction on the audited
 //! cluster (see [`crate::transaction`]): a `counts` record per drained cell and a `progress`
 //! record per assigned partition (its watermark decided by [`crate::watermark`]) go to the
 //! audit topic, the positions are added with `send_offsets_to_transaction`, and it commits.
-//! Counts and offsets therefore become visible together or not at all. The transaction runs on the committer thread while this loop
-//! counts on; one is in flight at a time. On partition revocation and on shutdown,
-//! [`Core::flush`] waits for it and commits what is left before returning.
+//! Counts and offsets therefore become visible together or not at all. The transaction runs
+//! on the committer thread while this loop counts on; one is in flight at a time. An early
+//! flush takes the same path as a timed one; when the tally is full while a transaction is
+//! still in flight, the loop stops counting until that one has ended, so the open counts
+//! outgrow their limit by one message at most. On partition revocation and on shutdown,
+//! [`Core::flush`] waits for the transaction in flight and commits what is left before
+//! returning.
 //!
 //! When a transaction fails it is aborted, its counts and everything counted since are
 //! discarded and every assigned partition is rewound to its committed offset, so those
@@ -22,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chaperone_audit::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
-use chaperone_audit::{AuditRecord, BucketWidth, Observer, Progress, SequenceIds, Tally, Tier};
+use chaperone_audit::{AuditRecord, BucketWidth, Observer, Progress, SequenceIds, Tier};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _, Timestamp};
@@ -35,6 +40,7 @@ use crate::http::Health;
 use crate::mapping::{Mapped, Mapping};
 use crate::metrics::Metrics;
 use crate::subscription::Selector;
+use crate::tally::Tally;
 use crate::transaction::{Batch, Committer, Outcome, Totals};
 use crate::watermark::{self, Committed, Ends, Key, Marks};
 
@@ -76,6 +82,8 @@ pub struct Settings {
     pub width: BucketWidth,
     /// Flush interval.
     pub flush_interval: Duration,
+    /// Estimated memory of the open counts at which they are committed early.
+    pub open_cells_max_bytes: usize,
     /// Timeout of each transactional call.
     pub kafka_timeout: Duration,
     /// Subtracted from event-time watermarks.
@@ -313,9 +321,17 @@ impl Core {
         Ok(())
     }
 
+    /// Whether the open counts have reached their memory limit (`open_cells_max_bytes`).
+    #[inline]
+    fn tally_full(&self) -> bool {
+        self.tally.estimated_bytes() >= self.settings.open_cells_max_bytes
+    }
+
     /// Collects the outcome of the batch in flight, if it has ended, and, when `due` and no
     /// batch is in flight, hands the counts so far to the committer without waiting.
-    /// Returns whether the due flush was started (or had nothing to do).
+    /// When the tally is full, the flush is due whatever `due` says, and a batch in flight
+    /// is waited for first (counting stops meanwhile). Returns whether the flush was started
+    /// (or had nothing to do).
     fn tick<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
@@ -324,8 +340,18 @@ impl Core {
         if let Some(outcome) = self.committer.try_outcome() {
             self.settle(outcome, consumer, true)?;
         }
-        if !due || self.committer.in_flight() {
+        if self.tally_full()
+            && let Some(outcome) = self.committer.wait()
+        {
+            // After an abort the tally is empty again and the partitions are rewound.
+            self.settle(outcome, consumer, true)?;
+        }
+        let early = !due && self.tally_full();
+        if !(due || early) || self.committer.in_flight() {
             return Ok(false);
+        }
+        if early {
+            self.metrics.early_flushes.inc();
         }
         if let Some(batch) = self.prepare(consumer)? {
             self.committer.submit(batch);
@@ -386,6 +412,9 @@ impl Core {
             return Ok(None);
         }
         self.look_up_committed(consumer, &positions);
+        self.metrics
+            .open_cells_bytes
+            .set(i64::try_from(self.tally.estimated_bytes()).unwrap_or(i64::MAX));
         let entries = self.tally.drain();
         let now = self.clock.now_ms();
         let width = self.settings.width;
@@ -393,6 +422,8 @@ impl Core {
         let mut records: Vec<(String, Vec<u8>)> =
             Vec::with_capacity(entries.len() + positions.count());
         for e in entries {
+            // One cell at a time becomes a full histogram and is encoded at once.
+            let e = e.into_audit();
             totals.messages += e.cell.count;
             totals.bytes += e.cell.bytes;
             totals.no_timestamp += e.cell.no_timestamp;
@@ -724,6 +755,10 @@ pub fn consume(
                     clock_stale = false;
                 }
                 guard.count(&m);
+                if guard.tally_full() {
+                    // Flush now rather than after the next few hundred messages.
+                    since_check = CHECK_EVERY;
+                }
             }
             Some(Err(e)) => {
                 since_check = CHECK_EVERY;
