@@ -218,9 +218,11 @@ fn sample(text: &str, name: &str, label: Option<&str>) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_records_never_stop_ingest_nor_exhaust_memory() -> anyhow::Result<()> {
     let db = ingest_db().await?;
+    // `local-` keeps MirrorMaker off the hostile topics: its producer would refuse the
+    // 1.5 MB record and stop mirroring for every other test.
     let hostile = Topics {
-        audit: unique("hostile-audit"),
-        dlq: unique("hostile-dlq"),
+        audit: unique("local-hostile-audit"),
+        dlq: unique("local-hostile-dlq"),
         partitions: 1,
         alias: "regional".into(),
         bootstrap: regional_bootstrap(),
