@@ -58,6 +58,33 @@ pub const DLQ_SOURCE_HEADER: &str = "chaperone-dlq-source";
 /// Timeout of the blocking metadata and watermark requests.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Every reason a record can be rejected for: the labels of [`reason_label`], `empty` (no
+/// payload), and those of [`data_error_label`].
+pub const REJECTION_REASONS: [&str; 22] = [
+    "too_large",
+    "json",
+    "no_version",
+    "unsupported_version",
+    "unknown_kind",
+    "missing_field",
+    "unknown_field",
+    "negative",
+    "out_of_range",
+    "timestamp",
+    "string_length",
+    "nul_character",
+    "inconsistent",
+    "histogram",
+    "other",
+    "empty",
+    "db_out_of_range",
+    "db_invalid_text",
+    "db_untranslatable_character",
+    "db_data_exception",
+    "db_integrity",
+    "db_program_limit",
+];
+
 /// Short, bounded label for a validation failure (used as metric label and DLQ header).
 pub fn reason_label(e: &DecodeError) -> &'static str {
     match e {
@@ -468,6 +495,11 @@ pub async fn run(
         .enumerate()
         .map(|(i, c)| Source::new(i, c, config, &metrics).map(Arc::new))
         .collect::<anyhow::Result<_>>()?;
+    // Parked records are rare and alerted on by their increase: every series starts at 0, so
+    // that the first one counts.
+    for reason in REJECTION_REASONS {
+        metrics.records_parked.with_label_values(&[reason]);
+    }
     let (tx, rx) = mpsc::channel::<Event>(config.queue_capacity);
     let stored: Stored = Arc::default();
     let consumers = tokio_util::task::TaskTracker::new();
@@ -1500,6 +1532,23 @@ mod tests {
         raise_offsets(&mut next, &[(1, 0, 0), (0, 0, 7)]);
         let expected: NextOffsets = [((0, 0), 8), ((0, 1), 10), ((1, 0), 1)].into();
         assert_eq!(next, expected);
+    }
+
+    #[test]
+    fn every_rejection_label_is_listed() {
+        let decode = [
+            DecodeError::TooLarge(0),
+            DecodeError::NoVersion,
+            DecodeError::NulCharacter { field: "host" },
+            DecodeError::Histogram(chaperone_audit::histogram::HistogramError::TooLarge(0)),
+        ];
+        for e in &decode {
+            assert!(REJECTION_REASONS.contains(&reason_label(e)), "{e}");
+        }
+        for code in ["22003", "22021", "22P05", "22001", "23514", "54000"] {
+            let label = crate::store::classify_code_label(code);
+            assert!(REJECTION_REASONS.contains(&label), "{code}");
+        }
     }
 
     #[test]

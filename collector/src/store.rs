@@ -98,6 +98,15 @@ fn classify(e: &sqlx::Error) -> Failure {
     }
 }
 
+/// The label [`Failure::Data`] gives `code`, "" for a SQLSTATE that is not the data's fault.
+#[cfg(test)]
+pub(crate) fn classify_code_label(code: &str) -> &'static str {
+    match classify_code(code) {
+        Failure::Data(label) => label,
+        Failure::Transient | Failure::Other => "",
+    }
+}
+
 fn classify_code(code: &str) -> Failure {
     // connection exception, insufficient resources, operator intervention (including
     // `statement_timeout`), transaction rollback (serialization, deadlock), system error;

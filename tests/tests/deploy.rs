@@ -177,6 +177,10 @@ fn exposition() -> anyhow::Result<String> {
         .with_label_values(&["invalid_json"])
         .inc();
     ingest.write_failures.with_label_values(&["postgres"]).inc();
+    ingest
+        .records_parked
+        .with_label_values(&["too_large"])
+        .inc();
     ingest.lag_records.with_label_values(&["regional"]).set(1);
     ingest.partitions.with_label_values(&["regional"]).set(1);
     ingest.kafka_errors.with_label_values(&["regional"]).inc();
