@@ -291,6 +291,12 @@ pub struct IngestConfig {
     /// How long a dead-letter record may take to be acknowledged before the send is retried.
     #[serde(with = "chaperone_audit::duration")]
     pub dlq_timeout: Duration,
+    /// How long a dead letter that Kafka keeps failing to acknowledge (broker away, a topic
+    /// being created) is sent again before it is parked in PostgreSQL instead. A dead letter
+    /// Kafka refuses outright (too large, no such topic, no ACL) is parked at once. Bounds how
+    /// long one rejected record can hold ingest up.
+    #[serde(with = "chaperone_audit::duration")]
+    pub dlq_park_after: Duration,
     /// On shutdown, how long the writer keeps retrying the last batch before giving up (the
     /// batch is then read again from Kafka at the next start; nothing is lost).
     #[serde(with = "chaperone_audit::duration")]
@@ -307,6 +313,7 @@ impl Default for IngestConfig {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
             dlq_timeout: Duration::from_secs(30),
+            dlq_park_after: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -539,6 +546,7 @@ impl Config {
             ));
         }
         nonzero(i.dlq_timeout, "ingest.dlq_timeout")?;
+        nonzero(i.dlq_park_after, "ingest.dlq_park_after")?;
         if self.retention.batch_size <= 0 {
             return Err(ConfigError::new("retention.batch_size", "must be positive"));
         }

@@ -467,6 +467,34 @@ enum Event {
     Revoked { source: usize, partition: i32 },
 }
 
+/// Why the dead-letter topic did not take a record, and whether sending it again can help.
+#[derive(Debug)]
+struct Refusal {
+    permanent: bool,
+    why: String,
+}
+
+/// Whether Kafka refused a dead letter for good: too large, no such topic, no ACL, or a record
+/// or topic the broker will never take. Anything else (timeouts, a broker away, a leader
+/// moving) may pass.
+fn refused_for_good(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::MessageBatchTooLarge
+                | C::UnknownTopic
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidTopic
+                | C::InvalidRecord
+                | C::PolicyViolation
+                | C::InvalidMessage
+        )
+    )
+}
+
 /// A record on its way to the dead-letter topic.
 #[derive(Debug)]
 struct DeadLetter {
@@ -1315,23 +1343,49 @@ impl Writer {
     }
 
     /// Sends `letters` to their dead-letter topics and waits until each one is acknowledged
-    /// or parked. A letter the dead-letter topic refuses (too large, no topic, no ACL) or
-    /// does not acknowledge within `dlq_timeout` (librdkafka retrying all along) is parked
-    /// in PostgreSQL with why, so that no record holds ingest up for longer than that.
+    /// or parked. A letter the dead-letter topic refuses outright (too large, no such topic,
+    /// no ACL) is parked in PostgreSQL at once, with why; one Kafka does not acknowledge
+    /// within `dlq_timeout` (librdkafka retrying all along) is sent again with backoff, and
+    /// parked once `dlq_park_after` has passed. So no record holds ingest up for longer.
     async fn dead_letter(
         &self,
         letters: Vec<DeadLetter>,
         shutdown_since: &mut Option<Instant>,
     ) -> Result<(), GaveUp> {
-        if letters.is_empty() {
-            return Ok(());
-        }
-        for (letter, why) in self.send_dead_letters(letters).await {
+        let started = Instant::now();
+        let mut delay = Backoff::new(self.config.retry_min, self.config.retry_max);
+        let mut failures = 0u32;
+        let mut pending = letters;
+        while !pending.is_empty() {
+            let failed = self.send_dead_letters(pending).await;
+            if failed.is_empty() {
+                break;
+            }
             self.metrics
                 .write_failures
                 .with_label_values(&["dlq"])
                 .inc();
-            self.park(&letter, &why, shutdown_since).await?;
+            let give_up = started.elapsed() >= self.config.dlq_park_after;
+            pending = Vec::new();
+            for (letter, refusal) in failed {
+                if refusal.permanent || give_up {
+                    self.park(&letter, &refusal.why, shutdown_since).await?;
+                } else {
+                    pending.push(letter);
+                }
+            }
+            if !pending.is_empty() {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(
+                        records = pending.len(),
+                        attempt = failures,
+                        park_after = ?self.config.dlq_park_after,
+                        "dead-letter topic did not acknowledge; retrying until they are parked"
+                    );
+                }
+                self.backoff(&mut delay, shutdown_since).await?;
+            }
         }
         Ok(())
     }
@@ -1399,7 +1453,7 @@ impl Writer {
 
     /// Sends dead letters and waits for their acknowledgement; returns those not
     /// acknowledged, each with why. Counts the acknowledged ones by reason.
-    async fn send_dead_letters(&self, letters: Vec<DeadLetter>) -> Vec<(DeadLetter, String)> {
+    async fn send_dead_letters(&self, letters: Vec<DeadLetter>) -> Vec<(DeadLetter, Refusal)> {
         let mut inflight: Vec<(DeliveryFuture, DeadLetter)> = Vec::with_capacity(letters.len());
         let mut failed = Vec::new();
         for letter in letters {
@@ -1447,7 +1501,11 @@ impl Writer {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err(e) => {
-                        failed.push((letter, format!("not accepted by the producer: {e}")));
+                        let refusal = Refusal {
+                            permanent: true,
+                            why: format!("not accepted by the producer: {e}"),
+                        };
+                        failed.push((letter, refusal));
                         break;
                     }
                 }
@@ -1461,8 +1519,20 @@ impl Writer {
                         .with_label_values(&[letter.rejected.reason])
                         .inc();
                 }
-                Ok(Err((e, _))) => failed.push((letter, format!("not acknowledged: {e}"))),
-                Err(_) => failed.push((letter, "the producer was dropped".to_owned())),
+                Ok(Err((e, _))) => {
+                    let refusal = Refusal {
+                        permanent: refused_for_good(&e),
+                        why: format!("not acknowledged: {e}"),
+                    };
+                    failed.push((letter, refusal));
+                }
+                Err(_) => failed.push((
+                    letter,
+                    Refusal {
+                        permanent: false,
+                        why: "the producer was dropped".to_owned(),
+                    },
+                )),
             }
         }
         failed
@@ -1546,7 +1616,7 @@ mod tests {
             assert!(REJECTION_REASONS.contains(&reason_label(e)), "{e}");
         }
         for code in ["22003", "22021", "22P05", "22001", "23514", "54000"] {
-            let label = crate::store::classify_code_label(code);
+            let label = store::classify_code_label(code);
             assert!(REJECTION_REASONS.contains(&label), "{code}");
         }
     }
