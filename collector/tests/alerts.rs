@@ -15,6 +15,35 @@ use chaperone_collector::reconcile::{ManualClock, VerdictStatus};
 use chaperone_test_support::{Notification, Receiver};
 use reconcile_support::*;
 
+/// Serves the collector's API (and `/metrics` of `registry`) over `pool` on a port of its own
+/// until the returned token is cancelled.
+async fn serve_api(
+    pool: &sqlx::PgPool,
+    registry: &prometheus::Registry,
+    clock: chaperone_collector::Clock,
+) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    let state = chaperone_collector::api::ApiState {
+        pool: pool.clone(),
+        health_pool: chaperone_collector::api::health_pool(pool),
+        registry: registry.clone(),
+        token: None,
+        login: Default::default(),
+        status: std::sync::Arc::new(chaperone_collector::ingest::IngestStatus::new(0)),
+        clock,
+        metrics: chaperone_collector::metrics::IngestMetrics::register(registry).unwrap(),
+        max_range: Duration::from_secs(86_400),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(chaperone_collector::api::serve(
+        listener,
+        chaperone_collector::api::router(state),
+        stop.clone(),
+    ));
+    (api, stop)
+}
+
 const SECRET: &str = "correct horse battery staple";
 
 fn secret_file() -> std::path::PathBuf {
@@ -840,26 +869,7 @@ async fn an_untrusted_certificate_is_retried_and_shown_with_the_url_redacted() {
     );
 
     // The API and /metrics of the collector show it.
-    let ingest_metrics = chaperone_collector::metrics::IngestMetrics::register(&registry).unwrap();
-    let state = chaperone_collector::api::ApiState {
-        health_pool: chaperone_collector::api::health_pool(&db.pool),
-        pool: db.pool.clone(),
-        registry: registry.clone(),
-        token: None,
-        login: Default::default(),
-        status: std::sync::Arc::new(chaperone_collector::ingest::IngestStatus::new(0)),
-        clock: clock.clock(),
-        metrics: ingest_metrics,
-        max_range: Duration::from_secs(86_400),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = listener.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(chaperone_collector::api::serve(
-        listener,
-        chaperone_collector::api::router(state),
-        stop.clone(),
-    ));
+    let (api, stop) = serve_api(&db.pool, &registry, clock.clock()).await;
     let get = |path: &str| {
         let url = format!("http://{api}{path}");
         async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
@@ -1162,26 +1172,7 @@ async fn a_parked_notification_shows_in_the_api_the_incident_page_and_the_metric
     let report = s.run_once().await.unwrap();
     assert_eq!((report.refused, report.parked), (1, 1), "{report:?}");
 
-    let ingest_metrics = chaperone_collector::metrics::IngestMetrics::register(&registry).unwrap();
-    let state = chaperone_collector::api::ApiState {
-        pool: db.pool.clone(),
-        health_pool: chaperone_collector::api::health_pool(&db.pool),
-        registry: registry.clone(),
-        token: None,
-        login: Default::default(),
-        status: std::sync::Arc::new(chaperone_collector::ingest::IngestStatus::new(0)),
-        clock: clock.clock(),
-        metrics: ingest_metrics,
-        max_range: Duration::from_secs(86_400),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = listener.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(chaperone_collector::api::serve(
-        listener,
-        chaperone_collector::api::router(state),
-        stop.clone(),
-    ));
+    let (api, stop) = serve_api(&db.pool, &registry, clock.clock()).await;
     let get = |path: String| {
         let url = format!("http://{api}{path}");
         async move { reqwest::get(url).await.unwrap().text().await.unwrap() }

@@ -184,13 +184,6 @@ async fn create_large_audit_topic(bootstrap: &str, topic: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// A free port on loopback for the collector's API.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Peak resident set size of process `pid`, in bytes.
 fn peak_rss(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -203,16 +196,6 @@ fn peak_rss(pid: u32) -> anyhow::Result<u64> {
         .trim()
         .parse()?;
     Ok(kib * 1024)
-}
-
-/// Sum of a metric's samples (of one label value) in a Prometheus exposition.
-fn sample(text: &str, name: &str, label: Option<&str>) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| label.is_none_or(|lv| l.contains(lv)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,51 +214,18 @@ async fn hostile_records_never_stop_ingest_nor_exhaust_memory() -> anyhow::Resul
     chaperone_test_support::create_topic(&hostile.bootstrap, &hostile.dlq, 1).await?;
     let calm = Topics::create_on("regional2", &regional2_bootstrap(), 2).await?;
     let port = free_port()?;
-    let toml = format!(
-        r#"
-[database]
-url = "{url}"
-
-[[clusters]]
-alias = "{h_alias}"
-bootstrap = "{h_bootstrap}"
-audit_topic = "{h_audit}"
-dlq_topic = "{h_dlq}"
-
-[[clusters]]
-alias = "{c_alias}"
-bootstrap = "{c_bootstrap}"
-audit_topic = "{c_audit}"
-dlq_topic = "{c_dlq}"
-
-[ingest]
-batch_size = 500
-linger = "50ms"
-partition_refresh = "2s"
-retry_max = "1s"
-dlq_timeout = "{DLQ_TIMEOUT}"
-
-[api]
-listen = "127.0.0.1:{port}"
-
-[retention]
-days = 0
-
-[reconcile]
-enabled = false
-
-[alerts]
-enabled = false
-"#,
-        url = db.url,
-        h_alias = hostile.alias,
-        h_bootstrap = hostile.bootstrap,
-        h_audit = hostile.audit,
-        h_dlq = hostile.dlq,
-        c_alias = calm.alias,
-        c_bootstrap = calm.bootstrap,
-        c_audit = calm.audit,
-        c_dlq = calm.dlq,
+    let toml = config_toml_for(&db, &[&hostile, &calm])
+        .replace(
+            "retry_max = \"1s\"\n",
+            &format!("retry_max = \"1s\"\ndlq_timeout = \"{DLQ_TIMEOUT}\"\n"),
+        )
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        );
+    anyhow::ensure!(
+        toml.contains("dlq_timeout") && toml.contains(&format!(":{port}\"")),
+        "the test configuration was not rewritten: {toml}"
     );
     let mut collector = Binary::spawn(&toml)?;
     let pid = collector.child.id();
@@ -400,7 +350,7 @@ enabled = false
         .text()
         .await?;
     assert_eq!(
-        sample(
+        metric_sum(
             &metrics,
             "chaperone_collector_records_parked_total",
             Some("reason=\"too_large\"")
@@ -409,7 +359,7 @@ enabled = false
         "{metrics}"
     );
     assert_eq!(
-        sample(
+        metric_sum(
             &metrics,
             "chaperone_collector_write_failures_total",
             Some("target=\"postgres\"")

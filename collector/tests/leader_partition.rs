@@ -33,12 +33,6 @@ const SESSION_TIMEOUTS: &str = "statement_timeout = \"5s\"\nlock_timeout = \"1s\
 /// and the reconcile timings, with room for a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(90);
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 struct Collector {
     binary: Binary,
     port: u16,
@@ -100,15 +94,7 @@ impl Collector {
             .text()
             .await
             .ok()?;
-        Some(
-            text.lines()
-                .filter(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        Some(metric_sum(&text, name, None))
     }
 }
 

@@ -16,13 +16,6 @@ use ingest_support::*;
 
 const RECORDS: usize = 30_000;
 
-/// A free port on 127.0.0.1 for a collector's API.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// One collector binary and the port of its API.
 struct Collector {
     binary: Binary,
@@ -65,15 +58,7 @@ impl Collector {
             .text()
             .await
             .ok()?;
-        Some(
-            text.lines()
-                .filter(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        Some(metric_sum(&text, name, None))
     }
 }
 

@@ -105,17 +105,34 @@ pub fn config(db: &TestDb, topics: &Topics) -> Config {
 
 /// The TOML form of [`config`], for the binary.
 pub fn config_toml(db: &TestDb, topics: &Topics) -> String {
-    format!(
-        r#"
-[database]
-url = "{url}"
+    config_toml_for(db, &[topics])
+}
 
+/// [`config_toml`] reading every cluster of `clusters`.
+pub fn config_toml_for(db: &TestDb, clusters: &[&Topics]) -> String {
+    let clusters: String = clusters
+        .iter()
+        .map(|t| {
+            format!(
+                r#"
 [[clusters]]
 alias = "{alias}"
 bootstrap = "{bootstrap}"
 audit_topic = "{audit}"
 dlq_topic = "{dlq}"
-
+"#,
+                alias = t.alias,
+                bootstrap = t.bootstrap,
+                audit = t.audit,
+                dlq = t.dlq,
+            )
+        })
+        .collect();
+    format!(
+        r#"
+[database]
+url = "{url}"
+{clusters}
 [ingest]
 batch_size = 500
 linger = "50ms"
@@ -135,11 +152,27 @@ enabled = false
 enabled = false
 "#,
         url = db.url,
-        alias = topics.alias,
-        bootstrap = topics.bootstrap,
-        audit = topics.audit,
-        dlq = topics.dlq,
     )
+}
+
+/// A free port on 127.0.0.1 for a collector binary's API.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The sum of metric `name`'s samples in the Prometheus exposition `text`, over every label
+/// value or, with `label` (such as `reason="too_large"`), over the samples holding it.
+pub fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter(|l| label.is_none_or(|lv| l.contains(lv)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A collector running in this process.
