@@ -163,7 +163,7 @@ fn bearer(token: &str, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .is_some_and(|b| api::constant_time_eq(b.as_bytes(), token.as_bytes()))
+        .is_some_and(|b| session::constant_time_eq(b.as_bytes(), token.as_bytes()))
 }
 
 /// Whether the request carries the token as a bearer token or a live session's cookie.
@@ -263,7 +263,7 @@ async fn login(
         )
             .into_response());
     }
-    if !api::constant_time_eq(form.token.trim().as_bytes(), token.as_bytes()) {
+    if !session::constant_time_eq(form.token.trim().as_bytes(), token.as_bytes()) {
         state.login.failed(client, now);
         return Ok((
             StatusCode::UNAUTHORIZED,
