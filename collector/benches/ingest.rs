@@ -502,7 +502,7 @@ impl Store {
                 stored_offset: stored,
                 next_offset,
             }];
-            store::write_batch(&self.pool, batch, &offsets).await?;
+            store::write_batch(&self.pool, batch, &[], &offsets).await?;
             stored = next_offset;
         }
         let wall = started.elapsed();

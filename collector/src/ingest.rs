@@ -44,9 +44,14 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::Clock;
 use crate::config::{ClusterConfig, IngestConfig};
 use crate::metrics::IngestMetrics;
 use crate::store::{self, BatchOutcome, ConsumedOffset, StoreError};
+
+mod reach;
+
+pub use reach::Reach;
 
 /// Header of a dead-letter record holding the short rejection reason (the metric label).
 pub const DLQ_REASON_HEADER: &str = "chaperone-dlq-reason";
@@ -113,6 +118,8 @@ pub use crate::store::data_error_label;
 pub struct IngestStatus {
     sources: Vec<AtomicBool>,
     store_ok: AtomicBool,
+    /// Which clusters answer now, and since when.
+    pub reach: Reach,
 }
 
 impl IngestStatus {
@@ -121,6 +128,7 @@ impl IngestStatus {
         Self {
             sources: (0..clusters).map(|_| AtomicBool::new(false)).collect(),
             store_ok: AtomicBool::new(true),
+            reach: Reach::default(),
         }
     }
 
@@ -516,6 +524,7 @@ pub async fn run(
     pool: PgPool,
     metrics: IngestMetrics,
     status: Arc<IngestStatus>,
+    clock: Clock,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let sources: Vec<Arc<Source>> = clusters
@@ -532,6 +541,12 @@ pub async fn run(
     let stored: Stored = Arc::default();
     let consumers = tokio_util::task::TaskTracker::new();
     for source in &sources {
+        consumers.spawn(reach::probe(
+            Arc::clone(source),
+            status.reach.clone(),
+            clock.clone(),
+            shutdown.clone(),
+        ));
         consumers.spawn(refresh_loop(
             Arc::clone(source),
             Arc::clone(&stored),
@@ -1229,8 +1244,8 @@ impl Writer {
         let mut delay = Backoff::new(self.config.retry_min, self.config.retry_max);
         let mut failures = 0u32;
         loop {
-            let (owned_records, offsets) = self.owned(records, origins, next);
-            let e = match store::write_batch(&self.pool, &owned_records, &offsets).await {
+            let (owned_records, sources, offsets) = self.owned(records, origins, next);
+            let e = match store::write_batch(&self.pool, &owned_records, &sources, &offsets).await {
                 Ok(o) => {
                     if failures > 0 {
                         tracing::info!(attempts = failures + 1, "batch stored after retries");
@@ -1276,12 +1291,18 @@ impl Writer {
 
     /// The records of `records` and the offsets of `next` that belong to partitions this
     /// collector reads, each offset with the stored offset it continues from.
+    /// The records of `records` (read at `origins`) from partitions this collector still
+    /// reads, the alias of the cluster each was read from, and the offsets to store.
     fn owned<'r>(
-        &self,
+        &'r self,
         records: &'r [AuditRecord],
         origins: &[Origin],
         next: &NextOffsets,
-    ) -> (std::borrow::Cow<'r, [AuditRecord]>, Vec<ConsumedOffset>) {
+    ) -> (
+        std::borrow::Cow<'r, [AuditRecord]>,
+        Vec<&'r str>,
+        Vec<ConsumedOffset>,
+    ) {
         let stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
         let offsets = next
             .iter()
@@ -1297,6 +1318,7 @@ impl Writer {
             })
             .collect();
         let mine = |o: &Origin| stored.contains_key(&(o.source, o.partition));
+        let alias = |o: &Origin| self.sources[o.source].config.alias.as_str();
         let records = if origins.iter().all(mine) {
             std::borrow::Cow::Borrowed(records)
         } else {
@@ -1311,7 +1333,8 @@ impl Writer {
                 .inc_by((records.len() - kept.len()) as u64);
             std::borrow::Cow::Owned(kept)
         };
-        (records, offsets)
+        let sources = origins.iter().filter(|o| mine(o)).map(alias).collect();
+        (records, sources, offsets)
     }
 
     /// Stops writing partitions another collector has written since this one did, and asks

@@ -155,6 +155,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
             let retention = config.retention.clone();
             let reconcile_config = config.reconcile.clone();
             let alerts_config = config.alerts.clone();
+            let clock = clock.clone();
+            let reach = status.reach.clone();
             move |stop| {
                 let led = TaskTracker::new();
                 led.spawn(store::run_retention(
@@ -170,6 +172,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
                         pool.clone(),
                         reconcile_config.clone(),
                         clock.clone(),
+                        reach.clone(),
                         reconcile_metrics.clone(),
                         stop.clone(),
                     )),
@@ -209,7 +212,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
         &config.ingest,
         pool.clone(),
         metrics,
-        status,
+        Arc::clone(&status),
+        clock.clone(),
         shutdown.clone(),
     )
     .await;

@@ -35,6 +35,7 @@ pub use query::{Verdict, VerdictChange, latest_verdicts_by_topic, list_verdicts,
 pub use verdict::{Finality, VerdictStatus, evaluate, judge};
 
 use crate::Clock;
+use crate::ingest::Reach;
 
 /// Evaluates buckets against a clock.
 #[derive(Debug, Clone)]
@@ -44,6 +45,7 @@ pub struct Reconciler {
     clock: Clock,
     metrics: ReconcileMetrics,
     notices: Arc<Mutex<engine::Notices>>,
+    reach: Reach,
 }
 
 impl Reconciler {
@@ -60,7 +62,14 @@ impl Reconciler {
             clock,
             metrics,
             notices: Arc::default(),
+            reach: Reach::default(),
         }
+    }
+
+    /// Counts an observer's silence only while the cluster it reports through is reachable,
+    /// as `reach` says (without it, every cluster counts as always reachable).
+    pub fn hearing(self, reach: Reach) -> Self {
+        Self { reach, ..self }
     }
 
     /// Deletes what is older than `retention_days` (see [`ReconcileConfig::retention_days`]),
@@ -81,6 +90,7 @@ impl Reconciler {
             &self.pool,
             &self.config,
             self.clock.now(),
+            &self.reach,
             &self.metrics,
             &self.notices,
         )
@@ -99,7 +109,15 @@ pub async fn run(
     metrics: ReconcileMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with_clock(pool, config, Clock::system(), metrics, shutdown).await
+    run_with_clock(
+        pool,
+        config,
+        Clock::system(),
+        Reach::default(),
+        metrics,
+        shutdown,
+    )
+    .await
 }
 
 /// Runs the reconciler on `clock` until `shutdown` is cancelled. A failed pass is logged and
@@ -109,6 +127,7 @@ pub async fn run_with_clock(
     pool: PgPool,
     config: ReconcileConfig,
     clock: Clock,
+    reach: Reach,
     metrics: ReconcileMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -119,7 +138,7 @@ pub async fn run_with_clock(
         return Ok(());
     }
     let interval = config.interval;
-    let reconciler = Reconciler::new(pool, config, clock, metrics);
+    let reconciler = Reconciler::new(pool, config, clock, metrics).hearing(reach);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(

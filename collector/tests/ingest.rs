@@ -45,17 +45,18 @@ async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {
     let ids = applied_records(&db.pool).await?;
     // Ids of counts records only: progress records need no duplicate filter.
     assert_eq!(ids, 600);
-    // Progress keeps the furthest marks of each partition.
-    let marks: Vec<(i32, i64, Option<i64>)> = sqlx::query_as(
-        "SELECT partition, watermark_ms, position FROM audit_progress ORDER BY partition",
+    // Progress keeps the furthest marks of each partition, and the cluster it arrived through.
+    let marks: Vec<(i32, i64, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT partition, watermark_ms, position, source FROM audit_progress ORDER BY partition",
     )
     .fetch_all(&db.pool)
     .await?;
+    let via = Some(topics.alias.clone());
     assert_eq!(
         marks,
         vec![
-            (0, BUCKET + 28_000, Some(28)),
-            (1, BUCKET + 29_000, Some(29))
+            (0, BUCKET + 28_000, Some(28), via.clone()),
+            (1, BUCKET + 29_000, Some(29), via)
         ]
     );
     let dup = metric(
@@ -209,7 +210,7 @@ async fn retention_deletes_old_buckets_in_small_batches() -> anyhow::Result<()> 
             &[1],
         ))
     }));
-    store::write_batch(&db.pool, &records, &[]).await?;
+    store::write_batch(&db.pool, &records, &[], &[]).await?;
     let cutoff_ms = BUCKET - 30 * 86_400_000;
     let far_past =
         chrono::DateTime::<chrono::Utc>::from_timestamp_millis(cutoff_ms).expect("timestamp");
@@ -291,7 +292,7 @@ async fn ids_stored_before_the_uuid_migration_still_filter_duplicates() -> anyho
             ))
         })
         .collect();
-    let out = store::write_batch(&db.pool, &again, &[]).await?;
+    let out = store::write_batch(&db.pool, &again, &[], &[]).await?;
     assert_eq!((out.counts, out.duplicates), (0, ids.len()));
     db.drop_db().await
 }
@@ -320,16 +321,16 @@ async fn numbered_records_are_applied_once_in_any_order() -> anyhow::Result<()> 
     batch1.push(record(&ids_a[5]));
     batch1.extend(ids_b[..5].iter().map(|id| record(id)));
     batch1.push(record(&format!("{prefix}-plain")));
-    let out = store::write_batch(&db.pool, &batch1, &[]).await?;
+    let out = store::write_batch(&db.pool, &batch1, &[], &[]).await?;
     assert_eq!((out.counts, out.duplicates), (26, 1));
     // Batch 2: everything again, in order, plus what was missing.
     let mut batch2: Vec<AuditRecord> = ids_a.iter().map(|id| record(id)).collect();
     batch2.extend(ids_b.iter().map(|id| record(id)));
     batch2.push(record(&format!("{prefix}-plain")));
-    let out = store::write_batch(&db.pool, &batch2, &[]).await?;
+    let out = store::write_batch(&db.pool, &batch2, &[], &[]).await?;
     assert_eq!((out.counts, out.duplicates), (25, 26));
     // Batch 3: a replay of all of it changes nothing.
-    let out = store::write_batch(&db.pool, &batch2, &[]).await?;
+    let out = store::write_batch(&db.pool, &batch2, &[], &[]).await?;
     assert_eq!((out.counts, out.duplicates), (0, 51));
 
     let count: i64 = sqlx::query_scalar("SELECT sum(count)::int8 FROM audit_counts")
@@ -551,7 +552,7 @@ async fn data_errors_are_told_from_other_failures() -> anyhow::Result<()> {
     let max = chaperone_audit::record::MAX_TOTAL as u64;
     // A topic holding NUL (the decoder would reject it; the store is asked directly).
     let nul = sized(&format!("{prefix}-nul"), "or\u{0}ders", 0, 1, 1);
-    let e = store::write_batch(&db.pool, &[nul], &[])
+    let e = store::write_batch(&db.pool, &[nul], &[], &[])
         .await
         .expect_err("text cannot hold NUL");
     assert_eq!(data_error_label(&e), Some("db_invalid_text"), "{e}");
@@ -559,9 +560,9 @@ async fn data_errors_are_told_from_other_failures() -> anyhow::Result<()> {
     let fill: Vec<AuditRecord> = (0..1023)
         .map(|i| sized(&format!("{prefix}-{i}"), "big", 0, max, 0))
         .collect();
-    store::write_batch(&db.pool, &fill, &[]).await?;
+    store::write_batch(&db.pool, &fill, &[], &[]).await?;
     let over = sized(&format!("{prefix}-over"), "big", 0, max, 0);
-    let e = store::write_batch(&db.pool, &[over], &[])
+    let e = store::write_batch(&db.pool, &[over], &[], &[])
         .await
         .expect_err("bigint overflows");
     assert_eq!(data_error_label(&e), Some("db_out_of_range"), "{e}");
@@ -588,13 +589,13 @@ async fn data_errors_are_told_from_other_failures() -> anyhow::Result<()> {
     long.observer.cluster = name.clone();
     long.observer.host = name.clone();
     long.observer.instance = name;
-    let e = store::write_batch(&db.pool, &[AuditRecord::Progress(long)], &[])
+    let e = store::write_batch(&db.pool, &[AuditRecord::Progress(long)], &[], &[])
         .await
         .expect_err("index row too large");
     assert_eq!(data_error_label(&e), Some("db_program_limit"), "{e}");
     // Not a data error: PostgreSQL cannot be reached.
     db.pool.close().await;
-    let e = store::write_batch(&db.pool, &fill[..1], &[])
+    let e = store::write_batch(&db.pool, &fill[..1], &[], &[])
         .await
         .expect_err("pool closed");
     assert_eq!(data_error_label(&e), None, "{e}");

@@ -333,6 +333,61 @@ async fn silent_tier_is_judged_after_the_max_wait() {
     assert_eq!(v.silent_tier.as_deref(), Some("producer"));
 }
 
+/// A cluster the collector cannot reach silences everyone reporting through it at once: that
+/// is delay. Their silence counts only from when the cluster answers again.
+#[tokio::test]
+async fn an_unreachable_cluster_is_delay_not_silence() {
+    let db = reconcile_db().await.unwrap();
+    let (r, clock) = reconciler(&db.pool, config(), end(0) - 1_000);
+    let reach = chaperone_collector::ingest::Reach::default();
+    let r = r.hearing(reach.clone());
+    add_counts(&db.pool, "orders", start(0), "producer", "dc1", -1, 10)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 10)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "producer", "dc1", -1, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, end(0) + LATENESS)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "aggregate", "dc1", 0, start(0))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_progress SET source = 'aggregate' WHERE tier = 'aggregate'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    stop_reporting(&db.pool, "orders", "aggregate")
+        .await
+        .unwrap();
+    reach.lost("aggregate");
+    pass(&r).await;
+    clock.set(at(end(0) + MAX_WAIT));
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(
+        v.status,
+        VerdictStatus::Lagging,
+        "an aggregate tier that cannot be heard is behind, not silent"
+    );
+
+    // Reachable again: its observers get the whole instance timeout to report from now.
+    reach.answered("aggregate", clock.clock().now());
+    clock.advance(chrono::Duration::milliseconds(1_000));
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(v.status, VerdictStatus::Lagging);
+    let timeout = chrono::Duration::from_std(config().instance_timeout).unwrap();
+    clock.advance(timeout);
+    pass(&r).await;
+    let v = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(v.status, VerdictStatus::TierSilent);
+    assert_eq!(v.silent_tier.as_deref(), Some("aggregate"));
+}
+
 #[tokio::test]
 async fn zero_messages_at_every_tier_is_complete() {
     let db = reconcile_db().await.unwrap();
@@ -596,6 +651,7 @@ async fn run_evaluates_periodically_until_shutdown() {
         db.pool.clone(),
         cfg,
         clock.clock(),
+        chaperone_collector::ingest::Reach::default(),
         metrics,
         shutdown.clone(),
     ));

@@ -203,6 +203,12 @@ impl Loadgen {
 
     /// Waits for a clean exit; returns messages acknowledged and skipped per topic.
     async fn finish(self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        Ok(self.finish_counted().await?.0)
+    }
+
+    /// Waits for a clean exit; returns messages acknowledged and skipped per topic, and how
+    /// many deliveries failed over all topics.
+    async fn finish_counted(self) -> anyhow::Result<(BTreeMap<String, (u64, u64)>, u64)> {
         let out = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())
             .await
             .context("loadgen did not finish in 120 s")??;
@@ -226,7 +232,7 @@ impl Loadgen {
                 ),
             );
         }
-        Ok(totals)
+        Ok((totals, json["failed"].as_u64().context("loadgen failed")?))
     }
 
     /// SIGKILL, as a crash would.
@@ -483,11 +489,13 @@ async fn fault_scenarios() -> anyhow::Result<()> {
     if let Err(e) = &result {
         eprintln!("fault scenarios failed: {e:#}");
     }
-    // MirrorMaker runs again whatever happened.
+    // The regional broker and MirrorMaker run again whatever happened.
+    let broker = dev_stack(&["start-kafka", "regional"]);
     let mirror = dev_stack(&["start-mirror"]);
     let stopped = pipeline.stop().await;
     let report = result?;
     report.print();
+    broker?;
     mirror?;
     stopped?;
     db.drop_db().await
@@ -507,10 +515,12 @@ async fn scenarios(
     let restarted = t("restarted");
     // Written in both datacenters; the second one loses messages and its mirror is paused.
     let two_dc = t("two-dc");
+    // Written in phase 4, made now so that its copy on aggregate is there by then.
+    let crashed = t("crashed");
     create_topic(&regional2_bootstrap(), &two_dc, 3).await?;
     topics(
         &[
-            &clean_a, &clean_b, &skew, &exit, &killed, &lossy, &dup, &restarted, &two_dc,
+            &clean_a, &clean_b, &skew, &exit, &killed, &lossy, &dup, &restarted, &two_dc, &crashed,
         ],
         3,
     )
@@ -519,7 +529,7 @@ async fn scenarios(
     topics(&[&idle], 4).await?;
     // MirrorMaker picks new topics up on its refresh interval: wait for the copies.
     let mirrored: Vec<String> = [
-        &clean_a, &clean_b, &slow, &skew, &exit, &killed, &lossy, &dup, &idle, &restarted,
+        &clean_a, &clean_b, &slow, &skew, &exit, &killed, &lossy, &dup, &idle, &restarted, &crashed,
     ]
     .iter()
     .map(|t| format!("regional.{t}"))
@@ -957,7 +967,107 @@ async fn scenarios(
     report
         .0
         .push(("MirrorMaker stopped beyond max_wait".into(), o));
+
+    // Phase 4: the regional broker killed with SIGKILL mid-traffic, as a crash would, and
+    // started again at once. It runs alone: every other scenario's traffic, services and
+    // mirror go through that broker.
+    let o = broker_killed(db, receiver, audit, "regional", &crashed).await?;
+    report
+        .0
+        .push(("regional broker killed -9, restarted".into(), o));
     Ok(report)
+}
+
+/// The broker of `cluster` killed with SIGKILL while two audited producers (idempotent,
+/// acks=all) write `topic` on it, and started again at once with `dev/stack start-kafka`. The
+/// producers keep sending through the outage and must deliver everything they were given; the
+/// topic's verdicts end `complete` with exactly what they sent, never anything that notifies,
+/// and nobody is notified of anything meanwhile.
+async fn broker_killed(
+    db: &TestDb,
+    receiver: &Receiver,
+    audit: &str,
+    cluster: &'static str,
+    topic: &str,
+) -> anyhow::Result<Outcome> {
+    let phase = Instant::now();
+    let notified = receiver.received().len();
+    let traffic = ["--rate", "100", "--duration", "40s"];
+    let first = Loadgen::start_in(cluster, audit, &[topic], &traffic)?;
+    let second = Loadgen::start_in(cluster, audit, &[topic], &traffic)?;
+    eventually(
+        "both producers of the killed broker's topic reporting",
+        Duration::from_secs(60),
+        || async {
+            let instances: i64 = sqlx::query_scalar(
+                "SELECT count(DISTINCT instance) FROM audit_progress
+                  WHERE topic = $1 AND tier = 'producer'",
+            )
+            .bind(topic)
+            .fetch_one(&db.pool)
+            .await?;
+            Ok((instances == 2).then_some(()))
+        },
+    )
+    .await?;
+    let outage = tokio::task::spawn_blocking(move || {
+        let killed = Instant::now();
+        dev_stack(&["kill-kafka", cluster])?;
+        dev_stack(&["start-kafka", cluster])?;
+        anyhow::Ok(killed.elapsed())
+    })
+    .await??;
+    eprintln!(
+        "{cluster} broker killed -9 and serving again {:.1} s later",
+        outage.as_secs_f64()
+    );
+    let mut n = 0;
+    for lg in [first, second] {
+        let (sent, failed) = lg.finish_counted().await?;
+        ensure!(
+            failed == 0,
+            "{failed} deliveries to {topic} failed across the broker's outage"
+        );
+        n += sent.get(topic).map_or(0, |t| t.0 as i64);
+    }
+    settled(
+        db,
+        &[topic],
+        "the killed broker's topic judged",
+        Duration::from_secs(180),
+        |o| o.totals(P2R) == (n, n) && o.totals(R2A) == (n, n),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hooks = receiver.received();
+    let o = outcome(db, &hooks, &[topic]).await?;
+    // A bucket may wait while the broker is away; it is never judged anything that notifies.
+    ensure!(
+        o.bad().is_empty() && o.ever_alarming == 0 && o.firing == 0 && o.resolved == 0,
+        "{cluster} broker killed -9, restarted: {o:#?}"
+    );
+    ensure!(
+        hooks.len() == notified,
+        "the broker's crash notified someone: {:?}",
+        hooks[notified..]
+            .iter()
+            .map(|h| String::from_utf8_lossy(&h.body))
+            .collect::<Vec<_>>()
+    );
+    let waited: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT edge, status, count(*) FROM reconcile_verdict_history
+          WHERE topic = $1 AND partition = -1 AND status <> 'complete'
+          GROUP BY edge, status ORDER BY edge, status",
+    )
+    .bind(topic)
+    .fetch_all(&db.pool)
+    .await?;
+    eprintln!(
+        "{cluster} broker killed -9: {n} messages, phase took {:.0} s; verdicts on the way to \
+         complete (edge, status, changes): {waited:?}",
+        phase.elapsed().as_secs_f64(),
+    );
+    Ok(o)
 }
 
 /// Deletes every record of partition 0 of `topic` on regional before `offset`.

@@ -15,6 +15,7 @@ use super::verdict::{
     judge_bucket,
 };
 use crate::alerts::incidents::{self, IncidentError, Policy, VerdictChange};
+use crate::ingest::Reach;
 
 /// Advisory lock key (hashed by PostgreSQL) held by every reconciler transaction.
 const LOCK_KEY: &str = "chaperone-reconcile";
@@ -114,14 +115,27 @@ impl Notices {
 }
 
 /// The staleness rule (docs/verdicts.md) on an observer's `last_seen`, the collector's time of
-/// its latest progress, and `last_emitted`, that progress's own time: silent for
-/// `instance_timeout` on the collector's clock (`$seen_before` binds `now - instance_timeout`)
-/// and against the newest progress of any observer (`$timeout` binds it in ms), so that a
-/// collector that lags behind its audit topics does not find everyone stale.
-fn stale_sql(last_seen: &str, last_emitted: &str, seen_before: u8, timeout: u8) -> String {
+/// its latest progress, `last_emitted`, that progress's own time, and `source`, the cluster
+/// it reports through: silent for `instance_timeout` on the collector's clock (`$seen_before`
+/// binds `now - instance_timeout`) and against the newest progress of any observer
+/// (`$timeout` binds it in ms), so that a collector that lags behind its audit topics does
+/// not find everyone stale; and silent for that long while its cluster was reachable
+/// (`$reach` and the parameter after it bind [`Reach::columns`]), so that a cluster that
+/// does not answer does not make everyone reporting through it stale.
+fn stale_sql(
+    last_seen: &str,
+    last_emitted: &str,
+    source: &str,
+    seen_before: u8,
+    timeout: u8,
+    reach: u8,
+) -> String {
+    let since = reach + 1;
     format!(
         "({last_seen} < ${seen_before} AND {last_emitted} < \
-         (SELECT max(last_emitted_ms) FROM audit_progress) - ${timeout})"
+         (SELECT max(last_emitted_ms) FROM audit_progress) - ${timeout} AND NOT EXISTS \
+         (SELECT 1 FROM UNNEST(${reach}::text[], ${since}::timestamptz[]) AS r(alias, since) \
+           WHERE r.alias = {source} AND (r.since IS NULL OR r.since >= ${seen_before})))"
     )
 }
 
@@ -160,6 +174,7 @@ pub(crate) async fn pass(
     pool: &PgPool,
     config: &ReconcileConfig,
     now: DateTime<Utc>,
+    reach: &Reach,
     metrics: &ReconcileMetrics,
     notices: &Mutex<Notices>,
 ) -> Result<PassReport, ReconcileError> {
@@ -187,7 +202,7 @@ pub(crate) async fn pass(
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let progress = load_progress(&mut tx, &topics, &config.tiers, config, now).await?;
+        let progress = load_progress(&mut tx, &topics, config, now, reach).await?;
         let existing = load_verdicts(&mut tx, &keys).await?;
         let settle = chrono::Duration::milliseconds(millis(config.settle));
 
@@ -250,7 +265,7 @@ pub(crate) async fn pass(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .widths(findings.mismatches);
-    refresh_stale_instances(pool, config, now, metrics, notices).await?;
+    refresh_stale_instances(pool, config, now, reach, metrics, notices).await?;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM reconcile_pending")
         .fetch_one(pool)
         .await?;
@@ -415,11 +430,12 @@ async fn load_counts(
 async fn load_progress(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
-    tiers: &[String],
     config: &ReconcileConfig,
     now: DateTime<Utc>,
+    reach: &Reach,
 ) -> Result<HashMap<String, Vec<ProgressRow>>, sqlx::Error> {
     let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
+    let (aliases, since) = reach.columns();
     #[derive(sqlx::FromRow)]
     struct Row {
         topic: String,
@@ -441,12 +457,14 @@ async fn load_progress(
                 {stale} AS stale, bucket_width_ms
            FROM audit_progress
           WHERE topic = ANY($1) AND tier = ANY($2)",
-        stale = stale_sql("last_seen_at", "last_emitted_ms", 3, 4),
+        stale = stale_sql("last_seen_at", "last_emitted_ms", "source", 3, 4, 5),
     ))
     .bind(topics)
-    .bind(tiers)
+    .bind(&config.tiers)
     .bind(stale_before)
     .bind(millis(config.instance_timeout))
+    .bind(&aliases)
+    .bind(&since)
     .fetch_all(&mut **tx)
     .await?;
     let mut out: HashMap<String, Vec<ProgressRow>> = HashMap::new();
@@ -699,22 +717,33 @@ async fn refresh_stale_instances(
     pool: &PgPool,
     config: &ReconcileConfig,
     now: DateTime<Utc>,
+    reach: &Reach,
     metrics: &ReconcileMetrics,
     notices: &Mutex<Notices>,
 ) -> Result<(), sqlx::Error> {
     let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
+    let (aliases, reachable_since) = reach.columns();
     let since = now - chrono::Duration::milliseconds(millis(config.lookback));
     let rows: Vec<(String,)> = sqlx::query_as(&format!(
         "SELECT tier || ':' || host || '/' || instance FROM audit_progress
           WHERE tier = ANY($3) AND tier NOT IN (SELECT tier FROM consumer_tiers)
           GROUP BY tier, host, instance
          HAVING NOT bool_and(closing) AND max(last_seen_at) >= $2 AND {stale}",
-        stale = stale_sql("max(last_seen_at)", "max(last_emitted_ms)", 1, 4),
+        stale = stale_sql(
+            "max(last_seen_at)",
+            "max(last_emitted_ms)",
+            "max(source)",
+            1,
+            4,
+            5
+        ),
     ))
     .bind(stale_before)
     .bind(since)
     .bind(&config.tiers)
     .bind(millis(config.instance_timeout))
+    .bind(&aliases)
+    .bind(&reachable_since)
     .fetch_all(pool)
     .await?;
     metrics.stale_instances.set(rows.len() as i64);

@@ -22,8 +22,9 @@ use super::{NO_PARTITION, StoreError, sequence};
 
 /// How [`write_batch`] tells a new record from one applied before.
 enum Filter<'a> {
-    /// A progress record: applying it again changes nothing.
-    None,
+    /// A progress record, read through the cluster named (when known): applying it again
+    /// changes nothing.
+    Progress(Option<&'a str>),
     /// A counts record filtered by its id's key in `audit_record_seen`.
     Id(Uuid),
     /// A numbered counts record: (topic, stream, number), filtered by the stream's ranges.
@@ -140,6 +141,8 @@ struct ProgressMax<'a> {
     high_watermark: Option<i64>,
     last_emitted_ms: i64,
     latest: &'a Progress,
+    /// The cluster the batch's last record of this key was read from.
+    source: Option<&'a str>,
 }
 
 pub(super) fn opt_min(a: Option<i64>, b: Option<i64>) -> Option<i64> {
@@ -185,9 +188,14 @@ pub fn record_key(id: &str) -> Uuid {
 /// `stored_offset` the writer continues from: another collector has taken the partition
 /// over (a consumer group rebalance) and stored records of it since. The records are then
 /// the other collector's to apply, so none is applied twice.
+///
+/// `sources` names, record by record, the alias of the cluster each record was read from;
+/// it may be shorter than `records` (empty from tools and tests that do not read a cluster),
+/// and a record without one is stored with no source.
 pub async fn write_batch(
     pool: &PgPool,
     records: &[AuditRecord],
+    sources: &[&str],
     offsets: &[ConsumedOffset],
 ) -> Result<BatchOutcome, StoreError> {
     let offsets = OffsetColumns::of(offsets);
@@ -205,7 +213,7 @@ pub async fn write_batch(
     let mut first: Vec<(&AuditRecord, Filter<'_>)> = Vec::with_capacity(records.len());
     let mut claims = sequence::Claims::new();
     let mut duplicates = 0;
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         match r {
             AuditRecord::Counts(c) => match SequencedId::parse(&c.id) {
                 Some(s) => {
@@ -222,7 +230,9 @@ pub async fn write_batch(
                     }
                 }
             },
-            AuditRecord::Progress(_) => first.push((r, Filter::None)),
+            AuditRecord::Progress(_) => {
+                first.push((r, Filter::Progress(sources.get(i).copied())));
+            }
         }
     }
     let mut outcome = BatchOutcome {
@@ -258,11 +268,15 @@ pub async fn write_batch(
     } else {
         sequence::claim(&mut tx, &claims).await?
     };
-    let fresh: Vec<&AuditRecord> = first
+    let fresh: Vec<(&AuditRecord, Option<&str>)> = first
         .into_iter()
         .filter_map(|(r, f)| {
+            let source = match f {
+                Filter::Progress(source) => source,
+                _ => None,
+            };
             let new = match f {
-                Filter::None => true,
+                Filter::Progress(_) => true,
                 Filter::Id(k) => fresh_ids.contains(&k),
                 // Taken out of the set: a number repeated in the batch is applied once.
                 Filter::Sequence(topic, stream, n) => fresh_numbers.remove(&(topic, stream, n)),
@@ -270,14 +284,14 @@ pub async fn write_batch(
             if !new {
                 outcome.duplicates += matches!(f, Filter::Sequence(..)) as usize;
             }
-            new.then_some(r)
+            new.then_some((r, source))
         })
         .collect();
 
     let mut counts: BTreeMap<CountsKey, CountsSum<'_>> = BTreeMap::new();
     let mut progress: BTreeMap<ProgressKey, ProgressMax<'_>> = BTreeMap::new();
     let mut topics: BTreeSet<&str> = BTreeSet::new();
-    for r in fresh {
+    for (r, source) in fresh {
         match r {
             AuditRecord::Counts(c) => {
                 outcome.counts += 1;
@@ -317,6 +331,7 @@ pub async fn write_batch(
                                 high_watermark: p.high_watermark,
                                 last_emitted_ms: p.emitted_at_ms,
                                 latest: p,
+                                source,
                             },
                         );
                     }
@@ -328,6 +343,7 @@ pub async fn write_batch(
                             m.last_emitted_ms = p.emitted_at_ms;
                             m.latest = p;
                         }
+                        m.source = source.or(m.source);
                     }
                 }
             }
@@ -840,6 +856,7 @@ async fn upsert_progress(
     let mut host = Vec::with_capacity(n);
     let mut instance = Vec::with_capacity(n);
     let mut closing = Vec::with_capacity(n);
+    let mut source = Vec::with_capacity(n);
     for (k, m) in &progress {
         tier.push(k.tier.as_str());
         cluster.push(k.cluster.as_str());
@@ -855,14 +872,15 @@ async fn upsert_progress(
         host.push(k.host.as_str());
         instance.push(k.instance.as_str());
         closing.push(m.latest.closing);
+        source.push(m.source);
     }
     sqlx::query(
         "INSERT INTO audit_progress AS p (tier, cluster, datacenter, topic, physical_topic, \
              partition, watermark_ms, position, high_watermark, bucket_width_ms, last_emitted_ms, \
-             host, instance, closing) \
+             host, instance, closing, source) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], \
-             $12::text[], $13::text[], $14::bool[]) \
+             $12::text[], $13::text[], $14::bool[], $15::text[]) \
          ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition, host, instance) \
          DO UPDATE SET \
              watermark_ms = GREATEST(p.watermark_ms, EXCLUDED.watermark_ms), \
@@ -874,6 +892,7 @@ async fn upsert_progress(
                  THEN EXCLUDED.closing ELSE p.closing END, \
              last_emitted_ms = GREATEST(p.last_emitted_ms, EXCLUDED.last_emitted_ms), \
              last_seen_at = now(), \
+             source = COALESCE(EXCLUDED.source, p.source), \
              change_seq = nextval('audit_change_seq')",
     )
     .bind(&tier)
@@ -890,6 +909,7 @@ async fn upsert_progress(
     .bind(&host)
     .bind(&instance)
     .bind(&closing)
+    .bind(&source)
     .execute(&mut **tx)
     .await?;
     Ok(())
