@@ -48,13 +48,39 @@ impl Daemons {
         Ok(addr)
     }
 
-    /// Starts a chaperone-service with `config` and `deps`.
+    /// Starts a chaperone-service with `config` and `deps`, supervised as deploy/systemd's
+    /// unit is (`Restart=on-failure`, `RestartSec=5s`): a run that fails is reported on
+    /// stderr and started again 5 s later with the same configuration, on the same HTTP
+    /// address and a fresh metrics registry.
     pub fn service(&mut self, config: chaperone_service::Config, deps: chaperone_service::Deps) {
-        self.tasks.push(tokio::spawn(chaperone_service::run(
-            config,
-            deps,
-            self.shutdown.clone(),
-        )));
+        let shutdown = self.shutdown.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let addr = deps.listener.as_ref().map(|l| l.local_addr()).transpose()?;
+            let mut deps = Some(deps);
+            loop {
+                let deps = match deps.take() {
+                    Some(deps) => deps,
+                    None => chaperone_service::Deps {
+                        listener: match addr {
+                            Some(addr) => Some(TcpListener::bind(addr).await?),
+                            None => None,
+                        },
+                        ..chaperone_service::Deps::default()
+                    },
+                };
+                let run = chaperone_service::run(config.clone(), deps, shutdown.clone()).await;
+                match run {
+                    Err(e) if !shutdown.is_cancelled() => {
+                        eprintln!("chaperone-service failed, restarting it in 5 s: {e:#}");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ok(()),
+                            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        }
+                    }
+                    done => return done,
+                }
+            }
+        }));
     }
 
     /// Stops every daemon, waiting up to 60 s for each, and reports the first one that failed.
@@ -133,6 +159,12 @@ http_addr = "127.0.0.1:0"
 include = ['{include}']
 exclude = {exclude:?}
 refresh_interval = "2s"
+
+[kafka_consumer]
+# A cluster outage longer than the session loses the group's assignment, and the service
+# rejoins about one session after the cluster answers again: that must stay well inside
+# reconcile.instance_timeout (docs/verdicts.md).
+"session.timeout.ms" = "10000"
 "#,
         id = spec.id,
         audit = spec.audit_topic,
