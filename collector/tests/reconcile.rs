@@ -262,18 +262,7 @@ async fn silent_tier_is_judged_after_the_max_wait() {
     let db = reconcile_db().await.unwrap();
     let (r, clock) = reconciler(&db.pool, config(), end(0) - 1_000);
     // The aggregate never reports anything.
-    add_counts(&db.pool, "orders", start(0), "producer", "dc1", -1, 10)
-        .await
-        .unwrap();
-    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 10)
-        .await
-        .unwrap();
-    progress(&db.pool, "orders", "producer", "dc1", -1, end(0) + LATENESS)
-        .await
-        .unwrap();
-    progress(&db.pool, "orders", "regional", "dc1", 0, end(0) + LATENESS)
-        .await
-        .unwrap();
+    regional_counted(&db.pool, "orders", 10).await.unwrap();
     pass(&r).await;
     assert!(verdict(&db.pool, "orders", R2A, start(0)).await.is_none());
 
@@ -341,18 +330,7 @@ async fn an_unreachable_cluster_is_delay_not_silence() {
     let (r, clock) = reconciler(&db.pool, config(), end(0) - 1_000);
     let reach = chaperone_collector::ingest::Reach::default();
     let r = r.hearing(reach.clone());
-    add_counts(&db.pool, "orders", start(0), "producer", "dc1", -1, 10)
-        .await
-        .unwrap();
-    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 10)
-        .await
-        .unwrap();
-    progress(&db.pool, "orders", "producer", "dc1", -1, end(0) + LATENESS)
-        .await
-        .unwrap();
-    progress(&db.pool, "orders", "regional", "dc1", 0, end(0) + LATENESS)
-        .await
-        .unwrap();
+    regional_counted(&db.pool, "orders", 10).await.unwrap();
     progress(&db.pool, "orders", "aggregate", "dc1", 0, start(0))
         .await
         .unwrap();

@@ -180,6 +180,16 @@ pub async fn all_progress(
     Ok(())
 }
 
+/// Producers and regional (partition 0) of `datacenter` `dc1` both counted `n` messages of
+/// `topic` in bucket 0 and passed it.
+pub async fn regional_counted(pool: &PgPool, topic: &str, n: i64) -> anyhow::Result<()> {
+    add_counts(pool, topic, start(0), "producer", "dc1", -1, n).await?;
+    add_counts(pool, topic, start(0), "regional", "dc1", 0, n).await?;
+    progress(pool, topic, "producer", "dc1", -1, end(0) + LATENESS).await?;
+    progress(pool, topic, "regional", "dc1", 0, end(0) + LATENESS).await?;
+    Ok(())
+}
+
 /// The reconciler configuration of the tests: the default topology with short waits.
 pub fn config() -> ReconcileConfig {
     ReconcileConfig {
