@@ -19,6 +19,7 @@
 //! [`run`] wires them together; `main.rs` only parses flags and starts tracing.
 
 pub mod config;
+pub mod error;
 pub mod event_time;
 pub mod http;
 pub mod kafka;

@@ -29,12 +29,13 @@ use std::time::{Duration, Instant};
 use chaperone_audit::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 use chaperone_audit::{AuditRecord, BucketWidth, Observer, Progress, SequenceIds, Tier};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
-use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _, Timestamp};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::error::PipelineError;
+use crate::error::fatal;
 use crate::event_time::{Dater, EventTime};
 use crate::http::Health;
 use crate::mapping::{Mapped, Mapping};
@@ -46,24 +47,6 @@ use crate::watermark::{self, Committed, Ends, Key, Marks};
 
 /// The wall clock, read in epoch milliseconds; injected so tests can control time.
 pub use chaperone_daemon_support::Clock;
-
-/// Why the pipeline stopped.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PipelineError {
-    /// A Kafka call failed in a way that leaves no safe way to continue.
-    #[error("fatal kafka error while {action}: {source}")]
-    Fatal {
-        /// What was being done.
-        action: &'static str,
-        /// The error.
-        source: KafkaError,
-    },
-}
-
-pub(crate) fn fatal(action: &'static str, source: KafkaError) -> PipelineError {
-    PipelineError::Fatal { action, source }
-}
 
 /// Settings of the pipeline that do not change at run time.
 #[derive(Debug, Clone)]

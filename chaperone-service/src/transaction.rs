@@ -20,8 +20,8 @@ use rdkafka::producer::{
 };
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::error::{PipelineError, fatal};
 use crate::metrics::Metrics;
-use crate::pipeline::{PipelineError, fatal};
 
 /// How to react to a transactional error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

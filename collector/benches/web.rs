@@ -155,7 +155,11 @@ async fn bench() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(api::serve(listener, api::router(state), shutdown.clone()));
+    let server = tokio::spawn(api::serve(
+        listener,
+        chaperone_collector::router(state),
+        shutdown.clone(),
+    ));
     let client = reqwest::Client::new();
 
     let (baseline, baseline_size) =

@@ -77,7 +77,7 @@ impl AlertSender {
                     client: client::build_client(&config, w, i)?,
                 })
             })
-            .collect::<Result<Vec<_>, crate::reconcile::ConfigError>>()
+            .collect::<Result<Vec<_>, crate::model::ConfigError>>()
             .context("alerts configuration")?;
         for hook in &hooks {
             // At 0 from the start, so that the first parking is an increase.

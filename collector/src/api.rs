@@ -154,8 +154,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The API's routes.
-pub fn router(state: ApiState) -> Router {
+/// The API's routes: `/api/v1/…` (behind the bearer token when one is set), `/healthz`,
+/// `/readyz` and `/metrics`. [`crate::router`] merges them with the status page's and
+/// finishes them with [`layered`].
+pub fn routes(state: ApiState) -> Router<ApiState> {
     let api = Router::new()
         .route("/api/v1/topics", get(topics))
         .route("/api/v1/topics/{topic}/buckets", get(buckets))
@@ -165,10 +167,15 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(api)
-        .merge(crate::web::router(state.clone()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+}
+
+/// The server's router from every route of `routes`: unknown paths answer the API's 404 and
+/// every request is timed by route.
+pub fn layered(routes: Router<ApiState>, state: ApiState) -> Router {
+    routes
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), timed))
         .with_state(state)

@@ -10,33 +10,14 @@ use chaperone_daemon_support::secrets;
 use serde::Deserialize;
 use sqlx::postgres::PgConnectOptions;
 
+pub use crate::model::ConfigError;
+
 /// Environment variable that overrides `database.url`.
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
 /// Environment variable that overrides `api.listen`.
 pub const ENV_LISTEN: &str = "CHAPERONE_COLLECTOR_LISTEN";
 /// Environment variable holding the API bearer token (takes precedence over `api.token_file`).
 pub const ENV_API_TOKEN: &str = "CHAPERONE_COLLECTOR_API_TOKEN";
-
-/// A configuration value that cannot work, with the key that holds it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration key `{key}`: {message}")]
-#[non_exhaustive]
-pub struct ConfigError {
-    /// Dotted path of the key, for example `clusters[1].bootstrap`.
-    pub key: String,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl ConfigError {
-    /// A new error for `key`.
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
 
 /// Everything the collector daemon needs.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -53,9 +34,9 @@ pub struct Config {
     /// The HTTP API.
     pub api: ApiConfig,
     /// Tier reconciliation (see [`crate::reconcile`]).
-    pub reconcile: crate::reconcile::ReconcileConfig,
+    pub reconcile: crate::reconcile::config::ReconcileConfig,
     /// Webhook alerts (see [`crate::alerts`]).
-    pub alerts: crate::alerts::AlertsConfig,
+    pub alerts: crate::alerts::config::AlertsConfig,
 }
 
 /// PostgreSQL connection settings.

@@ -23,6 +23,7 @@ pub mod config;
 pub mod ingest;
 pub mod leader;
 pub mod metrics;
+pub mod model;
 pub mod reconcile;
 pub mod store;
 pub mod web;
@@ -55,6 +56,15 @@ pub struct Deps {
     pub clock: Clock,
     /// Bearer token required on `/api/` routes, if any.
     pub api_token: Option<String>,
+}
+
+/// The HTTP server's routes: the API's (`/api/v1/…`, `/healthz`, `/readyz`, `/metrics`) and
+/// the status page's, with the API's 404 and request timing over all of them.
+pub fn router(state: api::ApiState) -> axum::Router {
+    api::layered(
+        api::routes(state.clone()).merge(web::router(state.clone())),
+        state,
+    )
 }
 
 /// Applies the migrations in `migrations/` (embedded at build time), on a connection of
@@ -132,7 +142,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
         let http_shutdown = http_shutdown.clone();
         let shutdown = shutdown.clone();
         async move {
-            let result = api::serve(listener, api::router(state), http_shutdown).await;
+            let result = api::serve(listener, router(state), http_shutdown).await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "api server failed; shutting down");
                 shutdown.cancel();

@@ -69,6 +69,14 @@ impl StoreError {
         }
     }
 
+    /// The SQLSTATE PostgreSQL answered with, if it answered with one.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
     /// Whether the failure is likely to pass by itself (connection lost, server restarting,
     /// lock conflicts), as opposed to a bug or bad data.
     pub fn is_transient(&self) -> bool {

@@ -38,7 +38,7 @@ async fn serve_api(
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(chaperone_collector::api::serve(
         listener,
-        chaperone_collector::api::router(state),
+        chaperone_collector::router(state),
         stop.clone(),
     ));
     (api, stop)

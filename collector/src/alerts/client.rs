@@ -4,7 +4,19 @@
 use std::error::Error as _;
 
 use super::config::{AlertsConfig, WebhookConfig};
-use crate::config::ConfigError;
+use crate::model::ConfigError;
+
+impl AlertsConfig {
+    /// What start-up would read, read now (for `--check-config`): every webhook's secret and
+    /// CA file, each CA file loaded into a client. Errors name the webhook and the file.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.load_secret(i)?;
+            build_client(self, w, i)?;
+        }
+        Ok(())
+    }
+}
 
 /// Builds the client of webhook number `index`: the request timeout of `config`, and, when
 /// the webhook has a `ca_file`, only the certificate authorities of that PEM file as trust

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::reconcile::VerdictStatus;
-use crate::reconcile::config::ConfigError;
+use crate::model::{ConfigError, VerdictStatus};
 
 /// `[alerts]`: where notifications go and how hard delivery tries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -287,18 +286,6 @@ impl AlertsConfig {
                     "must be between 0 and 1",
                 ));
             }
-        }
-        Ok(())
-    }
-}
-
-impl AlertsConfig {
-    /// What start-up would read, read now (for `--check-config`): every webhook's secret and
-    /// CA file, each CA file loaded into a client. Errors name the webhook and the file.
-    pub fn check_files(&self) -> Result<(), ConfigError> {
-        for (i, w) in self.webhooks.iter().enumerate() {
-            w.load_secret(i)?;
-            super::client::build_client(self, w, i)?;
         }
         Ok(())
     }

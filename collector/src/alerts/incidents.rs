@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 
 use super::payload::EventData;
-use crate::reconcile::VerdictStatus;
+use crate::model::VerdictStatus;
 
 /// Why an incident could not be recorded; the reconciler's transaction rolls back.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::reconcile::VerdictStatus;
+use crate::model::VerdictStatus;
 
 /// Outbox event data, written by the reconciler in the transaction of the verdict change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@
 //! last progress and the moment the cluster became reachable again (`audit_progress.source`
 //! names the cluster each observer's progress arrives through).
 //!
-//! [`probe`] asks each cluster for the audit topic's metadata every [`PROBE_INTERVAL`]: the
+//! The consumers' probe asks each cluster for the audit topic's metadata every [`PROBE_INTERVAL`]: the
 //! cluster is reachable when it answers within [`PROBE_TIMEOUT`] and every partition of the
 //! audit topic has a leader. Noticing an outage takes at most their sum (7 s), so an
 //! `instance_timeout` of a few times that leaves no outage counted as silence.
@@ -17,12 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chaperone_daemon_support::Clock;
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::Consumer;
-use tokio_util::sync::CancellationToken;
-
-use super::Source;
 
 /// How often each cluster is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -61,63 +56,6 @@ impl Reach {
     pub fn columns(&self) -> (Vec<String>, Vec<Option<DateTime<Utc>>>) {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.iter().map(|(a, s)| (a.clone(), *s)).unzip()
-    }
-}
-
-/// Probes `source` every [`PROBE_INTERVAL`] until `shutdown`, recording the answers in `reach`.
-pub(super) async fn probe(
-    source: Arc<Source>,
-    reach: Reach,
-    clock: Clock,
-    shutdown: CancellationToken,
-) {
-    let alias = source.config.alias.clone();
-    let mut ticker = tokio::time::interval(PROBE_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        let s = Arc::clone(&source);
-        let answer = tokio::task::spawn_blocking(move || {
-            let topic = &s.config.audit_topic;
-            let metadata = s
-                .consumer
-                .fetch_metadata(Some(topic), PROBE_TIMEOUT)
-                .map_err(|e| e.to_string())?;
-            let t = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .ok_or_else(|| format!("the audit topic {topic} is not in the metadata"))?;
-            if let Some(e) = t.error() {
-                return Err(format!("the audit topic {topic}: {e:?}"));
-            }
-            match t.partitions().iter().find(|p| p.leader() < 0) {
-                Some(p) => Err(format!("partition {} of {topic} has no leader", p.id())),
-                None if t.partitions().is_empty() => Err(format!("{topic} has no partitions")),
-                None => Ok(()),
-            }
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-        let was = reach.reachable(&alias);
-        match answer {
-            Ok(()) => {
-                reach.answered(&alias, clock.now());
-                if was == Some(false) {
-                    tracing::info!(cluster = %alias, "cluster reachable again: its observers' silence counts from now");
-                }
-            }
-            Err(error) => {
-                reach.lost(&alias);
-                if was != Some(false) {
-                    tracing::warn!(cluster = %alias, %error, "cluster unreachable: the silence of observers reporting through it does not count until it answers again");
-                }
-            }
-        }
     }
 }
 

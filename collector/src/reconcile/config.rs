@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::ConfigError;
+pub use crate::model::ConfigError;
 
 /// A duration in whole milliseconds, saturating (the engine's and the verdict rules' unit).
 pub(crate) fn millis(d: Duration) -> i64 {

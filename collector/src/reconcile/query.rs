@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::verdict::VerdictStatus;
+use crate::model::VerdictStatus;
 
 /// Most rows one listing returns.
 pub const MAX_ROWS: i64 = 10_000;

@@ -2,8 +2,6 @@
 //! rules can be read (and tested) without a database.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::str::FromStr;
 
 use chaperone_audit::record::MIN_TIMESTAMP_MS;
 use serde::{Deserialize, Serialize};
@@ -14,85 +12,7 @@ pub(crate) use bucket::{
     BucketKey, Computed, CountRow, Findings, ProgressRow, VerdictKey, judge_bucket,
 };
 
-/// The verdict on one bucket of one edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VerdictStatus {
-    /// The downstream tier saw exactly what the upstream tier saw.
-    Complete,
-    /// The downstream tier saw fewer messages than the upstream tier.
-    Missing,
-    /// The downstream tier saw more messages than the upstream tier.
-    Duplicated,
-    /// A tier that should report progress did not get past the bucket.
-    TierSilent,
-    /// The downstream tier has not shown that it read past the bucket by the maximum wait:
-    /// what it lacks may still arrive (delay, not loss).
-    Lagging,
-    /// The downstream tier saw more than the upstream tier counted, while an upstream
-    /// instance that stopped without a clean shutdown may have lost counts of the bucket:
-    /// the auditor's own gap, not the pipeline's.
-    UpstreamIncomplete,
-}
-
-impl VerdictStatus {
-    /// Every status, in a stable order.
-    pub const ALL: [VerdictStatus; 6] = [
-        VerdictStatus::Complete,
-        VerdictStatus::Missing,
-        VerdictStatus::Duplicated,
-        VerdictStatus::TierSilent,
-        VerdictStatus::Lagging,
-        VerdictStatus::UpstreamIncomplete,
-    ];
-
-    /// The status as stored and served.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VerdictStatus::Complete => "complete",
-            VerdictStatus::Missing => "missing",
-            VerdictStatus::Duplicated => "duplicated",
-            VerdictStatus::TierSilent => "tier_silent",
-            VerdictStatus::Lagging => "lagging",
-            VerdictStatus::UpstreamIncomplete => "upstream_incomplete",
-        }
-    }
-
-    /// Whether the status is a fault of the audited pipeline, which opens incidents and
-    /// notifies. `lagging` (delay) and `upstream_incomplete` (the auditor's own gap) are
-    /// stored, served and exported as metrics, but do not notify.
-    pub fn is_bad(self) -> bool {
-        matches!(
-            self,
-            VerdictStatus::Missing | VerdictStatus::Duplicated | VerdictStatus::TierSilent
-        )
-    }
-}
-
-impl fmt::Display for VerdictStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that is not a verdict status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown verdict status `{0}` (expected complete, missing, duplicated, tier_silent, \
-     lagging or upstream_incomplete)"
-)]
-pub struct UnknownStatus(pub String);
-
-impl FromStr for VerdictStatus {
-    type Err = UnknownStatus;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        VerdictStatus::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownStatus(s.to_owned()))
-    }
-}
+pub use crate::model::{UnknownStatus, VerdictStatus};
 
 /// Why a bucket was judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
