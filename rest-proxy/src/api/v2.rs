@@ -3,7 +3,9 @@
 //!
 //! A produce answers only after every record's delivery report: a record's entry in
 //! `offsets` holds its partition and offset when Kafka acknowledged it (`acks=all`), or
-//! `error_code` 50003 (retriable) / 50002 (final) and an `error` when it did not. A topic
+//! `error_code` 50003 (retriable) / 50002 (final) and an `error` when it did not. The status
+//! is 200 when at least one record was stored (as Confluent's), 500 when none was (401/403
+//! for Kafka's authentication and authorization errors), so a stopped broker is never a 200. A topic
 //! missing from the cluster is answered 40401 (never created), a partition 40402, both before
 //! anything is produced.
 
@@ -388,6 +390,10 @@ async fn produce_records(
                 }
             }
         });
+    }
+    if acked == 0 && status == StatusCode::OK {
+        // Nothing was stored: the caller must not read success in the status line.
+        status = StatusCode::INTERNAL_SERVER_ERROR;
     }
     s.metrics
         .records
