@@ -77,6 +77,16 @@ pub struct AuthConfig {
     pub basic: Vec<BasicClient>,
 }
 
+/// HTTPS for the API: with both files set, the proxy serves TLS (rustls) instead of plain HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file holding the server certificate, then its intermediates.
+    pub cert_file: PathBuf,
+    /// PEM file holding the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
 /// The `Idempotency-Key` window.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -148,6 +158,8 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     /// Client authentication.
     pub auth: AuthConfig,
+    /// HTTPS; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
     /// librdkafka properties of the producer (SASL, SSL, tuning). `acks=all`, idempotence and
     /// `message.timeout.ms` are forced after these. A value `"${file:PATH}"` or
     /// `"${env:VAR}"` is replaced by that file's content or variable at start-up.
@@ -172,6 +184,7 @@ impl std::fmt::Debug for Config {
             .field("audit", &self.audit)
             .field("idempotency", &self.idempotency)
             .field("auth", &self.auth)
+            .field("tls", &self.tls)
             .field("kafka", &redacted_properties(&self.kafka))
             .finish()
     }
@@ -194,6 +207,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             idempotency: IdempotencyConfig::default(),
             auth: AuthConfig::default(),
+            tls: None,
             kafka: BTreeMap::new(),
         }
     }

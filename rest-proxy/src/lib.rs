@@ -9,6 +9,7 @@
 //! - [`api`]: the HTTP endpoints, Confluent's JSON shapes and error codes, authentication,
 //!   the in-flight bound and the `Idempotency-Key` window.
 //! - [`metrics`]: `chaperone_rest_proxy_*` metrics.
+//! - [`serve`]: plain HTTP, or HTTPS through rustls when `[tls]` names a certificate.
 //!
 //! [`run`] wires them together; `main.rs` only parses flags and starts tracing.
 
@@ -16,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod kafka;
 pub mod metrics;
+pub mod serve;
 
 use std::sync::Arc;
 
@@ -58,6 +60,7 @@ impl Default for Deps {
 pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
     let credentials = config.read_credentials()?;
+    let tls = config.tls.as_ref().map(serve::server_config).transpose()?;
     let metrics = metrics::Metrics::new(&deps.registry).context("cannot register metrics")?;
     let producer = Arc::new(kafka::Producer::new(&config, &deps.registry)?);
     let metadata = kafka::Metadata::new(Arc::clone(&producer), &config)?;
@@ -91,13 +94,8 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
         credentials,
         config: config.clone(),
     });
-    tracing::info!(%addr, cluster_id, audit = !config.audit_disabled, "rest proxy listening");
-    let app = api::router(state);
-    let stop = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .context("http server failed")?;
+    tracing::info!(%addr, cluster_id, audit = !config.audit_disabled, tls = tls.is_some(), "rest proxy listening");
+    serve::serve(listener, api::router(state), tls, shutdown.clone()).await?;
     tracing::info!("http server stopped; flushing the producer");
     // Request tasks finish after their connections close; wait for the last to let go of
     // the producer (bounded), so its shutdown makes the audit's last and closing flushes.

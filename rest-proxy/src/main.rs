@@ -90,6 +90,9 @@ fn load(args: Args) -> anyhow::Result<Config> {
     config.resolve_secret_refs(|k| std::env::var(k).ok())?;
     config.validate()?;
     config.read_credentials()?;
+    if let Some(tls) = &config.tls {
+        chaperone_rest_proxy::serve::server_config(tls)?;
+    }
     Ok(config)
 }
 

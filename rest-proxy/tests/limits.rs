@@ -196,3 +196,78 @@ async fn clients_authenticate_with_tokens_or_basic_from_secret_files() -> anyhow
     let _ = std::fs::remove_file(password_file);
     proxy.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_certificate_the_api_is_served_over_tls() -> anyhow::Result<()> {
+    let dir = support::temp_file("tls");
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    // A CA and a certificate it signed for localhost, as a site would have.
+    support::sh(&format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+         -subj /CN=test-ca -keyout ca.key -out ca.pem 2>/dev/null && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+         -keyout key.pem -out leaf.csr 2>/dev/null && \
+         printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext && \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+         -extfile ext -out cert.pem 2>/dev/null",
+        d = dir.display()
+    ))
+    .await?;
+    let mut c = config().await?;
+    c.tls = Some(chaperone_rest_proxy::config::TlsConfig {
+        cert_file: cert.clone(),
+        key_file: key.clone(),
+    });
+    let tls_client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+            dir.join("ca.pem"),
+        )?)?)
+        .build()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let proxy = tokio::spawn(chaperone_rest_proxy::run(
+        c,
+        chaperone_rest_proxy::Deps {
+            listener: Some(listener),
+            ..chaperone_rest_proxy::Deps::default()
+        },
+        shutdown.clone(),
+    ));
+    let t = topic(1).await?;
+    let url = format!("https://localhost:{port}/topics/{t}");
+    let (status, body) = eventually("a produce over https", Duration::from_secs(60), || {
+        let (client, url) = (tls_client.clone(), url.clone());
+        async move {
+            let r = match client
+                .post(url)
+                .header("content-type", BINARY)
+                .body(r#"{"records":[{"value":"YQ=="}]}"#)
+                .send()
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => return Ok(None),
+            };
+            Ok(Some((r.status().as_u16(), r.text().await?)))
+        }
+    })
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        r#"{"offsets":[{"partition":0,"offset":0,"error_code":null,"error":null}],"key_schema_id":null,"value_schema_id":null}"#
+    );
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/topics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    shutdown.cancel();
+    proxy.await??;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
