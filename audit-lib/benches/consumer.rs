@@ -161,7 +161,11 @@ fn audited(topic: &str, audit_topic: &str, n: usize) -> anyhow::Result<(f64, f64
     let elapsed = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
     let cpu_us = (cpu_ticks() - cpu) as f64 * 10_000.0 / n as f64;
     let stats = consumer.close();
-    anyhow::ensure!(stats.counted == n as u64, "counted {} of {n}", stats.counted);
+    anyhow::ensure!(
+        stats.counted == n as u64,
+        "counted {} of {n}",
+        stats.counted
+    );
     Ok(((n - 1) as f64 / elapsed, cpu_us))
 }
 

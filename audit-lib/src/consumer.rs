@@ -159,6 +159,8 @@ enum Out {
     },
     Transactional {
         producer: BaseProducer<DefaultProducerContext>,
+        /// An abort did not finish in time: the next flush resumes it first.
+        abort_pending: bool,
     },
 }
 
@@ -229,7 +231,10 @@ impl ConsumerContext for AuditConsumerContext {
                     return;
                 }
                 if consumer.assignment_lost() {
-                    tracing::warn!(partitions = tpl.count(), "assignment lost: uncommitted counts discarded, the new owner counts them");
+                    tracing::warn!(
+                        partitions = tpl.count(),
+                        "assignment lost: uncommitted counts discarded, the new owner counts them"
+                    );
                     core.discard(consumer);
                 } else {
                     tracing::info!(
@@ -297,7 +302,11 @@ impl Core {
 
     #[inline]
     fn received(&self, m: &BorrowedMessage<'_>) {
-        let w = Waiting::new(m.offset(), m.timestamp().to_millis(), m.payload_len() as u64);
+        let w = Waiting::new(
+            m.offset(),
+            m.timestamp().to_millis(),
+            m.payload_len() as u64,
+        );
         lock(&self.ledger).received(m.topic(), m.partition(), w);
     }
 
@@ -343,7 +352,10 @@ impl Core {
         if dropped > 0 {
             tracing::warn!(dropped, "uncommitted counts discarded");
         }
-        if matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative) {
+        if matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        ) {
             self.seek_back(consumer, rewind);
         }
     }
@@ -391,15 +403,32 @@ impl Core {
                 .filter(|(t, p)| ledger.get(t, *p).is_some_and(|x| x.nothing_waiting()))
                 .collect()
         };
-        let mut out = Vec::with_capacity(candidates.len());
-        for (t, p) in candidates {
-            let at = self.clock.now_ms();
-            match consumer.fetch_watermarks(&t, p, self.kafka_timeout) {
-                Ok((_, high)) => out.push(((t, p), (high, at))),
-                Err(e) => tracing::debug!(error = %e, topic = t, partition = p, "no end offsets"),
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        // One ListOffsets request for all of them (the latest offset: timestamp -1).
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &candidates {
+            if let Err(e) = tpl.add_partition_offset(t, *p, Offset::End) {
+                tracing::debug!(error = %e, topic = t, partition = p, "no end offset");
             }
         }
-        out
+        let at = self.clock.now_ms();
+        match consumer.offsets_for_times(tpl, self.kafka_timeout) {
+            Ok(ends) => ends
+                .elements()
+                .iter()
+                .filter(|el| el.error().is_ok())
+                .filter_map(|el| {
+                    let high = el.offset().to_raw().filter(|o| *o >= 0)?;
+                    Some(((el.topic().to_owned(), el.partition()), (high, at)))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "no end offsets");
+                Vec::new()
+            }
+        }
     }
 
     fn progress_record(
@@ -431,11 +460,12 @@ impl Core {
     /// progress: see the module documentation. Errors are logged; a fatal one is returned by
     /// the next `poll`.
     fn flush<K: Consumer<AuditConsumerContext>>(&self, consumer: &K, why: Why) {
-        *lock(&self.next_flush) = Instant::now() + self.flush_interval;
+        let started = Instant::now();
         if self.take_fatal().is_some() {
             return;
         }
         let ends = self.end_offsets(consumer);
+        let ends_ms = started.elapsed().as_millis();
         let positions = consumer.position().ok();
         let now = self.clock.now_ms();
 
@@ -472,7 +502,10 @@ impl Core {
             .partitions()
             .into_iter()
             .map(|(t, p)| {
-                let end = ends.iter().find(|((et, ep), _)| *et == t && *ep == p).map(|(_, v)| *v);
+                let end = ends
+                    .iter()
+                    .find(|((et, ep), _)| *et == t && *ep == p)
+                    .map(|(_, v)| *v);
                 let pos = positions
                     .as_ref()
                     .and_then(|l| l.find_partition(&t, p))
@@ -510,7 +543,9 @@ impl Core {
                     if !offsets.is_empty() {
                         match commit_sync(consumer, &offsets) {
                             Ok(()) => ledger.committed(&offsets),
-                            Err(e) => tracing::warn!(error = %e, "offset commit failed: the messages since the last commit are processed and counted again if their partition moves"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "offset commit failed: the messages since the last commit are processed and counted again if their partition moves")
+                            }
                         }
                     }
                     self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -557,7 +592,10 @@ impl Core {
                 }
                 None
             }
-            Out::Transactional { producer } => {
+            Out::Transactional {
+                producer,
+                abort_pending,
+            } => {
                 let mut records = counts;
                 let n_counts = records.len();
                 let mut claims = Vec::with_capacity(ends_now.len());
@@ -591,6 +629,7 @@ impl Core {
                 let group = consumer.group_metadata();
                 match sink::commit_transaction(
                     producer,
+                    abort_pending,
                     &self.audit_topic,
                     &records,
                     &tpl,
@@ -622,7 +661,16 @@ impl Core {
         };
         drop(out);
         drop(ledger);
-        tracing::debug!(?why, messages, offsets = offsets.len(), "audit flush");
+        // The next one an interval after this one ended, however long it took.
+        *lock(&self.next_flush) = Instant::now() + self.flush_interval;
+        tracing::debug!(
+            ?why,
+            messages,
+            offsets = offsets.len(),
+            ends_ms,
+            took_ms = started.elapsed().as_millis(),
+            "audit flush"
+        );
         if let Some(rewind) = rewind {
             self.seek_back(consumer, rewind);
         }
@@ -700,8 +748,14 @@ fn prepare(
             .set("message.timeout.ms", delivery_ms.to_string());
         let producer: BaseProducer<DefaultProducerContext> = pc.create()?;
         producer.init_transactions(options.kafka_timeout)?;
-        tracing::info!(transactional_id = id, "audited consumer in transactional mode");
-        Out::Transactional { producer }
+        tracing::info!(
+            transactional_id = id,
+            "audited consumer in transactional mode"
+        );
+        Out::Transactional {
+            producer,
+            abort_pending: false,
+        }
     } else {
         Out::AtLeastOnce {
             producer: pc.create_with_context(Acks::default())?,
@@ -973,7 +1027,6 @@ impl std::fmt::Debug for AuditedConsumer {
     }
 }
 
-
 audited_consumer_trait!(AuditedConsumer, BaseConsumer<AuditConsumerContext>);
 
 impl AuditedConsumer {
@@ -1224,7 +1277,10 @@ mod tests {
     fn the_tier_defaults_to_the_group() {
         let audit = AuditConfig::default();
         let options = ConsumerOptions::default();
-        assert_eq!(consumer_tier(&options, &audit, "billing"), "consumer:billing");
+        assert_eq!(
+            consumer_tier(&options, &audit, "billing"),
+            "consumer:billing"
+        );
         let named = AuditConfig {
             tier: "warehouse".into(),
             ..AuditConfig::default()
@@ -1234,7 +1290,10 @@ mod tests {
             tier: Some("consumer:search".into()),
             ..ConsumerOptions::default()
         };
-        assert_eq!(consumer_tier(&explicit, &named, "billing"), "consumer:search");
+        assert_eq!(
+            consumer_tier(&explicit, &named, "billing"),
+            "consumer:search"
+        );
         // The record contract accepts the name as it is.
         let mut observer = audit.observer();
         observer.tier = Tier::from(consumer_tier(&options, &audit, "billing"));
@@ -1251,7 +1310,8 @@ mod tests {
             emitted_at_ms: 1_764_067_200_000,
             closing: true,
         };
-        let back = AuditRecord::decode(&AuditRecord::Progress(p.clone()).encode()).expect("decodes");
+        let back =
+            AuditRecord::decode(&AuditRecord::Progress(p.clone()).encode()).expect("decodes");
         assert_eq!(back, AuditRecord::Progress(p));
     }
 

@@ -69,7 +69,10 @@ async fn at_least_once_counts_equal_what_was_processed() -> anyhow::Result<()> {
         let mut received = 0;
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while received < N {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "only {received} received");
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "only {received} received"
+            );
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(_)) => received += 1,
                 // Consumer errors are events (a broker connection went down): carry on.
@@ -133,7 +136,10 @@ async fn messages_passed_over_are_not_counted() -> anyhow::Result<()> {
         let mut received = 0;
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while received < N {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "only {received} received");
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "only {received} received"
+            );
             let m = match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
@@ -265,15 +271,23 @@ async fn an_idle_caught_up_consumer_still_makes_progress() -> anyhow::Result<()>
         "the group to commit every message",
         Duration::from_secs(60),
         || {
-            let done = group_offsets(&group, &topic, 1).map(|o| (o[0] == 100).then(|| chrono::Utc::now().timestamp_millis()));
+            let done = group_offsets(&group, &topic, 1)
+                .map(|o| (o[0] == 100).then(|| chrono::Utc::now().timestamp_millis()));
             async move { done }
         },
     )
     .await?;
-    audit_until(&audit_topic, "an idle watermark past the last read", |records| {
-        progress_of(records, &topic)
-            .any(|p| p.watermark_ms > read_all_at && p.position == Some(100) && p.high_watermark == Some(100))
-    })
+    audit_until(
+        &audit_topic,
+        "an idle watermark past the last read",
+        |records| {
+            progress_of(records, &topic).any(|p| {
+                p.watermark_ms > read_all_at
+                    && p.position == Some(100)
+                    && p.high_watermark == Some(100)
+            })
+        },
+    )
     .await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let stats = worker.await??;

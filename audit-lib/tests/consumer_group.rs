@@ -136,7 +136,10 @@ impl Drop for Running {
 }
 
 /// Produces to `topic` in batches until `stop`, event time = now; returns what went where.
-fn produce_until(topic: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<anyhow::Result<Sums>> {
+fn produce_until(
+    topic: String,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<Sums>> {
     std::thread::spawn(move || {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let producer: BaseProducer = client(&regional_bootstrap())
@@ -178,7 +181,12 @@ fn produce_until(topic: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
 }
 
 /// Waits until the group's committed offsets pass `floor` in every partition.
-async fn committed_past(group: &str, topic: &str, floor: &[i64], what: &str) -> anyhow::Result<Vec<i64>> {
+async fn committed_past(
+    group: &str,
+    topic: &str,
+    floor: &[i64],
+    what: &str,
+) -> anyhow::Result<Vec<i64>> {
     chaperone_test_support::eventually(what, Duration::from_secs(120), || {
         let r = group_offsets(group, topic, PARTITIONS)
             .map(|o| o.iter().zip(floor).all(|(c, f)| c > f).then_some(o));
@@ -224,7 +232,9 @@ async fn scenario(transactional: bool) -> anyhow::Result<(Sums, Vec<AuditRecord>
     committed_past(&group, &topic, &c, "commits after m1 restarted").await?;
 
     stop.store(true, Ordering::Relaxed);
-    let produced = producer.join().map_err(|_| anyhow::anyhow!("producer panicked"))??;
+    let produced = producer
+        .join()
+        .map_err(|_| anyhow::anyhow!("producer panicked"))??;
     let ends = chaperone_test_support::end_offsets(&regional_bootstrap(), &topic, PARTITIONS)?;
     chaperone_test_support::eventually(
         "the group to commit every message",
@@ -285,10 +295,16 @@ async fn at_least_once_group_counts_at_least_everything_and_a_kill_adds_at_most_
         assert!(counted >= *n, "{key:?}: counted {counted} < produced {n}");
         *extra.entry(key.1.unwrap_or(-1)).or_insert(0) += counted - n;
     }
-    assert!(sums.keys().all(|k| produced.contains_key(k)), "no counts of messages never produced");
+    assert!(
+        sums.keys().all(|k| produced.contains_key(k)),
+        "no counts of messages never produced"
+    );
     for (p, e) in &extra {
         let b = bound.get(p).copied().unwrap_or(0);
-        assert!(*e <= b, "partition {p}: {e} extra counts, more than the {b} of m1's last flush");
+        assert!(
+            *e <= b,
+            "partition {p}: {e} extra counts, more than the {b} of m1's last flush"
+        );
     }
     eprintln!("extra counts per partition after kill -9: {extra:?} (bound {bound:?})");
     Ok(())

@@ -116,7 +116,9 @@ impl Ledger {
     }
 
     fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut Partition> {
-        self.parts.get_mut(topic).and_then(|m| m.get_mut(&partition))
+        self.parts
+            .get_mut(topic)
+            .and_then(|m| m.get_mut(&partition))
     }
 
     /// A partition was assigned; `committed` is the group's committed offset, if known.
@@ -182,13 +184,19 @@ impl Ledger {
     /// Stores the offset after the last message received (once): the application came back
     /// for another message, so with librdkafka's `enable.auto.offset.store` it is done with
     /// the previous one.
-    pub fn store_last_received(&mut self, mode: CountOn, count: &mut impl FnMut(&str, i32, &Waiting)) {
+    pub fn store_last_received(
+        &mut self,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) {
         // Taken out and put back, so the topic's allocation serves the next message too.
         let Some((topic, partition)) = self.last.take() else {
             return;
         };
         if let Some(next) = self.get(&topic, partition).and_then(|p| p.received_to)
-            && self.get(&topic, partition).is_some_and(|p| p.stored < Some(next))
+            && self
+                .get(&topic, partition)
+                .is_some_and(|p| p.stored < Some(next))
         {
             self.store(&topic, partition, next, mode, count);
         }
@@ -280,7 +288,11 @@ impl Ledger {
     }
 
     /// Stores the offset after the last message received, in every partition.
-    pub fn store_all_received(&mut self, mode: CountOn, count: &mut impl FnMut(&str, i32, &Waiting)) {
+    pub fn store_all_received(
+        &mut self,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) {
         let received: Vec<(String, i32, i64)> = self
             .parts
             .iter()
@@ -393,13 +405,18 @@ mod tests {
         assert_eq!(counted, vec![0, 1, 2, 3]);
         // Storing the same or an earlier offset again counts nothing more.
         let mut again = Vec::new();
-        l.store("t", 0, 3, CountOn::Offsets, &mut |_, _, w| again.push(w.offset));
+        l.store("t", 0, 3, CountOn::Offsets, &mut |_, _, w| {
+            again.push(w.offset)
+        });
         assert!(again.is_empty());
         assert_eq!(l.to_commit(), vec![("t".to_owned(), 0, 4)]);
         l.committed(&l.to_commit());
         assert!(l.to_commit().is_empty());
         let part = l.get("t", 0).expect("assigned");
-        assert_eq!((part.position(), part.counted_max_event_ms), (Some(4), Some(T + 3)));
+        assert_eq!(
+            (part.position(), part.counted_max_event_ms),
+            (Some(4), Some(T + 3))
+        );
         assert!(!part.nothing_waiting());
     }
 
@@ -437,7 +454,9 @@ mod tests {
         l.store("t", 0, 2, CountOn::Offsets, &mut |_, _, _| {});
         l.received("t", 0, w(3));
         let mut counted = Vec::new();
-        l.store("t", 0, 10, CountOn::Offsets, &mut |_, _, w| counted.push(w.offset));
+        l.store("t", 0, 10, CountOn::Offsets, &mut |_, _, w| {
+            counted.push(w.offset)
+        });
         assert_eq!(counted, vec![2, 3]);
         assert_eq!(l.rewind(), vec![("t".to_owned(), 0, Some(0))]);
         assert!(l.to_commit().is_empty());

@@ -129,12 +129,33 @@ fn is_fatal(e: &KafkaError) -> bool {
 /// failure that is not fatal the transaction is aborted.
 pub fn commit_transaction(
     producer: &BaseProducer<DefaultProducerContext>,
+    abort_pending: &mut bool,
     audit_topic: &str,
     records: &[EncodedRecord],
     offsets: &TopicPartitionList,
     group: Option<&ConsumerGroupMetadata>,
     timeout: Duration,
 ) -> Result<(), TxnError> {
+    // An abort that did not finish in time is resumed (librdkafka refuses anything else
+    // until it has).
+    if *abort_pending {
+        match producer.abort_transaction(Timeout::After(timeout)) {
+            Ok(()) => *abort_pending = false,
+            Err(e) if is_fatal(&e) => {
+                return Err(TxnError::Fatal {
+                    action: "aborting",
+                    source: e,
+                });
+            }
+            Err(e) => {
+                return Err(TxnError::Aborted {
+                    action: "aborting",
+                    source: e,
+                });
+            }
+        }
+    }
+    let aborted_ok = std::cell::Cell::new(true);
     let fail = |action: &'static str, source: KafkaError| {
         if is_fatal(&source) {
             return TxnError::Fatal { action, source };
@@ -146,55 +167,62 @@ pub fn commit_transaction(
                     source: e,
                 };
             }
-            tracing::warn!(error = %e, "aborting the audit transaction failed");
+            aborted_ok.set(false);
+            tracing::warn!(error = %e, "aborting the audit transaction failed: resumed on the next flush");
         }
         TxnError::Aborted { action, source }
     };
-    producer.begin_transaction().map_err(|e| {
-        if is_fatal(&e) {
-            TxnError::Fatal {
-                action: "beginning",
-                source: e,
-            }
-        } else {
-            TxnError::Aborted {
-                action: "beginning",
-                source: e,
-            }
-        }
-    })?;
-    let deadline = Instant::now() + timeout;
-    for r in records {
-        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(audit_topic)
-            .key(r.topic.as_str())
-            .payload(r.bytes.as_slice());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                    if Instant::now() < deadline =>
-                {
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
+    let result = (|| -> Result<(), TxnError> {
+        producer.begin_transaction().map_err(|e| {
+            if is_fatal(&e) {
+                TxnError::Fatal {
+                    action: "beginning",
+                    source: e,
                 }
-                Err((e, _)) => return Err(fail("producing", e)),
+            } else {
+                TxnError::Aborted {
+                    action: "beginning",
+                    source: e,
+                }
+            }
+        })?;
+        let deadline = Instant::now() + timeout;
+        for r in records {
+            let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(audit_topic)
+                .key(r.topic.as_str())
+                .payload(r.bytes.as_slice());
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                        if Instant::now() < deadline =>
+                    {
+                        record = r;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(fail("producing", e)),
+                }
             }
         }
-    }
-    if offsets.count() > 0 {
-        let Some(group) = group else {
-            return Err(fail(
-                "adding offsets",
-                KafkaError::ConsumerCommit(RDKafkaErrorCode::State),
-            ));
-        };
+        if offsets.count() > 0 {
+            let Some(group) = group else {
+                return Err(fail(
+                    "adding offsets",
+                    KafkaError::ConsumerCommit(RDKafkaErrorCode::State),
+                ));
+            };
+            producer
+                .send_offsets_to_transaction(offsets, group, Timeout::After(timeout))
+                .map_err(|e| fail("adding offsets", e))?;
+        }
         producer
-            .send_offsets_to_transaction(offsets, group, Timeout::After(timeout))
-            .map_err(|e| fail("adding offsets", e))?;
+            .commit_transaction(Timeout::After(timeout))
+            .map_err(|e| fail("committing", e))
+    })();
+    if !aborted_ok.get() {
+        *abort_pending = true;
     }
-    producer
-        .commit_transaction(Timeout::After(timeout))
-        .map_err(|e| fail("committing", e))
+    result
 }
 
 /// librdkafka properties that only mean something to a consumer: left out of the audit
