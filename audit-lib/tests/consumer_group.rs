@@ -34,6 +34,8 @@ struct Member {
     group: String,
     instance: String,
     transactional: bool,
+    /// The same for a killed member and its restart, so the restart fences what it left open.
+    transactional_id: String,
 }
 
 /// Entry point of the member processes the tests below start.
@@ -63,6 +65,7 @@ fn member_process() -> anyhow::Result<()> {
     audit.instance = Some(spec.instance.clone());
     let options = ConsumerOptions {
         transactional: spec.transactional,
+        transactional_id: Some(spec.transactional_id.clone()),
         transaction_timeout: Duration::from_secs(10),
         ..ConsumerOptions::default()
     };
@@ -195,6 +198,24 @@ async fn committed_past(
     .await
 }
 
+/// Waits until the member `instance` has counts on the audit topic (it owns partitions and
+/// works).
+async fn counted_by(audit_topic: &str, instance: &str) -> anyhow::Result<()> {
+    let what = format!("counts from {instance}");
+    chaperone_test_support::eventually(&what, Duration::from_secs(120), || {
+        let r = common::read_audit_topic(audit_topic).map(|records| {
+            records
+                .iter()
+                .any(|r| {
+                    matches!(r, AuditRecord::Counts(c) if c.observer.instance == instance && c.count > 0)
+                })
+                .then_some(())
+        });
+        async move { r }
+    })
+    .await
+}
+
 /// Runs the scenario and returns (what was produced, the audit records of the group's topic
 /// in the order read).
 async fn scenario(transactional: bool) -> anyhow::Result<(Sums, Vec<AuditRecord>)> {
@@ -209,6 +230,7 @@ async fn scenario(transactional: bool) -> anyhow::Result<(Sums, Vec<AuditRecord>
         group: group.clone(),
         instance: instance.to_owned(),
         transactional,
+        transactional_id: format!("{group}-{}", &instance[..2]),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let producer = produce_until(topic.clone(), Arc::clone(&stop));
@@ -217,18 +239,21 @@ async fn scenario(transactional: bool) -> anyhow::Result<(Sums, Vec<AuditRecord>
     let m1 = Running::start(&spec("m1"))?;
     let m2 = Running::start(&spec("m2"))?;
     let c = committed_past(&group, &topic, &none, "two members to commit").await?;
+    counted_by(&audit_topic, "m2").await?;
     // A member joins.
     let m3 = Running::start(&spec("m3"))?;
+    counted_by(&audit_topic, "m3").await?;
     let c = committed_past(&group, &topic, &c, "commits after m3 joined").await?;
     // A member leaves.
     m2.stop()?;
     let c = committed_past(&group, &topic, &c, "commits after m2 left").await?;
-    // A member is killed, and restarted (transactional: same instance, so the same
-    // transactional id fences what it left open).
+    // A member is killed mid-stream, and restarted (transactional: with the same
+    // transactional id, which fences what it left open).
+    counted_by(&audit_topic, "m1").await?;
     m1.kill()?;
-    let restarted = if transactional { "m1" } else { "m1-restarted" };
     let c = committed_past(&group, &topic, &c, "commits after m1 was killed").await?;
-    let m1 = Running::start(&spec(restarted))?;
+    let m1 = Running::start(&spec("m1-restarted"))?;
+    counted_by(&audit_topic, "m1-restarted").await?;
     committed_past(&group, &topic, &c, "commits after m1 restarted").await?;
 
     stop.store(true, Ordering::Relaxed);
