@@ -114,7 +114,7 @@ fn bare(topic: &str, n: usize) -> anyhow::Result<(f64, f64)> {
         }
         bytes += m.payload_len();
         received += 1;
-        if received % COMMIT_EVERY == 0 {
+        if received.is_multiple_of(COMMIT_EVERY) {
             consumer.commit_message(&m, CommitMode::Async)?;
         }
     }
@@ -154,7 +154,7 @@ fn audited(topic: &str, audit_topic: &str, n: usize) -> anyhow::Result<(f64, f64
         }
         consumer.processed(&m);
         received += 1;
-        if received % COMMIT_EVERY == 0 {
+        if received.is_multiple_of(COMMIT_EVERY) {
             consumer.commit_message(&m, CommitMode::Async)?;
         }
     }

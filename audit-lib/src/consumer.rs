@@ -433,22 +433,20 @@ impl Core {
 
     fn progress_record(
         &self,
-        topic: &str,
-        partition: i32,
+        end: &PartitionEnd,
         position: Option<i64>,
-        high: Option<i64>,
         watermark_ms: i64,
         now: i64,
         closing: bool,
     ) -> EncodedRecord {
         EncodedRecord::new(&AuditRecord::Progress(Progress {
             id: uuid::Uuid::now_v7().to_string(),
-            topic: topic.to_owned(),
-            physical_topic: topic.to_owned(),
-            partition: Some(partition),
+            topic: end.topic.clone(),
+            physical_topic: end.topic.clone(),
+            partition: Some(end.partition),
             observer: self.observer.clone(),
             position,
-            high_watermark: high.map(|h| position.map_or(h, |p| h.max(p))),
+            high_watermark: end.high.map(|h| position.map_or(h, |p| h.max(p))),
             watermark_ms,
             bucket_width: self.width,
             emitted_at_ms: now,
@@ -568,10 +566,8 @@ impl Core {
                     };
                     claims.push((e.topic.clone(), e.partition, watermark));
                     records.push(self.progress_record(
-                        &e.topic,
-                        e.partition,
+                        e,
                         part.committed,
-                        e.high,
                         watermark,
                         now,
                         closing && delivered,
@@ -610,15 +606,7 @@ impl Core {
                         now,
                     );
                     claims.push((e.topic.clone(), e.partition, watermark));
-                    records.push(self.progress_record(
-                        &e.topic,
-                        e.partition,
-                        part.position(),
-                        e.high,
-                        watermark,
-                        now,
-                        closing,
-                    ));
+                    records.push(self.progress_record(e, part.position(), watermark, now, closing));
                 }
                 let mut tpl = TopicPartitionList::new();
                 for (t, p, o) in &offsets {

@@ -159,7 +159,7 @@ async fn messages_passed_over_are_not_counted() -> anyhow::Result<()> {
                 assert!(consumer.processed(&m));
                 assert!(!consumer.processed(&m), "counted once");
             }
-            if received % 1_000 == 0 {
+            if received.is_multiple_of(1_000) {
                 consumer.commit_message(&m, CommitMode::Async)?;
             }
         }
@@ -218,7 +218,7 @@ async fn stream_consumer_in_transactional_mode_counts_exactly() -> anyhow::Resul
             }
         };
         received += 1;
-        if received % 500 == 0 {
+        if received.is_multiple_of(500) {
             consumer.commit_message(&m, CommitMode::Async)?;
         }
     }

@@ -83,7 +83,7 @@ fn member_process() -> anyhow::Result<()> {
             None => continue,
         };
         n += 1;
-        if spec.transactional && n % 200 == 0 {
+        if spec.transactional && n.is_multiple_of(200) {
             consumer.commit_message(&m, CommitMode::Async)?;
         }
     }
