@@ -129,9 +129,9 @@ fn bare(topic: &str, n: usize) -> anyhow::Result<(f64, f64)> {
 /// Reads `n` messages of `topic` with an audited consumer, each marked processed; returns
 /// (msgs/s, CPU µs/msg).
 fn audited(topic: &str, audit_topic: &str, n: usize) -> anyhow::Result<(f64, f64)> {
+    // The default flush interval (10 s).
     let audit = AuditConfig {
         topic: audit_topic.to_owned(),
-        flush_interval: Duration::from_secs(1),
         ..AuditConfig::default()
     };
     let consumer = AuditedConsumer::new(

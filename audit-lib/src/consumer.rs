@@ -45,7 +45,7 @@
 pub mod ledger;
 pub mod sink;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -196,6 +196,15 @@ struct Core {
     next_flush: Mutex<Instant>,
     closed: AtomicBool,
     fatal: Mutex<Option<KafkaError>>,
+    failed: AtomicBool,
+    /// The clock, read at most every [`READ_CLOCK_EVERY`] polls while messages arrive
+    /// without waiting, and on every poll that waits (reading it is most of the cost of a
+    /// message on some virtual machines).
+    now_ms: AtomicI64,
+    polls: AtomicU32,
+    /// A poll found no message waiting since the last flush: only then can a partition be
+    /// caught up, and only then does a flush ask for end offsets.
+    idled: AtomicBool,
     counted: AtomicU64,
     flushes: AtomicU64,
     aborted: AtomicU64,
@@ -275,7 +284,39 @@ impl ConsumerContext for AuditConsumerContext {
     }
 }
 
+/// Polls between two reads of the clock (and checks of the flush deadline) while messages
+/// arrive without waiting.
+const READ_CLOCK_EVERY: u32 = 64;
+
 impl Core {
+    /// The clock as last read.
+    #[inline]
+    fn now(&self) -> i64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
+    fn read_clock(&self) {
+        self.now_ms.store(self.clock.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A poll found no message waiting.
+    fn idle(&self) {
+        self.idled.store(true, Ordering::Relaxed);
+        self.read_clock();
+    }
+
+    /// Counts a poll that found a message waiting; every [`READ_CLOCK_EVERY`] of them, reads
+    /// the clock and returns `true` (time to check the flush deadline).
+    #[inline]
+    fn quick_poll(&self) -> bool {
+        if self.polls.fetch_add(1, Ordering::Relaxed) % READ_CLOCK_EVERY == 0 {
+            self.read_clock();
+            true
+        } else {
+            false
+        }
+    }
+
     #[inline]
     fn count_fn(&self, now: i64) -> impl FnMut(&str, i32, &Waiting) + '_ {
         move |topic: &str, partition: i32, w: &Waiting| {
@@ -294,7 +335,7 @@ impl Core {
     #[inline]
     fn before_poll(&self) {
         if self.auto_store {
-            let now = self.clock.now_ms();
+            let now = self.now();
             let mut count = self.count_fn(now);
             lock(&self.ledger).store_last_received(self.count_on, &mut count);
         }
@@ -311,19 +352,19 @@ impl Core {
     }
 
     fn processed(&self, topic: &str, partition: i32, offset: i64) -> bool {
-        let now = self.clock.now_ms();
+        let now = self.now();
         let mut count = self.count_fn(now);
         lock(&self.ledger).processed(topic, partition, offset, self.count_on, &mut count)
     }
 
     fn store(&self, topic: &str, partition: i32, next: i64) -> bool {
-        let now = self.clock.now_ms();
+        let now = self.now();
         let mut count = self.count_fn(now);
         lock(&self.ledger).store(topic, partition, next, self.count_on, &mut count)
     }
 
     fn store_all_received(&self) {
-        let now = self.clock.now_ms();
+        let now = self.now();
         let mut count = self.count_fn(now);
         lock(&self.ledger).store_all_received(self.count_on, &mut count);
     }
@@ -332,7 +373,11 @@ impl Core {
         lock(&self.next_flush).saturating_duration_since(Instant::now())
     }
 
+    #[inline]
     fn take_fatal(&self) -> Option<KafkaError> {
+        if !self.failed.load(Ordering::Relaxed) {
+            return None;
+        }
         lock(&self.fatal).clone()
     }
 
@@ -459,10 +504,16 @@ impl Core {
     /// the next `poll`.
     fn flush<K: Consumer<AuditConsumerContext>>(&self, consumer: &K, why: Why) {
         let started = Instant::now();
+        self.read_clock();
         if self.take_fatal().is_some() {
             return;
         }
-        let ends = self.end_offsets(consumer);
+        // A consumer that never waited for a message since the last flush is not caught up.
+        let ends = if self.idled.swap(false, Ordering::Relaxed) || why != Why::Timed {
+            self.end_offsets(consumer)
+        } else {
+            Vec::new()
+        };
         let ends_ms = started.elapsed().as_millis();
         let positions = consumer.position().ok();
         let now = self.clock.now_ms();
@@ -642,6 +693,7 @@ impl Core {
                     Err(TxnError::Fatal { action, source }) => {
                         tracing::error!(error = %source, action, "audit transactions cannot go on: the consumer stops");
                         *lock(&self.fatal) = Some(source);
+                        self.failed.store(true, Ordering::Relaxed);
                         None
                     }
                 }
@@ -772,6 +824,7 @@ fn prepare(
         observer,
         width,
         audit_topic: audit.topic.clone(),
+        now_ms: AtomicI64::new(clock.now_ms()),
         clock,
         metrics,
         count_on: options.count_on,
@@ -782,6 +835,9 @@ fn prepare(
         next_flush: Mutex::new(Instant::now() + audit.flush_interval),
         closed: AtomicBool::new(false),
         fatal: Mutex::new(None),
+        failed: AtomicBool::new(false),
+        polls: AtomicU32::new(0),
+        idled: AtomicBool::new(true),
         counted: AtomicU64::new(0),
         flushes: AtomicU64::new(0),
         aborted: AtomicU64::new(0),
@@ -1061,6 +1117,17 @@ impl AuditedConsumer {
             return Some(Err(e));
         }
         core.before_poll();
+        // A message already waiting: no clock read, no wait (the common case under load).
+        if core.quick_poll() {
+            core.tick(&self.inner);
+        }
+        if let Some(r) = self.inner.poll(Duration::ZERO) {
+            if let Ok(m) = &r {
+                core.received(m);
+            }
+            return Some(r);
+        }
+        core.idle();
         core.tick(&self.inner);
         let deadline = match timeout.into() {
             Timeout::Never => None,
@@ -1078,6 +1145,7 @@ impl AuditedConsumer {
                 }
                 Some(Err(e)) => return Some(Err(e)),
                 None => {
+                    core.idle();
                     core.tick(&self.inner);
                     if let Some(e) = core.take_fatal() {
                         return Some(Err(e));
@@ -1201,6 +1269,7 @@ impl AuditedStreamConsumer {
         if let Some(e) = core.take_fatal() {
             return Err(e);
         }
+        core.read_clock();
         core.before_poll();
         if core.until_flush().is_zero() {
             blocking(|| core.tick(&self.inner));
@@ -1214,6 +1283,7 @@ impl AuditedStreamConsumer {
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
+                    core.idle();
                     blocking(|| core.tick(&self.inner));
                     if let Some(e) = core.take_fatal() {
                         return Err(e);

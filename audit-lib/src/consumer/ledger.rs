@@ -8,7 +8,9 @@
 //! not counted yet). In [`CountOn::Processed`] mode an offset past a message that was never
 //! marked processed passes over it without counting it: the audit then shows it missing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 use crate::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 
@@ -193,12 +195,14 @@ impl Ledger {
         let Some((topic, partition)) = self.last.take() else {
             return;
         };
-        if let Some(next) = self.get(&topic, partition).and_then(|p| p.received_to)
-            && self
-                .get(&topic, partition)
-                .is_some_and(|p| p.stored < Some(next))
+        if let Some(part) = self
+            .parts
+            .get_mut(&topic)
+            .and_then(|m| m.get_mut(&partition))
+            && let Some(next) = part.received_to
+            && part.stored < Some(next)
         {
-            self.store(&topic, partition, next, mode, count);
+            self.passed_over += store_in(part, &topic, partition, next, mode, count);
         }
         self.last = Some((topic, partition));
     }
@@ -265,25 +269,14 @@ impl Ledger {
         mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
     ) -> bool {
-        match mode {
-            CountOn::Offsets => {
-                self.counted_below(topic, partition, next, count);
-            }
-            CountOn::Processed => {
-                let mut passed = 0;
-                if let Some(part) = self.get_mut(topic, partition) {
-                    while part.waiting.front().is_some_and(|w| w.offset < next) {
-                        part.waiting.pop_front();
-                        passed += 1;
-                    }
-                }
-                self.passed_over += passed;
-            }
-        }
-        let Some(part) = self.get_mut(topic, partition) else {
+        let Some(part) = self
+            .parts
+            .get_mut(topic)
+            .and_then(|m| m.get_mut(&partition))
+        else {
             return false;
         };
-        part.stored = part.stored.max(Some(next));
+        self.passed_over += store_in(part, topic, partition, next, mode, count);
         true
     }
 
@@ -352,6 +345,31 @@ impl Ledger {
         v.sort();
         v
     }
+}
+
+/// Stores `next` in one partition (see [`Ledger::store`]); returns how many messages it
+/// passed over.
+fn store_in(
+    part: &mut Partition,
+    topic: &str,
+    partition: i32,
+    next: i64,
+    mode: CountOn,
+    count: &mut impl FnMut(&str, i32, &Waiting),
+) -> u64 {
+    let mut passed = 0;
+    while let Some(w) = part.waiting.front().copied() {
+        if w.offset >= next {
+            break;
+        }
+        part.waiting.pop_front();
+        match mode {
+            CountOn::Offsets => part.count(topic, partition, &w, count),
+            CountOn::Processed => passed += 1,
+        }
+    }
+    part.stored = part.stored.max(Some(next));
+    passed
 }
 
 /// The event-time watermark of a partition at a flush, from what is known then:
