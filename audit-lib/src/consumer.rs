@@ -309,7 +309,11 @@ impl Core {
     /// the clock and returns `true` (time to check the flush deadline).
     #[inline]
     fn quick_poll(&self) -> bool {
-        if self.polls.fetch_add(1, Ordering::Relaxed) % READ_CLOCK_EVERY == 0 {
+        if self
+            .polls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(READ_CLOCK_EVERY)
+        {
             self.read_clock();
             true
         } else {
