@@ -183,6 +183,12 @@ fn produce_until(
     })
 }
 
+/// A Kafka lookup that failed (a timeout on a loaded host) is logged and tried again.
+fn retried<T>(r: anyhow::Result<T>) -> Option<T> {
+    r.map_err(|e| eprintln!("lookup failed, trying again: {e:#}"))
+        .ok()
+}
+
 /// Waits until the group's committed offsets pass `floor` in every partition.
 async fn committed_past(
     group: &str,
@@ -191,9 +197,10 @@ async fn committed_past(
     what: &str,
 ) -> anyhow::Result<Vec<i64>> {
     chaperone_test_support::eventually(what, Duration::from_secs(120), || {
-        let r = group_offsets(group, topic, PARTITIONS)
-            .map(|o| o.iter().zip(floor).all(|(c, f)| c > f).then_some(o));
-        async move { r }
+        // A lookup that fails (a timeout on a loaded host) is tried again.
+        let r = retried(group_offsets(group, topic, PARTITIONS))
+            .and_then(|o| o.iter().zip(floor).all(|(c, f)| c > f).then_some(o));
+        async move { Ok(r) }
     })
     .await
 }
@@ -203,7 +210,7 @@ async fn committed_past(
 async fn counted_by(audit_topic: &str, instance: &str) -> anyhow::Result<()> {
     let what = format!("counts from {instance}");
     chaperone_test_support::eventually(&what, Duration::from_secs(120), || {
-        let r = common::read_audit_topic(audit_topic).map(|records| {
+        let r = retried(common::read_audit_topic(audit_topic)).and_then(|records| {
             records
                 .iter()
                 .any(|r| {
@@ -211,7 +218,7 @@ async fn counted_by(audit_topic: &str, instance: &str) -> anyhow::Result<()> {
                 })
                 .then_some(())
         });
-        async move { r }
+        async move { Ok(r) }
     })
     .await
 }
@@ -260,13 +267,22 @@ async fn scenario(transactional: bool) -> anyhow::Result<(Sums, Vec<AuditRecord>
     let produced = producer
         .join()
         .map_err(|_| anyhow::anyhow!("producer panicked"))??;
-    let ends = chaperone_test_support::end_offsets(&regional_bootstrap(), &topic, PARTITIONS)?;
+    let ends = chaperone_test_support::eventually("end offsets", Duration::from_secs(60), || {
+        let r = retried(chaperone_test_support::end_offsets(
+            &regional_bootstrap(),
+            &topic,
+            PARTITIONS,
+        ));
+        async move { Ok(r) }
+    })
+    .await?;
     chaperone_test_support::eventually(
         "the group to commit every message",
         Duration::from_secs(120),
         || {
-            let r = group_offsets(&group, &topic, PARTITIONS).map(|o| (o == ends).then_some(()));
-            async move { r }
+            let r = retried(group_offsets(&group, &topic, PARTITIONS))
+                .and_then(|o| (o == ends).then_some(()));
+            async move { Ok(r) }
         },
     )
     .await?;
