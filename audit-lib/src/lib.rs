@@ -26,9 +26,16 @@
 //! - [`duration`]: the workspace's one duration syntax (a unit is required), also used by
 //!   chaperone-service and the collector.
 //! - [`metrics`]: [`AuditMetrics`], registered in a registry the application hands in.
+//!
+//! In-consumer counting, the consumer tier:
+//! - [`consumer`]: [`AuditedConsumer`] and [`AuditedStreamConsumer`], rdkafka's
+//!   `BaseConsumer` and `StreamConsumer` counting what the application processed; their
+//!   offsets move only after the counts below them are on the audit topic (at-least-once),
+//!   or in the same Kafka transaction (transactional mode).
 
 pub mod bucket;
 pub mod config;
+pub mod consumer;
 pub mod duration;
 pub mod histogram;
 pub mod metrics;
@@ -46,6 +53,9 @@ pub mod watermark;
 
 pub use bucket::BucketWidth;
 pub use config::{AuditConfig, ConfigError};
+pub use consumer::{
+    AuditedConsumer, AuditedStreamConsumer, ConsumerOptions, ConsumerStats, CountOn,
+};
 pub use histogram::Latency;
 pub use metrics::AuditMetrics;
 pub use producer::{AuditedProducer, DeliveryFuture, DeliveryStats};

@@ -100,6 +100,17 @@ pub fn read_audit_messages(topic: &str) -> anyhow::Result<Vec<AuditMessage>> {
         if Instant::now() > deadline {
             bail!("audit topic {topic} not read to its end in time: {done:?}");
         }
+        // Done where the position passed the end: the last offsets of a transactional
+        // topic are commit markers, which are never delivered.
+        if let Ok(positions) = consumer.position() {
+            for el in positions.elements() {
+                if let Some(pos) = el.offset().to_raw()
+                    && ends.get(&el.partition()).is_some_and(|h| pos >= *h)
+                {
+                    done.insert(el.partition(), true);
+                }
+            }
+        }
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
@@ -166,4 +177,73 @@ pub fn sum_counts(records: &[AuditRecord]) -> anyhow::Result<(Sums, usize)> {
         }
     }
     Ok((sums, duplicates))
+}
+
+/// Produces `n` messages of 100 bytes to `topic` with a plain (unaudited) producer, message
+/// `i` to partition `i % partitions` with an event time spread over the three one-minute
+/// buckets before the current one; returns how many went to each (topic, partition, bucket).
+pub fn produce_spread(topic: &str, partitions: i32, n: usize) -> anyhow::Result<Sums> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = client(&regional_bootstrap())
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .create()?;
+    let width = chaperone_audit::BucketWidth::default();
+    let end = width.start_of(chrono::Utc::now().timestamp_millis()) - 1;
+    let payload = vec![b'p'; 100];
+    let mut sums = Sums::new();
+    for i in 0..n {
+        let partition = (i as i32) % partitions;
+        let event = end - ((i % 3) as i64) * 60_000 - (i % 997) as i64;
+        let mut record = BaseRecord::<(), [u8]>::to(topic)
+            .partition(partition)
+            .payload(payload.as_slice())
+            .timestamp(event);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        *sums
+            .entry((topic.to_owned(), Some(partition), width.start_of(event)))
+            .or_insert(0) += 1;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(sums)
+}
+
+/// The group's committed offsets of partitions `0..partitions` of `topic` (-1 when none).
+pub fn group_offsets(group: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+    let consumer: BaseConsumer = client(&regional_bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok((0..partitions)
+        .map(|p| {
+            committed
+                .find_partition(topic, p)
+                .and_then(|e| e.offset().to_raw())
+                .unwrap_or(-1)
+        })
+        .collect())
+}
+
+/// The progress records of `topic` in `records`, in the order read.
+pub fn progress_of<'a>(
+    records: &'a [AuditRecord],
+    topic: &'a str,
+) -> impl Iterator<Item = &'a chaperone_audit::Progress> + 'a {
+    records.iter().filter_map(move |r| match r {
+        AuditRecord::Progress(p) if p.topic == topic => Some(p),
+        _ => None,
+    })
 }

@@ -1,0 +1,519 @@
+//! What an [`AuditedConsumer`](crate::AuditedConsumer) knows about each assigned partition:
+//! the messages received but not yet counted, how far the application said it processed,
+//! and what was committed. Pure bookkeeping, no IO: the consumer calls it on its own thread.
+//!
+//! A message is counted once, when the application says it was processed: explicitly
+//! ([`Ledger::processed`]) or by storing or committing an offset past it ([`Ledger::store`],
+//! which, in [`CountOn::Offsets`] mode, counts every message received below that offset and
+//! not counted yet). In [`CountOn::Processed`] mode an offset past a message that was never
+//! marked processed passes over it without counting it: the audit then shows it missing.
+
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
+
+use crate::record::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
+
+/// How the application tells that a message was processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountOn {
+    /// Storing or committing an offset counts every message received below it (and
+    /// `processed(&msg)` counts one message ahead of that). For applications whose commits
+    /// mean "everything before this is done".
+    #[default]
+    Offsets,
+    /// Only `processed(&msg)` counts; offsets move the group's position but count nothing,
+    /// so a message the application passed over without processing it is never counted. For
+    /// applications that can drop or park single messages and want the audit to see it.
+    Processed,
+}
+
+/// A message received and not counted yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    /// Its offset.
+    pub offset: i64,
+    /// Its event time, `None` when it has none the audit contract can carry.
+    pub event_ms: Option<i64>,
+    /// Its payload bytes.
+    pub bytes: u64,
+}
+
+impl Waiting {
+    /// A message at `offset` with timestamp `timestamp_ms` (if any) and `bytes` of payload.
+    pub fn new(offset: i64, timestamp_ms: Option<i64>, bytes: u64) -> Self {
+        Self {
+            offset,
+            event_ms: timestamp_ms.filter(|t| (MIN_TIMESTAMP_MS..=MAX_TIMESTAMP_MS).contains(t)),
+            bytes,
+        }
+    }
+}
+
+/// One assigned partition.
+#[derive(Debug, Default, Clone)]
+pub struct Partition {
+    /// Received, neither counted nor passed over; in offset order.
+    waiting: VecDeque<Waiting>,
+    /// Next offset after the last message received.
+    pub received_to: Option<i64>,
+    /// Next offset the application stored or committed: committed by the next flush.
+    pub stored: Option<i64>,
+    /// Next offset the group has committed (by this consumer, or found at assignment).
+    pub committed: Option<i64>,
+    /// Highest event time counted in the partition since it was assigned.
+    pub counted_max_event_ms: Option<i64>,
+    /// Highest watermark reported for the partition.
+    pub claimed_ms: Option<i64>,
+}
+
+impl Partition {
+    /// Whether every message received was counted or passed over.
+    pub fn nothing_waiting(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// The offset a flush commits now, if it moves the committed one.
+    pub fn to_commit(&self) -> Option<i64> {
+        match (self.stored, self.committed) {
+            (Some(s), Some(c)) if s <= c => None,
+            (s, _) => s,
+        }
+    }
+
+    /// The position a progress record reports: what is committed, or about to be.
+    pub fn position(&self) -> Option<i64> {
+        self.stored.max(self.committed)
+    }
+
+    fn count(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        w: &Waiting,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) {
+        if let Some(e) = w.event_ms {
+            self.counted_max_event_ms = self.counted_max_event_ms.max(Some(e));
+        }
+        count(topic, partition, w);
+    }
+}
+
+/// Every assigned partition of one consumer.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    parts: HashMap<String, HashMap<i32, Partition>>,
+    /// Messages passed over without being counted ([`CountOn::Processed`]).
+    pub passed_over: u64,
+    /// The partition of the last message received, until it is stored.
+    last: Option<(String, i32)>,
+}
+
+impl Ledger {
+    /// The state of a partition, if it is assigned.
+    pub fn get(&self, topic: &str, partition: i32) -> Option<&Partition> {
+        self.parts.get(topic).and_then(|m| m.get(&partition))
+    }
+
+    fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut Partition> {
+        self.parts
+            .get_mut(topic)
+            .and_then(|m| m.get_mut(&partition))
+    }
+
+    /// A partition was assigned; `committed` is the group's committed offset, if known.
+    pub fn assign(&mut self, topic: &str, partition: i32, committed: Option<i64>) {
+        let part = self
+            .parts
+            .entry(topic.to_owned())
+            .or_default()
+            .entry(partition)
+            .or_default();
+        *part = Partition {
+            committed,
+            claimed_ms: part.claimed_ms,
+            ..Partition::default()
+        };
+    }
+
+    /// A partition went: what was received and not counted is left to its next owner.
+    pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<Partition> {
+        let m = self.parts.get_mut(topic)?;
+        let part = m.remove(&partition);
+        if m.is_empty() {
+            self.parts.remove(topic);
+        }
+        part
+    }
+
+    /// Every assigned partition, sorted.
+    pub fn partitions(&self) -> Vec<(String, i32)> {
+        let mut v: Vec<(String, i32)> = self
+            .parts
+            .iter()
+            .flat_map(|(t, m)| m.keys().map(move |p| (t.clone(), *p)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A message was handed to the application. Receiving an offset below what was received
+    /// before (the application seeked back) forgets the waiting messages from there on.
+    /// Messages of partitions not assigned (yet) are tracked from here on.
+    pub fn received(&mut self, topic: &str, partition: i32, w: Waiting) {
+        let part = match self.get_mut(topic, partition) {
+            Some(p) => p,
+            None => {
+                self.assign(topic, partition, None);
+                self.get_mut(topic, partition).expect("just assigned")
+            }
+        };
+        if part.received_to.is_some_and(|r| w.offset < r) {
+            while part.waiting.back().is_some_and(|b| b.offset >= w.offset) {
+                part.waiting.pop_back();
+            }
+        }
+        part.waiting.push_back(w);
+        part.received_to = Some(w.offset + 1);
+        match &mut self.last {
+            Some((t, p)) if t == topic => *p = partition,
+            last => *last = Some((topic.to_owned(), partition)),
+        }
+    }
+
+    /// Stores the offset after the last message received (once): the application came back
+    /// for another message, so with librdkafka's `enable.auto.offset.store` it is done with
+    /// the previous one.
+    pub fn store_last_received(
+        &mut self,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) {
+        // Taken out and put back, so the topic's allocation serves the next message too.
+        let Some((topic, partition)) = self.last.take() else {
+            return;
+        };
+        if let Some(part) = self
+            .parts
+            .get_mut(&topic)
+            .and_then(|m| m.get_mut(&partition))
+            && let Some(next) = part.received_to
+            && part.stored < Some(next)
+        {
+            self.passed_over += store_in(part, &topic, partition, next, mode, count);
+        }
+        self.last = Some((topic, partition));
+    }
+
+    /// The message at `offset` was processed: counts it (through `count`) unless it was
+    /// counted or passed over already. In [`CountOn::Offsets`] mode the messages received
+    /// before it are counted too (an offset past them would count them anyway).
+    pub fn processed(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) -> bool {
+        if mode == CountOn::Offsets {
+            let before = self.counted_below(topic, partition, offset + 1, count);
+            return before > 0;
+        }
+        let Some(part) = self.get_mut(topic, partition) else {
+            return false;
+        };
+        let Ok(i) = part.waiting.binary_search_by_key(&offset, |w| w.offset) else {
+            return false;
+        };
+        let Some(w) = part.waiting.remove(i) else {
+            return false;
+        };
+        part.count(topic, partition, &w, count);
+        true
+    }
+
+    fn counted_below(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next: i64,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) -> usize {
+        let Some(part) = self.get_mut(topic, partition) else {
+            return 0;
+        };
+        let mut n = 0;
+        while let Some(w) = part.waiting.front().copied() {
+            if w.offset >= next {
+                break;
+            }
+            part.waiting.pop_front();
+            part.count(topic, partition, &w, count);
+            n += 1;
+        }
+        n
+    }
+
+    /// The application stored (or committed) `next`, the offset after the last message it
+    /// processed. In [`CountOn::Offsets`] mode every message received below it is counted;
+    /// in [`CountOn::Processed`] mode the ones not marked processed are passed over. Returns
+    /// whether the partition is assigned.
+    pub fn store(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next: i64,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) -> bool {
+        let Some(part) = self
+            .parts
+            .get_mut(topic)
+            .and_then(|m| m.get_mut(&partition))
+        else {
+            return false;
+        };
+        self.passed_over += store_in(part, topic, partition, next, mode, count);
+        true
+    }
+
+    /// Stores the offset after the last message received, in every partition.
+    pub fn store_all_received(
+        &mut self,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) {
+        let received: Vec<(String, i32, i64)> = self
+            .parts
+            .iter()
+            .flat_map(|(t, m)| {
+                m.iter()
+                    .filter_map(move |(p, part)| part.received_to.map(|r| (t.clone(), *p, r)))
+            })
+            .collect();
+        for (t, p, r) in received {
+            self.store(&t, p, r, mode, count);
+        }
+    }
+
+    /// The offsets a flush commits: `(topic, partition, next offset)` where it moves.
+    pub fn to_commit(&self) -> Vec<(String, i32, i64)> {
+        let mut v: Vec<(String, i32, i64)> = self
+            .parts
+            .iter()
+            .flat_map(|(t, m)| {
+                m.iter()
+                    .filter_map(move |(p, part)| part.to_commit().map(|o| (t.clone(), *p, o)))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// These offsets are committed.
+    pub fn committed(&mut self, offsets: &[(String, i32, i64)]) {
+        for (t, p, o) in offsets {
+            if let Some(part) = self.get_mut(t, *p) {
+                part.committed = part.committed.max(Some(*o));
+            }
+        }
+    }
+
+    /// Remembers the watermark reported for a partition.
+    pub fn claim(&mut self, topic: &str, partition: i32, watermark_ms: i64) {
+        if let Some(part) = self.get_mut(topic, partition) {
+            part.claimed_ms = part.claimed_ms.max(Some(watermark_ms));
+        }
+    }
+
+    /// Forgets everything not committed (a transaction was aborted, or an assignment lost):
+    /// returns where each partition must be read again from (its committed offset; `None`
+    /// when the group has none), so that its messages are processed and counted again.
+    pub fn rewind(&mut self) -> Vec<(String, i32, Option<i64>)> {
+        let mut v = Vec::new();
+        for (t, m) in &mut self.parts {
+            for (p, part) in m.iter_mut() {
+                part.waiting.clear();
+                part.stored = None;
+                part.received_to = None;
+                v.push((t.clone(), *p, part.committed));
+            }
+        }
+        v.sort();
+        v
+    }
+}
+
+/// Stores `next` in one partition (see [`Ledger::store`]); returns how many messages it
+/// passed over.
+fn store_in(
+    part: &mut Partition,
+    topic: &str,
+    partition: i32,
+    next: i64,
+    mode: CountOn,
+    count: &mut impl FnMut(&str, i32, &Waiting),
+) -> u64 {
+    let mut passed = 0;
+    while let Some(w) = part.waiting.front().copied() {
+        if w.offset >= next {
+            break;
+        }
+        part.waiting.pop_front();
+        match mode {
+            CountOn::Offsets => part.count(topic, partition, &w, count),
+            CountOn::Processed => passed += 1,
+        }
+    }
+    part.stored = part.stored.max(Some(next));
+    passed
+}
+
+/// The event-time watermark of a partition at a flush, from what is known then:
+///
+/// - `caught_up_at`: when every message in the log at that time (epoch ms; the end offset was
+///   read then) had been received and counted in this flush or before, the claim is that time;
+/// - otherwise the highest event time counted in the partition (never after `now_ms`): its
+///   messages are read in log order, so the ones before it were counted;
+/// - never less than what was claimed before, and `MIN_TIMESTAMP_MS` when nothing is known.
+pub fn decide(
+    caught_up_at: Option<i64>,
+    counted_max_event_ms: Option<i64>,
+    claimed_ms: Option<i64>,
+    now_ms: i64,
+) -> i64 {
+    let claim = caught_up_at
+        .map(|t| t.min(now_ms))
+        .max(counted_max_event_ms.map(|e| e.min(now_ms)));
+    claim
+        .max(claimed_ms)
+        .unwrap_or(MIN_TIMESTAMP_MS)
+        .clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: i64 = 1_764_067_200_000;
+
+    fn w(offset: i64) -> Waiting {
+        Waiting::new(offset, Some(T + offset), 10)
+    }
+
+    fn ledger(n: i64) -> Ledger {
+        let mut l = Ledger::default();
+        l.assign("t", 0, Some(0));
+        for o in 0..n {
+            l.received("t", 0, w(o));
+        }
+        l
+    }
+
+    #[test]
+    fn receiving_counts_nothing_storing_counts_everything_below() {
+        let mut l = ledger(10);
+        let mut counted = Vec::new();
+        let mut count = |_: &str, _: i32, w: &Waiting| counted.push(w.offset);
+        assert!(l.to_commit().is_empty());
+        assert!(l.store("t", 0, 4, CountOn::Offsets, &mut count));
+        assert_eq!(counted, vec![0, 1, 2, 3]);
+        // Storing the same or an earlier offset again counts nothing more.
+        let mut again = Vec::new();
+        l.store("t", 0, 3, CountOn::Offsets, &mut |_, _, w| {
+            again.push(w.offset)
+        });
+        assert!(again.is_empty());
+        assert_eq!(l.to_commit(), vec![("t".to_owned(), 0, 4)]);
+        l.committed(&l.to_commit());
+        assert!(l.to_commit().is_empty());
+        let part = l.get("t", 0).expect("assigned");
+        assert_eq!(
+            (part.position(), part.counted_max_event_ms),
+            (Some(4), Some(T + 3))
+        );
+        assert!(!part.nothing_waiting());
+    }
+
+    #[test]
+    fn processed_counts_once_and_offsets_mode_counts_the_ones_before() {
+        let mut l = ledger(5);
+        let mut counted = Vec::new();
+        let mut count = |_: &str, _: i32, w: &Waiting| counted.push(w.offset);
+        assert!(l.processed("t", 0, 2, CountOn::Offsets, &mut count));
+        assert!(!l.processed("t", 0, 2, CountOn::Offsets, &mut count));
+        assert!(!l.processed("t", 0, 1, CountOn::Offsets, &mut count));
+        l.store("t", 0, 5, CountOn::Offsets, &mut count);
+        assert_eq!(counted, vec![0, 1, 2, 3, 4]);
+        assert!(l.get("t", 0).expect("assigned").nothing_waiting());
+    }
+
+    #[test]
+    fn processed_mode_passes_over_what_was_not_processed() {
+        let mut l = ledger(6);
+        let mut counted = Vec::new();
+        let mut count = |_: &str, _: i32, w: &Waiting| counted.push(w.offset);
+        for o in [0, 2, 3, 5] {
+            assert!(l.processed("t", 0, o, CountOn::Processed, &mut count));
+        }
+        assert!(!l.processed("t", 0, 3, CountOn::Processed, &mut count));
+        l.store("t", 0, 6, CountOn::Processed, &mut count);
+        assert_eq!(counted, vec![0, 2, 3, 5]);
+        assert_eq!(l.passed_over, 2);
+        assert_eq!(l.to_commit(), vec![("t".to_owned(), 0, 6)]);
+    }
+
+    #[test]
+    fn seeking_back_forgets_what_follows_and_rewind_restarts_at_the_committed_offset() {
+        let mut l = ledger(6);
+        l.store("t", 0, 2, CountOn::Offsets, &mut |_, _, _| {});
+        l.received("t", 0, w(3));
+        let mut counted = Vec::new();
+        l.store("t", 0, 10, CountOn::Offsets, &mut |_, _, w| {
+            counted.push(w.offset)
+        });
+        assert_eq!(counted, vec![2, 3]);
+        assert_eq!(l.rewind(), vec![("t".to_owned(), 0, Some(0))]);
+        assert!(l.to_commit().is_empty());
+    }
+
+    #[test]
+    fn store_all_received_and_unassigned_partitions() {
+        let mut l = ledger(3);
+        l.received("u", 1, w(7));
+        let mut n = 0;
+        l.store_all_received(CountOn::Offsets, &mut |_, _, _| n += 1);
+        assert_eq!(n, 4);
+        assert_eq!(
+            l.to_commit(),
+            vec![("t".to_owned(), 0, 3), ("u".to_owned(), 1, 8)]
+        );
+        assert!(l.revoke("u", 1).is_some());
+        assert_eq!(l.partitions(), vec![("t".to_owned(), 0)]);
+        assert!(!l.store("u", 1, 9, CountOn::Offsets, &mut |_, _, _| {}));
+    }
+
+    #[test]
+    fn untimed_and_out_of_range_timestamps() {
+        assert_eq!(Waiting::new(0, None, 1).event_ms, None);
+        assert_eq!(Waiting::new(0, Some(1), 1).event_ms, None);
+        assert_eq!(Waiting::new(0, Some(T), 1).event_ms, Some(T));
+    }
+
+    #[test]
+    fn watermark_decisions() {
+        let now = T + 600_000;
+        // Caught up: the time the end offsets were read.
+        assert_eq!(decide(Some(now - 1_000), Some(T), None, now), now - 1_000);
+        // Behind: the highest event time counted, never after now.
+        assert_eq!(decide(None, Some(T), None, now), T);
+        assert_eq!(decide(None, Some(now + 5_000), None, now), now);
+        // Never below an earlier claim.
+        assert_eq!(decide(None, Some(T), Some(T + 60_000), now), T + 60_000);
+        // Nothing known.
+        assert_eq!(decide(None, None, None, now), MIN_TIMESTAMP_MS);
+    }
+}
