@@ -150,6 +150,8 @@ async fn a_killed_proxy_loses_no_acknowledged_record_and_its_restart_delivers_th
         },
     )
     .await?;
+    // Killed once it has delivered some counts, so that both of its sides show below.
+    audit_counts(&c.audit.topic, &t, 1).await?;
     first.start_kill()?;
     first.wait().await?;
     for c in callers {
