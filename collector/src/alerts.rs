@@ -32,6 +32,7 @@ mod sender;
 use std::time::Duration;
 
 use anyhow::Context;
+use chaperone_daemon_support::Clock;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -43,8 +44,6 @@ pub use sender::{
     AlertError, ERROR_BODY_BYTES, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SendReport,
     TIMESTAMP_HEADER, signature,
 };
-
-use crate::Clock;
 
 /// How much longer than `request_timeout` a stopping sender waits for its round to end.
 const STOP_MARGIN: Duration = Duration::from_secs(5);

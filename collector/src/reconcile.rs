@@ -24,6 +24,7 @@ pub mod verdict;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use chaperone_daemon_support::Clock;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +35,6 @@ pub use metrics::ReconcileMetrics;
 pub use query::{Verdict, VerdictChange, latest_verdicts_by_topic, list_verdicts, verdict_history};
 pub use verdict::{Finality, VerdictStatus, evaluate, judge};
 
-use crate::Clock;
 use crate::ingest::Reach;
 
 /// Evaluates buckets against a clock.

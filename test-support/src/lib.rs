@@ -7,6 +7,8 @@
 //!   prints), its secured listener, and `dev/stack` itself for tests that stop a part of it.
 //! - [`db`]: [`TestDb`], a migrated PostgreSQL database per test.
 //! - [`kafka`]: topic creation, waiting for topics (MirrorMaker's copies), end offsets.
+//! - [`layering`]: [`assert_no_circles`], which fails on an import circle between the
+//!   module files of a crate.
 //! - [`poll`]: [`eventually`], the only way a test waits for a condition.
 //! - [`proxy`]: [`FreezingProxy`], a TCP proxy that can freeze its connections open and
 //!   silent, as a network partition does.
@@ -17,6 +19,7 @@
 
 pub mod db;
 pub mod kafka;
+pub mod layering;
 pub mod poll;
 pub mod proxy;
 pub mod stack;
@@ -24,6 +27,7 @@ pub mod webhook;
 
 pub use db::TestDb;
 pub use kafka::{create_topic, create_topics, end_offsets, wait_for_topics};
+pub use layering::assert_no_circles;
 pub use poll::eventually;
 pub use proxy::FreezingProxy;
 pub use stack::{

@@ -3,9 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use chaperone_daemon_support::Clock;
 use chrono::{DateTime, Duration, Utc};
-
-use crate::Clock;
 
 /// A clock that only moves when told to.
 #[derive(Debug, Clone)]

@@ -81,7 +81,7 @@ pub async fn run_retention(
     pool: PgPool,
     config: crate::config::RetentionConfig,
     verdict_days: u32,
-    clock: crate::Clock,
+    clock: chaperone_daemon_support::Clock,
     metrics: crate::metrics::IngestMetrics,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
