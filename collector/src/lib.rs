@@ -21,6 +21,7 @@ pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod ingest;
+pub mod job;
 pub mod leader;
 pub mod metrics;
 pub mod model;
@@ -157,6 +158,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
     jobs.spawn(leader::run(
         pool.clone(),
         metrics.leader.clone(),
+        metrics.leader_checks.clone(),
         shutdown.clone(),
         {
             let pool = pool.clone();
