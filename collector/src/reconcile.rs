@@ -9,12 +9,10 @@
 //!   `audit_count_changes`) are queued; queued buckets that are final get verdicts, written
 //!   with their history, incident changes and alert outbox events in one transaction.
 //! * [`query`]: what the API serves.
-//! * [`clock`]: a hand-moved clock for tests (the crate's [`crate::Clock`] is injected).
 //!
-//! [`run`] evaluates every `interval`; tests build a [`Reconciler`] with a [`ManualClock`] and
+//! [`run`] evaluates every `interval`; tests build a [`Reconciler`] on a hand-moved [`crate::Clock`] and
 //! call [`Reconciler::evaluate_once`].
 
-pub mod clock;
 pub mod config;
 mod engine;
 pub mod metrics;
@@ -28,7 +26,6 @@ use chaperone_daemon_support::Clock;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use clock::ManualClock;
 pub use config::{ConfigError, EdgeConfig, ReconcileConfig};
 pub use engine::{PassReport, ReconcileError};
 pub use metrics::ReconcileMetrics;

@@ -5,9 +5,9 @@
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
-use super::chart::{self, Mark};
+use super::chart::{self, BadBucketMark};
 use super::format::{duration_ms, time, time_ms, utc_ms};
-use super::query::{BucketVerdict, Delivery, Incident, TierWatermark};
+use super::query::{BucketVerdict, Incident, IncidentDelivery, TierWatermark};
 use crate::alerts::Alert;
 use crate::reconcile::{Verdict, VerdictChange, VerdictStatus};
 use crate::store::{BucketSummary, LatencySummary, ParkedRow, TierSummary};
@@ -426,11 +426,11 @@ fn utc_rfc3339(ms: i64) -> String {
 /// `/topics/{topic}`: chart, latency, verdicts and their history over a range.
 pub fn topic(p: &TopicPage) -> Markup {
     let tiers: Vec<String> = p.range_tiers.iter().map(|t| t.tier.clone()).collect();
-    let marks: Vec<Mark> = p
+    let marks: Vec<BadBucketMark> = p
         .verdicts
         .iter()
         .filter(|v| v.partition < 0 && (v.status == "missing" || v.status == "duplicated"))
-        .map(|v| Mark {
+        .map(|v| BadBucketMark {
             bucket_start_ms: v.bucket_start_ms,
             bucket_width_ms: v.bucket_width_ms,
             status: v.status.clone(),
@@ -527,7 +527,7 @@ pub struct IncidentPage {
     /// Topic-level verdicts of its buckets.
     pub verdicts: Vec<BucketVerdict>,
     /// Its webhook notifications.
-    pub deliveries: Vec<Delivery>,
+    pub deliveries: Vec<IncidentDelivery>,
     /// Show the logout button.
     pub with_logout: bool,
 }

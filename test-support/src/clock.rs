@@ -1,5 +1,6 @@
 //! A hand-moved [`Clock`] for tests: lateness, maximum waits and retry backoff are crossed by
-//! moving it, never by sleeping.
+//! moving it, never by sleeping. Not part of any daemon's API: the daemons take a [`Clock`],
+//! and tests hand them [`ManualClock::clock`].
 
 use std::sync::{Arc, Mutex};
 
