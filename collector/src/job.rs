@@ -1,5 +1,6 @@
-//! The one shape of the collector's periodic jobs (reconciliation, alert delivery, retention
-//! and the leader's check of its session): when the first run starts, how the next one is
+//! The one shape of the collector's periodic jobs (reconciliation, alert delivery, retention,
+//! the leader's check of its session, and ingest's lag measurement and reachability probe
+//! of each cluster): when the first run starts, how the next one is
 //! paced, what happens to a run in progress at shutdown, and a counter of runs by result.
 
 use std::fmt::Display;
