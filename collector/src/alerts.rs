@@ -32,8 +32,11 @@ mod sender;
 use std::time::Duration;
 
 use anyhow::Context;
+use chaperone_daemon_support::Clock;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+
+use crate::job::{First, Pace, Periodic};
 
 pub use config::{AlertsConfig, Secret, WebhookConfig, WebhookFilters, WebhookFormat};
 pub use metrics::AlertMetrics;
@@ -43,8 +46,6 @@ pub use sender::{
     AlertError, ERROR_BODY_BYTES, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SendReport,
     TIMESTAMP_HEADER, signature,
 };
-
-use crate::Clock;
 
 /// How much longer than `request_timeout` a stopping sender waits for its round to end.
 const STOP_MARGIN: Duration = Duration::from_secs(5);
@@ -163,34 +164,20 @@ pub async fn run_with_clock(
         poll_ms = poll.as_millis() as u64,
         "alert sender started"
     );
-    let grace = sender.inner.config.request_timeout + STOP_MARGIN;
-    while !shutdown.is_cancelled() {
-        let round = sender.round(&shutdown);
-        tokio::pin!(round);
-        let result = tokio::select! {
-            biased;
-            result = &mut round => result,
-            () = shutdown.cancelled() => match tokio::time::timeout(grace, round).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(
-                        grace_ms = grace.as_millis() as u64,
-                        "alert round still busy at shutdown; abandoned (a delivery in flight \
-                         stays pending and is sent again)"
-                    );
-                    break;
-                }
-            },
-        };
-        if let Err(error) = result {
-            tracing::warn!(%error, "alert round failed; retrying");
-        }
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(poll) => {}
-        }
-    }
+    let job = Periodic {
+        failed: Some("alert round failed; retrying"),
+        abandoned: "alert round still busy at shutdown; abandoned (a delivery in flight stays \
+                    pending and is sent again)",
+        pace: Pace::After(poll),
+        first: First::Now,
+        finish_within: Some(sender.inner.config.request_timeout + STOP_MARGIN),
+        runs: Some(sender.inner.metrics.rounds.clone()),
+    };
+    let (sender, stop) = (&sender, &shutdown);
+    job.run(&shutdown, move || async move {
+        sender.round(stop).await.map(|_| ())
+    })
+    .await;
     tracing::info!("alert sender stopped");
     Ok(())
 }

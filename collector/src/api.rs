@@ -16,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use chaperone_daemon_support::Clock;
 use chrono::{DateTime, Utc};
 use prometheus::Registry;
 use serde_json::json;
@@ -24,7 +25,6 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::Clock;
 use crate::ingest::IngestStatus;
 use crate::metrics::IngestMetrics;
 use crate::store;

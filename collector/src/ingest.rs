@@ -39,11 +39,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chaperone_daemon_support::Clock;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::Clock;
 use crate::config::{ClusterConfig, IngestConfig};
 use crate::metrics::IngestMetrics;
 

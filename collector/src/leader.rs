@@ -24,6 +24,8 @@ use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::job::{First, Pace, Periodic};
+
 /// Key of the advisory lock the leader holds (scoped to the database, like every advisory
 /// lock).
 pub const LEADER_LOCK: &str = "chaperone-collector-leader";
@@ -36,10 +38,12 @@ pub const LEASE: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown`: takes leadership whenever it is free, calls `start` with a token
 /// that is cancelled when leadership ends, and waits for the returned jobs to stop before
-/// trying to lead again. `leading` is 1 while this instance leads.
+/// trying to lead again. `leading` is 1 while this instance leads; `checks` counts the
+/// checks of the leader's session by result.
 pub async fn run<F>(
     pool: PgPool,
     leading: prometheus::IntGauge,
+    checks: prometheus::IntCounterVec,
     shutdown: CancellationToken,
     mut start: F,
 ) where
@@ -87,18 +91,34 @@ pub async fn run<F>(
         tracing::info!("leading: this instance now reconciles, sends alerts and applies retention");
         let stop = shutdown.child_token();
         let jobs = start(stop.clone());
-        let reason = loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break "shutting down",
-                () = tokio::time::sleep(CHECK) => {}
-            }
-            if let Err(e) = session.check().await {
+        // Checks the session every CHECK until shutdown or until a check fails.
+        let checking = shutdown.child_token();
+        let job = Periodic {
+            failed: None,
+            abandoned: "leadership check abandoned at shutdown",
+            pace: Pace::After(CHECK),
+            first: First::AfterPeriod,
+            // A check in progress ends by itself within LEASE: let it.
+            finish_within: Some(LEASE),
+            runs: Some(checks.clone()),
+        };
+        let (session_ref, lost) = (&session, &checking);
+        job.run(&checking, move || async move {
+            let checked = session_ref.check().await;
+            if let Err(e) = &checked {
                 tracing::error!(
                     error = %e,
                     "lost the database session that holds leadership; stopping the leader's jobs"
                 );
-                break "session lost";
+                lost.cancel();
             }
+            checked
+        })
+        .await;
+        let reason = if shutdown.is_cancelled() {
+            "shutting down"
+        } else {
+            "session lost"
         };
         stop.cancel();
         jobs.close();
@@ -119,7 +139,8 @@ async fn pause(shutdown: &CancellationToken) {
 /// The connection that holds (or waits for) the leader lock, outside the pool so that it is
 /// never reused or recycled by anyone else.
 struct Session {
-    conn: PgConnection,
+    /// Locked only by the one task that leads: a `Mutex` so that a check needs no `&mut`.
+    conn: tokio::sync::Mutex<PgConnection>,
 }
 
 impl Session {
@@ -142,19 +163,23 @@ impl Session {
         sqlx::query("SET application_name = 'chaperone-collector leader'")
             .execute(&mut conn)
             .await?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn: tokio::sync::Mutex::new(conn),
+        })
     }
 
     async fn try_lock(&mut self) -> Result<bool, sqlx::Error> {
-        self.bounded(
+        Self::bounded(
+            self.conn.get_mut(),
             sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))").bind(LEADER_LOCK),
         )
         .await
     }
 
     /// Fails when the session is gone (a live session keeps its lock until it ends).
-    async fn check(&mut self) -> Result<(), sqlx::Error> {
-        self.bounded(sqlx::query_scalar::<_, bool>("SELECT true"))
+    async fn check(&self) -> Result<(), sqlx::Error> {
+        let mut conn = self.conn.lock().await;
+        Self::bounded(&mut conn, sqlx::query_scalar::<_, bool>("SELECT true"))
             .await
             .map(|_| ())
     }
@@ -163,20 +188,20 @@ impl Session {
     /// PostgreSQL may answer slowly, and only one that has stopped answering for as long as it
     /// would keep a silent session ends the leadership.
     async fn bounded<'q, T>(
-        &mut self,
+        conn: &mut PgConnection,
         q: sqlx::query::QueryScalar<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>,
     ) -> Result<T, sqlx::Error>
     where
         T: Send + Unpin,
         (T,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
-        tokio::time::timeout(LEASE, q.fetch_one(&mut self.conn))
+        tokio::time::timeout(LEASE, q.fetch_one(conn))
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
     }
 
     /// Ends the session; PostgreSQL releases the lock with it.
     async fn close(self) {
-        let _ = tokio::time::timeout(CHECK, self.conn.close()).await;
+        let _ = tokio::time::timeout(CHECK, self.conn.into_inner().close()).await;
     }
 }

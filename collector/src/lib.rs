@@ -1,26 +1,40 @@
 //! `chaperone-collector`: consumes audit records from every cluster, stores them in
 //! PostgreSQL exactly once, reconciles tiers bucket by bucket and raises alerts.
 //!
-//! - [`config`]: the daemon's TOML configuration, environment overrides and validation.
-//! - [`ingest`]: Kafka consumers of the audit topics (a consumer group shared by every
-//!   collector instance), validation, the dead-letter topic and the batch writer.
-//! - [`leader`]: which instance runs the once-per-database jobs (reconcile, alerts,
-//!   retention).
-//! - [`store`]: PostgreSQL reads and writes of counts, progress, record ids and consumed
-//!   offsets, and the retention job (schema in `migrations/`).
-//! - [`api`]: the axum HTTP API, `/metrics`, `/healthz` and `/readyz`.
-//! - [`metrics`]: the Prometheus metrics of ingest and the API.
-//! - [`reconcile`]: per-edge, per-bucket verdicts from the stored counts and progress.
-//! - [`alerts`]: incidents and webhook notifications through an outbox.
-//! - [`web`]: the server-rendered status page on the API's server.
+//! # Layout
 //!
-//! [`run`] wires them together; `main.rs` only loads the configuration, connects, migrates
-//! and calls it.
+//! Each module imports only modules listed above it; `tests/layering.rs` fails on an import
+//! circle between the files of `src`, naming them.
+//!
+//! - [`model`]: the shared vocabulary ([`model::ConfigError`], [`model::VerdictStatus`]);
+//!   imports nothing of the crate.
+//! - [`metrics`]: the Prometheus metrics of ingest, retention, leadership and the API, and the
+//!   naming rule every stage's metrics follow.
+//! - [`job`]: the one shape of a periodic job (pace, first run, shutdown, runs by result).
+//! - [`leader`]: which instance runs the once-per-database jobs; holds an advisory lock, no
+//!   table.
+//! - [`alerts`]: incidents and the outbox (`alert_incidents`, `alert_events`,
+//!   `alert_deliveries`), recorded in the reconciler's transaction, and the webhook sender
+//!   that drains them.
+//! - [`config`]: the daemon's TOML configuration, environment overrides and validation.
+//! - [`store`]: the ingest tables (`audit_*`, `ingest_offsets`, `ingest_parked`): the
+//!   exactly-once write path, the reads the API and the status page serve, and the retention
+//!   job.
+//! - [`ingest`]: Kafka consumers of the audit topics (a consumer group shared by every
+//!   collector instance), decoding, the dead-letter topic and the batch writer.
+//! - [`reconcile`]: per-edge, per-bucket verdicts (`reconcile_*`) from the stored counts and
+//!   progress.
+//! - [`api`]: the axum HTTP API, `/metrics`, `/healthz` and `/readyz`.
+//! - [`web`]: the server-rendered status page on the API's server (`web_sessions`).
+//!
+//! [`run`] wires them together and [`router`] merges the API's and the status page's routes;
+//! `main.rs` only loads the configuration, connects, migrates and calls `run`.
 
 pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod ingest;
+pub mod job;
 pub mod leader;
 pub mod metrics;
 pub mod model;
@@ -157,6 +171,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
     jobs.spawn(leader::run(
         pool.clone(),
         metrics.leader.clone(),
+        metrics.leader_checks.clone(),
         shutdown.clone(),
         {
             let pool = pool.clone();

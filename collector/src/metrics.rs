@@ -51,6 +51,11 @@ pub struct IngestMetrics {
     pub leader: IntGauge,
     /// Rows deleted by the retention job, by table.
     pub retention_deleted: IntCounterVec,
+    /// Runs of the retention job, by result (`ok`, `error`).
+    pub retention_runs: IntCounterVec,
+    /// Checks of the leader's database session while leading, by result (`ok`, `error`:
+    /// the session is lost and leadership ends).
+    pub leader_checks: IntCounterVec,
     /// Time to run `/api` queries, by route.
     pub api_seconds: HistogramVec,
 }
@@ -151,6 +156,21 @@ impl IngestMetrics {
                 ),
                 &["table"],
             )?,
+            retention_runs: IntCounterVec::new(
+                opts(
+                    "retention_runs_total",
+                    "Runs of the retention job by result (ok or error)",
+                ),
+                &["result"],
+            )?,
+            leader_checks: IntCounterVec::new(
+                opts(
+                    "leader_checks_total",
+                    "Checks of the leader's database session while leading, by result (ok, or \
+                     error: leadership ends)",
+                ),
+                &["result"],
+            )?,
             api_seconds: HistogramVec::new(
                 hopts(
                     "api_request_duration_seconds",
@@ -174,6 +194,8 @@ impl IngestMetrics {
         registry.register(Box::new(m.records_dropped.clone()))?;
         registry.register(Box::new(m.leader.clone()))?;
         registry.register(Box::new(m.retention_deleted.clone()))?;
+        registry.register(Box::new(m.retention_runs.clone()))?;
+        registry.register(Box::new(m.leader_checks.clone()))?;
         registry.register(Box::new(m.api_seconds.clone()))?;
         Ok(m)
     }

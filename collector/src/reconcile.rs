@@ -9,12 +9,10 @@
 //!   `audit_count_changes`) are queued; queued buckets that are final get verdicts, written
 //!   with their history, incident changes and alert outbox events in one transaction.
 //! * [`query`]: what the API serves.
-//! * [`clock`]: a hand-moved clock for tests (the crate's [`crate::Clock`] is injected).
 //!
-//! [`run`] evaluates every `interval`; tests build a [`Reconciler`] with a [`ManualClock`] and
+//! [`run`] evaluates every `interval`; tests build a [`Reconciler`] on a hand-moved [`crate::Clock`] and
 //! call [`Reconciler::evaluate_once`].
 
-pub mod clock;
 pub mod config;
 mod engine;
 pub mod metrics;
@@ -24,18 +22,18 @@ pub mod verdict;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use chaperone_daemon_support::Clock;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use clock::ManualClock;
 pub use config::{ConfigError, EdgeConfig, ReconcileConfig};
 pub use engine::{PassReport, ReconcileError};
 pub use metrics::ReconcileMetrics;
 pub use query::{Verdict, VerdictChange, latest_verdicts_by_topic, list_verdicts, verdict_history};
 pub use verdict::{Finality, VerdictStatus, evaluate, judge};
 
-use crate::Clock;
 use crate::ingest::Reach;
+use crate::job::{First, Pace, Periodic};
 
 /// Evaluates buckets against a clock.
 #[derive(Debug, Clone)]
@@ -139,30 +137,32 @@ pub async fn run_with_clock(
     }
     let interval = config.interval;
     let reconciler = Reconciler::new(pool, config, clock, metrics).hearing(reach);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(
         interval_ms = interval.as_millis() as u64,
         "reconciler started"
     );
-    loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            result = reconciler.evaluate_once() => match result {
-                Ok(report) => tracing::debug!(
-                    queued = report.queued, evaluated = report.evaluated,
-                    changed = report.changed, pending = report.pending, "reconcile pass done"
-                ),
-                Err(error) => tracing::warn!(%error, "reconcile pass failed; retrying next interval"),
-            },
-        }
-    }
+    let job = Periodic {
+        failed: Some("reconcile pass failed; retrying next interval"),
+        abandoned: "reconcile pass abandoned at shutdown",
+        pace: Pace::Every(interval),
+        first: First::Now,
+        finish_within: None,
+        // `evaluate_once` counts its passes (`reconcile_passes_total`).
+        runs: None,
+    };
+    let reconciler = &reconciler;
+    job.run(&shutdown, move || async move {
+        let report = reconciler.evaluate_once().await?;
+        tracing::debug!(
+            queued = report.queued,
+            evaluated = report.evaluated,
+            changed = report.changed,
+            pending = report.pending,
+            "reconcile pass done"
+        );
+        Ok::<_, ReconcileError>(())
+    })
+    .await;
     tracing::info!("reconciler stopped");
     Ok(())
 }

@@ -54,6 +54,7 @@ use crate::api::{self, ApiError, ApiState, Params};
 use crate::reconcile::{self, VerdictStatus};
 use crate::store;
 
+pub use format::{encode, topic_href};
 pub use session::COOKIE;
 
 /// Most open incidents `/` reads (as `/api/v1/alerts` allows).
@@ -128,24 +129,6 @@ fn page(markup: Markup) -> Response {
         markup,
     )
         .into_response()
-}
-
-/// Percent-encodes `s` for a path segment or query value.
-pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Link to a topic's page.
-pub fn topic_href(topic: &str) -> String {
-    format!("/topics/{}", encode(topic))
 }
 
 /// `next` when it is a path on this server, `/` otherwise (no open redirect).

@@ -11,7 +11,7 @@ use chaperone_collector::alerts::{
     NotificationKind, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookBody, WebhookConfig,
     WebhookFilters, WebhookFormat,
 };
-use chaperone_collector::reconcile::{ManualClock, VerdictStatus};
+use chaperone_collector::reconcile::VerdictStatus;
 use chaperone_test_support::{Notification, Receiver};
 use reconcile_support::*;
 

@@ -622,7 +622,7 @@ async fn run_evaluates_periodically_until_shutdown() {
     let mut cfg = config();
     cfg.interval = std::time::Duration::from_millis(50);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let clock = chaperone_collector::reconcile::ManualClock::new(at(end(0) + 1_000));
+    let clock = ManualClock::new(at(end(0) + 1_000));
     let registry = prometheus::Registry::new();
     let metrics = ReconcileMetrics::new(&registry).unwrap();
     let task = tokio::spawn(chaperone_collector::reconcile::run_with_clock(

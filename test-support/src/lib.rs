@@ -5,8 +5,11 @@
 //!
 //! - [`stack`]: the stack's addresses (overridable through the variables `dev/stack env`
 //!   prints), its secured listener, and `dev/stack` itself for tests that stop a part of it.
+//! - [`clock`]: [`ManualClock`], a clock that moves only when a test moves it.
 //! - [`db`]: [`TestDb`], a migrated PostgreSQL database per test.
 //! - [`kafka`]: topic creation, waiting for topics (MirrorMaker's copies), end offsets.
+//! - [`layering`]: [`assert_no_circles`], which fails on an import circle between the
+//!   module files of a crate.
 //! - [`poll`]: [`eventually`], the only way a test waits for a condition.
 //! - [`proxy`]: [`FreezingProxy`], a TCP proxy that can freeze its connections open and
 //!   silent, as a network partition does.
@@ -15,15 +18,19 @@
 //! What only one crate's tests need (record builders, in-process daemons) stays with those
 //! tests. Every helper fails, never skips, when the stack is not there.
 
+pub mod clock;
 pub mod db;
 pub mod kafka;
+pub mod layering;
 pub mod poll;
 pub mod proxy;
 pub mod stack;
 pub mod webhook;
 
+pub use clock::ManualClock;
 pub use db::TestDb;
 pub use kafka::{create_topic, create_topics, end_offsets, wait_for_topics};
+pub use layering::assert_no_circles;
 pub use poll::eventually;
 pub use proxy::FreezingProxy;
 pub use stack::{

@@ -23,7 +23,7 @@ pub enum IncidentError {
 
 /// A changed topic-level verdict.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct VerdictChange<'a> {
+pub(crate) struct ChangedVerdict<'a> {
     pub topic: &'a str,
     pub edge: &'a str,
     /// '' for edges summed over datacenters.
@@ -73,7 +73,7 @@ const INCIDENT_COLUMNS: &str =
 /// had when it does not belong to one now).
 pub(crate) async fn record(
     tx: &mut Transaction<'_, Postgres>,
-    c: &VerdictChange<'_>,
+    c: &ChangedVerdict<'_>,
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> Result<Option<i64>, IncidentError> {
@@ -131,7 +131,7 @@ pub(crate) async fn record(
 /// open incident never mutes a topic for good.
 async fn join_or_open(
     tx: &mut Transaction<'_, Postgres>,
-    c: &VerdictChange<'_>,
+    c: &ChangedVerdict<'_>,
     missing: i64,
     policy: &Policy,
     now: DateTime<Utc>,
@@ -221,7 +221,7 @@ async fn join_or_open(
 async fn insert_event(
     tx: &mut Transaction<'_, Postgres>,
     kind: &str,
-    c: &VerdictChange<'_>,
+    c: &ChangedVerdict<'_>,
     incident: &IncidentRow,
     resolved_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,

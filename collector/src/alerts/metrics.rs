@@ -17,6 +17,8 @@ pub struct AlertMetrics {
     pub parked: IntCounterVec,
     /// Parked deliveries stored (until retention deletes their incident).
     pub parked_now: IntGauge,
+    /// Rounds of the sender (fan-out and deliveries), by result (`ok`, `error`).
+    pub rounds: IntCounterVec,
 }
 
 impl AlertMetrics {
@@ -57,7 +59,17 @@ impl AlertMetrics {
             .namespace(NAMESPACE)
             .subsystem(SUBSYSTEM),
         )?;
+        let rounds = IntCounterVec::new(
+            Opts::new(
+                "alerts_rounds_total",
+                "Rounds of the alert sender by result (ok or error)",
+            )
+            .namespace(NAMESPACE)
+            .subsystem(SUBSYSTEM),
+            &["result"],
+        )?;
         registry.register(Box::new(deliveries.clone()))?;
+        registry.register(Box::new(rounds.clone()))?;
         registry.register(Box::new(pending.clone()))?;
         registry.register(Box::new(parked.clone()))?;
         registry.register(Box::new(parked_now.clone()))?;
@@ -66,6 +78,7 @@ impl AlertMetrics {
             pending,
             parked,
             parked_now,
+            rounds,
         })
     }
 }

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
-use chaperone_daemon_support::backoff;
+use chaperone_daemon_support::{Clock, backoff};
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -18,7 +18,6 @@ use super::client::request_error;
 use super::config::{AlertsConfig, Secret, WebhookConfig, WebhookFormat};
 use super::metrics::AlertMetrics;
 use super::payload::{EventData, NotificationKind, json_body, slack_body};
-use crate::Clock;
 
 /// Advisory lock serialising fan-out, so events are handled in order (a firing before its
 /// resolved) even with several collectors.

@@ -4,6 +4,7 @@
 //! the writer, and the probes beside it (ingest lag, the cluster's reachability).
 
 use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use super::rate_limit::RateLimit;
 use super::reach::{PROBE_INTERVAL, PROBE_TIMEOUT, Reach};
 use super::status::IngestStatus;
 use crate::config::{ClusterConfig, IngestConfig};
+use crate::job::{First, Pace, Periodic};
 use crate::metrics::IngestMetrics;
 use crate::store;
 
@@ -320,22 +322,19 @@ pub(super) async fn refresh_loop(
     refresh: Duration,
     shutdown: CancellationToken,
 ) {
-    let alias = source.config.alias.clone();
-    let mut ticker = tokio::time::interval(refresh);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
+    let alias = &source.config.alias;
+    let job = Periodic {
+        failed: None,
+        abandoned: "ingest lag measurement abandoned at shutdown",
+        pace: Pace::Every(refresh),
+        first: First::Now,
+        finish_within: None,
+        runs: None,
+    };
+    let (source, stored, metrics, status) = (&source, &stored, &metrics, &status);
+    job.run(&shutdown, move || async move {
         let started = Instant::now();
-        let result = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            r = measure_lag(&source, &stored) => r,
-        };
-        match result {
+        match measure_lag(source, stored).await {
             Ok((partitions, lag)) => {
                 status.sources[source.index].store(true, Ordering::Relaxed);
                 metrics
@@ -349,7 +348,9 @@ pub(super) async fn refresh_loop(
                 tracing::warn!(cluster = %alias, error = %e, "cannot measure the ingest lag");
             }
         }
-    }
+        Ok::<_, Infallible>(())
+    })
+    .await;
 }
 
 /// Probes `source` every [`PROBE_INTERVAL`] until `shutdown`, recording the answers in `reach`.
@@ -359,16 +360,19 @@ pub(super) async fn probe(
     clock: Clock,
     shutdown: CancellationToken,
 ) {
-    let alias = source.config.alias.clone();
-    let mut ticker = tokio::time::interval(PROBE_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        let s = Arc::clone(&source);
+    let alias = &source.config.alias;
+    let job = Periodic {
+        failed: None,
+        abandoned: "reachability probe abandoned at shutdown",
+        pace: Pace::Every(PROBE_INTERVAL),
+        first: First::Now,
+        // The probe's metadata request ends by itself within PROBE_TIMEOUT: let it.
+        finish_within: Some(PROBE_TIMEOUT),
+        runs: None,
+    };
+    let (source, reach, clock) = (&source, &reach, &clock);
+    job.run(&shutdown, move || async move {
+        let s = Arc::clone(source);
         let answer = tokio::task::spawn_blocking(move || {
             let topic = &s.config.audit_topic;
             let metadata = s
@@ -391,22 +395,24 @@ pub(super) async fn probe(
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
-        let was = reach.reachable(&alias);
+        let was = reach.reachable(alias);
         match answer {
             Ok(()) => {
-                reach.answered(&alias, clock.now());
+                reach.answered(alias, clock.now());
                 if was == Some(false) {
                     tracing::info!(cluster = %alias, "cluster reachable again: its observers' silence counts from now");
                 }
             }
             Err(error) => {
-                reach.lost(&alias);
+                reach.lost(alias);
                 if was != Some(false) {
                     tracing::warn!(cluster = %alias, %error, "cluster unreachable: the silence of observers reporting through it does not count until it answers again");
                 }
             }
         }
-    }
+        Ok::<_, Infallible>(())
+    })
+    .await;
 }
 
 /// How long one wait for a message lasts before it is started again. librdkafka only

@@ -14,7 +14,7 @@ use super::verdict::{
     BucketKey, Computed, CountRow, Findings, Mark, ProgressRow, VerdictKey, VerdictStatus,
     judge_bucket,
 };
-use crate::alerts::incidents::{self, IncidentError, Policy, VerdictChange};
+use crate::alerts::incidents::{self, ChangedVerdict, IncidentError, Policy};
 use crate::ingest::Reach;
 
 /// Advisory lock key (hashed by PostgreSQL) held by every reconciler transaction.
@@ -332,14 +332,14 @@ async fn next_pending(
     limit: usize,
 ) -> Result<Vec<Queued>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
-    struct Row {
+    struct PendingRow {
         topic: String,
         bucket_start_ms: i64,
         bucket_width_ms: i64,
         queued_at: DateTime<Utc>,
         first_queued_at: DateTime<Utc>,
     }
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<PendingRow> = sqlx::query_as(
         "SELECT topic, bucket_start_ms, bucket_width_ms, queued_at, first_queued_at
            FROM reconcile_pending
           WHERE $1::bigint IS NULL
@@ -381,7 +381,7 @@ async fn load_counts(
     tiers: &[String],
 ) -> Result<HashMap<BucketKey, Vec<CountRow>>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
-    struct Row {
+    struct CountSumRow {
         topic: String,
         bucket_start_ms: i64,
         bucket_width_ms: i64,
@@ -393,7 +393,7 @@ async fn load_counts(
     let (topics, starts, widths) = key_arrays(keys);
     // The sum over clusters is `numeric`; one that does not fit in a bigint comes back NULL
     // (the judgement reports the cell), not as an error that would fail the pass.
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<CountSumRow> = sqlx::query_as(
         "SELECT c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.partition,
                 CASE WHEN sum(c.count) BETWEEN -9223372036854775808 AND 9223372036854775807
                      THEN sum(c.count)::bigint END AS count
@@ -437,7 +437,7 @@ async fn load_progress(
     let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
     let (aliases, since) = reach.columns();
     #[derive(sqlx::FromRow)]
-    struct Row {
+    struct ProgressMarkRow {
         topic: String,
         tier: String,
         datacenter: String,
@@ -450,7 +450,7 @@ async fn load_progress(
         stale: bool,
         bucket_width_ms: i64,
     }
-    let rows: Vec<Row> = sqlx::query_as(&format!(
+    let rows: Vec<ProgressMarkRow> = sqlx::query_as(&format!(
         "SELECT topic, tier, datacenter, partition, host || '/' || instance AS observer,
                 watermark_ms, last_emitted_ms,
                 tier IN (SELECT tier FROM consumer_tiers) AS consumer, closing,
@@ -492,7 +492,7 @@ async fn load_verdicts(
     keys: &[BucketKey],
 ) -> Result<HashMap<VerdictKey, Existing>, ReconcileError> {
     #[derive(sqlx::FromRow)]
-    struct Row {
+    struct StoredVerdictRow {
         edge: String,
         topic: String,
         datacenter: String,
@@ -507,7 +507,7 @@ async fn load_verdicts(
         stale_instances: Vec<String>,
     }
     let (topics, starts, widths) = key_arrays(keys);
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<StoredVerdictRow> = sqlx::query_as(
         "SELECT v.edge, v.topic, v.datacenter, v.partition, v.bucket_start_ms, v.bucket_width_ms,
                 v.status, v.expected, v.actual, v.silent_tier, v.incident_id, v.stale_instances
            FROM reconcile_verdicts v
@@ -601,7 +601,7 @@ async fn write_verdicts(
     for (c, old) in changes {
         let mut incident_id = old.and_then(|o| o.incident_id);
         if c.alert && c.key.partition == -1 {
-            let change = VerdictChange {
+            let change = ChangedVerdict {
                 topic: &c.key.topic,
                 edge: &c.key.edge,
                 datacenter: &c.key.datacenter,

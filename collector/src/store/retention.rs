@@ -8,6 +8,7 @@ use sqlx::{PgPool, Postgres};
 
 use super::StoreError;
 use super::write::relax_commit;
+use crate::job::{First, Pace, Periodic};
 
 /// Rows removed by one retention run, by table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -81,7 +82,7 @@ pub async fn run_retention(
     pool: PgPool,
     config: crate::config::RetentionConfig,
     verdict_days: u32,
-    clock: crate::Clock,
+    clock: chaperone_daemon_support::Clock,
     metrics: crate::metrics::IngestMetrics,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -89,22 +90,20 @@ pub async fn run_retention(
         tracing::info!("retention disabled");
         return;
     }
-    let mut ticker = tokio::time::interval(config.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+    let job = Periodic {
+        failed: Some("retention run failed; retrying at the next interval"),
+        abandoned: "retention run abandoned at shutdown",
+        pace: Pace::Every(config.interval),
+        first: First::Now,
+        finish_within: None,
+        runs: Some(metrics.retention_runs.clone()),
+    };
+    let (pool, config, metrics) = (&pool, &config, &metrics);
+    job.run(&shutdown, move || {
         let now = clock.now();
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = run_once(&pool, &config, verdict_days, now, &metrics) => r,
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "retention run failed; retrying at the next interval");
-        }
-    }
+        async move { run_once(pool, config, verdict_days, now, metrics).await }
+    })
+    .await;
 }
 
 /// One retention run at `now`.

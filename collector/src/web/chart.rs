@@ -10,7 +10,7 @@ use crate::store::BucketSummary;
 
 /// A bad bucket to mark on the chart.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mark {
+pub struct BadBucketMark {
     /// Bucket start, epoch ms.
     pub bucket_start_ms: i64,
     /// Bucket width, ms.
@@ -56,7 +56,7 @@ pub fn signed(n: i64) -> String {
 pub fn chart(
     buckets: &[BucketSummary],
     tiers: &[String],
-    marks: &[Mark],
+    marks: &[BadBucketMark],
     from_ms: i64,
     to_ms: i64,
 ) -> Markup {
@@ -161,7 +161,7 @@ mod tests {
             bucket(10_000, &[("producer", 50), ("regional", 50)]),
         ];
         let tiers = vec!["producer".to_owned(), "regional".to_owned()];
-        let marks = [Mark {
+        let marks = [BadBucketMark {
             bucket_start_ms: 0,
             bucket_width_ms: 10_000,
             status: "missing".into(),

@@ -57,6 +57,24 @@ pub fn time_ms(now: DateTime<Utc>, ms: i64) -> Markup {
     }
 }
 
+/// Percent-encodes `s` for a path segment or query value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Link to a topic's page.
+pub fn topic_href(topic: &str) -> String {
+    format!("/topics/{}", encode(topic))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

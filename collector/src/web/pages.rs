@@ -5,9 +5,9 @@
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
-use super::chart::{self, Mark};
+use super::chart::{self, BadBucketMark};
 use super::format::{duration_ms, time, time_ms, utc_ms};
-use super::query::{BucketVerdict, Delivery, Incident, TierWatermark};
+use super::query::{BucketVerdict, Incident, IncidentDelivery, TierWatermark};
 use crate::alerts::Alert;
 use crate::reconcile::{Verdict, VerdictChange, VerdictStatus};
 use crate::store::{BucketSummary, LatencySummary, ParkedRow, TierSummary};
@@ -157,10 +157,10 @@ pub struct IndexPage {
 fn index_query(status: Option<&str>, q: Option<&str>, page: usize) -> String {
     let mut parts = Vec::new();
     if let Some(s) = status {
-        parts.push(format!("status={}", super::encode(s)));
+        parts.push(format!("status={}", super::format::encode(s)));
     }
     if let Some(q) = q {
-        parts.push(format!("q={}", super::encode(q)));
+        parts.push(format!("q={}", super::format::encode(q)));
     }
     if page > 1 {
         parts.push(format!("page={page}"));
@@ -215,7 +215,7 @@ pub fn index(p: &IndexPage) -> Markup {
                 @for a in p.open.iter().take(20) {
                     tr.incident data-id=(a.id) data-topic=(a.topic) data-max-missing=(a.max_missing) {
                         td { a href=(format!("/incidents/{}", a.id)) { "#" (a.id) } }
-                        td { a href=(super::topic_href(&a.topic)) { (a.topic) } }
+                        td { a href=(super::format::topic_href(&a.topic)) { (a.topic) } }
                         td { (edge_label(&a.edge, Some(&a.datacenter))) }
                         td.n { (a.max_missing) }
                         td.n { (a.bad_buckets) " of " (a.buckets) }
@@ -252,7 +252,7 @@ pub fn index(p: &IndexPage) -> Markup {
                 @let worst = l.worst();
                 tr.topic data-topic=(l.topic) data-status=(worst.map_or("unjudged", |s| s.as_str()))
                     data-missing=(l.latest_missing()) data-open-incidents=(l.open_incidents.len()) {
-                    td { a href=(super::topic_href(&l.topic)) { (l.topic) } }
+                    td { a href=(super::format::topic_href(&l.topic)) { (l.topic) } }
                     td {
                         @if l.verdicts.is_empty() { span.muted { "no verdict yet" } }
                         @for v in &l.verdicts {
@@ -398,13 +398,13 @@ fn range_links(p: &TopicPage) -> Markup {
         let to = p.now.timestamp_millis();
         format!(
             "{}?from={}&to={}",
-            super::topic_href(&p.topic),
+            super::format::topic_href(&p.topic),
             to - minutes * 60_000,
             to
         )
     };
     html! {
-        form.filters method="get" action=(super::topic_href(&p.topic)) {
+        form.filters method="get" action=(super::format::topic_href(&p.topic)) {
             label { "From " input name="from" value=(utc_rfc3339(p.from_ms)) size="24"; }
             label { "to " input name="to" value=(utc_rfc3339(p.to_ms)) size="24"; }
             button type="submit" { "Show" }
@@ -426,11 +426,11 @@ fn utc_rfc3339(ms: i64) -> String {
 /// `/topics/{topic}`: chart, latency, verdicts and their history over a range.
 pub fn topic(p: &TopicPage) -> Markup {
     let tiers: Vec<String> = p.range_tiers.iter().map(|t| t.tier.clone()).collect();
-    let marks: Vec<Mark> = p
+    let marks: Vec<BadBucketMark> = p
         .verdicts
         .iter()
         .filter(|v| v.partition < 0 && (v.status == "missing" || v.status == "duplicated"))
-        .map(|v| Mark {
+        .map(|v| BadBucketMark {
             bucket_start_ms: v.bucket_start_ms,
             bucket_width_ms: v.bucket_width_ms,
             status: v.status.clone(),
@@ -527,7 +527,7 @@ pub struct IncidentPage {
     /// Topic-level verdicts of its buckets.
     pub verdicts: Vec<BucketVerdict>,
     /// Its webhook notifications.
-    pub deliveries: Vec<Delivery>,
+    pub deliveries: Vec<IncidentDelivery>,
     /// Show the logout button.
     pub with_logout: bool,
 }
@@ -540,7 +540,7 @@ pub fn incident(p: &IncidentPage) -> Markup {
     let missing: i64 = p.verdicts.iter().map(|v| v.missing).sum();
     let topic_range = format!(
         "{}?from={}&to={}",
-        super::topic_href(&i.topic),
+        super::format::topic_href(&i.topic),
         i.first_bucket_start_ms - 10 * i.bucket_width_ms,
         i.last_bucket_start_ms + 11 * i.bucket_width_ms
     );

@@ -131,7 +131,7 @@ pub async fn incident_verdicts(pool: &PgPool, id: i64) -> Result<Vec<BucketVerdi
 
 /// One webhook notification of an incident and how its delivery went.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct Delivery {
+pub struct IncidentDelivery {
     /// Webhook name.
     pub webhook: String,
     /// `firing` or `resolved`.
@@ -152,7 +152,7 @@ pub struct Delivery {
     pub created_at: DateTime<Utc>,
 }
 
-impl Delivery {
+impl IncidentDelivery {
     /// `sent`, `parked` or `pending`, as the API's `state`.
     pub fn state(&self) -> &'static str {
         if self.sent_at.is_some() {
@@ -166,7 +166,10 @@ impl Delivery {
 }
 
 /// Every notification of incident `id`, oldest first.
-pub async fn incident_deliveries(pool: &PgPool, id: i64) -> Result<Vec<Delivery>, sqlx::Error> {
+pub async fn incident_deliveries(
+    pool: &PgPool,
+    id: i64,
+) -> Result<Vec<IncidentDelivery>, sqlx::Error> {
     sqlx::query_as(
         "SELECT webhook, kind, attempts, sent_at, next_attempt_at, parked_at, last_status,
                 last_error, created_at

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chaperone_collector::reconcile::{
-    ManualClock, PassReport, ReconcileConfig, ReconcileMetrics, Reconciler, Verdict,
+    PassReport, ReconcileConfig, ReconcileMetrics, Reconciler, Verdict,
 };
+pub use chaperone_test_support::ManualClock;
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

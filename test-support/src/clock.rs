@@ -1,11 +1,11 @@
 //! A hand-moved [`Clock`] for tests: lateness, maximum waits and retry backoff are crossed by
-//! moving it, never by sleeping.
+//! moving it, never by sleeping. Not part of any daemon's API: the daemons take a [`Clock`],
+//! and tests hand them [`ManualClock::clock`].
 
 use std::sync::{Arc, Mutex};
 
+use chaperone_daemon_support::Clock;
 use chrono::{DateTime, Duration, Utc};
-
-use crate::Clock;
 
 /// A clock that only moves when told to.
 #[derive(Debug, Clone)]
