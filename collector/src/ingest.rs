@@ -36,7 +36,7 @@
 //! - `write`: the writer: batches, the fenced write of records and offsets, splitting what
 //!   PostgreSQL refuses for its data.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chaperone_daemon_support::Clock;
@@ -132,6 +132,7 @@ pub async fn run(
         metrics: metrics.clone(),
         retry: retry.clone(),
         park_after: config.dlq_park_after,
+        missing_since: Mutex::default(),
     };
     let writer = Writer {
         sources,

@@ -164,7 +164,7 @@ refresh_interval = "2s"
 # A cluster outage longer than the session loses the group's assignment, and the service
 # rejoins about one session after the cluster answers again: that must stay well inside
 # reconcile.instance_timeout (docs/verdicts.md).
-"session.timeout.ms" = "10000"
+"session.timeout.ms" = "20000"
 "#,
         id = spec.id,
         audit = spec.audit_topic,

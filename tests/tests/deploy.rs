@@ -2,11 +2,11 @@
 //! tests, every alerting rule has one and every metric they use is one the daemons export; the
 //! metric names pass `promtool check metrics` and are all `chaperone_<component>_…`; the
 //! Grafana provisioning files parse and point at dashboards and data sources that exist; the
-//! systemd units pass `systemd-analyze verify` and outlast the daemons' graceful shutdown; the
-//! example configurations pass each daemon's `--check-config`; both binaries answer
-//! `--version`.
+//! systemd units (the REST proxy's too) pass `systemd-analyze verify` and are hardened alike,
+//! and outlast the daemons' graceful shutdown; the service's and the collector's example
+//! configurations pass their `--check-config`; every binary answers `--version`.
 //!
-//! Needs `promtool` and `systemd-analyze` (`dev/test` installs them from Debian) and the two
+//! Needs `promtool` and `systemd-analyze` (`dev/test` installs them from Debian) and the
 //! daemon binaries built next to this test (`cargo test --workspace` builds them); fails, never
 //! skips, without them. Needs neither Kafka nor PostgreSQL.
 
@@ -433,9 +433,10 @@ fn unit_settings(path: &Path) -> anyhow::Result<HashMap<String, Vec<String>>> {
     Ok(out)
 }
 
-const UNITS: [(&str, &str); 2] = [
+const UNITS: [(&str, &str); 3] = [
     ("chaperone-service@.service", "chaperone-service"),
     ("chaperone-collector.service", "chaperone-collector"),
+    ("chaperone-rest-proxy.service", "chaperone-rest-proxy"),
 ];
 
 #[test]
@@ -700,8 +701,8 @@ fn example_configs_pass_check_config_and_bad_ones_are_named() -> anyhow::Result<
 }
 
 #[test]
-fn both_binaries_print_their_version() -> anyhow::Result<()> {
-    for name in ["chaperone-service", "chaperone-collector"] {
+fn every_binary_prints_its_version() -> anyhow::Result<()> {
+    for (_, name) in UNITS {
         let out = Command::new(binary(name)?).arg("--version").output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || stdout.trim() != format!("{name} {}", env!("CARGO_PKG_VERSION"))

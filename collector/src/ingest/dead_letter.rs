@@ -3,7 +3,8 @@
 //! them are stored. A dead letter the topic will not take is parked in PostgreSQL instead
 //! (`ingest_parked`), so that no record holds ingest up.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -31,8 +32,8 @@ struct Refusal {
     why: String,
 }
 
-/// Whether Kafka refused a dead letter for good: too large, no such topic, no ACL, or a record
-/// or topic the broker will never take. Anything else (timeouts, a broker away, a leader
+/// Whether Kafka refused a dead letter for good: too large, no ACL, or a record or topic the
+/// broker will never take (a topic that does not exist is [`DeadLetters::missing_for_good`]). Anything else (timeouts, a broker away, a leader
 /// moving) may pass.
 fn refused_for_good(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
@@ -41,7 +42,6 @@ fn refused_for_good(e: &KafkaError) -> bool {
         Some(
             C::MessageSizeTooLarge
                 | C::MessageBatchTooLarge
-                | C::UnknownTopic
                 | C::TopicAuthorizationFailed
                 | C::ClusterAuthorizationFailed
                 | C::InvalidTopic
@@ -68,12 +68,37 @@ pub(super) struct DeadLetters {
     pub(super) retry: RetryPolicy,
     /// How long a dead letter is sent again before it is parked (`ingest.dlq_park_after`).
     pub(super) park_after: Duration,
+    /// Per source: since when its dead-letter topic has been reported missing, until a dead
+    /// letter reaches it.
+    pub(super) missing_since: Mutex<HashMap<usize, Instant>>,
+}
+
+/// Whether Kafka says the topic does not exist (librdkafka after waiting for it to appear in
+/// the metadata, or the broker).
+fn unknown_topic(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+    )
 }
 
 impl DeadLetters {
+    /// Whether a dead letter of `source` that Kafka refused with `e` is refused for good. A
+    /// topic that does not exist may be being created (auto-creation, an operator answering
+    /// the alert), so the first letter that finds it missing is sent again for
+    /// `dlq_park_after`; once it has been missing that long, later letters are parked at
+    /// once, until one reaches it.
+    fn refused(&self, source: usize, e: &KafkaError, otherwise: bool) -> bool {
+        if !unknown_topic(e) {
+            return otherwise;
+        }
+        let mut missing = self.missing_since.lock().unwrap_or_else(|p| p.into_inner());
+        missing.entry(source).or_insert_with(Instant::now).elapsed() >= self.park_after
+    }
+
     /// Sends `letters` to their dead-letter topics and waits until each one is acknowledged
-    /// or parked. A letter the dead-letter topic refuses outright (too large, no such topic,
-    /// no ACL) is parked in PostgreSQL at once, with why; one Kafka does not acknowledge
+    /// or parked. A letter the dead-letter topic refuses outright (too large, no ACL, a topic
+    /// missing for `dlq_park_after` already) is parked in PostgreSQL at once, with why; one Kafka does not acknowledge
     /// within `dlq_timeout` (librdkafka retrying all along) is sent again with backoff, and
     /// parked once `dlq_park_after` has passed. So no record holds ingest up for longer.
     pub(super) async fn send(
@@ -227,7 +252,7 @@ impl DeadLetters {
                     }
                     Err(e) => {
                         let refusal = Refusal {
-                            permanent: true,
+                            permanent: self.refused(letter.origin.source, &e, true),
                             why: format!("not accepted by the producer: {e}"),
                         };
                         failed.push((letter, refusal));
@@ -239,6 +264,10 @@ impl DeadLetters {
         for (fut, letter) in inflight {
             match fut.await {
                 Ok(Ok(_)) => {
+                    self.missing_since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&letter.origin.source);
                     self.metrics
                         .records_rejected
                         .with_label_values(&[letter.rejected.reason])
@@ -246,7 +275,7 @@ impl DeadLetters {
                 }
                 Ok(Err((e, _))) => {
                     let refusal = Refusal {
-                        permanent: refused_for_good(&e),
+                        permanent: self.refused(letter.origin.source, &e, refused_for_good(&e)),
                         why: format!("not acknowledged: {e}"),
                     };
                     failed.push((letter, refusal));
