@@ -536,6 +536,10 @@ async fn scenarios(
     .chain(["regional", "regional2"].map(|dc| format!("{dc}.{two_dc}")))
     .collect();
     wait_for_topics(&aggregate_bootstrap(), &mirrored, MIRRORED).await?;
+    // A MirrorMaker still recovering from an earlier test's broker restart (or a stalled
+    // machine) copies nothing for a while: before the traffic starts, wait until both copy
+    // again (dev/stack sends each a fresh probe record and waits for its copy).
+    dev_stack(&["start-mirror"])?;
 
     // Phase 1: the faults that need MirrorMaker running, all at once. One process writes
     // several topics where it can, to keep the machine (and the brokers) responsive.
