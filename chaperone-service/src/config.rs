@@ -343,14 +343,7 @@ impl Config {
     /// `CHAPERONE_KAFKA__SASL_PASSWORD` sets `sasl.password`) to the shared librdkafka
     /// properties. This is how secrets reach the service without a file.
     pub fn apply_kafka_env<I: IntoIterator<Item = (String, String)>>(&mut self, vars: I) {
-        for (name, value) in vars {
-            if let Some(prop) = name.strip_prefix("CHAPERONE_KAFKA__") {
-                let prop = prop.to_ascii_lowercase().replace('_', ".");
-                if !prop.is_empty() {
-                    self.kafka.insert(prop, value);
-                }
-            }
-        }
+        chaperone_daemon_support::kafka::apply_env(&mut self.kafka, "CHAPERONE_KAFKA__", vars);
     }
 
     /// Replaces every `${file:PATH}` and `${env:VAR}` value of the librdkafka tables by the

@@ -8,6 +8,25 @@ use std::collections::BTreeMap;
 use chaperone_audit::config::{REDACTED, is_secret_property, redacted_properties};
 use rdkafka::ClientConfig;
 
+/// Sets, in `props`, the librdkafka property of every variable named `<prefix><PROPERTY>`:
+/// the rest of the name lower-cased, with `_` read as `.` (with prefix `CHAPERONE_KAFKA__`,
+/// `CHAPERONE_KAFKA__SASL_PASSWORD` sets `sasl.password`). This is how secrets reach a
+/// daemon without a file.
+pub fn apply_env<I: IntoIterator<Item = (String, String)>>(
+    props: &mut BTreeMap<String, String>,
+    prefix: &str,
+    vars: I,
+) {
+    for (name, value) in vars {
+        if let Some(prop) = name.strip_prefix(prefix) {
+            let prop = prop.to_ascii_lowercase().replace('_', ".");
+            if !prop.is_empty() {
+                props.insert(prop, value);
+            }
+        }
+    }
+}
+
 /// Builds a client configuration from `defaults`, then the user's `layers` in order, then
 /// `forced`. `client` and `cluster` name it in the logs.
 pub fn client_config(

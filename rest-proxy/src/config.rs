@@ -231,14 +231,11 @@ impl Config {
     /// Applies `CHAPERONE_PROXY_KAFKA__<PROPERTY>` variables (for example
     /// `CHAPERONE_PROXY_KAFKA__SASL_PASSWORD` sets `sasl.password`).
     pub fn apply_kafka_env<I: IntoIterator<Item = (String, String)>>(&mut self, vars: I) {
-        for (name, value) in vars {
-            if let Some(prop) = name.strip_prefix("CHAPERONE_PROXY_KAFKA__") {
-                let prop = prop.to_ascii_lowercase().replace('_', ".");
-                if !prop.is_empty() {
-                    self.kafka.insert(prop, value);
-                }
-            }
-        }
+        chaperone_daemon_support::kafka::apply_env(
+            &mut self.kafka,
+            "CHAPERONE_PROXY_KAFKA__",
+            vars,
+        );
     }
 
     /// Replaces every `${file:PATH}` and `${env:VAR}` value of the librdkafka table.
