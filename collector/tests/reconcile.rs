@@ -1000,6 +1000,80 @@ async fn producers_event_time_lag_holds_consumer_tiers_back() {
 }
 
 #[tokio::test]
+async fn a_message_that_reached_the_log_late_is_not_called_lost_by_a_mirror_that_read_past_it() {
+    let db = reconcile_db().await.unwrap();
+    let due = end(0) + LATENESS;
+    let (r, clock) = reconciler(&db.pool, config(), due + 500);
+    // Producer `a` is on time; `b` stalled with one message of the bucket in flight. The
+    // mirror's reader read `a`'s later messages: its mark (the latest event time read) is
+    // past the bucket and its producers' event-time lag.
+    instance_progress(&db.pool, "orders", "dc1", "a", due + 500, due + 500, false)
+        .await
+        .unwrap();
+    instance_progress(&db.pool, "orders", "dc1", "b", start(0), due + 500, false)
+        .await
+        .unwrap();
+    for tier in ["producer", "regional", "aggregate"] {
+        add_counts(&db.pool, "orders", start(0), tier, "dc1", 0, 9)
+            .await
+            .unwrap();
+    }
+    progress(&db.pool, "orders", "regional", "dc1", 0, due + 500)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "aggregate", "dc1", 0, due + 400)
+        .await
+        .unwrap();
+    pass(&r).await;
+    assert!(verdict(&db.pool, "orders", R2A, start(0)).await.is_none());
+    // Four seconds later `b`'s message is appended, behind messages of `a` that the mirror
+    // copied already, and acknowledged: `b` passes the bucket. Regional counted it; the
+    // aggregate's reader has not, though it read event times 2 s past the lateness.
+    clock.advance(chrono::Duration::seconds(4));
+    let now = due + 4_500;
+    instance_progress(&db.pool, "orders", "dc1", "a", now, now, false)
+        .await
+        .unwrap();
+    instance_progress(&db.pool, "orders", "dc1", "b", now, now, false)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "producer", "dc1", 0, 1)
+        .await
+        .unwrap();
+    add_counts(&db.pool, "orders", start(0), "regional", "dc1", 0, 1)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "regional", "dc1", 0, now)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "aggregate", "dc1", 0, due + 2_000)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let p2r = verdict(&db.pool, "orders", P2R, start(0)).await.unwrap();
+    assert_eq!((p2r.status, p2r.expected), (VerdictStatus::Complete, 10));
+    assert!(
+        verdict(&db.pool, "orders", R2A, start(0)).await.is_none(),
+        "the reader's mark is older than the time the producers passed"
+    );
+    // The mirror copies it.
+    clock.advance(chrono::Duration::seconds(1));
+    add_counts(&db.pool, "orders", start(0), "aggregate", "dc1", 0, 1)
+        .await
+        .unwrap();
+    progress(&db.pool, "orders", "aggregate", "dc1", 0, now + 800)
+        .await
+        .unwrap();
+    pass(&r).await;
+    let r2a = verdict(&db.pool, "orders", R2A, start(0)).await.unwrap();
+    assert_eq!(
+        (r2a.status, r2a.expected, r2a.actual, r2a.revisions),
+        (VerdictStatus::Complete, 10, 10, 0)
+    );
+    assert!(events(&db).await.is_empty(), "nobody notified");
+}
+
+#[tokio::test]
 async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
     let db = reconcile_db().await.unwrap();
     let (_, clock) = reconciler(&db.pool, config(), end(0) + 1_000);
@@ -1158,7 +1232,8 @@ async fn counts_summing_past_i64_max_are_reported_once_and_the_pass_judges_the_r
     for topic in ["orders", "hostile"] {
         flow(&db, topic, 0, 10, 10, 10).await;
         flow(&db, topic, 1, 10, 10, 10).await;
-        all_progress(&db.pool, topic, "dc1", end(1) + LATENESS)
+        // Everyone caught up as of now.
+        all_progress(&db.pool, topic, "dc1", end(1) + LATENESS + 1_000)
             .await
             .unwrap();
     }

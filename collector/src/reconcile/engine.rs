@@ -11,8 +11,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::config::{ReconcileConfig, millis};
 use super::metrics::ReconcileMetrics;
 use super::verdict::{
-    BucketKey, Computed, CountRow, Findings, Mark, ProgressRow, VerdictKey, VerdictStatus,
-    judge_bucket,
+    BucketKey, Computed, CountRow, Findings, Mark, ProgressRow, SourcesPassed, Times, VerdictKey,
+    VerdictStatus, judge_bucket,
 };
 use crate::alerts::incidents::{self, ChangedVerdict, IncidentError, Policy};
 use crate::ingest::Reach;
@@ -204,6 +204,8 @@ pub(crate) async fn pass(
             .collect();
         let progress = load_progress(&mut tx, &topics, config, now, reach).await?;
         let existing = load_verdicts(&mut tx, &keys).await?;
+        let mut sources = load_sources_passed(&mut tx, &keys).await?;
+        let mut newly_passed: Vec<(BucketKey, String, i64)> = Vec::new();
         let settle = chrono::Duration::milliseconds(millis(config.settle));
 
         let mut done = Vec::new();
@@ -224,15 +226,29 @@ pub(crate) async fn pass(
                 continue;
             };
             let topic_progress = progress.get(&key.topic).unwrap_or(&no_progress);
+            let times = Times {
+                queued_ms: q.first_queued_at.timestamp_millis(),
+                now_ms: now.timestamp_millis(),
+            };
+            let passed = sources.entry(key.clone()).or_default();
+            let known = passed.len();
             let (mut verdicts, mut all_final) = judge_bucket(
                 config,
                 key,
-                q.first_queued_at.timestamp_millis(),
-                now.timestamp_millis(),
+                times,
                 rows,
                 topic_progress,
+                passed,
                 &mut findings,
             );
+            if passed.len() > known {
+                newly_passed.extend(
+                    passed
+                        .iter()
+                        .filter(|&(_, &at)| at == times.now_ms)
+                        .map(|(dc, &at)| (key.clone(), dc.clone(), at)),
+                );
+            }
             if now - q.changed_at < settle {
                 // Verdicts judged before whose counts changed again wait until every tier
                 // has had the chance to deliver its late counts.
@@ -249,6 +265,7 @@ pub(crate) async fn pass(
         report.changed +=
             write_verdicts(&mut tx, computed, &existing, config, now, metrics).await?;
         delete_pending(&mut tx, &done).await?;
+        store_sources_passed(&mut tx, &newly_passed).await?;
         tx.commit().await?;
         // Reported once committed (a rolled-back batch is judged again).
         notices
@@ -311,6 +328,14 @@ async fn enqueue(
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    // Buckets past the lookback are never judged again.
+    sqlx::query(
+        "DELETE FROM reconcile_sources_passed
+          WHERE bucket_start_ms < $1 AND bucket_start_ms + bucket_width_ms < $1",
+    )
+    .bind(now.timestamp_millis() - millis(config.lookback))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(queued)
 }
@@ -546,6 +571,74 @@ async fn load_verdicts(
         );
     }
     Ok(out)
+}
+
+/// When the producers of each datacenter passed each bucket, as far as already seen.
+async fn load_sources_passed(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[BucketKey],
+) -> Result<HashMap<BucketKey, SourcesPassed>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct PassedRow {
+        topic: String,
+        bucket_start_ms: i64,
+        bucket_width_ms: i64,
+        datacenter: String,
+        passed_at_ms: i64,
+    }
+    let (topics, starts, widths) = key_arrays(keys);
+    let rows: Vec<PassedRow> = sqlx::query_as(
+        "SELECT s.topic, s.bucket_start_ms, s.bucket_width_ms, s.datacenter, s.passed_at_ms
+           FROM reconcile_sources_passed s
+           JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
+             ON s.topic = k.topic AND s.bucket_start_ms = k.start_ms
+            AND s.bucket_width_ms = k.width_ms",
+    )
+    .bind(topics)
+    .bind(starts)
+    .bind(widths)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out: HashMap<BucketKey, SourcesPassed> = HashMap::new();
+    for r in rows {
+        let key = BucketKey {
+            topic: r.topic,
+            start: r.bucket_start_ms,
+            width: r.bucket_width_ms,
+        };
+        out.entry(key)
+            .or_default()
+            .insert(r.datacenter, r.passed_at_ms);
+    }
+    Ok(out)
+}
+
+/// Remembers when the producers of a datacenter were first seen to have passed a bucket.
+async fn store_sources_passed(
+    tx: &mut Transaction<'_, Postgres>,
+    passed: &[(BucketKey, String, i64)],
+) -> Result<(), sqlx::Error> {
+    if passed.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<BucketKey> = passed.iter().map(|(k, _, _)| k.clone()).collect();
+    let (topics, starts, widths) = key_arrays(&keys);
+    let datacenters: Vec<&str> = passed.iter().map(|(_, dc, _)| dc.as_str()).collect();
+    let at: Vec<i64> = passed.iter().map(|&(_, _, at)| at).collect();
+    sqlx::query(
+        "INSERT INTO reconcile_sources_passed
+             (topic, bucket_start_ms, bucket_width_ms, datacenter, passed_at_ms)
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(topics)
+    .bind(starts)
+    .bind(widths)
+    .bind(datacenters)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn delete_pending(

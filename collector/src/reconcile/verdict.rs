@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 mod bucket;
 
 pub(crate) use bucket::{
-    BucketKey, Computed, CountRow, Findings, ProgressRow, VerdictKey, judge_bucket,
+    BucketKey, Computed, CountRow, Findings, ProgressRow, SourcesPassed, Times, VerdictKey,
+    judge_bucket,
 };
 
 pub use crate::model::{UnknownStatus, VerdictStatus};
@@ -100,6 +101,10 @@ pub struct EdgeBucket<'a> {
     pub actual: &'a BTreeMap<i32, i64>,
     /// How far the topic's producers' event times trail their clocks ([`event_lag_ms`]).
     pub event_lag_ms: i64,
+    /// When the reconciler first saw every live producer instance pass the bucket
+    /// ([`sources_passed`]), on its clock, epoch ms: `i64::MAX` while they have not, `None`
+    /// when there is no live producer instance to wait for.
+    pub sources_passed_ms: Option<i64>,
 }
 
 /// How far a tier got, for one bucket.
@@ -170,6 +175,27 @@ pub fn event_lag_ms(marks: &[Mark]) -> i64 {
         .map(|m| m.last_emitted_ms.saturating_sub(m.watermark_ms).max(0))
         .max()
         .unwrap_or(0)
+}
+
+/// Whether every live instance observer (producer) has a watermark at or past `due`, its
+/// lowest over its partitions: `None` when there is none to wait for (no audited producer,
+/// or only stale ones). One that shut down cleanly sent every count: it counts as passed.
+///
+/// An instance passes a bucket only once every message it sent with an event time in it
+/// was acknowledged, so by the time the reconciler sees it pass, every such message is in
+/// the log. A message can reach the log long after its event time (a producer stalled, a
+/// request retried), behind later messages of other producers: a consumer tier proves it
+/// read the bucket only with a mark at or past that time (see [`evaluate`]).
+pub fn sources_passed(marks: &[Mark], due: i64) -> Option<bool> {
+    let mut lowest: BTreeMap<&str, (i64, bool)> = BTreeMap::new();
+    for m in marks.iter().filter(|m| !m.consumer && !m.stale) {
+        let e = lowest
+            .entry(m.observer.as_str())
+            .or_insert((m.watermark_ms, true));
+        e.0 = e.0.min(m.watermark_ms);
+        e.1 &= m.closing;
+    }
+    (!lowest.is_empty()).then(|| lowest.values().all(|&(w, closing)| closing || w >= due))
 }
 
 /// How far a tier got past `due` (instances) and `consumer_due` (consumer partitions).
@@ -276,7 +302,10 @@ fn equal_at(expected: &BTreeMap<i32, i64>, actual: &BTreeMap<i32, i64>, p: i32) 
 /// * The upstream tier passed the bucket when every live instance observer has a watermark
 ///   at or past `end + lateness` (an instance that shut down cleanly is not waited for; one
 ///   silent for `instance_timeout` is not waited for either, and is named) and every
-///   consumer partition has one at or past `end + lateness + event_lag`.
+///   consumer partition has one at or past `end + lateness + event_lag`, and at or past the
+///   time the reconciler saw the producer instances pass the bucket (a consumer's mark is a
+///   time or an event time it read up to; a message that reached the log late sits behind
+///   later ones).
 /// * The downstream tier passed it when the same holds, where a consumer partition also
 ///   counts as passed when the upstream tier passed and both tiers counted the same in that
 ///   partition (an idle partition does not hold the bucket back).
@@ -288,7 +317,9 @@ fn equal_at(expected: &BTreeMap<i32, i64>, actual: &BTreeMap<i32, i64>, p: i32) 
 pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
     let waited_from = b.end_ms.max(b.queued_ms);
     let due = b.end_ms.saturating_add(rules.lateness_ms);
-    let consumer_due = due.saturating_add(b.event_lag_ms);
+    let consumer_due = due
+        .saturating_add(b.event_lag_ms)
+        .max(b.sources_passed_ms.unwrap_or(i64::MIN));
     let partitions: BTreeSet<i32> = b
         .expected
         .keys()
@@ -468,6 +499,7 @@ mod tests {
         actual: BTreeMap<i32, i64>,
         lag: i64,
         queued: i64,
+        sources_passed: Option<i64>,
     }
 
     impl Case {
@@ -484,6 +516,7 @@ mod tests {
                 actual: counts(actual),
                 lag: 0,
                 queued: END - 100,
+                sources_passed: None,
             }
         }
 
@@ -497,6 +530,7 @@ mod tests {
                 expected: &self.expected,
                 actual: &self.actual,
                 event_lag_ms: self.lag,
+                sources_passed_ms: self.sources_passed,
             };
             let o = evaluate(&RULES, &b)?;
             let e = self.expected.values().sum();
@@ -722,6 +756,61 @@ mod tests {
     }
 
     #[test]
+    fn sources_pass_when_every_live_instance_did() {
+        let due = END + 10;
+        assert_eq!(sources_passed(&[], due), None);
+        assert_eq!(sources_passed(&[consumer(0, END + 99)], due), None);
+        let mut stale = instance("b/2", 0);
+        stale.stale = true;
+        assert_eq!(sources_passed(&[stale.clone()], due), None);
+        let a = instance("a/1", due);
+        assert_eq!(sources_passed(&[a.clone(), stale], due), Some(true));
+        // The lowest mark over an instance's partitions.
+        let a_behind = Mark {
+            partition: 1,
+            ..instance("a/1", due - 1)
+        };
+        assert_eq!(
+            sources_passed(&[a.clone(), a_behind.clone()], due),
+            Some(false)
+        );
+        let closed = |m: Mark| Mark { closing: true, ..m };
+        assert_eq!(
+            sources_passed(&[closed(a), closed(a_behind)], due),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn a_consumer_mark_counts_only_from_when_the_producers_passed() {
+        // A producer stalled with a message of the bucket: it reached the log after later
+        // messages of another producer, which a mirror's reader already read (its mark is
+        // the latest event time read). The producers passed at END + 5_000.
+        let mut c = Case::new(
+            vec![consumer(0, END + 6_000)],
+            vec![consumer(0, END + 2_000)],
+            &[(0, 10)],
+            &[(0, 9)],
+        );
+        c.sources_passed = Some(i64::MAX);
+        assert_eq!(c.status(SOON), None, "the producers have not passed");
+        c.sources_passed = Some(END + 5_000);
+        assert_eq!(c.status(SOON), None, "read before the producers passed");
+        let (o, j) = c.at(END + 1_000).unwrap();
+        assert_eq!(
+            (j.status, o.downstream.passed),
+            (VerdictStatus::Lagging, false),
+            "at max_wait it is delay, not loss"
+        );
+        c.down[0].watermark_ms = END + 5_000;
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Missing));
+        // Without producers to wait for, the consumer's mark is enough.
+        c.down[0].watermark_ms = END + 2_000;
+        c.sources_passed = None;
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Missing));
+    }
+
+    #[test]
     fn waiting_observers_are_named() {
         let c = Case::new(
             vec![instance("a/1", END + 10), instance("b/2", END - 400)],
@@ -763,6 +852,7 @@ mod tests {
                 expected: &c.expected,
                 actual: &c.actual,
                 event_lag_ms: c.lag,
+                sources_passed_ms: c.sources_passed,
             }
         }
         assert_eq!(

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate_all, event_lag_ms, judge,
+    sources_passed,
 };
 use crate::reconcile::config::{EdgeConfig, ReconcileConfig, millis};
 
@@ -41,6 +42,19 @@ pub(crate) struct Findings {
 /// Sum of `counts`, `None` past `i64::MAX`.
 fn checked_total(counts: &BTreeMap<i32, i64>) -> Option<i64> {
     counts.values().try_fold(0i64, |sum, &n| sum.checked_add(n))
+}
+
+/// When the producer instances of each datacenter were first seen to have passed a bucket
+/// (datacenter -> epoch ms on the reconciler's clock); kept with the bucket.
+pub(crate) type SourcesPassed = BTreeMap<String, i64>;
+
+/// The reconciler's view of a bucket's times, epoch ms.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Times {
+    /// When the bucket entered the queue.
+    pub(crate) queued_ms: i64,
+    /// Now, on the reconciler's clock.
+    pub(crate) now_ms: i64,
 }
 
 /// One observer's progress in one partition of the bucket's topic.
@@ -86,14 +100,15 @@ pub(crate) struct Computed {
 /// Edges whose tiers count the topic in different bucket widths are not compared; they are
 /// added to `findings.mismatches`. Edges and scopes whose counts, or any sum of them the
 /// judgement takes, do not fit in an `i64` are not judged; they are added to
-/// `findings.overflows`.
+/// `findings.overflows`. A datacenter whose producer instances are seen to have passed the
+/// bucket for the first time is added to `sources` at `now`.
 pub(crate) fn judge_bucket(
     config: &ReconcileConfig,
     key: &BucketKey,
-    queued_ms: i64,
-    now_ms: i64,
+    Times { queued_ms, now_ms }: Times,
     rows: &[CountRow],
     progress: &[ProgressRow],
+    sources: &mut SourcesPassed,
     findings: &mut Findings,
 ) -> (Vec<Computed>, bool) {
     let end = key.start.saturating_add(key.width);
@@ -102,6 +117,25 @@ pub(crate) fn judge_bucket(
         max_wait_ms: millis(config.max_wait),
         loss_after_ms: millis(config.loss_after),
     };
+    // What the producers of each datacenter tell every tier, whichever edge it is on (see
+    // `EdgeBucket`): their event-time lag, and when they passed the bucket.
+    let mut by_source: BTreeMap<&str, (i64, Option<i64>)> = BTreeMap::new();
+    for dc in progress.iter().map(|p| p.datacenter.as_str()) {
+        if by_source.contains_key(dc) {
+            continue;
+        }
+        let marks: Vec<Mark> = progress
+            .iter()
+            .filter(|p| p.datacenter == dc)
+            .map(|p| p.mark.clone())
+            .collect();
+        let at = match sources_passed(&marks, end.saturating_add(rules.lateness_ms)) {
+            None => None,
+            Some(false) => Some(i64::MAX),
+            Some(true) => Some(*sources.entry(dc.to_owned()).or_insert(now_ms)),
+        };
+        by_source.insert(dc, (event_lag_ms(&marks), at));
+    }
     let mut all_final = true;
     let mut out = Vec::new();
     for edge in &config.edges {
@@ -213,6 +247,7 @@ pub(crate) fn judge_bucket(
                 expected: BTreeMap<i32, i64>,
                 actual: BTreeMap<i32, i64>,
                 event_lag_ms: i64,
+                sources_passed_ms: Option<i64>,
             }
             let parts: Option<Vec<Part>> = datacenters
                 .into_iter()
@@ -224,13 +259,8 @@ pub(crate) fn judge_bucket(
                             .map(|p| p.mark.clone())
                             .collect()
                     };
-                    // Producers' event-time lag is a property of the datacenter's sources:
-                    // every tier waits for it, whichever edge it is on.
-                    let sources: Vec<Mark> = scoped
-                        .iter()
-                        .filter(|p| p.datacenter == dc)
-                        .map(|p| p.mark.clone())
-                        .collect();
+                    let (event_lag_ms, sources_passed_ms) =
+                        by_source.get(dc).copied().unwrap_or((0, None));
                     // Each datacenter's totals are taken too (`evaluate`).
                     let counts = |tier: &str| {
                         by_partition(tier, Some(dc)).filter(|m| checked_total(m).is_some())
@@ -240,7 +270,8 @@ pub(crate) fn judge_bucket(
                         down: marks(&edge.to),
                         expected: counts(&edge.from)?,
                         actual: counts(&edge.to)?,
-                        event_lag_ms: event_lag_ms(&sources),
+                        event_lag_ms,
+                        sources_passed_ms,
                     })
                 })
                 .collect();
@@ -266,6 +297,7 @@ pub(crate) fn judge_bucket(
                     expected: &p.expected,
                     actual: &p.actual,
                     event_lag_ms: p.event_lag_ms,
+                    sources_passed_ms: p.sources_passed_ms,
                 })
                 .collect();
             let Some(outcome) = evaluate_all(&rules, &buckets) else {
@@ -351,6 +383,8 @@ mod tests {
     const START: i64 = 600_000;
     const WIDTH: i64 = 60_000;
     const END: i64 = START + WIDTH;
+    /// When the fixtures' producers passed the bucket.
+    const PASSED: i64 = END + 2_000;
 
     fn config() -> ReconcileConfig {
         ReconcileConfig {
@@ -400,7 +434,21 @@ mod tests {
         now_ms: i64,
     ) -> (Vec<Computed>, bool, Findings) {
         let mut findings = Findings::default();
-        let (v, done) = judge_bucket(&config(), &key(), END, now_ms, rows, marks, &mut findings);
+        let times = Times {
+            queued_ms: END,
+            now_ms,
+        };
+        // Seen passing when their marks say they did.
+        let mut sources = SourcesPassed::from([("dc1".into(), PASSED), ("dc2".into(), PASSED)]);
+        let (v, done) = judge_bucket(
+            &config(),
+            &key(),
+            times,
+            rows,
+            marks,
+            &mut sources,
+            &mut findings,
+        );
         (v, done, findings)
     }
 
@@ -414,7 +462,7 @@ mod tests {
         dc2_mirrored: i64,
         dc2_aggregate_mark: i64,
     ) -> (Vec<CountRow>, Vec<ProgressRow>) {
-        let passed = END + 2_000;
+        let passed = PASSED;
         let rows = vec![
             counts("producer", "dc1", -1, 10),
             counts("regional", "dc1", 0, 10),
@@ -460,6 +508,61 @@ mod tests {
             (VerdictStatus::Complete, 16, 16)
         );
         assert!(r2a.waiting_on.is_empty());
+    }
+
+    #[test]
+    fn consumer_tiers_count_from_when_the_producers_were_seen_passing() {
+        let (rows, marks) = two_datacenters(6, END + 2_000);
+        let judge = |sources: &mut SourcesPassed, now_ms: i64| {
+            let times = Times {
+                queued_ms: END,
+                now_ms,
+            };
+            let mut findings = Findings::default();
+            judge_bucket(
+                &config(),
+                &key(),
+                times,
+                &rows,
+                &marks,
+                sources,
+                &mut findings,
+            )
+        };
+        // First seen at END + 5_000: the consumer tiers' marks (END + 2_000) are older, so
+        // dc2's regional tier, one short, has not proved the loss (dc1's counts are equal).
+        let mut sources = SourcesPassed::new();
+        let (v, done) = judge(&mut sources, END + 5_000);
+        assert!(!done);
+        assert!(
+            topic_level(&v, "producer->regional", "dc2").is_none(),
+            "{v:?}"
+        );
+        assert_eq!(
+            sources,
+            SourcesPassed::from([("dc1".into(), END + 5_000), ("dc2".into(), END + 5_000)])
+        );
+        // Kept as first seen.
+        judge(&mut sources, END + 9_000);
+        assert_eq!(sources["dc1"], END + 5_000);
+        // Not recorded while a producer has not passed.
+        let mut behind = marks.clone();
+        behind[0].mark.watermark_ms = END;
+        let mut sources = SourcesPassed::new();
+        let times = Times {
+            queued_ms: END,
+            now_ms: END + 5_000,
+        };
+        judge_bucket(
+            &config(),
+            &key(),
+            times,
+            &rows,
+            &behind,
+            &mut sources,
+            &mut Findings::default(),
+        );
+        assert_eq!(sources.keys().collect::<Vec<_>>(), ["dc2"]);
     }
 
     #[test]
