@@ -132,12 +132,27 @@ pub struct Pipeline {
     pub scrape: Vec<String>,
 }
 
+impl PipelineSpec {
+    /// A chaperone-service of the `regional` cluster of its own (`name` is its instance and
+    /// names its consumer group), auditing the topics `include` matches: for topics the
+    /// pipeline's service leaves out (`regional_exclude`), to stop and start on their own.
+    pub fn regional_service(
+        &self,
+        name: &str,
+        include: &str,
+    ) -> anyhow::Result<chaperone_service::Config> {
+        let bootstrap = regional_bootstrap();
+        service_config(self, "regional", "regional", name, &bootstrap, include, &[])
+    }
+}
+
 /// A chaperone-service of `tier` next to `cluster` (which is also its datacenter: one
-/// regional cluster per datacenter).
+/// regional cluster per datacenter), whose instance and consumer group are named after `name`.
 fn service_config(
     spec: &PipelineSpec,
     tier: &str,
     cluster: &str,
+    name: &str,
     bootstrap: &str,
     include: &str,
     exclude: &[String],
@@ -147,9 +162,9 @@ fn service_config(
 tier = "{tier}"
 cluster = "{cluster}"
 datacenter = "{cluster}"
-instance = "{cluster}-1"
+instance = "{name}-1"
 bootstrap_servers = "{bootstrap}"
-group_id = "{id}-{cluster}"
+group_id = "{id}-{name}"
 audit_topic = "{audit}"
 bucket_width = "{width}"
 flush_interval = "1s"
@@ -261,7 +276,8 @@ impl Pipeline {
             } else {
                 &[]
             };
-            let config = service_config(spec, tier, cluster, &bootstrap, &include, exclude)?;
+            let config =
+                service_config(spec, tier, cluster, cluster, &bootstrap, &include, exclude)?;
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             scrape.push(format!("http://{}/metrics", listener.local_addr()?));
             let deps = chaperone_service::Deps {
