@@ -5,9 +5,11 @@
 //! What every crate's tests share (the stack's addresses, test databases, topics, polling,
 //! the webhook receiver) is in `chaperone-test-support`. This library holds what only the
 //! tests in `tests/tests/` share: [`pipeline`] runs the daemons in the test process,
-//! [`producer`] sends numbered messages through an audited producer, and [`verdicts`] sums
-//! what the collector judged.
+//! [`programs`] finds the workspace's programs to run as processes, [`producer`] sends
+//! numbered messages through an audited producer, and [`verdicts`] sums what the collector
+//! judged.
 
 pub mod pipeline;
 pub mod producer;
+pub mod programs;
 pub mod verdicts;

@@ -20,6 +20,7 @@ use chaperone_test_support::{
     eventually, regional_bootstrap, regional2_bootstrap, unique, wait_for_topics,
 };
 use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
+use chaperone_tests::programs::built;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -38,23 +39,6 @@ fn reconcile_section() -> String {
         "interval = \"1s\"\nallowed_lateness = \"3s\"\nsettle = \"5s\"\nmax_wait = \"{MAX_WAIT_S}s\"\n\
          loss_after = \"600s\"\ninstance_timeout = \"45s\""
     )
-}
-
-/// A program `cargo test --workspace` builds next to this test binary: `path` below the
-/// target directory, built by `build`.
-fn built(path: &str, build: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let debug = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test binary has no target directory")?;
-    let path = debug.join(path);
-    ensure!(
-        path.exists(),
-        "{} is missing: build it with `{build}` (cargo test --workspace builds it)",
-        path.display()
-    );
-    Ok(path)
 }
 
 /// audit-lib's load generator.

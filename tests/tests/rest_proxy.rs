@@ -9,7 +9,13 @@
 //!   regional with Kafka's own `kafka-delete-records` before anyone read them, and the service
 //!   is started again. The exact number is found `missing` on `producer->regional` and
 //!   notified, and nothing else is.
+//! - The proxy process killed with SIGKILL mid-load and restarted on its spool as another
+//!   instance: the counts it had not flushed are gone, so the verdicts may say
+//!   `upstream_incomplete`, naming it, and never anything that notifies.
 
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,8 +25,10 @@ use chaperone_test_support::{
     regional_bootstrap, regional2_bootstrap, unique, wait_for_topics,
 };
 use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
+use chaperone_tests::programs::built;
 use chaperone_tests::verdicts::{edge_totals, verdicts};
 use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -39,9 +47,11 @@ async fn the_proxys_records_get_exact_verdicts_and_a_real_loss_is_notified() -> 
     let id = unique("e2e-proxy");
     let topic = format!("{id}-http");
     let lost = format!("{id}-lost");
+    let killed = format!("{id}-killed");
     let audit_topic = format!("{id}-audit");
     create_topic(&regional_bootstrap(), &topic, 3).await?;
     create_topic(&regional_bootstrap(), &lost, 1).await?;
+    create_topic(&regional_bootstrap(), &killed, 3).await?;
     for bootstrap in [
         regional_bootstrap(),
         regional2_bootstrap(),
@@ -51,7 +61,7 @@ async fn the_proxys_records_get_exact_verdicts_and_a_real_loss_is_notified() -> 
     }
     wait_for_topics(
         &aggregate_bootstrap(),
-        &[format!("regional.{topic}"), format!("regional.{lost}")],
+        &[topic.as_str(), lost.as_str(), killed.as_str()].map(|t| format!("regional.{t}")),
         Duration::from_secs(120),
     )
     .await?;
@@ -60,11 +70,12 @@ async fn the_proxys_records_get_exact_verdicts_and_a_real_loss_is_notified() -> 
     let spec = PipelineSpec {
         id: id.clone(),
         audit_topic: audit_topic.clone(),
-        topics_regex: format!("{topic}|{lost}"),
+        topics_regex: format!("{topic}|{lost}|{killed}"),
         bucket_width: "10s".into(),
-        reconcile:
-            "interval = \"1s\"\nallowed_lateness = \"2s\"\nsettle = \"2s\"\nmax_wait = \"90s\""
-                .into(),
+        // A killed proxy stops holding buckets back after `instance_timeout`.
+        reconcile: "interval = \"1s\"\nallowed_lateness = \"2s\"\nsettle = \"2s\"\n\
+                    max_wait = \"90s\"\ninstance_timeout = \"15s\""
+            .into(),
         webhooks: format!(
             "[[alerts.webhooks]]\nname = \"ops\"\nurl = \"{}\"\n",
             receiver.url()
@@ -73,7 +84,11 @@ async fn the_proxys_records_get_exact_verdicts_and_a_real_loss_is_notified() -> 
         regional_exclude: vec![format!("^{lost}$")],
     };
     let pipeline = Pipeline::start(&db, &spec).await?;
-    let outcome = scenario(&db, &spec, &receiver, &topic, &lost).await;
+    let outcome = async {
+        scenario(&db, &spec, &receiver, &topic, &lost).await?;
+        killed_proxy(&db, &spec, &receiver, &killed).await
+    }
+    .await;
     let stopped = pipeline.stop().await;
     outcome?;
     stopped?;
@@ -301,5 +316,192 @@ async fn scenario(
                 .is_some_and(|d| (-DELETED..0).contains(&d))),
         "notifications: {sent:#?}"
     );
+    Ok(())
+}
+
+/// The proxy binary, as a process.
+fn spawn_proxy(config: &std::path::Path, instance: &str) -> anyhow::Result<Child> {
+    Command::new(built(
+        "chaperone-rest-proxy",
+        "cargo build -p chaperone-rest-proxy",
+    )?)
+    .arg("--config")
+    .arg(config)
+    .arg("--instance")
+    .arg(instance)
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .context("starting chaperone-rest-proxy")
+}
+
+async fn ready(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    eventually("the proxy to be ready", Duration::from_secs(60), || async {
+        let up = client.get(format!("{base}/readyz")).send().await;
+        Ok(up.is_ok_and(|r| r.status().is_success()).then_some(()))
+    })
+    .await
+}
+
+/// One v2 request of [`RECORDS_PER_REQUEST`] records; whether all were acknowledged.
+async fn post(client: &reqwest::Client, url: &str) -> anyhow::Result<bool> {
+    let records: Vec<String> = (0..RECORDS_PER_REQUEST)
+        .map(|j| format!("{{\"value\":{}}}", serde_json::json!({ "n": j })))
+        .collect();
+    let r = client
+        .post(url)
+        .header("content-type", "application/vnd.kafka.json.v2+json")
+        .body(format!("{{\"records\":[{}]}}", records.join(",")))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await?;
+    Ok(r.status().is_success())
+}
+
+/// Phase 3: the proxy killed with SIGKILL under load, restarted on its spool as another
+/// instance, then stopped cleanly.
+async fn killed_proxy(
+    db: &TestDb,
+    spec: &PipelineSpec,
+    receiver: &Receiver,
+    topic: &str,
+) -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let url = format!("{base}/topics/{topic}");
+    let spool = std::env::temp_dir().join(unique("e2e-killed-proxy-spool"));
+    let config = spool.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "bootstrap_servers = \"{}\"\nhttp_addr = \"127.0.0.1:{port}\"\n[audit]\n\
+             topic = \"{}\"\nflush_interval = \"1s\"\nbucket_width = \"10s\"\n\
+             spool_dir = \"{}\"\n",
+            regional_bootstrap(),
+            spec.audit_topic,
+            spool.display()
+        ),
+    )?;
+    let (first, second) = (unique("killed"), unique("restarted"));
+    let client = reqwest::Client::new();
+    let mut proxy = spawn_proxy(&config, &first)?;
+    ready(&client, &base).await?;
+    // Two callers send until the proxy is gone.
+    let acked = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url, acked) = (client.clone(), url.clone(), Arc::clone(&acked));
+            tokio::spawn(async move {
+                while let Ok(true) = post(&client, &url).await {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    eventually(
+        "100 acknowledged requests, some of them counted",
+        Duration::from_secs(120),
+        || async {
+            let counted: i64 = sqlx::query_scalar(
+                "SELECT coalesce(sum(count), 0)::bigint FROM audit_counts
+                  WHERE topic = $1 AND tier = 'producer'",
+            )
+            .bind(topic)
+            .fetch_one(&db.pool)
+            .await?;
+            Ok((acked.load(Ordering::Relaxed) >= 100 && counted > 0).then_some(()))
+        },
+    )
+    .await?;
+    proxy.start_kill()?;
+    proxy.wait().await?;
+    for c in callers {
+        c.await?;
+    }
+    // Restarted on the same spool, as another instance: more traffic, then a clean stop.
+    let mut proxy = spawn_proxy(&config, &second)?;
+    ready(&client, &base).await?;
+    for _ in 0..50 {
+        anyhow::ensure!(
+            post(&client, &url).await?,
+            "a request to the restarted proxy"
+        );
+    }
+    let pid = proxy.id().context("the restarted proxy's pid")?;
+    let term = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(term.success(), "kill -TERM {pid}: {term}");
+    let status = tokio::time::timeout(Duration::from_secs(60), proxy.wait()).await??;
+    anyhow::ensure!(
+        status.success(),
+        "the restarted proxy stopped with {status}"
+    );
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_dir_all(&spool);
+
+    // Everything in Kafka is counted on regional and aggregate alike; the producer tier may
+    // lack what the killed instance had not flushed.
+    let in_kafka: i64 = end_offsets(&regional_bootstrap(), topic, 3)?.iter().sum();
+    let judged = eventually(
+        "final verdicts for the killed proxy's topic",
+        Duration::from_secs(180),
+        || async {
+            let v = verdicts(&db.pool, topic).await?;
+            let pending: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM reconcile_pending WHERE topic = $1")
+                    .bind(topic)
+                    .fetch_one(&db.pool)
+                    .await?;
+            let done = pending == 0
+                && edge_totals(&v, P2R).1 == in_kafka
+                && edge_totals(&v, R2A) == (in_kafka, in_kafka);
+            Ok(done.then_some(v))
+        },
+    )
+    .await?;
+    let (counted, _) = edge_totals(&judged, P2R);
+    anyhow::ensure!(
+        counted <= in_kafka,
+        "{counted} counted, {in_kafka} in Kafka"
+    );
+    let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT status, stale_instances FROM reconcile_verdicts
+          WHERE topic = $1 AND edge = $2 AND partition = -1 AND expected <> actual",
+    )
+    .bind(topic)
+    .bind(P2R)
+    .fetch_all(&db.pool)
+    .await?;
+    anyhow::ensure!(
+        (counted == in_kafka || !rows.is_empty())
+            && rows
+                .iter()
+                .all(|(status, stale)| status == "upstream_incomplete"
+                    && stale.iter().any(|s| s.ends_with(&format!("/{first}")))),
+        "the buckets the killed proxy lost counts of: {rows:?} (verdicts {judged:?})"
+    );
+    let ever: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reconcile_verdict_history
+          WHERE topic = $1 AND status IN ('missing', 'duplicated', 'tier_silent')",
+    )
+    .bind(topic)
+    .fetch_one(&db.pool)
+    .await?;
+    anyhow::ensure!(
+        ever == 0,
+        "{ever} verdicts of the killed proxy's topic would notify"
+    );
+    let notified = receiver
+        .received()
+        .iter()
+        .filter(|n| n.json().is_ok_and(|j| j["topic"] == topic))
+        .count();
+    anyhow::ensure!(notified == 0, "{notified} notifications about {topic}");
     Ok(())
 }
