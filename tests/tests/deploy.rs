@@ -16,6 +16,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
+use chaperone_tests::programs::built;
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
@@ -53,18 +54,7 @@ fn text(out: &Output) -> String {
 
 /// A daemon binary built next to this test binary (`cargo test --workspace` builds both).
 fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("the test binary has no target directory")?;
-    let path = dir.join(name);
-    ensure!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p {name}` (cargo test --workspace builds it)",
-        path.display()
-    );
-    Ok(path)
+    built(name, &format!("cargo build -p {name}"))
 }
 
 fn temp_dir(what: &str) -> anyhow::Result<PathBuf> {
