@@ -3,8 +3,8 @@
 //! metric names pass `promtool check metrics` and are all `chaperone_<component>_…`; the
 //! Grafana provisioning files parse and point at dashboards and data sources that exist; the
 //! systemd units (the REST proxy's too) pass `systemd-analyze verify` and are hardened alike,
-//! and outlast the daemons' graceful shutdown; the service's and the collector's example
-//! configurations pass their `--check-config`; every binary answers `--version`.
+//! and outlast the daemons' graceful shutdown; the example configurations of the service, the
+//! collector and the REST proxy pass their `--check-config`; every binary answers `--version`.
 //!
 //! Needs `promtool` and `systemd-analyze` (`dev/test` installs them from Debian) and the
 //! daemon binaries built next to this test (`cargo test --workspace` builds them); fails, never
@@ -540,15 +540,20 @@ fn stop_timeouts_outlast_the_graceful_shutdown_of_the_example_configs() -> anyho
 }
 
 /// Copies the example configs into `dir` with `/etc/chaperone/` pointing at `dir`, and writes
-/// every secret and CA file they name there. Returns (service config, collector config,
-/// the secret values written).
-fn installed_examples(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, Vec<String>)> {
+/// every secret and certificate file they name there. Returns the configs (chaperone-service,
+/// collector, REST proxy) and the secret values written.
+fn installed_examples(dir: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<String>)> {
     let root = format!("{}/", dir.display());
     let mut secrets = Vec::new();
     let mut paths = Vec::new();
+    // The proxy's own certificate and its key, a pair.
+    let proxy_key = rcgen::KeyPair::generate()?;
+    let proxy_cert = rcgen::CertificateParams::new(vec!["rest-proxy.internal".to_owned()])?
+        .self_signed(&proxy_key)?;
     for (name, file) in [
         ("chaperone-service.toml", "service.toml"),
         ("collector.toml", "collector.toml"),
+        ("rest-proxy.toml", "rest-proxy.toml"),
     ] {
         let text = std::fs::read_to_string(deploy("config").join(name))?;
         let settings: String = text
@@ -563,7 +568,13 @@ fn installed_examples(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, Vec<Strin
                 .collect();
             let local = dir.join(path.trim_start_matches("/etc/chaperone/"));
             std::fs::create_dir_all(local.parent().context("a file path")?)?;
-            if path.ends_with(".pem") {
+            if path.ends_with("/rest-proxy.pem") {
+                std::fs::write(&local, proxy_cert.pem())?;
+            } else if path.ends_with("/rest-proxy.key") {
+                let pem = proxy_key.serialize_pem();
+                secrets.extend(pem.lines().nth(1).map(str::to_owned));
+                std::fs::write(&local, pem)?;
+            } else if path.ends_with(".pem") {
                 std::fs::write(&local, test_ca_pem()?)?;
             } else {
                 let value = format!("secret-{}-{}", secrets.len(), uuid::Uuid::new_v4());
@@ -580,9 +591,7 @@ fn installed_examples(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, Vec<Strin
         std::fs::write(&out, text.replace("/etc/chaperone/", &root))?;
         paths.push(out);
     }
-    let collector = paths.pop().context("collector")?;
-    let service = paths.pop().context("service")?;
-    Ok((service, collector, secrets))
+    Ok((paths, secrets))
 }
 
 fn test_ca_pem() -> anyhow::Result<String> {
@@ -612,15 +621,23 @@ fn check_config(binary: &Path, config: &Path) -> anyhow::Result<Output> {
 fn example_configs_pass_check_config_and_bad_ones_are_named() -> anyhow::Result<()> {
     let service_bin = binary("chaperone-service")?;
     let collector_bin = binary("chaperone-collector")?;
+    let proxy_bin = binary("chaperone-rest-proxy")?;
     let dir = temp_dir("deploy-config")?;
-    let (service, collector, secrets) = installed_examples(&dir)?;
+    let (configs, secrets) = installed_examples(&dir)?;
+    let [service, collector, proxy] = <[PathBuf; 3]>::try_from(configs)
+        .map_err(|c| anyhow::anyhow!("three example configs expected: {c:?}"))?;
     ensure!(
-        secrets.len() >= 5,
+        secrets.len() >= 9,
         "the examples name {} secrets",
         secrets.len()
     );
+    let daemons = [
+        (&service_bin, &service),
+        (&collector_bin, &collector),
+        (&proxy_bin, &proxy),
+    ];
 
-    for (bin, config) in [(&service_bin, &service), (&collector_bin, &collector)] {
+    for (bin, config) in daemons {
         let out = check_config(bin, config)?;
         let all = text(&out);
         ensure!(
@@ -665,14 +682,15 @@ fn example_configs_pass_check_config_and_bad_ones_are_named() -> anyhow::Result<
         "the error names neither the webhook nor the file: {all}"
     );
 
-    // An unknown key in either daemon's config.
-    for (bin, config) in [(&service_bin, &service), (&collector_bin, &collector)] {
+    // An unknown key in each daemon's config.
+    for (bin, config) in daemons {
         let typo = dir.join("typo.toml");
         std::fs::write(
             &typo,
             std::fs::read_to_string(config)?
                 .replace("[topics]", "flush_intervall = \"5s\"\n[topics]")
-                .replace("[retention]", "[retention]\ndayz = 3"),
+                .replace("[retention]", "[retention]\ndayz = 3")
+                .replace("[idempotency]", "[idempotency]\nwindoww = \"1m\""),
         )?;
         let out = check_config(bin, &typo)?;
         let all = text(&out);
@@ -682,7 +700,7 @@ fn example_configs_pass_check_config_and_bad_ones_are_named() -> anyhow::Result<
             bin.display()
         );
         ensure!(
-            all.contains("flush_intervall") || all.contains("dayz"),
+            all.contains("flush_intervall") || all.contains("dayz") || all.contains("windoww"),
             "the unknown key is not named: {all}"
         );
     }
