@@ -1074,6 +1074,61 @@ async fn a_message_that_reached_the_log_late_is_not_called_lost_by_a_mirror_that
 }
 
 #[tokio::test]
+async fn every_consumer_group_is_judged_on_the_topics_it_reads() {
+    let db = reconcile_db().await.unwrap();
+    let mut config = config();
+    config.tiers.push("consumer:*".into());
+    config.edges.push(EdgeConfig {
+        from: "aggregate".into(),
+        to: "consumer:*".into(),
+        ..EdgeConfig::default()
+    });
+    let due = end(0) + LATENESS;
+    let (r, _clock) = reconciler(&db.pool, config, due + 1_000);
+    for topic in ["orders", "payments"] {
+        flow(&db, topic, 0, 10, 10, 10).await;
+        all_progress(&db.pool, topic, "dc1", due + 1_000)
+            .await
+            .unwrap();
+    }
+    // `billing` reads both topics and processed 9 orders; `search` reads only payments.
+    for (group, topic, n) in [
+        ("consumer:billing", "orders", 9),
+        ("consumer:billing", "payments", 10),
+        ("consumer:search", "payments", 10),
+    ] {
+        add_counts(&db.pool, topic, start(0), group, "dc1", 0, n)
+            .await
+            .unwrap();
+        progress(&db.pool, topic, group, "dc1", 0, due + 1_000)
+            .await
+            .unwrap();
+    }
+    pass(&r).await;
+    let orders = verdict(&db.pool, "orders", "aggregate->consumer:billing", start(0))
+        .await
+        .expect("billing judged on orders");
+    assert_eq!(
+        (orders.status, orders.expected, orders.actual),
+        (VerdictStatus::Missing, 10, 9)
+    );
+    for (topic, edge) in [
+        ("payments", "aggregate->consumer:billing"),
+        ("payments", "aggregate->consumer:search"),
+    ] {
+        let v = verdict(&db.pool, topic, edge, start(0)).await.unwrap();
+        assert_eq!(v.status, VerdictStatus::Complete, "{topic} {edge}");
+    }
+    assert!(
+        verdict(&db.pool, "orders", "aggregate->consumer:search", start(0))
+            .await
+            .is_none(),
+        "search never read orders"
+    );
+    assert_eq!(events(&db).await.len(), 1, "the loss of one order notifies");
+}
+
+#[tokio::test]
 async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
     let db = reconcile_db().await.unwrap();
     let (_, clock) = reconciler(&db.pool, config(), end(0) + 1_000);

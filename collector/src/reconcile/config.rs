@@ -66,9 +66,12 @@ pub struct ReconcileConfig {
     pub lookback: Duration,
     /// Buckets evaluated per transaction: bounds memory and transaction length.
     pub batch_buckets: usize,
-    /// Names of the tiers that take part in reconciliation (as reported in audit records).
+    /// Names of the tiers that take part in reconciliation (as reported in audit records). A
+    /// name ending in `*` (`consumer:*`) stands for every tier that starts with what precedes
+    /// it: each consumer group that reports is a tier of its own.
     pub tiers: Vec<String>,
-    /// Pairs of tiers to compare, upstream first.
+    /// Pairs of tiers to compare, upstream first. An edge whose `to` is a pattern of `tiers`
+    /// stands for one edge to each matching tier, on the topics that tier announced.
     pub edges: Vec<EdgeConfig>,
     /// The `missing messages per topic` gauge sums topic-level missing verdicts of buckets
     /// that started within this window before now.
@@ -160,9 +163,42 @@ impl EdgeConfig {
             .clone()
             .unwrap_or_else(|| format!("{}->{}", self.from, self.to))
     }
+
+    /// This edge to `tier`, when `to` is a pattern that `tier` matches.
+    pub fn to_tier(&self, tier: &str) -> Option<EdgeConfig> {
+        let prefix = tier_pattern(&self.to)?;
+        (tier.starts_with(prefix) && tier.len() > prefix.len()).then(|| EdgeConfig {
+            to: tier.to_owned(),
+            ..self.clone()
+        })
+    }
+}
+
+/// What a tier pattern (`consumer:*`) requires a tier name to start with; `None` for a name.
+pub fn tier_pattern(tier: &str) -> Option<&str> {
+    tier.strip_suffix('*')
 }
 
 impl ReconcileConfig {
+    /// `tiers` as SQL `LIKE` patterns (`tier LIKE ANY($1)`): names match themselves, a
+    /// pattern every tier it stands for.
+    pub fn tier_like_patterns(&self) -> Vec<String> {
+        self.tiers
+            .iter()
+            .map(|t| {
+                let (name, any) = match tier_pattern(t) {
+                    Some(prefix) => (prefix, "%"),
+                    None => (t.as_str(), ""),
+                };
+                let escaped = name
+                    .replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_");
+                format!("{escaped}{any}")
+            })
+            .collect()
+    }
+
     /// Checks the configuration, naming the first bad key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.interval.is_zero() {
@@ -230,6 +266,22 @@ impl ReconcileConfig {
                     format!("tier `{tier}` is listed twice"),
                 ));
             }
+            if tier_pattern(tier).unwrap_or(tier).contains('*') || tier == "*" {
+                return Err(ConfigError::new(
+                    format!("reconcile.tiers[{i}]"),
+                    format!("`{tier}`: only a trailing `*` after a prefix is a pattern"),
+                ));
+            }
+        }
+        for (i, tier) in self.tiers.iter().enumerate() {
+            if let Some(p) = self.tiers.iter().find(|p| {
+                tier_pattern(p).is_some_and(|prefix| tier != *p && tier.starts_with(prefix))
+            }) {
+                return Err(ConfigError::new(
+                    format!("reconcile.tiers[{i}]"),
+                    format!("`{tier}` is already one of the tiers `{p}` stands for"),
+                ));
+            }
         }
         let mut names = HashSet::new();
         for (i, edge) in self.edges.iter().enumerate() {
@@ -245,6 +297,18 @@ impl ReconcileConfig {
                 return Err(ConfigError::new(
                     format!("reconcile.edges[{i}].to"),
                     "must differ from `from`",
+                ));
+            }
+            if tier_pattern(&edge.from).is_some() {
+                return Err(ConfigError::new(
+                    format!("reconcile.edges[{i}].from"),
+                    "must name one tier, not a pattern",
+                ));
+            }
+            if tier_pattern(&edge.to).is_some() && edge.name.is_some() {
+                return Err(ConfigError::new(
+                    format!("reconcile.edges[{i}].name"),
+                    "an edge to a pattern of tiers is named after each tier it reaches",
                 ));
             }
             let name = edge.name();
@@ -337,6 +401,80 @@ mod tests {
             ..ReconcileConfig::default()
         };
         assert_eq!(cfg.validate().unwrap_err().key, "reconcile.interval");
+    }
+
+    #[test]
+    fn an_edge_to_a_pattern_of_tiers_reaches_each_consumer_group() {
+        let cfg: ReconcileConfig = toml::from_str(
+            r#"
+            tiers = ["producer", "regional", "aggregate", "consumer:*"]
+            [[edges]]
+            from = "aggregate"
+            to = "consumer:*"
+            "#,
+        )
+        .expect("parses");
+        cfg.validate().expect("valid");
+        assert_eq!(
+            cfg.tier_like_patterns(),
+            ["producer", "regional", "aggregate", "consumer:%"]
+        );
+        let edge = &cfg.edges[0];
+        let billing = edge.to_tier("consumer:billing").expect("matches");
+        assert_eq!(billing.name(), "aggregate->consumer:billing");
+        assert!(edge.to_tier("consumer:").is_none());
+        assert!(edge.to_tier("regional").is_none());
+        assert!(cfg.edges[0].to_tier("aggregate").is_none());
+
+        // LIKE's own wildcards in a name match only themselves.
+        let odd = ReconcileConfig {
+            tiers: vec!["a_b%c\\".into(), "x_*".into()],
+            edges: Vec::new(),
+            ..ReconcileConfig::default()
+        };
+        assert_eq!(odd.tier_like_patterns(), ["a\\_b\\%c\\\\", "x\\_%"]);
+
+        let bad = |tiers: &[&str], edge: EdgeConfig| {
+            ReconcileConfig {
+                tiers: tiers.iter().map(|t| (*t).to_owned()).collect(),
+                edges: vec![edge],
+                ..ReconcileConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .key
+        };
+        let edge = |from: &str, to: &str| EdgeConfig {
+            from: from.into(),
+            to: to.into(),
+            ..EdgeConfig::default()
+        };
+        assert_eq!(
+            bad(&["aggregate", "c*x*"], edge("aggregate", "c*x*")),
+            "reconcile.tiers[1]"
+        );
+        assert_eq!(
+            bad(
+                &["aggregate", "consumer:*", "consumer:a"],
+                edge("aggregate", "consumer:*")
+            ),
+            "reconcile.tiers[2]"
+        );
+        assert_eq!(
+            bad(
+                &["consumer:*", "aggregate"],
+                edge("consumer:*", "aggregate")
+            ),
+            "reconcile.edges[0].from"
+        );
+        let named = EdgeConfig {
+            name: Some("to consumers".into()),
+            ..edge("aggregate", "consumer:*")
+        };
+        assert_eq!(
+            bad(&["aggregate", "consumer:*"], named),
+            "reconcile.edges[0].name"
+        );
     }
 
     #[test]

@@ -195,7 +195,7 @@ pub(crate) async fn pass(
         after = Some(last.key.clone());
         let keys: Vec<BucketKey> = pending.iter().map(|q| q.key.clone()).collect();
         report.evaluated += keys.len() as u64;
-        let counts = load_counts(&mut tx, &keys, &config.tiers).await?;
+        let counts = load_counts(&mut tx, &keys, &config.tier_like_patterns()).await?;
         let topics: Vec<String> = keys
             .iter()
             .map(|k| k.topic.clone())
@@ -318,11 +318,11 @@ async fn enqueue(
              first_queued_at)
          SELECT DISTINCT topic, bucket_start_ms, bucket_width_ms, $2::timestamptz, $2::timestamptz
            FROM taken
-          WHERE tier = ANY($1) AND bucket_start_ms + bucket_width_ms >= $3
+          WHERE tier LIKE ANY($1) AND bucket_start_ms + bucket_width_ms >= $3
          ON CONFLICT (topic, bucket_start_ms, bucket_width_ms)
          DO UPDATE SET queued_at = EXCLUDED.queued_at",
     )
-    .bind(&config.tiers)
+    .bind(config.tier_like_patterns())
     .bind(now)
     .bind(now.timestamp_millis() - millis(config.lookback))
     .execute(&mut *tx)
@@ -426,7 +426,7 @@ async fn load_counts(
            JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
              ON c.topic = k.topic AND c.bucket_start_ms = k.start_ms
             AND c.bucket_width_ms = k.width_ms
-          WHERE c.tier = ANY($4)
+          WHERE c.tier LIKE ANY($4)
           GROUP BY c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.partition",
     )
     .bind(topics)
@@ -481,11 +481,11 @@ async fn load_progress(
                 tier IN (SELECT tier FROM consumer_tiers) AS consumer, closing,
                 {stale} AS stale, bucket_width_ms
            FROM audit_progress
-          WHERE topic = ANY($1) AND tier = ANY($2)",
+          WHERE topic = ANY($1) AND tier LIKE ANY($2)",
         stale = stale_sql("last_seen_at", "last_emitted_ms", "source", 3, 4, 5),
     ))
     .bind(topics)
-    .bind(&config.tiers)
+    .bind(config.tier_like_patterns())
     .bind(stale_before)
     .bind(millis(config.instance_timeout))
     .bind(&aliases)
@@ -819,7 +819,7 @@ async fn refresh_stale_instances(
     let since = now - chrono::Duration::milliseconds(millis(config.lookback));
     let rows: Vec<(String,)> = sqlx::query_as(&format!(
         "SELECT tier || ':' || host || '/' || instance FROM audit_progress
-          WHERE tier = ANY($3) AND tier NOT IN (SELECT tier FROM consumer_tiers)
+          WHERE tier LIKE ANY($3) AND tier NOT IN (SELECT tier FROM consumer_tiers)
           GROUP BY tier, host, instance
          HAVING NOT bool_and(closing) AND max(last_seen_at) >= $2 AND {stale}",
         stale = stale_sql(
@@ -833,7 +833,7 @@ async fn refresh_stale_instances(
     ))
     .bind(stale_before)
     .bind(since)
-    .bind(&config.tiers)
+    .bind(config.tier_like_patterns())
     .bind(millis(config.instance_timeout))
     .bind(&aliases)
     .bind(&reachable_since)

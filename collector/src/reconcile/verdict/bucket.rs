@@ -2,13 +2,14 @@
 //! (datacenters) are final, and their topic- and partition-level verdicts. Pure: the engine
 //! loads the rows and writes what comes out.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate_all, event_lag_ms, judge,
     sources_passed,
 };
-use crate::reconcile::config::{EdgeConfig, ReconcileConfig, millis};
+use crate::reconcile::config::{EdgeConfig, ReconcileConfig, millis, tier_pattern};
 
 /// A queued bucket of one topic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -138,7 +139,8 @@ pub(crate) fn judge_bucket(
     }
     let mut all_final = true;
     let mut out = Vec::new();
-    for edge in &config.edges {
+    for edge in topic_edges(&config.edges, progress) {
+        let edge = edge.as_ref();
         let on_edge: Vec<&CountRow> = rows
             .iter()
             .filter(|r| r.tier == edge.from || r.tier == edge.to)
@@ -164,6 +166,24 @@ pub(crate) fn judge_bucket(
                     .map(|p| p.width)
                     .collect()
             };
+            // A consumer group that stopped cleanly (its last progress records are final) is
+            // not waited for and not judged on what came after it stopped.
+            let down: Vec<&Mark> = scoped
+                .iter()
+                .filter(|p| p.tier == edge.to)
+                .map(|p| &p.mark)
+                .collect();
+            if !down.is_empty()
+                && down.iter().all(|m| m.consumer && m.closing)
+                && down
+                    .iter()
+                    .map(|m| m.watermark_ms)
+                    .min()
+                    .unwrap_or(i64::MAX)
+                    < end.saturating_add(rules.lateness_ms)
+            {
+                continue;
+            }
             let (up_widths, down_widths) = (widths(&edge.from), widths(&edge.to));
             if !up_widths.is_empty()
                 && !down_widths.is_empty()
@@ -367,6 +387,27 @@ pub(crate) fn judge_bucket(
     (out, all_final)
 }
 
+/// The edges judged for one topic: an edge to a pattern of tiers (`consumer:*`) reaches each
+/// matching tier that announced the topic with progress records, so that a consumer group
+/// that does not read the topic is never judged on it.
+fn topic_edges<'a>(edges: &'a [EdgeConfig], progress: &[ProgressRow]) -> Vec<Cow<'a, EdgeConfig>> {
+    let announced: BTreeSet<&str> = progress.iter().map(|p| p.tier.as_str()).collect();
+    let mut out = Vec::new();
+    for edge in edges {
+        if tier_pattern(&edge.to).is_none() {
+            out.push(Cow::Borrowed(edge));
+        } else {
+            out.extend(
+                announced
+                    .iter()
+                    .filter_map(|t| edge.to_tier(t))
+                    .map(Cow::Owned),
+            );
+        }
+    }
+    out
+}
+
 fn silent_tier(edge: &EdgeConfig, side: Side) -> String {
     match side {
         Side::Upstream => edge.from.clone(),
@@ -563,6 +604,65 @@ mod tests {
             &mut Findings::default(),
         );
         assert_eq!(sources.keys().collect::<Vec<_>>(), ["dc2"]);
+    }
+
+    #[test]
+    fn each_consumer_group_is_an_edge_on_the_topics_it_announced() {
+        let config = ReconcileConfig {
+            tiers: vec!["aggregate".into(), "consumer:*".into()],
+            edges: vec![EdgeConfig {
+                from: "aggregate".into(),
+                to: "consumer:*".into(),
+                ..EdgeConfig::default()
+            }],
+            ..config()
+        };
+        config.validate().expect("valid");
+        let rows = vec![
+            counts("aggregate", "dc1", 0, 10),
+            counts("consumer:billing", "dc1", 0, 7),
+            // Counts without progress: `search` never announced this topic.
+            counts("consumer:search", "dc1", 0, 3),
+        ];
+        let mut marks = vec![
+            progress("aggregate", "dc1", 0, PASSED),
+            progress("consumer:billing", "dc1", 0, PASSED),
+        ];
+        let judge = |marks: &[ProgressRow]| {
+            let times = Times {
+                queued_ms: END,
+                now_ms: END + 5_000,
+            };
+            let mut sources = SourcesPassed::from([("dc1".into(), PASSED)]);
+            judge_bucket(
+                &config,
+                &key(),
+                times,
+                &rows,
+                marks,
+                &mut sources,
+                &mut Findings::default(),
+            )
+        };
+        let (v, done) = judge(&marks);
+        assert!(done);
+        let edges: Vec<(&str, VerdictStatus, i64, i64)> = v
+            .iter()
+            .map(|c| (c.key.edge.as_str(), c.status, c.expected, c.actual))
+            .collect();
+        assert_eq!(
+            edges,
+            [("aggregate->consumer:billing", VerdictStatus::Missing, 10, 7)]
+        );
+        // The group stopped cleanly before the bucket was over: not waited for, not judged.
+        marks[1].mark.closing = true;
+        marks[1].mark.watermark_ms = END - 1_000;
+        let (v, done) = judge(&marks);
+        assert!(done && v.is_empty(), "{v:?}");
+        // Stopped after it: judged as before.
+        marks[1].mark.watermark_ms = PASSED;
+        let (v, _) = judge(&marks);
+        assert_eq!(v.len(), 1, "{v:?}");
     }
 
     #[test]
