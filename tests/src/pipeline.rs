@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chaperone_test_support::{
-    TestDb, aggregate_bootstrap, regional_bootstrap, regional2_bootstrap,
+    TestDb, aggregate_bootstrap, create_topic, regional_bootstrap, regional2_bootstrap,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -130,6 +130,19 @@ pub struct Pipeline {
     pub collector_addr: SocketAddr,
     /// `/metrics` of every daemon.
     pub scrape: Vec<String>,
+}
+
+/// Creates `audit_topic` (one partition) on every cluster of the stack, where a pipeline's
+/// daemons and audited clients report.
+pub async fn create_audit_topic(audit_topic: &str) -> anyhow::Result<()> {
+    for bootstrap in [
+        regional_bootstrap(),
+        regional2_bootstrap(),
+        aggregate_bootstrap(),
+    ] {
+        create_topic(&bootstrap, audit_topic, 1).await?;
+    }
+    Ok(())
 }
 
 impl PipelineSpec {

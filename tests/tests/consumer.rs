@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use chaperone_audit::{AuditConfig, AuditedConsumer, ConsumerOptions, CountOn};
 use chaperone_test_support::{
-    Receiver, TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap,
-    regional2_bootstrap, unique, wait_for_topics,
+    Receiver, TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
+    wait_for_topics,
 };
-use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec, create_audit_topic};
 use chaperone_tests::producer::{TestProducer, regional_client};
 use chaperone_tests::verdicts::{edge_totals, verdicts};
 use rdkafka::ClientConfig;
@@ -32,13 +32,7 @@ async fn each_consumer_group_is_judged_on_what_it_processed() -> anyhow::Result<
     let audit_topic = format!("{id}-audit");
     create_topic(&regional_bootstrap(), &topic, PARTITIONS).await?;
     create_topic(&regional_bootstrap(), &other, 1).await?;
-    for bootstrap in [
-        regional_bootstrap(),
-        regional2_bootstrap(),
-        aggregate_bootstrap(),
-    ] {
-        create_topic(&bootstrap, &audit_topic, 1).await?;
-    }
+    create_audit_topic(&audit_topic).await?;
     wait_for_topics(
         &aggregate_bootstrap(),
         &[format!("regional.{topic}"), format!("regional.{other}")],

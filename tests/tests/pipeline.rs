@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chaperone_test_support::{
-    Receiver, TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap,
-    regional2_bootstrap, unique,
+    Receiver, TestDb, create_topic, eventually, regional_bootstrap, unique,
 };
-use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec, create_audit_topic};
 use chaperone_tests::producer::{TestProducer, regional_client};
 use chaperone_tests::verdicts::{edge_totals, unsent_notifications, verdicts};
 use hmac::{Hmac, Mac};
@@ -33,13 +32,7 @@ async fn loss_is_found_reported_once_and_healthy_topics_stay_quiet() -> anyhow::
     for t in [&healthy, &lossy] {
         create_topic(&regional_bootstrap(), t, 3).await?;
     }
-    for bootstrap in [
-        regional_bootstrap(),
-        regional2_bootstrap(),
-        aggregate_bootstrap(),
-    ] {
-        create_topic(&bootstrap, &audit_topic, 1).await?;
-    }
+    create_audit_topic(&audit_topic).await?;
 
     let db = TestDb::create().await?;
     let received = Receiver::start().await?;

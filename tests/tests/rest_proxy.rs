@@ -22,9 +22,9 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use chaperone_test_support::{
     Receiver, TestDb, aggregate_bootstrap, create_topic, dev_stack, end_offsets, eventually,
-    regional_bootstrap, regional2_bootstrap, unique, wait_for_topics,
+    regional_bootstrap, unique, wait_for_topics,
 };
-use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec, create_audit_topic};
 use chaperone_tests::programs::built;
 use chaperone_tests::verdicts::{edge_totals, verdicts};
 use tokio::net::TcpListener;
@@ -52,13 +52,7 @@ async fn the_proxys_records_get_exact_verdicts_and_a_real_loss_is_notified() -> 
     create_topic(&regional_bootstrap(), &topic, 3).await?;
     create_topic(&regional_bootstrap(), &lost, 1).await?;
     create_topic(&regional_bootstrap(), &killed, 3).await?;
-    for bootstrap in [
-        regional_bootstrap(),
-        regional2_bootstrap(),
-        aggregate_bootstrap(),
-    ] {
-        create_topic(&bootstrap, &audit_topic, 1).await?;
-    }
+    create_audit_topic(&audit_topic).await?;
     wait_for_topics(
         &aggregate_bootstrap(),
         &[topic.as_str(), lost.as_str(), killed.as_str()].map(|t| format!("regional.{t}")),
