@@ -7,6 +7,8 @@
 //! - A group that passes over one message in a hundred (it never says they were processed):
 //!   exactly those `missing` on its edge, notified; nothing else is.
 //! - A third group, reading another topic only, gets no verdict on this one.
+//! - A group that stops processing for longer than `max_wait` while producers go on is
+//!   `lagging`, never `missing`, and `complete` once it catches up; nobody is notified.
 
 use std::time::{Duration, Instant};
 
@@ -41,15 +43,40 @@ async fn each_consumer_group_is_judged_on_what_it_processed() -> anyhow::Result<
     .await?;
     let db = TestDb::create().await?;
     let receiver = Receiver::start().await?;
-    let spec = PipelineSpec {
-        id: id.clone(),
-        audit_topic: audit_topic.clone(),
-        topics_regex: format!("{topic}|{other}"),
+    let spec = spec(
+        &id,
+        &audit_topic,
+        &format!("{topic}|{other}"),
+        90,
+        &receiver,
+    );
+    let pipeline = Pipeline::start(&db, &spec).await?;
+    let outcome = scenario(&db, &receiver, &id, &topic, &other, &audit_topic).await;
+    let stopped = pipeline.stop().await;
+    outcome?;
+    stopped?;
+    db.drop_db().await
+}
+
+/// A pipeline whose collector judges one edge from regional to every consumer group, with
+/// `max_wait_s`, notifying `receiver`.
+fn spec(
+    id: &str,
+    audit_topic: &str,
+    topics_regex: &str,
+    max_wait_s: u64,
+    receiver: &Receiver,
+) -> PipelineSpec {
+    PipelineSpec {
+        id: id.to_owned(),
+        audit_topic: audit_topic.to_owned(),
+        topics_regex: topics_regex.to_owned(),
         bucket_width: "10s".into(),
-        reconcile: r#"interval = "1s"
+        reconcile: format!(
+            r#"interval = "1s"
 allowed_lateness = "2s"
 settle = "2s"
-max_wait = "90s"
+max_wait = "{max_wait_s}s"
 tiers = ["producer", "regional", "aggregate", "consumer:*"]
 [[reconcile.edges]]
 from = "producer"
@@ -61,19 +88,13 @@ to = "aggregate"
 [[reconcile.edges]]
 from = "regional"
 to = "consumer:*""#
-            .into(),
+        ),
         webhooks: format!(
             "[[alerts.webhooks]]\nname = \"ops\"\nurl = \"{}\"\n",
             receiver.url()
         ),
         regional_exclude: Vec::new(),
-    };
-    let pipeline = Pipeline::start(&db, &spec).await?;
-    let outcome = scenario(&db, &receiver, &id, &topic, &other, &audit_topic).await;
-    let stopped = pipeline.stop().await;
-    outcome?;
-    stopped?;
-    db.drop_db().await
+    }
 }
 
 /// What one group did.
@@ -93,6 +114,8 @@ struct Group {
     transactional: bool,
     /// Offsets never said to be processed.
     skip: fn(i64) -> bool,
+    /// After this many messages, stop polling for this long (a stalled application).
+    pause: Option<(usize, Duration)>,
 }
 
 /// Reads as `g` until it received what it expects, counting each message as processed except
@@ -105,6 +128,7 @@ fn read_group(g: Group, audit_topic: &str, until: Instant) -> anyhow::Result<Rea
         expect,
         transactional,
         skip,
+        mut pause,
     } = g;
     let mut kafka = ClientConfig::new();
     kafka
@@ -136,8 +160,14 @@ fn read_group(g: Group, audit_topic: &str, until: Instant) -> anyhow::Result<Rea
         received: 0,
         passed_over: 0,
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     while read.received < expect || Instant::now() < until {
+        if let Some((after, d)) = pause
+            && read.received >= after
+        {
+            std::thread::sleep(d);
+            pause = None;
+        }
         anyhow::ensure!(
             Instant::now() < deadline,
             "{group}: only {} of {expect} received",
@@ -192,6 +222,7 @@ async fn scenario(
         expect,
         transactional,
         skip: |_| false,
+        pause: None,
     };
     let groups = [
         group("clean", topic, MESSAGES, true),
@@ -260,4 +291,85 @@ async fn scenario(
         );
     }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_stopped_past_max_wait_is_lagging_until_it_catches_up() -> anyhow::Result<()> {
+    const ROUNDS: usize = 30;
+    const PER_ROUND: usize = 40;
+    let id = unique("e2e-stalled");
+    let topic = format!("{id}-orders");
+    let audit_topic = format!("{id}-audit");
+    create_topic(&regional_bootstrap(), &topic, PARTITIONS).await?;
+    create_audit_topic(&audit_topic).await?;
+    wait_for_topics(
+        &aggregate_bootstrap(),
+        &[format!("regional.{topic}")],
+        Duration::from_secs(120),
+    )
+    .await?;
+    let db = TestDb::create().await?;
+    let receiver = Receiver::start().await?;
+    let pipeline = Pipeline::start(&db, &spec(&id, &audit_topic, &topic, 15, &receiver)).await?;
+    let outcome = async {
+        // Producers write for 30 s; the group stops for 30 s after its first 200 messages.
+        let total = ROUNDS * PER_ROUND;
+        let until = Instant::now() + Duration::from_secs(ROUNDS as u64 + 14);
+        let g = Group {
+            name: format!("{id}-stalled"),
+            topic: topic.clone(),
+            expect: total,
+            transactional: false,
+            skip: |_| false,
+            pause: Some((200, Duration::from_secs(30))),
+        };
+        let audit = audit_topic.clone();
+        let reader = tokio::task::spawn_blocking(move || read_group(g, &audit, until));
+        let registry = prometheus::Registry::new();
+        let producer = TestProducer::new(&regional_client(), &audit_topic, &registry)?;
+        for _ in 0..ROUNDS {
+            producer.send_numbered(&[&topic], PER_ROUND, None).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        producer.shutdown().await;
+        let edge = format!("regional->consumer:{id}-stalled");
+        reader.await??;
+        let n = total as i64;
+        let v = eventually("the group's verdicts", Duration::from_secs(180), || async {
+            let v = verdicts(&db.pool, &topic).await?;
+            Ok((edge_totals(&v, &edge) == (n, n)).then_some(v))
+        })
+        .await?;
+        anyhow::ensure!(
+            v.iter().all(|r| r.1 == "complete"),
+            "verdicts of {topic}: {v:?}"
+        );
+        let lagging: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM reconcile_verdict_history
+              WHERE edge = $1 AND partition = -1 AND status = 'lagging'",
+        )
+        .bind(&edge)
+        .fetch_one(&db.pool)
+        .await?;
+        anyhow::ensure!(lagging > 0, "never lagging while stopped");
+        let alarming: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM reconcile_verdict_history
+              WHERE topic = $1 AND status IN ('missing', 'duplicated', 'tier_silent')",
+        )
+        .bind(&topic)
+        .fetch_one(&db.pool)
+        .await?;
+        anyhow::ensure!(alarming == 0, "{alarming} verdicts that notify");
+        anyhow::ensure!(
+            receiver.received().is_empty(),
+            "notified: {:?}",
+            receiver.received()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let stopped = pipeline.stop().await;
+    outcome?;
+    stopped?;
+    db.drop_db().await
 }
