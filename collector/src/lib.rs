@@ -184,10 +184,25 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
             let reach = status.reach.clone();
             move |stop| {
                 let led = TaskTracker::new();
+                // Each stage's tables, in an order that deletes what refers to a row first.
+                let kept = vec![
+                    store::Kept {
+                        days: retention.days,
+                        prune: store::PRUNE,
+                    },
+                    store::Kept {
+                        days: reconcile_config.retention_days,
+                        prune: reconcile::PRUNE,
+                    },
+                    store::Kept {
+                        days: reconcile_config.retention_days,
+                        prune: alerts::PRUNE,
+                    },
+                ];
                 led.spawn(store::run_retention(
                     pool.clone(),
                     retention.clone(),
-                    reconcile_config.retention_days,
+                    kept,
                     clock.clone(),
                     metrics.clone(),
                     stop.clone(),

@@ -27,6 +27,29 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ConfigError, EdgeConfig, ReconcileConfig};
+
+use crate::store::{Cutoff, Prune};
+
+/// Rows deleted per retention statement by [`Reconciler::prune`].
+const PRUNE_BATCH: i64 = 1_000;
+
+/// Retention of the reconciler's tables: verdicts of buckets that started before the cutoff,
+/// history entries written before it. (`reconcile_pending` and `reconcile_sources_passed`
+/// are kept to the lookback by every pass.)
+pub const PRUNE: &[Prune] = &[
+    Prune {
+        table: "reconcile_verdicts",
+        by: Cutoff::BucketStart,
+        sql: "DELETE FROM reconcile_verdicts WHERE ctid IN (SELECT ctid FROM reconcile_verdicts
+               WHERE bucket_start_ms < $1 LIMIT $2)",
+    },
+    Prune {
+        table: "reconcile_verdict_history",
+        by: Cutoff::Touched,
+        sql: "DELETE FROM reconcile_verdict_history WHERE id IN (SELECT id
+                FROM reconcile_verdict_history WHERE changed_at < $1 LIMIT $2)",
+    },
+];
 pub use engine::{PassReport, ReconcileError};
 pub use metrics::ReconcileMetrics;
 pub use query::{Verdict, VerdictChange, latest_verdicts_by_topic, list_verdicts, verdict_history};
@@ -71,14 +94,28 @@ impl Reconciler {
     }
 
     /// Deletes what is older than `retention_days` (see [`ReconcileConfig::retention_days`]),
-    /// as the collector's retention job does. Returns the rows deleted.
-    pub async fn prune(&self) -> Result<u64, ReconcileError> {
-        Ok(crate::store::delete_expired_verdicts(
-            &self.pool,
-            self.config.retention_days,
-            self.clock.now(),
-        )
-        .await?)
+    /// as the collector's retention job does: verdicts and their history ([`PRUNE`]), then
+    /// settled incidents with their notifications ([`crate::alerts::PRUNE`]). Returns the rows
+    /// deleted.
+    pub async fn prune(&self) -> Result<u64, crate::store::StoreError> {
+        if self.config.retention_days == 0 {
+            return Ok(0);
+        }
+        let cutoff =
+            self.clock.now() - chrono::Duration::days(i64::from(self.config.retention_days));
+        let mut deleted = 0;
+        for statements in [PRUNE, crate::alerts::PRUNE] {
+            let per_table = crate::store::prune(
+                &self.pool,
+                statements,
+                cutoff.timestamp_millis(),
+                cutoff,
+                PRUNE_BATCH,
+            )
+            .await?;
+            deleted += per_table.iter().map(|&(_, n)| n).sum::<u64>();
+        }
+        Ok(deleted)
     }
 
     /// One pass: queues changed buckets and judges every queued bucket that is final now.

@@ -8,8 +8,8 @@
 //! * [`read`]: what the API and the status page read: topics, count rows, bucket summaries
 //!   with exact merged latency percentiles.
 //! * [`parked`]: records the dead-letter topic would not take, parked instead of retried.
-//! * [`retention`]: the one job that deletes what outlived its retention, from counts and
-//!   progress to verdicts and incidents ([`run_retention`]).
+//! * [`retention`]: the one job that deletes what outlived its retention ([`run_retention`]),
+//!   through the [`Prune`] statements each stage gives for its own tables.
 
 pub mod parked;
 pub mod read;
@@ -22,7 +22,9 @@ pub use read::{
     BucketSummary, CountsRow, LatencySummary, TierSummary, TopicRow, counts_rows, list_topics,
     summarize,
 };
-pub use retention::{RetentionOutcome, delete_expired, delete_expired_verdicts, run_retention};
+pub use retention::{
+    Cutoff, Kept, PRUNE, Prune, RetentionOutcome, delete_expired, prune, run_retention,
+};
 pub use write::{
     BatchOutcome, ConsumedOffset, CountsKey, FencedPartition, load_offsets, record_key, write_batch,
 };
