@@ -33,7 +33,6 @@
 pub mod chart;
 pub mod format;
 pub mod pages;
-pub mod query;
 pub mod session;
 
 use axum::Router;
@@ -355,9 +354,9 @@ async fn index(
     for a in &open {
         open_by.entry(a.topic.as_str()).or_default().push(a.clone());
     }
-    let mut marks: std::collections::HashMap<String, Vec<query::TierWatermark>> =
+    let mut marks: std::collections::HashMap<String, Vec<store::read::TierWatermark>> =
         std::collections::HashMap::new();
-    for w in query::tier_watermarks(&state.pool, None).await? {
+    for w in store::read::tier_watermarks(&state.pool, None).await? {
         marks.entry(w.topic.clone()).or_default().push(w);
     }
     let total = topics.len();
@@ -425,7 +424,7 @@ async fn topic(
     let now = state.clock.now();
     let (from, to) = api::parse_range(&p, now, api::DEFAULT_RANGE, Some(state.max_range))?;
     let (from_ms, to_ms) = (from.timestamp_millis(), to.timestamp_millis());
-    if !query::topic_exists(&state.pool, &topic).await? {
+    if !store::read::topic_exists(&state.pool, &topic).await? {
         return Err(PageError::NotFound(format!(
             "no topic `{topic}` is known to this collector"
         )));
@@ -446,10 +445,10 @@ async fn topic(
     .map(|b| b.tiers)
     .unwrap_or_default();
     let buckets = store::summarize(rows);
-    let verdicts = query::topic_verdicts(&state.pool, &topic, from_ms, to_ms).await?;
+    let verdicts = reconcile::query::topic_verdicts(&state.pool, &topic, from_ms, to_ms).await?;
     let history =
         reconcile::verdict_history(&state.pool, &topic, Some(from_ms), Some(to_ms)).await?;
-    let watermarks = query::tier_watermarks(&state.pool, Some(&topic)).await?;
+    let watermarks = store::read::tier_watermarks(&state.pool, Some(&topic)).await?;
     Ok(page(pages::topic(&pages::TopicPage {
         now,
         topic,
@@ -477,11 +476,11 @@ async fn incident(
             format!("`{id}` is not an incident id (a whole number from 1)"),
         )
     })?;
-    let Some(incident) = query::incident(&state.pool, id).await? else {
+    let Some(incident) = alerts::query::incident(&state.pool, id).await? else {
         return Err(PageError::NotFound(format!("no incident #{id}")));
     };
-    let verdicts = query::incident_verdicts(&state.pool, id).await?;
-    let deliveries = query::incident_deliveries(&state.pool, id).await?;
+    let verdicts = reconcile::query::incident_verdicts(&state.pool, id).await?;
+    let deliveries = alerts::query::incident_deliveries(&state.pool, id).await?;
     Ok(page(pages::incident(&pages::IncidentPage {
         now: state.clock.now(),
         incident,

@@ -178,3 +178,100 @@ pub async fn list_alerts(
     }
     Ok(alerts)
 }
+
+/// One webhook notification of an incident and how its delivery went.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct IncidentDelivery {
+    /// Webhook name.
+    pub webhook: String,
+    /// `firing` or `resolved`.
+    pub kind: String,
+    /// POSTs tried so far.
+    pub attempts: i32,
+    /// When the receiver accepted it; `None` while pending or parked.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// When the next attempt is due, while pending.
+    pub next_attempt_at: DateTime<Utc>,
+    /// When it was parked (never tried again).
+    pub parked_at: Option<DateTime<Utc>>,
+    /// HTTP status of the last failed attempt's answer, if there was one.
+    pub last_status: Option<i32>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When the notification was created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl IncidentDelivery {
+    /// `sent`, `parked` or `pending`, as the API's `state`.
+    pub fn state(&self) -> &'static str {
+        if self.sent_at.is_some() {
+            "sent"
+        } else if self.parked_at.is_some() {
+            "parked"
+        } else {
+            "pending"
+        }
+    }
+}
+
+/// Every notification of incident `id`, oldest first.
+pub async fn incident_deliveries(
+    pool: &PgPool,
+    id: i64,
+) -> Result<Vec<IncidentDelivery>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT webhook, kind, attempts, sent_at, next_attempt_at, parked_at, last_status,
+                last_error, created_at
+           FROM alert_deliveries
+          WHERE incident_id = $1
+          ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+}
+
+/// One incident as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Incident {
+    /// Incident id (also in webhook bodies).
+    pub id: i64,
+    /// Logical topic.
+    pub topic: String,
+    /// Edge name.
+    pub edge: String,
+    /// Datacenter compared, '' when the edge sums over datacenters.
+    pub datacenter: String,
+    /// `open`, `resolved` or `superseded`.
+    pub status: String,
+    /// Bucket width, ms.
+    pub bucket_width_ms: i64,
+    /// First bucket that joined, epoch ms.
+    pub first_bucket_start_ms: i64,
+    /// Last bucket that joined, epoch ms.
+    pub last_bucket_start_ms: i64,
+    /// Buckets that joined.
+    pub buckets: i32,
+    /// Buckets still bad.
+    pub bad_buckets: i32,
+    /// Largest missing count of one bucket.
+    pub max_missing: i64,
+    /// When opened.
+    pub opened_at: DateTime<Utc>,
+    /// When resolved or superseded.
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+/// Incident `id`, if there is one.
+pub async fn incident(pool: &PgPool, id: i64) -> Result<Option<Incident>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, topic, edge, datacenter, status, bucket_width_ms, first_bucket_start_ms,
+                last_bucket_start_ms, buckets, bad_buckets, max_missing, opened_at, resolved_at
+           FROM alert_incidents
+          WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}

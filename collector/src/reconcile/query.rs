@@ -233,3 +233,83 @@ pub async fn verdict_history(
     .fetch_all(pool)
     .await
 }
+
+/// Most verdict rows the status page reads for one topic or incident.
+pub const MAX_VERDICTS: i64 = 20_000;
+
+/// One current verdict of a topic's bucket, as the pages show it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct BucketVerdict {
+    /// Edge name.
+    pub edge: String,
+    /// Datacenter compared, '' when the edge sums over datacenters.
+    pub datacenter: String,
+    /// Partition, -1 for the whole topic.
+    pub partition: i32,
+    /// Bucket start, epoch ms.
+    pub bucket_start_ms: i64,
+    /// Bucket width, ms.
+    pub bucket_width_ms: i64,
+    /// Verdict as stored.
+    pub status: String,
+    /// Upstream count.
+    pub expected: i64,
+    /// Downstream count.
+    pub actual: i64,
+    /// `actual - expected`.
+    pub difference: i64,
+    /// Messages missing downstream.
+    pub missing: i64,
+    /// For `tier_silent`, the silent tier.
+    pub silent_tier: Option<String>,
+    /// For `lagging`, how far behind when judged, ms.
+    pub lag_ms: Option<i64>,
+    /// Incident the bucket belongs or belonged to.
+    pub incident_id: Option<i64>,
+    /// Changes after the first judgement.
+    pub revisions: i32,
+    /// When last changed.
+    pub changed_at: DateTime<Utc>,
+}
+
+/// Current verdicts of `topic` for buckets starting in `[from_ms, to_ms)`, topic-level and
+/// per partition, by bucket, edge, datacenter and partition; at most [`MAX_VERDICTS`].
+pub async fn topic_verdicts(
+    pool: &PgPool,
+    topic: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<BucketVerdict>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT edge, datacenter, partition, bucket_start_ms, bucket_width_ms, status, expected,
+                actual, difference, missing, silent_tier, lag_ms, incident_id, revisions,
+                changed_at
+           FROM reconcile_verdicts
+          WHERE topic = $1 AND bucket_start_ms >= $2 AND bucket_start_ms < $3
+          ORDER BY bucket_start_ms, edge, datacenter, partition
+          LIMIT $4",
+    )
+    .bind(topic)
+    .bind(from_ms)
+    .bind(to_ms)
+    .bind(MAX_VERDICTS)
+    .fetch_all(pool)
+    .await
+}
+
+/// The topic-level verdicts of the buckets that joined incident `id`, by bucket.
+pub async fn incident_verdicts(pool: &PgPool, id: i64) -> Result<Vec<BucketVerdict>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT edge, datacenter, partition, bucket_start_ms, bucket_width_ms, status, expected,
+                actual, difference, missing, silent_tier, lag_ms, incident_id, revisions,
+                changed_at
+           FROM reconcile_verdicts
+          WHERE incident_id = $1 AND partition = -1
+          ORDER BY bucket_start_ms, edge, datacenter
+          LIMIT $2",
+    )
+    .bind(id)
+    .bind(MAX_VERDICTS)
+    .fetch_all(pool)
+    .await
+}

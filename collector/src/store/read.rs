@@ -207,6 +207,49 @@ pub fn summarize(rows: Vec<CountsRow>) -> Vec<BucketSummary> {
         .collect()
 }
 
+/// Whether the store knows `topic`.
+pub async fn topic_exists(pool: &PgPool, topic: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM audit_topics WHERE topic = $1")
+        .bind(topic)
+        .fetch_optional(pool)
+        .await?;
+    Ok(found.is_some())
+}
+
+/// The event-time watermark of one tier of one topic: for every partition (and datacenter,
+/// cluster and physical topic) the furthest mark of any observer that has not shut down, then
+/// the lowest of those. The tier has counted everything before it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TierWatermark {
+    /// Logical topic.
+    pub topic: String,
+    /// Tier.
+    pub tier: String,
+    /// Lowest partition watermark, epoch ms.
+    pub watermark_ms: i64,
+    /// When the collector last applied progress of this tier and topic.
+    pub last_seen_at: DateTime<Utc>,
+}
+
+/// Watermarks of every tier of every topic (`topic = None`) or of one topic, by topic and tier.
+pub async fn tier_watermarks(
+    pool: &PgPool,
+    topic: Option<&str>,
+) -> Result<Vec<TierWatermark>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT topic, tier, min(mark) AS watermark_ms, max(seen) AS last_seen_at
+           FROM (SELECT topic, tier, max(watermark_ms) AS mark, max(last_seen_at) AS seen
+                   FROM audit_progress
+                  WHERE NOT closing AND ($1::text IS NULL OR topic = $1)
+                  GROUP BY topic, tier, cluster, datacenter, physical_topic, partition) p
+          GROUP BY topic, tier
+          ORDER BY topic, tier",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

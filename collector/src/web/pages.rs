@@ -7,9 +7,11 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::chart::{self, BadBucketMark};
 use super::format::{duration_ms, time, time_ms, utc_ms};
-use super::query::{BucketVerdict, Incident, IncidentDelivery, TierWatermark};
 use crate::alerts::Alert;
+use crate::alerts::query::{Incident, IncidentDelivery};
+use crate::reconcile::query::BucketVerdict;
 use crate::reconcile::{Verdict, VerdictChange, VerdictStatus};
+use crate::store::read::TierWatermark;
 use crate::store::{BucketSummary, LatencySummary, ParkedRow, TierSummary};
 
 /// Topics on one page of `/`.
