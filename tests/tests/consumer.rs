@@ -118,10 +118,15 @@ struct Group {
     pause: Option<(usize, Duration)>,
 }
 
+/// How long a group goes on polling, caught up and idle, after its last message: past the end
+/// of that message's 10 s bucket with the 2 s lateness and a flush, as a long-running
+/// consumer would (a group that stops earlier is not judged on the bucket).
+const LINGER: Duration = Duration::from_secs(14);
+
 /// Reads as `g` until it received what it expects, counting each message as processed except
-/// those it skips, committing every 500; goes on polling (caught up, idle) until `until`, as a
-/// long-running consumer would past the end of the messages' bucket; then closes cleanly.
-fn read_group(g: Group, audit_topic: &str, until: Instant) -> anyhow::Result<Read> {
+/// those it skips, committing every 500; goes on polling for [`LINGER`] after the last
+/// message; then closes cleanly.
+fn read_group(g: Group, audit_topic: &str) -> anyhow::Result<Read> {
     let Group {
         name: group,
         topic,
@@ -161,6 +166,7 @@ fn read_group(g: Group, audit_topic: &str, until: Instant) -> anyhow::Result<Rea
         passed_over: 0,
     };
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut until = Instant::now();
     while read.received < expect || Instant::now() < until {
         if let Some((after, d)) = pause
             && read.received >= after
@@ -186,6 +192,7 @@ fn read_group(g: Group, audit_topic: &str, until: Instant) -> anyhow::Result<Rea
             "{group}: more than {expect} messages"
         );
         read.received += 1;
+        until = Instant::now() + LINGER;
         if skip(m.offset()) {
             read.passed_over += 1;
         } else if !transactional {
@@ -213,8 +220,6 @@ async fn scenario(
     producer.send_numbered(&[topic], MESSAGES, None).await?;
     producer.send_numbered(&[other], 100, None).await?;
     producer.shutdown().await;
-    // The messages' 10 s bucket is over, with the 2 s lateness and a flush, by then.
-    let until = Instant::now() + Duration::from_secs(14);
 
     let group = |suffix: &str, topic: &str, expect: usize, transactional: bool| Group {
         name: format!("{id}-{suffix}"),
@@ -235,9 +240,7 @@ async fn scenario(
     let mut reads = Vec::new();
     for g in groups {
         let audit = audit_topic.to_owned();
-        reads.push(tokio::task::spawn_blocking(move || {
-            read_group(g, &audit, until)
-        }));
+        reads.push(tokio::task::spawn_blocking(move || read_group(g, &audit)));
     }
     let mut passed_over = 0;
     for r in reads {
@@ -314,7 +317,6 @@ async fn a_group_stopped_past_max_wait_is_lagging_until_it_catches_up() -> anyho
     let outcome = async {
         // Producers write for 30 s; the group stops for 30 s after its first 200 messages.
         let total = ROUNDS * PER_ROUND;
-        let until = Instant::now() + Duration::from_secs(ROUNDS as u64 + 14);
         let g = Group {
             name: format!("{id}-stalled"),
             topic: topic.clone(),
@@ -324,7 +326,7 @@ async fn a_group_stopped_past_max_wait_is_lagging_until_it_catches_up() -> anyho
             pause: Some((200, Duration::from_secs(30))),
         };
         let audit = audit_topic.clone();
-        let reader = tokio::task::spawn_blocking(move || read_group(g, &audit, until));
+        let reader = tokio::task::spawn_blocking(move || read_group(g, &audit));
         let registry = prometheus::Registry::new();
         let producer = TestProducer::new(&regional_client(), &audit_topic, &registry)?;
         for _ in 0..ROUNDS {
