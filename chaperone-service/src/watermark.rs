@@ -24,6 +24,11 @@ pub struct Ends {
     pub stable: Option<i64>,
     /// Wall time (epoch ms) at which these were the broker's offsets.
     pub observed_ms: i64,
+    /// The connection they came over has been up long enough that a fetch was surely
+    /// answered on it: right after a broker restarted they may still be the offsets fetched
+    /// before it went away, so a position at `high` does not prove the partition was read to
+    /// its end (see [`FRESH_CONNECTION_US`]).
+    pub settled: bool,
 }
 
 /// The group's committed offset of a partition.
@@ -98,7 +103,7 @@ pub fn decide(input: &Input, now_ms: i64, lateness_ms: i64) -> Decision {
         _ => None,
     };
     let caught_up = match (ends, position) {
-        (Some(e), Some(p)) if !input.mirrored && e.high.is_some_and(|h| p >= h) => {
+        (Some(e), Some(p)) if !input.mirrored && e.settled && e.high.is_some_and(|h| p >= h) => {
             Some(e.observed_ms.min(now_ms))
         }
         _ => None,
@@ -113,6 +118,10 @@ pub fn decide(input: &Input, now_ms: i64, lateness_ms: i64) -> Decision {
         watermark_ms: watermark.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
     }
 }
+
+/// How long a broker connection must have been in its state before the end offsets of the
+/// partitions fetched over it are trusted, µs: several fetch round trips.
+const FRESH_CONNECTION_US: i64 = 5_000_000;
 
 /// The end offsets in client statistics that are fresh: of partitions being fetched from a
 /// broker connection that is up. `observed_ms` is when the statistics were made (`now_ms`
@@ -131,14 +140,13 @@ pub fn ends_from_stats(stats: &Statistics, now_ms: i64) -> Vec<(Key, Ends)> {
             if *p < 0 || s.fetch_state != "active" || s.broker < 0 || known(s.hi_offset).is_none() {
                 continue;
             }
-            let rx_idle_us = stats
-                .brokers
-                .values()
-                .find(|b| b.nodeid == s.broker)
-                .map_or(-1, |b| b.rxidle);
-            if rx_idle_us < 0 {
+            let Some(b) = stats.brokers.values().find(|b| b.nodeid == s.broker) else {
+                continue;
+            };
+            if b.rxidle < 0 {
                 continue;
             }
+            let rx_idle_us = b.rxidle;
             out.push((
                 (topic.clone(), *p),
                 Ends {
@@ -146,6 +154,9 @@ pub fn ends_from_stats(stats: &Statistics, now_ms: i64) -> Vec<(Key, Ends)> {
                     high: known(s.hi_offset),
                     stable: known(s.ls_offset),
                     observed_ms: made_ms - (rx_idle_us + 999) / 1000,
+                    // A connection that came up a moment ago (a broker restarted) has received
+                    // something, but the end offsets may be the ones fetched before.
+                    settled: b.stateage >= FRESH_CONNECTION_US,
                 },
             ));
         }
@@ -270,6 +281,7 @@ mod tests {
             high: Some(high),
             stable: Some(stable),
             observed_ms,
+            settled: true,
         })
     }
 
@@ -333,6 +345,23 @@ mod tests {
         assert_eq!(d.lag, Some(0));
         assert_eq!(d.high_watermark, Some(100));
         assert_eq!(d.watermark_ms, observed - LATENESS);
+        // Over a connection that just came up, the same offsets prove nothing: only what was
+        // seen is claimed.
+        let unsettled = ends(0, 100, 100, observed).map(|e| Ends {
+            settled: false,
+            ..e
+        });
+        let d = decide(
+            &Input {
+                consumed: Some(100),
+                ends: unsettled,
+                seen_ms: Some(NOW - 3_600_000),
+                ..input()
+            },
+            NOW,
+            LATENESS,
+        );
+        assert_eq!(d.watermark_ms, NOW - 3_600_000 - LATENESS);
     }
 
     /// Behind the end offsets: only what was seen.
@@ -669,6 +698,7 @@ mod tests {
                 Broker {
                     nodeid: 1,
                     rxidle: rxidle_us,
+                    stateage: 60_000_000,
                     ..Broker::default()
                 },
             )]),
@@ -700,6 +730,7 @@ mod tests {
                     high: Some(100),
                     stable: Some(90),
                     observed_ms: made_s * 1000 - 251,
+                    settled: true,
                 }
             )]
         );
@@ -714,6 +745,14 @@ mod tests {
     fn stale_end_offsets_are_ignored() {
         let t = NOW / 1000;
         assert!(ends_from_stats(&stats(t, 1_000, "stopped", 1), NOW).is_empty());
+        // A connection that just came up (the broker restarted): the end offsets may be the
+        // ones fetched before.
+        let mut fresh = stats(t, 1_000, "active", 1);
+        for b in fresh.brokers.values_mut() {
+            b.stateage = 1_000_000;
+        }
+        let got = ends_from_stats(&fresh, NOW);
+        assert!(got.len() == 1 && !got[0].1.settled, "{got:?}");
         assert!(ends_from_stats(&stats(t, 1_000, "offset-query", 1), NOW).is_empty());
         assert!(ends_from_stats(&stats(t, -1, "active", 1), NOW).is_empty());
         assert!(ends_from_stats(&stats(t, 1_000, "active", -1), NOW).is_empty());
