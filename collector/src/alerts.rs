@@ -45,30 +45,30 @@ use crate::store::{Cutoff, Prune};
 /// Retention of the alerts' tables: incidents resolved before the cutoff, their notifications
 /// first (deliveries, then events), then the incidents themselves.
 pub const PRUNE: &[Prune] = &[
-    Prune {
-        table: "alert_deliveries",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM alert_deliveries WHERE id IN (SELECT d.id FROM alert_deliveries d
+    Prune::sql(
+        "alert_deliveries",
+        Cutoff::Touched,
+        "DELETE FROM alert_deliveries WHERE id IN (SELECT d.id FROM alert_deliveries d
                 JOIN alert_incidents i ON i.id = d.incident_id
                WHERE i.status <> 'open' AND i.resolved_at < $1 LIMIT $2)",
-    },
-    Prune {
-        table: "alert_events",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM alert_events WHERE id IN (SELECT e.id FROM alert_events e
+    ),
+    Prune::sql(
+        "alert_events",
+        Cutoff::Touched,
+        "DELETE FROM alert_events WHERE id IN (SELECT e.id FROM alert_events e
                 JOIN alert_incidents i ON i.id = e.incident_id
                WHERE i.status <> 'open' AND i.resolved_at < $1
                  AND NOT EXISTS (SELECT 1 FROM alert_deliveries d WHERE d.event_id = e.id)
                LIMIT $2)",
-    },
-    Prune {
-        table: "alert_incidents",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM alert_incidents WHERE id IN (SELECT i.id FROM alert_incidents i
+    ),
+    Prune::sql(
+        "alert_incidents",
+        Cutoff::Touched,
+        "DELETE FROM alert_incidents WHERE id IN (SELECT i.id FROM alert_incidents i
                WHERE i.status <> 'open' AND i.resolved_at < $1
                  AND NOT EXISTS (SELECT 1 FROM alert_events e WHERE e.incident_id = i.id)
                LIMIT $2)",
-    },
+    ),
 ];
 pub use metrics::AlertMetrics;
 pub use payload::{NotificationKind, SlackBody, WebhookBody};

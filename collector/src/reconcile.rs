@@ -37,18 +37,8 @@ const PRUNE_BATCH: i64 = 1_000;
 /// history entries written before it. (`reconcile_pending` and `reconcile_sources_passed`
 /// are kept to the lookback by every pass.)
 pub const PRUNE: &[Prune] = &[
-    Prune {
-        table: "reconcile_verdicts",
-        by: Cutoff::BucketStart,
-        sql: "DELETE FROM reconcile_verdicts WHERE ctid IN (SELECT ctid FROM reconcile_verdicts
-               WHERE bucket_start_ms < $1 LIMIT $2)",
-    },
-    Prune {
-        table: "reconcile_verdict_history",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM reconcile_verdict_history WHERE id IN (SELECT id
-                FROM reconcile_verdict_history WHERE changed_at < $1 LIMIT $2)",
-    },
+    Prune::older("reconcile_verdicts", "bucket_start_ms", Cutoff::BucketStart),
+    Prune::older("reconcile_verdict_history", "changed_at", Cutoff::Touched),
 ];
 pub use engine::{PassReport, ReconcileError};
 pub use metrics::ReconcileMetrics;

@@ -19,8 +19,47 @@ pub struct Prune {
     pub table: &'static str,
     /// What `$1` is.
     pub by: Cutoff,
-    /// The batch `DELETE`.
-    pub sql: &'static str,
+    delete: Delete,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Delete {
+    /// The rows whose column is before the cutoff.
+    Older(&'static str),
+    /// A batch `DELETE` of its own.
+    Sql(&'static str),
+}
+
+impl Prune {
+    /// The rows of `table` whose `column` is before the cutoff.
+    pub const fn older(table: &'static str, column: &'static str, by: Cutoff) -> Self {
+        Self {
+            table,
+            by,
+            delete: Delete::Older(column),
+        }
+    }
+
+    /// The rows `sql` deletes: at most `$2` of them, older than the cutoff `$1`.
+    pub const fn sql(table: &'static str, by: Cutoff, sql: &'static str) -> Self {
+        Self {
+            table,
+            by,
+            delete: Delete::Sql(sql),
+        }
+    }
+
+    fn statement(&self) -> std::borrow::Cow<'static, str> {
+        match self.delete {
+            Delete::Older(column) => format!(
+                "DELETE FROM {table} WHERE ctid = ANY(ARRAY( \
+                     SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))",
+                table = self.table
+            )
+            .into(),
+            Delete::Sql(sql) => sql.into(),
+        }
+    }
 }
 
 /// What a [`Prune`] statement compares with its cutoff.
@@ -36,49 +75,19 @@ pub enum Cutoff {
 /// streams' applied ranges, bucket changes, progress rows, topics (without counts) and parked
 /// records last touched before it.
 pub const PRUNE: &[Prune] = &[
-    Prune {
-        table: "audit_counts",
-        by: Cutoff::BucketStart,
-        sql: "DELETE FROM audit_counts WHERE ctid = ANY(ARRAY( \
-                  SELECT ctid FROM audit_counts WHERE bucket_start_ms < $1 LIMIT $2))",
-    },
-    Prune {
-        table: "audit_record_seen",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM audit_record_seen WHERE ctid = ANY(ARRAY( \
-                  SELECT ctid FROM audit_record_seen WHERE ingested_at < $1 LIMIT $2))",
-    },
-    Prune {
-        table: "audit_record_ranges",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM audit_record_ranges WHERE ctid = ANY(ARRAY( \
-                  SELECT ctid FROM audit_record_ranges WHERE updated_at < $1 LIMIT $2))",
-    },
-    Prune {
-        table: "audit_count_changes",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM audit_count_changes WHERE ctid = ANY(ARRAY( \
-                  SELECT ctid FROM audit_count_changes WHERE changed_at < $1 LIMIT $2))",
-    },
-    Prune {
-        table: "audit_progress",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM audit_progress WHERE ctid = ANY(ARRAY( \
-                  SELECT ctid FROM audit_progress WHERE last_seen_at < $1 LIMIT $2))",
-    },
-    Prune {
-        table: "audit_topics",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM audit_topics WHERE ctid = ANY(ARRAY( \
-                  SELECT t.ctid FROM audit_topics t WHERE t.last_seen_at < $1 \
-                  AND NOT EXISTS (SELECT 1 FROM audit_counts c WHERE c.topic = t.topic) LIMIT $2))",
-    },
-    Prune {
-        table: "ingest_parked",
-        by: Cutoff::Touched,
-        sql: "DELETE FROM ingest_parked WHERE ctid = ANY(ARRAY( \
-                  SELECT ctid FROM ingest_parked WHERE parked_at < $1 LIMIT $2))",
-    },
+    Prune::older("audit_counts", "bucket_start_ms", Cutoff::BucketStart),
+    Prune::older("audit_record_seen", "ingested_at", Cutoff::Touched),
+    Prune::older("audit_record_ranges", "updated_at", Cutoff::Touched),
+    Prune::older("audit_count_changes", "changed_at", Cutoff::Touched),
+    Prune::older("audit_progress", "last_seen_at", Cutoff::Touched),
+    Prune::sql(
+        "audit_topics",
+        Cutoff::Touched,
+        "DELETE FROM audit_topics WHERE ctid = ANY(ARRAY( \
+             SELECT t.ctid FROM audit_topics t WHERE t.last_seen_at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM audit_counts c WHERE c.topic = t.topic) LIMIT $2))",
+    ),
+    Prune::older("ingest_parked", "parked_at", Cutoff::Touched),
 ];
 
 /// Runs `statements` in order, each in batches of `batch` rows (one transaction each, so that
@@ -95,7 +104,7 @@ pub async fn prune(
     for p in statements {
         let n = delete_in_batches(
             pool,
-            p.sql,
+            &p.statement(),
             |q| match p.by {
                 Cutoff::BucketStart => q.bind(cutoff_ms).bind(batch),
                 Cutoff::Touched => q.bind(cutoff_at).bind(batch),
