@@ -146,7 +146,6 @@ async fn bench() -> anyhow::Result<()> {
         pool: db.pool.clone(),
         registry: registry.clone(),
         token: None,
-        login: Default::default(),
         status: Arc::new(IngestStatus::new(1)),
         clock: Clock::system(),
         metrics: IngestMetrics::register(&registry)?,
@@ -157,7 +156,7 @@ async fn bench() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(api::serve(
         listener,
-        chaperone_collector::router(state),
+        chaperone_collector::router(state, Default::default()),
         shutdown.clone(),
     ));
     let client = reqwest::Client::new();

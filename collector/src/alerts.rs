@@ -1,7 +1,8 @@
 //! Alerts: incidents of bad verdicts, notified to webhooks through a transactional outbox.
 //!
 //! The reconciler records incidents and writes an event into `alert_events` through
-//! `incidents`, in the same transaction as the verdict change that caused it. This module's
+//! [`Incidents`] (its [`crate::reconcile::IncidentRecorder`]), in the same transaction as the
+//! verdict change that caused it. This module's
 //! sender then
 //! * fans events out into `alert_deliveries`, one per matching webhook, at most one `firing`
 //!   and one `resolved` per webhook and incident (a `resolved` only where a `firing` went);
@@ -23,7 +24,7 @@
 
 pub mod client;
 pub mod config;
-pub(crate) mod incidents;
+pub mod incidents;
 pub mod metrics;
 pub mod payload;
 pub mod query;
@@ -70,9 +71,10 @@ pub const PRUNE: &[Prune] = &[
                LIMIT $2)",
     ),
 ];
+pub use incidents::{IncidentError, Incidents};
 pub use metrics::AlertMetrics;
 pub use payload::{NotificationKind, SlackBody, WebhookBody};
-pub use query::{Alert, Delivery, IncidentStatus, list_alerts};
+pub use query::{Delivery, Incident, IncidentStatus, list_alerts};
 pub use sender::{
     AlertError, ERROR_BODY_BYTES, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SendReport,
     TIMESTAMP_HEADER, signature,

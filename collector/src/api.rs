@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use crate::ingest::IngestStatus;
 use crate::metrics::IngestMetrics;
 use crate::store;
-use crate::web::session::constant_time_eq;
 
 /// Default span of `/buckets` when `from` is not given.
 pub(crate) const DEFAULT_RANGE: Duration = Duration::from_secs(3_600);
@@ -55,6 +54,14 @@ pub fn health_pool(pool: &PgPool) -> PgPool {
         )
 }
 
+/// Compares in time independent of where the inputs differ (tokens, token hashes).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Shared state of every handler.
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -66,8 +73,6 @@ pub struct ApiState {
     pub registry: Registry,
     /// Required bearer token, if any. Never logged.
     pub token: Option<Arc<str>>,
-    /// Status page sessions and the failed-login limit.
-    pub login: crate::web::session::Login,
     /// Ingest health for `/readyz`.
     pub status: Arc<IngestStatus>,
     /// Wall clock for default ranges.
@@ -527,6 +532,13 @@ async fn parked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compares_tokens() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
 
     fn p(pairs: &[(&str, &str)]) -> Params {
         pairs

@@ -44,9 +44,10 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClusterConfig, IngestConfig};
 use crate::metrics::IngestMetrics;
+pub use config::{ClusterConfig, IngestConfig};
 
+pub mod config;
 mod consume;
 mod dead_letter;
 mod decode;

@@ -6,24 +6,26 @@
 //! Each module imports only modules listed above it; `tests/layering.rs` fails on an import
 //! circle between the files of `src`, naming them.
 //!
-//! - [`model`]: the shared vocabulary ([`model::ConfigError`], [`model::VerdictStatus`]);
-//!   imports nothing of the crate.
+//! - [`model`]: the shared vocabulary ([`model::ConfigError`], [`model::VerdictStatus`],
+//!   [`model::BucketKey`]); imports nothing of the crate.
 //! - [`metrics`]: the Prometheus metrics of ingest, retention, leadership and the API, and the
 //!   naming rule every stage's metrics follow.
 //! - [`job`]: the one shape of a periodic job (pace, first run, shutdown, runs by result).
 //! - [`leader`]: which instance runs the once-per-database jobs; holds an advisory lock, no
 //!   table.
-//! - [`alerts`]: incidents and the outbox (`alert_incidents`, `alert_events`,
-//!   `alert_deliveries`), recorded in the reconciler's transaction, and the webhook sender
-//!   that drains them.
-//! - [`config`]: the daemon's TOML configuration, environment overrides and validation.
 //! - [`store`]: the ingest tables (`audit_*`, `ingest_offsets`, `ingest_parked`): the
-//!   exactly-once write path, the reads the API and the status page serve, and the retention
-//!   job.
+//!   exactly-once write path, what the reconciler judges from, the reads the API and the
+//!   status page serve, and the retention job.
 //! - [`ingest`]: Kafka consumers of the audit topics (a consumer group shared by every
 //!   collector instance), decoding, the dead-letter topic and the batch writer.
 //! - [`reconcile`]: per-edge, per-bucket verdicts (`reconcile_*`) from the stored counts and
-//!   progress.
+//!   progress; hands each changed verdict of an alerting edge to an
+//!   [`reconcile::IncidentRecorder`] in its transaction.
+//! - [`alerts`]: incidents and the outbox (`alert_incidents`, `alert_events`,
+//!   `alert_deliveries`): [`alerts::Incidents`] records them for the reconciler, and the
+//!   webhook sender drains them.
+//! - [`config`]: the daemon's TOML configuration (each stage's section), environment
+//!   overrides and validation.
 //! - [`api`]: the axum HTTP API, `/metrics`, `/healthz` and `/readyz`.
 //! - [`web`]: the server-rendered status page on the API's server (`web_sessions`).
 //!
@@ -73,10 +75,11 @@ pub struct Deps {
 }
 
 /// The HTTP server's routes: the API's (`/api/v1/…`, `/healthz`, `/readyz`, `/metrics`) and
-/// the status page's, with the API's 404 and request timing over all of them.
-pub fn router(state: api::ApiState) -> axum::Router {
+/// the status page's (its sessions and failed logins in `login`), with the API's 404 and
+/// request timing over all of them.
+pub fn router(state: api::ApiState, login: web::session::Login) -> axum::Router {
     api::layered(
-        api::routes(state.clone()).merge(web::router(state.clone())),
+        api::routes(state.clone()).merge(web::router(state.clone(), login)),
         state,
     )
 }
@@ -128,20 +131,20 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
         pool: pool.clone(),
         registry: registry.clone(),
         token: api_token.map(Arc::from),
-        login: web::session::Login::new(web::session::LoginLimits {
-            session_ttl: config.api.session_ttl,
-            max_failures: config.api.login_max_failures,
-            window: config.api.login_window,
-            secure: config.alerts.public_url.as_deref().is_some_and(|u| {
-                u.get(..8)
-                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-            }),
-        }),
         status: Arc::clone(&status),
         clock: clock.clone(),
         metrics: metrics.clone(),
         max_range: config.api.max_range,
     };
+    let login = web::session::Login::new(web::session::LoginLimits {
+        session_ttl: config.api.session_ttl,
+        max_failures: config.api.login_max_failures,
+        window: config.api.login_window,
+        secure: config.alerts.public_url.as_deref().is_some_and(|u| {
+            u.get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        }),
+    });
     let addr = listener.local_addr().context("reading the API address")?;
     tracing::info!(%addr, "api listening");
     if state.token.is_none() && !addr.ip().is_loopback() {
@@ -156,7 +159,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
         let http_shutdown = http_shutdown.clone();
         let shutdown = shutdown.clone();
         async move {
-            let result = api::serve(listener, router(state), http_shutdown).await;
+            let result = api::serve(listener, router(state, login), http_shutdown).await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "api server failed; shutting down");
                 shutdown.cancel();
@@ -213,6 +216,7 @@ pub async fn run(config: Config, deps: Deps, shutdown: CancellationToken) -> any
                         reconcile_config.clone(),
                         clock.clone(),
                         reach.clone(),
+                        Arc::new(alerts::Incidents::new(&reconcile_config)),
                         reconcile_metrics.clone(),
                         stop.clone(),
                     )),

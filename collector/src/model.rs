@@ -7,6 +7,17 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// One event-time bucket of one topic: what the reconciler queues and judges.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    /// Logical topic.
+    pub topic: String,
+    /// Bucket start, epoch ms.
+    pub start: i64,
+    /// Bucket width, ms.
+    pub width: i64,
+}
+
 /// A configuration value that cannot work, with the key that holds it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration key `{key}`: {message}")]

@@ -8,11 +8,14 @@
 //! * `engine`: one evaluation pass over PostgreSQL: buckets whose counts changed (found through
 //!   `audit_count_changes`) are queued; queued buckets that are final get verdicts, written
 //!   with their history, incident changes and alert outbox events in one transaction.
+//! * [`changes`]: what it hands on: each changed verdict of an alerting edge, to the
+//!   [`IncidentRecorder`] it was given (the alert stage's, wired by `lib.rs`).
 //! * [`query`]: what the API serves.
 //!
 //! [`run`] evaluates every `interval`; tests build a [`Reconciler`] on a hand-moved [`crate::Clock`] and
 //! call [`Reconciler::evaluate_once`].
 
+pub mod changes;
 pub mod config;
 mod engine;
 pub mod metrics;
@@ -26,6 +29,7 @@ use chaperone_daemon_support::Clock;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+pub use changes::{ChangedVerdict, IncidentRecorder, RecordError, Recording};
 pub use config::{ConfigError, EdgeConfig, ReconcileConfig};
 
 use crate::store::{Cutoff, Prune};
@@ -57,15 +61,18 @@ pub struct Reconciler {
     metrics: ReconcileMetrics,
     notices: Arc<Mutex<engine::Notices>>,
     reach: Reach,
+    incidents: Arc<dyn IncidentRecorder>,
 }
 
 impl Reconciler {
-    /// A reconciler over `pool` (migrated) with `config` (validated by the caller).
+    /// A reconciler over `pool` (migrated) with `config` (validated by the caller), handing
+    /// every changed verdict of an alerting edge to `incidents`.
     pub fn new(
         pool: PgPool,
         config: ReconcileConfig,
         clock: Clock,
         metrics: ReconcileMetrics,
+        incidents: Arc<dyn IncidentRecorder>,
     ) -> Self {
         Self {
             pool,
@@ -74,6 +81,7 @@ impl Reconciler {
             metrics,
             notices: Arc::default(),
             reach: Reach::default(),
+            incidents,
         }
     }
 
@@ -85,7 +93,7 @@ impl Reconciler {
 
     /// Deletes what is older than `retention_days` (see [`ReconcileConfig::retention_days`]),
     /// as the collector's retention job does: verdicts and their history ([`PRUNE`]), then
-    /// settled incidents with their notifications ([`crate::alerts::PRUNE`]). Returns the rows
+    /// what its [`IncidentRecorder`] wrote ([`IncidentRecorder::prune`]). Returns the rows
     /// deleted.
     pub async fn prune(&self) -> Result<u64, crate::store::StoreError> {
         if self.config.retention_days == 0 {
@@ -94,7 +102,7 @@ impl Reconciler {
         let cutoff =
             self.clock.now() - chrono::Duration::days(i64::from(self.config.retention_days));
         let mut deleted = 0;
-        for statements in [PRUNE, crate::alerts::PRUNE] {
+        for statements in [PRUNE, self.incidents.prune()] {
             let per_table = crate::store::prune(
                 &self.pool,
                 statements,
@@ -116,6 +124,7 @@ impl Reconciler {
             &self.config,
             self.clock.now(),
             &self.reach,
+            self.incidents.as_ref(),
             &self.metrics,
             &self.notices,
         )
@@ -131,6 +140,7 @@ impl Reconciler {
 pub async fn run(
     pool: PgPool,
     config: ReconcileConfig,
+    incidents: Arc<dyn IncidentRecorder>,
     metrics: ReconcileMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -139,6 +149,7 @@ pub async fn run(
         config,
         Clock::system(),
         Reach::default(),
+        incidents,
         metrics,
         shutdown,
     )
@@ -153,6 +164,7 @@ pub async fn run_with_clock(
     config: ReconcileConfig,
     clock: Clock,
     reach: Reach,
+    incidents: Arc<dyn IncidentRecorder>,
     metrics: ReconcileMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -163,7 +175,7 @@ pub async fn run_with_clock(
         return Ok(());
     }
     let interval = config.interval;
-    let reconciler = Reconciler::new(pool, config, clock, metrics).hearing(reach);
+    let reconciler = Reconciler::new(pool, config, clock, metrics, incidents).hearing(reach);
     tracing::info!(
         interval_ms = interval.as_millis() as u64,
         "reconciler started"

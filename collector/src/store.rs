@@ -5,18 +5,22 @@
 //!   ([`load_offsets`]).
 //! * [`sequence`]: the duplicate filter of numbered counts records, as applied ranges per
 //!   stream.
+//! * [`evidence`]: what the reconciler judges from: the buckets whose counts changed, counts
+//!   summed per cell, progress marks with the staleness rule.
 //! * [`read`]: what the API and the status page read: topics, count rows, bucket summaries
 //!   with exact merged latency percentiles.
 //! * [`parked`]: records the dead-letter topic would not take, parked instead of retried.
 //! * [`retention`]: the one job that deletes what outlived its retention ([`run_retention`]),
 //!   through the [`Prune`] statements each stage gives for its own tables.
 
+pub mod evidence;
 pub mod parked;
 pub mod read;
 pub mod retention;
 pub mod sequence;
 pub mod write;
 
+pub use evidence::{CellCount, ProgressMark, Silence};
 pub use parked::{PARKED_BYTES, ParkedRecord, ParkedRow, list_parked, park};
 pub use read::{
     BucketSummary, CountsRow, LatencySummary, TierSummary, TopicRow, counts_rows, list_topics,

@@ -14,7 +14,8 @@
 //! The numbers come from the functions the JSON API calls (`store::list_topics`,
 //! `store::counts_rows` + `store::summarize`, `reconcile::latest_verdicts_by_topic`,
 //! `reconcile::verdict_history`, `alerts::list_alerts`); what the API does not serve is read
-//! in [`query`]. Query parameters follow the API's rules (unknown or repeated ones answer 400
+//! from the same stages' query modules (`reconcile::query::topic_verdicts`,
+//! `alerts::query::incident`, …). Query parameters follow the API's rules (unknown or repeated ones answer 400
 //! naming the parameter, times are epoch ms or RFC 3339).
 //!
 //! When the collector has an API token, the pages need it too: `/login` takes it in a form
@@ -27,7 +28,6 @@
 //! - [`pages`]: the HTML of each page, pure functions of what was read.
 //! - [`chart`]: the SVG chart.
 //! - [`format`]: UTC and relative times.
-//! - [`query`]: reads of its own.
 //! - [`session`]: login sessions and the failed-login limit.
 
 pub mod chart;
@@ -52,6 +52,7 @@ use crate::alerts::{self, IncidentStatus};
 use crate::api::{self, ApiError, ApiState, Params};
 use crate::reconcile::{self, VerdictStatus};
 use crate::store;
+use session::Login;
 
 pub use format::{encode, topic_href};
 pub use session::COOKIE;
@@ -108,8 +109,9 @@ impl IntoResponse for PageError {
     }
 }
 
-/// The pages' routes, to merge into the API's router.
-pub fn router(state: ApiState) -> Router<ApiState> {
+/// The pages' routes, to merge into the API's router; `login` holds the session settings
+/// and counts failed logins.
+pub fn router(state: ApiState, login: Login) -> Router<ApiState> {
     let pages = Router::new()
         .route("/", get(index))
         .route("/topics/{topic}", get(topic))
@@ -117,8 +119,9 @@ pub fn router(state: ApiState) -> Router<ApiState> {
         .route_layer(middleware::from_fn_with_state(state, require_login));
     Router::new()
         .merge(pages)
-        .route("/login", get(login_form).post(login))
+        .route("/login", get(login_form).post(self::login))
         .route("/logout", post(logout))
+        .layer(Extension(login))
 }
 
 /// A page that no cache keeps.
@@ -145,7 +148,7 @@ fn bearer(token: &str, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .is_some_and(|b| session::constant_time_eq(b.as_bytes(), token.as_bytes()))
+        .is_some_and(|b| api::constant_time_eq(b.as_bytes(), token.as_bytes()))
 }
 
 /// Whether the request carries the token as a bearer token or a live session's cookie.
@@ -215,6 +218,7 @@ fn set_cookie(value: String) -> Result<HeaderValue, ApiError> {
 
 async fn login(
     State(state): State<ApiState>,
+    Extension(limiter): Extension<Login>,
     peer: Peer,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, PageError> {
@@ -225,7 +229,7 @@ async fn login(
     };
     let client = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
     let now = state.clock.now();
-    if let Err(wait) = state.login.check(client, now) {
+    if let Err(wait) = limiter.check(client, now) {
         tracing::warn!(
             client = ?client,
             retry_after_s = wait.as_secs(),
@@ -245,8 +249,8 @@ async fn login(
         )
             .into_response());
     }
-    if !session::constant_time_eq(form.token.trim().as_bytes(), token.as_bytes()) {
-        state.login.failed(client, now);
+    if !api::constant_time_eq(form.token.trim().as_bytes(), token.as_bytes()) {
+        limiter.failed(client, now);
         return Ok((
             StatusCode::UNAUTHORIZED,
             page(pages::login(
@@ -256,17 +260,21 @@ async fn login(
         )
             .into_response());
     }
-    state.login.succeeded(client);
-    let id = session::open(&state.pool, token, state.login.limits.session_ttl, now).await?;
-    let cookie = set_cookie(state.login.cookie(&id))?;
+    limiter.succeeded(client);
+    let id = session::open(&state.pool, token, limiter.limits.session_ttl, now).await?;
+    let cookie = set_cookie(limiter.cookie(&id))?;
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response())
 }
 
-async fn logout(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, PageError> {
+async fn logout(
+    State(state): State<ApiState>,
+    Extension(limiter): Extension<Login>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
     for id in session::cookie_ids(&headers) {
         session::revoke(&state.pool, &id).await?;
     }
-    let cookie = set_cookie(state.login.clear_cookie())?;
+    let cookie = set_cookie(limiter.clear_cookie())?;
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response())
 }
 
@@ -349,7 +357,7 @@ async fn index(
     }
     let open =
         alerts::list_alerts(&state.pool, Some(IncidentStatus::Open), MAX_OPEN_INCIDENTS).await?;
-    let mut open_by: std::collections::HashMap<&str, Vec<alerts::Alert>> =
+    let mut open_by: std::collections::HashMap<&str, Vec<alerts::Incident>> =
         std::collections::HashMap::new();
     for a in &open {
         open_by.entry(a.topic.as_str()).or_default().push(a.clone());
@@ -480,12 +488,10 @@ async fn incident(
         return Err(PageError::NotFound(format!("no incident #{id}")));
     };
     let verdicts = reconcile::query::incident_verdicts(&state.pool, id).await?;
-    let deliveries = alerts::query::incident_deliveries(&state.pool, id).await?;
     Ok(page(pages::incident(&pages::IncidentPage {
         now: state.clock.now(),
         incident,
         verdicts,
-        deliveries,
         with_logout: state.token.is_some(),
     })))
 }

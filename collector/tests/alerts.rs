@@ -27,7 +27,6 @@ async fn serve_api(
         health_pool: chaperone_collector::api::health_pool(pool),
         registry: registry.clone(),
         token: None,
-        login: Default::default(),
         status: std::sync::Arc::new(chaperone_collector::ingest::IngestStatus::new(0)),
         clock,
         metrics: chaperone_collector::metrics::IngestMetrics::register(registry).unwrap(),
@@ -38,7 +37,7 @@ async fn serve_api(
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(chaperone_collector::api::serve(
         listener,
-        chaperone_collector::router(state),
+        chaperone_collector::router(state, Default::default()),
         stop.clone(),
     ));
     (api, stop)

@@ -4,6 +4,9 @@
 
 mod reconcile_support;
 
+use std::sync::Arc;
+
+use chaperone_collector::alerts::Incidents;
 use chaperone_collector::reconcile::{
     EdgeConfig, ReconcileConfig, ReconcileMetrics, Reconciler, VerdictStatus,
     latest_verdicts_by_topic, list_verdicts, verdict_history,
@@ -630,6 +633,7 @@ async fn run_evaluates_periodically_until_shutdown() {
         cfg,
         clock.clock(),
         chaperone_collector::ingest::Reach::default(),
+        Arc::new(Incidents::new(&config())),
         metrics,
         shutdown.clone(),
     ));
@@ -1142,7 +1146,13 @@ async fn tiers_with_different_bucket_widths_are_reported_not_silent() {
         .unwrap();
     let registry = prometheus::Registry::new();
     let metrics = ReconcileMetrics::new(&registry).unwrap();
-    let r2 = Reconciler::new(db.pool.clone(), config(), clock.clock(), metrics.clone());
+    let r2 = Reconciler::new(
+        db.pool.clone(),
+        config(),
+        clock.clock(),
+        metrics.clone(),
+        Arc::new(Incidents::new(&config())),
+    );
     let report = pass(&r2).await;
     assert_eq!(report.pending, 1, "stays queued while the mismatch lasts");
     assert!(verdict(&db.pool, "orders", R2A, start(0)).await.is_none());
@@ -1282,7 +1292,13 @@ async fn counts_summing_past_i64_max_are_reported_once_and_the_pass_judges_the_r
     let (_, clock) = reconciler(&db.pool, config(), end(1) + LATENESS + 1_000);
     let registry = prometheus::Registry::new();
     let metrics = ReconcileMetrics::new(&registry).unwrap();
-    let r = Reconciler::new(db.pool.clone(), config(), clock.clock(), metrics.clone());
+    let r = Reconciler::new(
+        db.pool.clone(),
+        config(),
+        clock.clock(),
+        metrics.clone(),
+        Arc::new(Incidents::new(&config())),
+    );
     // One bucket of `hostile` is fine on each cluster, and past i64::MAX summed over both.
     for topic in ["orders", "hostile"] {
         flow(&db, topic, 0, 10, 10, 10).await;

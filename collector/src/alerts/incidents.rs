@@ -1,13 +1,15 @@
 //! Incidents and the outbox, as the reconciler records them: for every changed topic-level
 //! verdict of an alerting edge, inside the reconciler's transaction, the incident it opens,
-//! joins or resolves and the event the sender will fan out to webhooks. Data flows one way:
-//! reconcile calls this; the sender reads what it wrote.
+//! joins or resolves and the event the sender will fan out to webhooks. [`Incidents`] is the
+//! reconciler's [`IncidentRecorder`]; the sender reads what it wrote.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, Transaction};
+use sqlx::PgConnection;
 
 use super::payload::EventData;
-use crate::model::VerdictStatus;
+use crate::reconcile::config::millis;
+use crate::reconcile::{ChangedVerdict, IncidentRecorder, ReconcileConfig, Recording};
+use crate::store::Prune;
 
 /// Why an incident could not be recorded; the reconciler's transaction rolls back.
 #[derive(Debug, thiserror::Error)]
@@ -21,38 +23,51 @@ pub enum IncidentError {
     Payload(#[from] serde_json::Error),
 }
 
-/// A changed topic-level verdict.
+/// The reconciler's [`IncidentRecorder`]: incidents and outbox events in `alert_*`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ChangedVerdict<'a> {
-    pub topic: &'a str,
-    pub edge: &'a str,
-    /// '' for edges summed over datacenters.
-    pub datacenter: &'a str,
-    pub from_tier: &'a str,
-    pub to_tier: &'a str,
-    /// The new verdict.
-    pub status: VerdictStatus,
-    pub silent_tier: Option<&'a str>,
-    pub bucket_start_ms: i64,
-    pub bucket_width_ms: i64,
-    pub expected: i64,
-    pub actual: i64,
-    /// Whether the verdict it replaces was bad.
-    pub was_bad: bool,
-    /// The incident of the verdict it replaces.
-    pub incident_id: Option<i64>,
+pub struct Incidents {
+    policy: Policy,
+}
+
+impl Incidents {
+    /// Incidents superseded as `config` says (`incident_gap`, `escalate_factor`,
+    /// `escalate_min`).
+    pub fn new(config: &ReconcileConfig) -> Self {
+        Self {
+            policy: Policy {
+                incident_gap_ms: millis(config.incident_gap),
+                escalate_factor: config.escalate_factor,
+                escalate_min: i64::try_from(config.escalate_min).unwrap_or(i64::MAX),
+            },
+        }
+    }
+}
+
+impl IncidentRecorder for Incidents {
+    fn record<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        change: &'a ChangedVerdict<'a>,
+        now: DateTime<Utc>,
+    ) -> Recording<'a> {
+        Box::pin(async move { Ok(record(conn, change, &self.policy, now).await?) })
+    }
+
+    fn prune(&self) -> &'static [Prune] {
+        super::PRUNE
+    }
 }
 
 /// When an open incident is superseded by a new one (which notifies), so that it never mutes
 /// a topic for good.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Policy {
+struct Policy {
     /// A loss whose bucket starts this long after the incident's last bad bucket, ms.
-    pub incident_gap_ms: i64,
+    incident_gap_ms: i64,
     /// A loss at least this many times the incident's largest.
-    pub escalate_factor: u32,
+    escalate_factor: u32,
     /// ... and at least this many messages.
-    pub escalate_min: i64,
+    escalate_min: i64,
 }
 
 /// An incident row as the outbox payload needs it.
@@ -71,8 +86,8 @@ const INCIDENT_COLUMNS: &str =
 /// Opens, joins or resolves the incident of a changed topic-level verdict and writes the
 /// outbox event, in the caller's transaction. Returns the verdict's incident id (the one it
 /// had when it does not belong to one now).
-pub(crate) async fn record(
-    tx: &mut Transaction<'_, Postgres>,
+async fn record(
+    conn: &mut PgConnection,
     c: &ChangedVerdict<'_>,
     policy: &Policy,
     now: DateTime<Utc>,
@@ -89,12 +104,12 @@ pub(crate) async fn record(
                 ))
                 .bind(id)
                 .bind(missing)
-                .fetch_one(&mut **tx)
+                .fetch_one(&mut *conn)
                 .await?
             }
-            None => join_or_open(tx, c, missing, policy, now).await?,
+            None => join_or_open(conn, c, missing, policy, now).await?,
         };
-        insert_event(tx, "bad_bucket", c, &row, None, now).await?;
+        insert_event(conn, "bad_bucket", c, &row, None, now).await?;
         return Ok(Some(row.id));
     }
     let Some(id) = old_incident.filter(|_| was_bad) else {
@@ -105,7 +120,7 @@ pub(crate) async fn record(
           WHERE id = $1 RETURNING {INCIDENT_COLUMNS}"
     ))
     .bind(id)
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *conn)
     .await?;
     if row.bad_buckets <= 0 {
         sqlx::query(
@@ -114,13 +129,13 @@ pub(crate) async fn record(
         )
         .bind(id)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await?;
         tracing::info!(
             incident_id = id, topic = %c.topic, edge = %c.edge,
             "incident resolved"
         );
-        insert_event(tx, "resolved", c, &row, Some(now), now).await?;
+        insert_event(conn, "resolved", c, &row, Some(now), now).await?;
     }
     Ok(Some(id))
 }
@@ -130,7 +145,7 @@ pub(crate) async fn record(
 /// of its buckets (`escalate_factor`, and at least `escalate_min`) or comes `incident_gap` after its last bad bucket: an
 /// open incident never mutes a topic for good.
 async fn join_or_open(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     c: &ChangedVerdict<'_>,
     missing: i64,
     policy: &Policy,
@@ -144,7 +159,7 @@ async fn join_or_open(
     .bind(c.topic)
     .bind(c.edge)
     .bind(c.datacenter)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *conn)
     .await?;
     let open = match open {
         Some((id, last, max_missing)) => {
@@ -159,7 +174,7 @@ async fn join_or_open(
                 )
                 .bind(id)
                 .bind(now)
-                .execute(&mut **tx)
+                .execute(&mut *conn)
                 .await?;
                 tracing::warn!(
                     incident_id = id, topic = %c.topic, edge = %c.edge,
@@ -186,7 +201,7 @@ async fn join_or_open(
             .bind(id)
             .bind(c.bucket_start_ms)
             .bind(missing)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *conn)
             .await?
         }
         None => {
@@ -206,7 +221,7 @@ async fn join_or_open(
             .bind(c.bucket_start_ms)
             .bind(missing)
             .bind(now)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *conn)
             .await?;
             tracing::warn!(
                 topic = %c.topic, edge = %c.edge, datacenter = %c.datacenter,
@@ -219,7 +234,7 @@ async fn join_or_open(
 }
 
 async fn insert_event(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     kind: &str,
     c: &ChangedVerdict<'_>,
     incident: &IncidentRow,
@@ -251,7 +266,7 @@ async fn insert_event(
     .bind(kind)
     .bind(serde_json::to_string(&data)?)
     .bind(now)
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }

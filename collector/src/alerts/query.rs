@@ -55,9 +55,9 @@ impl FromStr for IncidentStatus {
     }
 }
 
-/// One incident as served by `/api/v1/alerts`.
+/// One incident as `/api/v1/alerts` and the incident page show it.
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
-pub struct Alert {
+pub struct Incident {
     /// Incident id (also in webhook bodies).
     pub id: i64,
     /// Logical topic.
@@ -70,7 +70,7 @@ pub struct Alert {
     pub from_tier: String,
     /// Downstream tier.
     pub to_tier: String,
-    /// `open` or `resolved`.
+    /// `open`, `resolved` or `superseded`.
     pub status: String,
     /// Bucket width, ms.
     pub bucket_width_ms: i64,
@@ -86,7 +86,7 @@ pub struct Alert {
     pub max_missing: i64,
     /// When opened (reconciler clock).
     pub opened_at: DateTime<Utc>,
-    /// When resolved.
+    /// When resolved or superseded.
     pub resolved_at: Option<DateTime<Utc>>,
     /// Webhook notifications delivered for this incident.
     pub notifications_sent: i64,
@@ -95,12 +95,13 @@ pub struct Alert {
     /// Webhook notifications parked: refused `alerts.max_attempts` times or still failing
     /// after `alerts.max_age`, never tried again (see each delivery's `last_error`).
     pub notifications_parked: i64,
-    /// Each notification of this incident: where it stands, and why the last attempt failed.
+    /// Each notification of this incident, oldest first: where it stands, and why the last
+    /// attempt failed.
     #[sqlx(skip)]
     pub deliveries: Vec<Delivery>,
 }
 
-/// One notification of an incident to one webhook, as served by `/api/v1/alerts`.
+/// One notification of an incident to one webhook.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Delivery {
     /// Incident notified.
@@ -128,7 +129,21 @@ pub struct Delivery {
     /// Why the last attempt failed (the webhook's URL shown as scheme, host and port only,
     /// then the receiver's answer, cut after its first 256 bytes); null once sent.
     pub last_error: Option<String>,
+    /// When the notification was created.
+    #[serde(skip)]
+    pub created_at: DateTime<Utc>,
 }
+
+const INCIDENT_COLUMNS: &str = "i.id, i.topic, i.edge, i.datacenter, i.from_tier, i.to_tier, \
+     i.status, i.bucket_width_ms, i.first_bucket_start_ms, i.last_bucket_start_ms, i.buckets, \
+     i.bad_buckets, i.max_missing, i.opened_at, i.resolved_at, \
+     (SELECT count(*) FROM alert_deliveries d \
+       WHERE d.incident_id = i.id AND d.sent_at IS NOT NULL) AS notifications_sent, \
+     (SELECT count(*) FROM alert_deliveries d \
+       WHERE d.incident_id = i.id AND d.sent_at IS NULL \
+         AND d.parked_at IS NULL) AS notifications_pending, \
+     (SELECT count(*) FROM alert_deliveries d \
+       WHERE d.incident_id = i.id AND d.parked_at IS NOT NULL) AS notifications_parked";
 
 /// Incidents, newest first, optionally of one status, at most `limit` (capped at 10 000),
 /// each with its notifications.
@@ -136,34 +151,47 @@ pub async fn list_alerts(
     pool: &PgPool,
     status: Option<IncidentStatus>,
     limit: i64,
-) -> Result<Vec<Alert>, sqlx::Error> {
-    let mut alerts: Vec<Alert> = sqlx::query_as(
-        "SELECT i.id, i.topic, i.edge, i.datacenter, i.from_tier, i.to_tier, i.status,
-                i.bucket_width_ms, i.first_bucket_start_ms, i.last_bucket_start_ms, i.buckets,
-                i.bad_buckets, i.max_missing, i.opened_at, i.resolved_at,
-                (SELECT count(*) FROM alert_deliveries d
-                  WHERE d.incident_id = i.id AND d.sent_at IS NOT NULL) AS notifications_sent,
-                (SELECT count(*) FROM alert_deliveries d
-                  WHERE d.incident_id = i.id AND d.sent_at IS NULL
-                    AND d.parked_at IS NULL) AS notifications_pending,
-                (SELECT count(*) FROM alert_deliveries d
-                  WHERE d.incident_id = i.id AND d.parked_at IS NOT NULL) AS notifications_parked
+) -> Result<Vec<Incident>, sqlx::Error> {
+    let incidents: Vec<Incident> = sqlx::query_as(&format!(
+        "SELECT {INCIDENT_COLUMNS}
            FROM alert_incidents i
           WHERE ($1::text IS NULL OR i.status = $1)
           ORDER BY i.id DESC
-          LIMIT $2",
-    )
+          LIMIT $2"
+    ))
     .bind(status.map(IncidentStatus::as_str))
     .bind(limit.clamp(0, 10_000))
     .fetch_all(pool)
     .await?;
-    let ids: Vec<i64> = alerts.iter().map(|a| a.id).collect();
+    with_deliveries(pool, incidents).await
+}
+
+/// Incident `id` with its notifications, if there is one.
+pub async fn incident(pool: &PgPool, id: i64) -> Result<Option<Incident>, sqlx::Error> {
+    let incident: Option<Incident> = sqlx::query_as(&format!(
+        "SELECT {INCIDENT_COLUMNS} FROM alert_incidents i WHERE i.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(with_deliveries(pool, incident.into_iter().collect())
+        .await?
+        .pop())
+}
+
+/// `incidents` with their notifications filled in.
+async fn with_deliveries(
+    pool: &PgPool,
+    mut incidents: Vec<Incident>,
+) -> Result<Vec<Incident>, sqlx::Error> {
+    let ids: Vec<i64> = incidents.iter().map(|a| a.id).collect();
     let deliveries: Vec<Delivery> = sqlx::query_as(
         "SELECT incident_id, webhook, kind,
                 CASE WHEN sent_at IS NOT NULL THEN 'sent'
                      WHEN parked_at IS NOT NULL THEN 'parked'
                      ELSE 'pending' END AS state,
-                attempts, refusals, sent_at, next_attempt_at, parked_at, last_status, last_error
+                attempts, refusals, sent_at, next_attempt_at, parked_at, last_status, last_error,
+                created_at
            FROM alert_deliveries
           WHERE incident_id = ANY($1)
           ORDER BY incident_id, id",
@@ -172,106 +200,9 @@ pub async fn list_alerts(
     .fetch_all(pool)
     .await?;
     for delivery in deliveries {
-        if let Some(alert) = alerts.iter_mut().find(|a| a.id == delivery.incident_id) {
-            alert.deliveries.push(delivery);
+        if let Some(incident) = incidents.iter_mut().find(|a| a.id == delivery.incident_id) {
+            incident.deliveries.push(delivery);
         }
     }
-    Ok(alerts)
-}
-
-/// One webhook notification of an incident and how its delivery went.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct IncidentDelivery {
-    /// Webhook name.
-    pub webhook: String,
-    /// `firing` or `resolved`.
-    pub kind: String,
-    /// POSTs tried so far.
-    pub attempts: i32,
-    /// When the receiver accepted it; `None` while pending or parked.
-    pub sent_at: Option<DateTime<Utc>>,
-    /// When the next attempt is due, while pending.
-    pub next_attempt_at: DateTime<Utc>,
-    /// When it was parked (never tried again).
-    pub parked_at: Option<DateTime<Utc>>,
-    /// HTTP status of the last failed attempt's answer, if there was one.
-    pub last_status: Option<i32>,
-    /// Why the last attempt failed.
-    pub last_error: Option<String>,
-    /// When the notification was created.
-    pub created_at: DateTime<Utc>,
-}
-
-impl IncidentDelivery {
-    /// `sent`, `parked` or `pending`, as the API's `state`.
-    pub fn state(&self) -> &'static str {
-        if self.sent_at.is_some() {
-            "sent"
-        } else if self.parked_at.is_some() {
-            "parked"
-        } else {
-            "pending"
-        }
-    }
-}
-
-/// Every notification of incident `id`, oldest first.
-pub async fn incident_deliveries(
-    pool: &PgPool,
-    id: i64,
-) -> Result<Vec<IncidentDelivery>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT webhook, kind, attempts, sent_at, next_attempt_at, parked_at, last_status,
-                last_error, created_at
-           FROM alert_deliveries
-          WHERE incident_id = $1
-          ORDER BY id",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await
-}
-
-/// One incident as stored.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct Incident {
-    /// Incident id (also in webhook bodies).
-    pub id: i64,
-    /// Logical topic.
-    pub topic: String,
-    /// Edge name.
-    pub edge: String,
-    /// Datacenter compared, '' when the edge sums over datacenters.
-    pub datacenter: String,
-    /// `open`, `resolved` or `superseded`.
-    pub status: String,
-    /// Bucket width, ms.
-    pub bucket_width_ms: i64,
-    /// First bucket that joined, epoch ms.
-    pub first_bucket_start_ms: i64,
-    /// Last bucket that joined, epoch ms.
-    pub last_bucket_start_ms: i64,
-    /// Buckets that joined.
-    pub buckets: i32,
-    /// Buckets still bad.
-    pub bad_buckets: i32,
-    /// Largest missing count of one bucket.
-    pub max_missing: i64,
-    /// When opened.
-    pub opened_at: DateTime<Utc>,
-    /// When resolved or superseded.
-    pub resolved_at: Option<DateTime<Utc>>,
-}
-
-/// Incident `id`, if there is one.
-pub async fn incident(pool: &PgPool, id: i64) -> Result<Option<Incident>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, topic, edge, datacenter, status, bucket_width_ms, first_bucket_start_ms,
-                last_bucket_start_ms, buckets, bad_buckets, max_missing, opened_at, resolved_at
-           FROM alert_incidents
-          WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await
+    Ok(incidents)
 }

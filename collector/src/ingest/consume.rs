@@ -20,11 +20,11 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::config::{ClusterConfig, IngestConfig};
 use super::decode::{Consumed, decode};
 use super::rate_limit::RateLimit;
 use super::reach::{PROBE_INTERVAL, PROBE_TIMEOUT, Reach};
 use super::status::IngestStatus;
-use crate::config::{ClusterConfig, IngestConfig};
 use crate::job::{First, Pace, Periodic};
 use crate::metrics::IngestMetrics;
 use crate::store;

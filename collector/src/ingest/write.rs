@@ -15,13 +15,13 @@ use chaperone_audit::{AuditRecord, Counts};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 
+use super::config::IngestConfig;
 use super::consume::{Event, Source, Stored};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::decode::{Consumed, Origin, Rejected};
 use super::rate_limit::RateLimit;
 use super::retry::{GaveUp, RetryPolicy};
 use super::status::IngestStatus;
-use crate::config::IngestConfig;
 use crate::metrics::IngestMetrics;
 use crate::store::{self, BatchOutcome, ConsumedOffset, StoreError, data_error_label};
 

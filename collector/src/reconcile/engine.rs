@@ -8,14 +8,16 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 
+use super::changes::{ChangedVerdict, IncidentRecorder, RecordError};
 use super::config::{ReconcileConfig, millis};
 use super::metrics::ReconcileMetrics;
+use super::query;
 use super::verdict::{
-    BucketKey, Computed, CountRow, Findings, Mark, ProgressRow, SourcesPassed, Times, VerdictKey,
-    VerdictStatus, judge_bucket,
+    Computed, Findings, ProgressRow, SourcesPassed, Times, VerdictKey, VerdictStatus, judge_bucket,
 };
-use crate::alerts::incidents::{self, ChangedVerdict, IncidentError, Policy};
 use crate::ingest::Reach;
+use crate::model::BucketKey;
+use crate::store::evidence::{self, Silence, key_columns};
 
 /// Advisory lock key (hashed by PostgreSQL) held by every reconciler transaction.
 const LOCK_KEY: &str = "chaperone-reconcile";
@@ -33,10 +35,7 @@ pub enum ReconcileError {
     Database(#[from] sqlx::Error),
     /// The incident or outbox event of a verdict change could not be recorded.
     #[error("recording an incident: {0}")]
-    Incident(#[from] IncidentError),
-    /// A stored verdict holds a status this version does not know.
-    #[error("stored verdict has unknown status `{0}`")]
-    UnknownStatus(String),
+    Incident(#[source] RecordError),
 }
 
 /// What one pass did.
@@ -114,31 +113,6 @@ impl Notices {
     }
 }
 
-/// The staleness rule (docs/verdicts.md) on an observer's `last_seen`, the collector's time of
-/// its latest progress, `last_emitted`, that progress's own time, and `source`, the cluster
-/// it reports through: silent for `instance_timeout` on the collector's clock (`$seen_before`
-/// binds `now - instance_timeout`) and against the newest progress of any observer
-/// (`$timeout` binds it in ms), so that a collector that lags behind its audit topics does
-/// not find everyone stale; and silent for that long while its cluster was reachable
-/// (`$reach` and the parameter after it bind [`Reach::columns`]), so that a cluster that
-/// does not answer does not make everyone reporting through it stale.
-fn stale_sql(
-    last_seen: &str,
-    last_emitted: &str,
-    source: &str,
-    seen_before: u8,
-    timeout: u8,
-    reach: u8,
-) -> String {
-    let since = reach + 1;
-    format!(
-        "({last_seen} < ${seen_before} AND {last_emitted} < \
-         (SELECT max(last_emitted_ms) FROM audit_progress) - ${timeout} AND NOT EXISTS \
-         (SELECT 1 FROM UNNEST(${reach}::text[], ${since}::timestamptz[]) AS r(alias, since) \
-           WHERE r.alias = {source} AND (r.since IS NULL OR r.since >= ${seen_before})))"
-    )
-}
-
 #[derive(Debug, Clone)]
 struct Existing {
     status: VerdictStatus,
@@ -175,12 +149,20 @@ pub(crate) async fn pass(
     config: &ReconcileConfig,
     now: DateTime<Utc>,
     reach: &Reach,
+    incidents: &dyn IncidentRecorder,
     metrics: &ReconcileMetrics,
     notices: &Mutex<Notices>,
 ) -> Result<PassReport, ReconcileError> {
     let mut report = PassReport {
         queued: enqueue(pool, config, now).await?,
         ..PassReport::default()
+    };
+    let (aliases, reachable_since) = reach.columns();
+    let silence = Silence {
+        seen_before: now - chrono::Duration::milliseconds(millis(config.instance_timeout)),
+        timeout_ms: millis(config.instance_timeout),
+        aliases: &aliases,
+        reachable_since: &reachable_since,
     };
     let mut after: Option<BucketKey> = None;
     let mut findings = Findings::default();
@@ -195,14 +177,14 @@ pub(crate) async fn pass(
         after = Some(last.key.clone());
         let keys: Vec<BucketKey> = pending.iter().map(|q| q.key.clone()).collect();
         report.evaluated += keys.len() as u64;
-        let counts = load_counts(&mut tx, &keys, &config.tier_like_patterns()).await?;
+        let counts = evidence::cell_counts(&mut tx, &keys, &config.tier_like_patterns()).await?;
         let topics: Vec<String> = keys
             .iter()
             .map(|k| k.topic.clone())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let progress = load_progress(&mut tx, &topics, config, now, reach).await?;
+        let progress = load_progress(&mut tx, &topics, config, &silence).await?;
         let existing = load_verdicts(&mut tx, &keys).await?;
         let mut sources = load_sources_passed(&mut tx, &keys).await?;
         let mut newly_passed: Vec<(BucketKey, String, i64)> = Vec::new();
@@ -263,7 +245,7 @@ pub(crate) async fn pass(
             }
         }
         report.changed +=
-            write_verdicts(&mut tx, computed, &existing, config, now, metrics).await?;
+            write_verdicts(&mut tx, computed, &existing, incidents, now, metrics).await?;
         delete_pending(&mut tx, &done).await?;
         store_sources_passed(&mut tx, &newly_passed).await?;
         tx.commit().await?;
@@ -282,7 +264,7 @@ pub(crate) async fn pass(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .widths(findings.mismatches);
-    refresh_stale_instances(pool, config, now, reach, metrics, notices).await?;
+    refresh_stale_instances(pool, config, now, &silence, metrics, notices).await?;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM reconcile_pending")
         .fetch_one(pool)
         .await?;
@@ -298,33 +280,32 @@ pub(crate) async fn pass(
     Ok(report)
 }
 
-/// Queues every bucket whose counts changed and removes the changes it took.
-///
-/// Ingest writers commit concurrently, so the order of their change numbers says nothing
-/// about the order in which they become visible; instead of reading past a cursor, each
-/// pass takes (deletes) exactly the changes its snapshot sees, and a change committed later
-/// is still there for the next pass.
+/// Queues every bucket whose counts changed (taking the changes, see
+/// [`evidence::take_changed_buckets`]) and forgets when producers passed buckets past the
+/// lookback.
 async fn enqueue(
     pool: &PgPool,
     config: &ReconcileConfig,
     now: DateTime<Utc>,
 ) -> Result<u64, ReconcileError> {
+    let oldest_end = now.timestamp_millis() - millis(config.lookback);
     let mut tx = pool.begin().await?;
     lock(&mut tx).await?;
+    let changed =
+        evidence::take_changed_buckets(&mut tx, &config.tier_like_patterns(), oldest_end).await?;
+    let (topics, starts, widths) = key_columns(&changed);
     let queued = sqlx::query(
-        "WITH taken AS (DELETE FROM audit_count_changes
-                         RETURNING topic, bucket_start_ms, bucket_width_ms, tier)
-         INSERT INTO reconcile_pending (topic, bucket_start_ms, bucket_width_ms, queued_at,
+        "INSERT INTO reconcile_pending (topic, bucket_start_ms, bucket_width_ms, queued_at,
              first_queued_at)
-         SELECT DISTINCT topic, bucket_start_ms, bucket_width_ms, $2::timestamptz, $2::timestamptz
-           FROM taken
-          WHERE tier LIKE ANY($1) AND bucket_start_ms + bucket_width_ms >= $3
+         SELECT topic, start_ms, width_ms, $4::timestamptz, $4::timestamptz
+           FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
          ON CONFLICT (topic, bucket_start_ms, bucket_width_ms)
          DO UPDATE SET queued_at = EXCLUDED.queued_at",
     )
-    .bind(config.tier_like_patterns())
+    .bind(topics)
+    .bind(starts)
+    .bind(widths)
     .bind(now)
-    .bind(now.timestamp_millis() - millis(config.lookback))
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -333,7 +314,7 @@ async fn enqueue(
         "DELETE FROM reconcile_sources_passed
           WHERE bucket_start_ms < $1 AND bucket_start_ms + bucket_width_ms < $1",
     )
-    .bind(now.timestamp_millis() - millis(config.lookback))
+    .bind(oldest_end)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -392,121 +373,21 @@ async fn next_pending(
         .collect())
 }
 
-fn key_arrays(keys: &[BucketKey]) -> (Vec<String>, Vec<i64>, Vec<i64>) {
-    (
-        keys.iter().map(|k| k.topic.clone()).collect(),
-        keys.iter().map(|k| k.start).collect(),
-        keys.iter().map(|k| k.width).collect(),
-    )
-}
-
-async fn load_counts(
-    tx: &mut Transaction<'_, Postgres>,
-    keys: &[BucketKey],
-    tiers: &[String],
-) -> Result<HashMap<BucketKey, Vec<CountRow>>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct CountSumRow {
-        topic: String,
-        bucket_start_ms: i64,
-        bucket_width_ms: i64,
-        tier: String,
-        datacenter: String,
-        partition: i32,
-        count: Option<i64>,
-    }
-    let (topics, starts, widths) = key_arrays(keys);
-    // The sum over clusters is `numeric`; one that does not fit in a bigint comes back NULL
-    // (the judgement reports the cell), not as an error that would fail the pass.
-    let rows: Vec<CountSumRow> = sqlx::query_as(
-        "SELECT c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.partition,
-                CASE WHEN sum(c.count) BETWEEN -9223372036854775808 AND 9223372036854775807
-                     THEN sum(c.count)::bigint END AS count
-           FROM audit_counts c
-           JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
-             ON c.topic = k.topic AND c.bucket_start_ms = k.start_ms
-            AND c.bucket_width_ms = k.width_ms
-          WHERE c.tier LIKE ANY($4)
-          GROUP BY c.topic, c.bucket_start_ms, c.bucket_width_ms, c.tier, c.datacenter, c.partition",
-    )
-    .bind(topics)
-    .bind(starts)
-    .bind(widths)
-    .bind(tiers)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut out: HashMap<BucketKey, Vec<CountRow>> = HashMap::new();
-    for r in rows {
-        let key = BucketKey {
-            topic: r.topic,
-            start: r.bucket_start_ms,
-            width: r.bucket_width_ms,
-        };
-        out.entry(key).or_default().push(CountRow {
-            tier: r.tier,
-            datacenter: r.datacenter,
-            partition: r.partition,
-            count: r.count,
-        });
-    }
-    Ok(out)
-}
-
+/// Every observer's progress in `topics`, per topic.
 async fn load_progress(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
     config: &ReconcileConfig,
-    now: DateTime<Utc>,
-    reach: &Reach,
+    silence: &Silence<'_>,
 ) -> Result<HashMap<String, Vec<ProgressRow>>, sqlx::Error> {
-    let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
-    let (aliases, since) = reach.columns();
-    #[derive(sqlx::FromRow)]
-    struct ProgressMarkRow {
-        topic: String,
-        tier: String,
-        datacenter: String,
-        partition: i32,
-        observer: String,
-        watermark_ms: i64,
-        last_emitted_ms: i64,
-        consumer: bool,
-        closing: bool,
-        stale: bool,
-        bucket_width_ms: i64,
-    }
-    let rows: Vec<ProgressMarkRow> = sqlx::query_as(&format!(
-        "SELECT topic, tier, datacenter, partition, host || '/' || instance AS observer,
-                watermark_ms, last_emitted_ms,
-                tier IN (SELECT tier FROM consumer_tiers) AS consumer, closing,
-                {stale} AS stale, bucket_width_ms
-           FROM audit_progress
-          WHERE topic = ANY($1) AND tier LIKE ANY($2)",
-        stale = stale_sql("last_seen_at", "last_emitted_ms", "source", 3, 4, 5),
-    ))
-    .bind(topics)
-    .bind(config.tier_like_patterns())
-    .bind(stale_before)
-    .bind(millis(config.instance_timeout))
-    .bind(&aliases)
-    .bind(&since)
-    .fetch_all(&mut **tx)
-    .await?;
+    let marks = evidence::progress_marks(tx, topics, &config.tier_like_patterns(), silence).await?;
     let mut out: HashMap<String, Vec<ProgressRow>> = HashMap::new();
-    for r in rows {
+    for r in marks {
         out.entry(r.topic).or_default().push(ProgressRow {
             tier: r.tier,
             datacenter: r.datacenter,
             width: r.bucket_width_ms,
-            mark: Mark {
-                partition: r.partition,
-                observer: r.observer,
-                watermark_ms: r.watermark_ms,
-                last_emitted_ms: r.last_emitted_ms,
-                consumer: r.consumer,
-                closing: r.closing,
-                stale: r.stale,
-            },
+            mark: r.mark,
         });
     }
     Ok(out)
@@ -516,61 +397,30 @@ async fn load_verdicts(
     tx: &mut Transaction<'_, Postgres>,
     keys: &[BucketKey],
 ) -> Result<HashMap<VerdictKey, Existing>, ReconcileError> {
-    #[derive(sqlx::FromRow)]
-    struct StoredVerdictRow {
-        edge: String,
-        topic: String,
-        datacenter: String,
-        partition: i32,
-        bucket_start_ms: i64,
-        bucket_width_ms: i64,
-        status: String,
-        expected: i64,
-        actual: i64,
-        silent_tier: Option<String>,
-        incident_id: Option<i64>,
-        stale_instances: Vec<String>,
-    }
-    let (topics, starts, widths) = key_arrays(keys);
-    let rows: Vec<StoredVerdictRow> = sqlx::query_as(
-        "SELECT v.edge, v.topic, v.datacenter, v.partition, v.bucket_start_ms, v.bucket_width_ms,
-                v.status, v.expected, v.actual, v.silent_tier, v.incident_id, v.stale_instances
-           FROM reconcile_verdicts v
-           JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
-             ON v.topic = k.topic AND v.bucket_start_ms = k.start_ms
-            AND v.bucket_width_ms = k.width_ms",
-    )
-    .bind(topics)
-    .bind(starts)
-    .bind(widths)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut out = HashMap::new();
-    for r in rows {
-        let status = r
-            .status
-            .parse()
-            .map_err(|_| ReconcileError::UnknownStatus(r.status.clone()))?;
-        out.insert(
-            VerdictKey {
-                edge: r.edge,
-                topic: r.topic,
-                datacenter: r.datacenter,
-                partition: r.partition,
-                start: r.bucket_start_ms,
-                width: r.bucket_width_ms,
-            },
-            Existing {
-                status,
-                expected: r.expected,
-                actual: r.actual,
-                silent_tier: r.silent_tier,
-                stale_instances: r.stale_instances,
-                incident_id: r.incident_id,
-            },
-        );
-    }
-    Ok(out)
+    let stored = query::bucket_verdicts(tx, keys).await?;
+    Ok(stored
+        .into_iter()
+        .map(|v| {
+            (
+                VerdictKey {
+                    edge: v.edge,
+                    topic: v.topic,
+                    datacenter: v.datacenter.unwrap_or_default(),
+                    partition: v.partition.unwrap_or(-1),
+                    start: v.bucket_start_ms,
+                    width: v.bucket_width_ms,
+                },
+                Existing {
+                    status: v.status,
+                    expected: v.expected,
+                    actual: v.actual,
+                    silent_tier: v.silent_tier,
+                    stale_instances: v.stale_instances,
+                    incident_id: v.incident_id,
+                },
+            )
+        })
+        .collect())
 }
 
 /// When the producers of each datacenter passed each bucket, as far as already seen.
@@ -586,7 +436,7 @@ async fn load_sources_passed(
         datacenter: String,
         passed_at_ms: i64,
     }
-    let (topics, starts, widths) = key_arrays(keys);
+    let (topics, starts, widths) = key_columns(keys);
     let rows: Vec<PassedRow> = sqlx::query_as(
         "SELECT s.topic, s.bucket_start_ms, s.bucket_width_ms, s.datacenter, s.passed_at_ms
            FROM reconcile_sources_passed s
@@ -622,7 +472,7 @@ async fn store_sources_passed(
         return Ok(());
     }
     let keys: Vec<BucketKey> = passed.iter().map(|(k, _, _)| k.clone()).collect();
-    let (topics, starts, widths) = key_arrays(&keys);
+    let (topics, starts, widths) = key_columns(&keys);
     let datacenters: Vec<&str> = passed.iter().map(|(_, dc, _)| dc.as_str()).collect();
     let at: Vec<i64> = passed.iter().map(|&(_, _, at)| at).collect();
     sqlx::query(
@@ -648,7 +498,7 @@ async fn delete_pending(
     if done.is_empty() {
         return Ok(());
     }
-    let (topics, starts, widths) = key_arrays(done);
+    let (topics, starts, widths) = key_columns(done);
     sqlx::query(
         "DELETE FROM reconcile_pending p
           USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)
@@ -669,7 +519,7 @@ async fn write_verdicts(
     tx: &mut Transaction<'_, Postgres>,
     computed: Vec<Computed>,
     existing: &HashMap<VerdictKey, Existing>,
-    config: &ReconcileConfig,
+    incidents: &dyn IncidentRecorder,
     now: DateTime<Utc>,
     metrics: &ReconcileMetrics,
 ) -> Result<u64, ReconcileError> {
@@ -709,12 +559,10 @@ async fn write_verdicts(
                 was_bad: old.is_some_and(|o| o.status.is_bad()),
                 incident_id: old.and_then(|o| o.incident_id),
             };
-            let policy = Policy {
-                incident_gap_ms: millis(config.incident_gap),
-                escalate_factor: config.escalate_factor,
-                escalate_min: i64::try_from(config.escalate_min).unwrap_or(i64::MAX),
-            };
-            incident_id = incidents::record(tx, &change, &policy, now).await?;
+            incident_id = incidents
+                .record(tx, &change, now)
+                .await
+                .map_err(ReconcileError::Incident)?;
         }
         // Judged counts and their differences fit (`judge_bucket`); saturating regardless.
         let difference = c.actual.saturating_sub(c.expected);
@@ -810,40 +658,18 @@ async fn refresh_stale_instances(
     pool: &PgPool,
     config: &ReconcileConfig,
     now: DateTime<Utc>,
-    reach: &Reach,
+    silence: &Silence<'_>,
     metrics: &ReconcileMetrics,
     notices: &Mutex<Notices>,
 ) -> Result<(), sqlx::Error> {
-    let stale_before = now - chrono::Duration::milliseconds(millis(config.instance_timeout));
-    let (aliases, reachable_since) = reach.columns();
     let since = now - chrono::Duration::milliseconds(millis(config.lookback));
-    let rows: Vec<(String,)> = sqlx::query_as(&format!(
-        "SELECT tier || ':' || host || '/' || instance FROM audit_progress
-          WHERE tier LIKE ANY($3) AND tier NOT IN (SELECT tier FROM consumer_tiers)
-          GROUP BY tier, host, instance
-         HAVING NOT bool_and(closing) AND max(last_seen_at) >= $2 AND {stale}",
-        stale = stale_sql(
-            "max(last_seen_at)",
-            "max(last_emitted_ms)",
-            "max(source)",
-            1,
-            4,
-            5
-        ),
-    ))
-    .bind(stale_before)
-    .bind(since)
-    .bind(config.tier_like_patterns())
-    .bind(millis(config.instance_timeout))
-    .bind(&aliases)
-    .bind(&reachable_since)
-    .fetch_all(pool)
-    .await?;
-    metrics.stale_instances.set(rows.len() as i64);
+    let stale =
+        evidence::stale_observers(pool, &config.tier_like_patterns(), since, silence).await?;
+    metrics.stale_instances.set(stale.len() as i64);
     notices
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .stale(rows.into_iter().map(|(s,)| s).collect());
+        .stale(stale.into_iter().collect());
     Ok(())
 }
 

@@ -2,9 +2,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
-use crate::model::VerdictStatus;
+use crate::model::{BucketKey, VerdictStatus};
+use crate::store::evidence::key_columns;
 
 /// Most rows one listing returns.
 pub const MAX_ROWS: i64 = 10_000;
@@ -129,6 +130,26 @@ const VERDICT_COLUMNS: &str = "edge, topic, datacenter, partition, bucket_start_
      silent_tier, lag_ms, stale_instances, waiting_on, final_reason, incident_id, revisions, \
      first_judged_at, changed_at";
 
+/// Every verdict (topic-level and per partition) of the buckets `keys`, in no order; a stored
+/// status this version does not know fails the read.
+pub(crate) async fn bucket_verdicts(
+    conn: &mut PgConnection,
+    keys: &[BucketKey],
+) -> Result<Vec<Verdict>, sqlx::Error> {
+    let (topics, starts, widths) = key_columns(keys);
+    let rows: Vec<VerdictDbRow> = sqlx::query_as(&format!(
+        "SELECT {VERDICT_COLUMNS} FROM reconcile_verdicts
+          WHERE (topic, bucket_start_ms, bucket_width_ms) IN
+                (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]))"
+    ))
+    .bind(topics)
+    .bind(starts)
+    .bind(widths)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(Verdict::try_from).collect()
+}
+
 /// Verdicts of buckets starting in `[from_ms, to_ms)` (either bound optional), optionally of
 /// one status, newest bucket first, at most [`MAX_ROWS`].
 pub async fn list_verdicts(
@@ -237,41 +258,6 @@ pub async fn verdict_history(
 /// Most verdict rows the status page reads for one topic or incident.
 pub const MAX_VERDICTS: i64 = 20_000;
 
-/// One current verdict of a topic's bucket, as the pages show it.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct BucketVerdict {
-    /// Edge name.
-    pub edge: String,
-    /// Datacenter compared, '' when the edge sums over datacenters.
-    pub datacenter: String,
-    /// Partition, -1 for the whole topic.
-    pub partition: i32,
-    /// Bucket start, epoch ms.
-    pub bucket_start_ms: i64,
-    /// Bucket width, ms.
-    pub bucket_width_ms: i64,
-    /// Verdict as stored.
-    pub status: String,
-    /// Upstream count.
-    pub expected: i64,
-    /// Downstream count.
-    pub actual: i64,
-    /// `actual - expected`.
-    pub difference: i64,
-    /// Messages missing downstream.
-    pub missing: i64,
-    /// For `tier_silent`, the silent tier.
-    pub silent_tier: Option<String>,
-    /// For `lagging`, how far behind when judged, ms.
-    pub lag_ms: Option<i64>,
-    /// Incident the bucket belongs or belonged to.
-    pub incident_id: Option<i64>,
-    /// Changes after the first judgement.
-    pub revisions: i32,
-    /// When last changed.
-    pub changed_at: DateTime<Utc>,
-}
-
 /// Current verdicts of `topic` for buckets starting in `[from_ms, to_ms)`, topic-level and
 /// per partition, by bucket, edge, datacenter and partition; at most [`MAX_VERDICTS`].
 pub async fn topic_verdicts(
@@ -279,37 +265,33 @@ pub async fn topic_verdicts(
     topic: &str,
     from_ms: i64,
     to_ms: i64,
-) -> Result<Vec<BucketVerdict>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT edge, datacenter, partition, bucket_start_ms, bucket_width_ms, status, expected,
-                actual, difference, missing, silent_tier, lag_ms, incident_id, revisions,
-                changed_at
-           FROM reconcile_verdicts
+) -> Result<Vec<Verdict>, sqlx::Error> {
+    let rows: Vec<VerdictDbRow> = sqlx::query_as(&format!(
+        "SELECT {VERDICT_COLUMNS} FROM reconcile_verdicts
           WHERE topic = $1 AND bucket_start_ms >= $2 AND bucket_start_ms < $3
           ORDER BY bucket_start_ms, edge, datacenter, partition
-          LIMIT $4",
-    )
+          LIMIT $4"
+    ))
     .bind(topic)
     .bind(from_ms)
     .bind(to_ms)
     .bind(MAX_VERDICTS)
     .fetch_all(pool)
-    .await
+    .await?;
+    rows.into_iter().map(Verdict::try_from).collect()
 }
 
 /// The topic-level verdicts of the buckets that joined incident `id`, by bucket.
-pub async fn incident_verdicts(pool: &PgPool, id: i64) -> Result<Vec<BucketVerdict>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT edge, datacenter, partition, bucket_start_ms, bucket_width_ms, status, expected,
-                actual, difference, missing, silent_tier, lag_ms, incident_id, revisions,
-                changed_at
-           FROM reconcile_verdicts
+pub async fn incident_verdicts(pool: &PgPool, id: i64) -> Result<Vec<Verdict>, sqlx::Error> {
+    let rows: Vec<VerdictDbRow> = sqlx::query_as(&format!(
+        "SELECT {VERDICT_COLUMNS} FROM reconcile_verdicts
           WHERE incident_id = $1 AND partition = -1
           ORDER BY bucket_start_ms, edge, datacenter
-          LIMIT $2",
-    )
+          LIMIT $2"
+    ))
     .bind(id)
     .bind(MAX_VERDICTS)
     .fetch_all(pool)
-    .await
+    .await?;
+    rows.into_iter().map(Verdict::try_from).collect()
 }

@@ -9,11 +9,11 @@ use serde::{Deserialize, Serialize};
 mod bucket;
 
 pub(crate) use bucket::{
-    BucketKey, Computed, CountRow, Findings, ProgressRow, SourcesPassed, Times, VerdictKey,
-    judge_bucket,
+    Computed, Findings, ProgressRow, SourcesPassed, Times, VerdictKey, judge_bucket,
 };
 
 pub use crate::model::{UnknownStatus, VerdictStatus};
+pub use crate::store::evidence::Mark;
 
 /// Why a bucket was judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,30 +45,6 @@ pub enum Side {
     Upstream,
     /// The downstream (`to`) tier.
     Downstream,
-}
-
-/// One progress row: how far one observer (host + instance) got in one partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mark {
-    /// Partition, -1 when the observer does not know it.
-    pub partition: i32,
-    /// `host/instance` of the observer.
-    pub observer: String,
-    /// Event-time watermark, epoch ms.
-    pub watermark_ms: i64,
-    /// When the observer made its latest progress record (its clock), epoch ms.
-    pub last_emitted_ms: i64,
-    /// The observer consumes the partition with committed offsets (its tier reports
-    /// positions):
-    /// one owner at a time, handed over through the offsets, so the furthest mark of any
-    /// owner stands for the partition. Producer instances have no such hand-over.
-    pub consumer: bool,
-    /// The observer shut down cleanly after sending every count.
-    pub closing: bool,
-    /// No progress from the observer within `instance_timeout`, both on the collector's clock
-    /// and against the newest progress of any observer (so a collector that lags behind its
-    /// audit topics does not find everyone stale).
-    pub stale: bool,
 }
 
 /// The timing rules, in ms.

@@ -4,12 +4,39 @@
 //! its own days (counts and progress after `retention.days`; verdicts, their history and
 //! settled incidents after `reconcile.retention_days`).
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use sqlx::{PgPool, Postgres};
 
 use super::StoreError;
 use super::write::relax_commit;
 use crate::job::{First, Pace, Periodic};
+
+/// Deletion of old data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Buckets that started more than this many days ago are deleted, and so are record ids
+    /// and progress rows older than that. 0 keeps everything.
+    pub days: u32,
+    /// Rows deleted per statement, so retention never holds long locks.
+    pub batch_size: i64,
+    /// How often the retention job runs.
+    #[serde(with = "chaperone_audit::duration")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            days: 30,
+            batch_size: 5_000,
+            interval: Duration::from_secs(3_600),
+        }
+    }
+}
 
 /// One table's retention, in the stage that owns the table: a statement that deletes at most
 /// `$2` rows of `table` older than the cutoff `$1`, run until it deletes fewer.
@@ -176,7 +203,7 @@ pub struct Kept {
 /// and retried at the next interval.
 pub async fn run_retention(
     pool: PgPool,
-    config: crate::config::RetentionConfig,
+    config: RetentionConfig,
     kept: Vec<Kept>,
     clock: chaperone_daemon_support::Clock,
     metrics: crate::metrics::IngestMetrics,
@@ -205,7 +232,7 @@ pub async fn run_retention(
 /// One retention run at `now`.
 async fn run_once(
     pool: &PgPool,
-    config: &crate::config::RetentionConfig,
+    config: &RetentionConfig,
     kept: &[Kept],
     now: DateTime<Utc>,
     metrics: &crate::metrics::IngestMetrics,

@@ -7,9 +7,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::chart::{self, BadBucketMark};
 use super::format::{duration_ms, time, time_ms, utc_ms};
-use crate::alerts::Alert;
-use crate::alerts::query::{Incident, IncidentDelivery};
-use crate::reconcile::query::BucketVerdict;
+use crate::alerts::Incident;
 use crate::reconcile::{Verdict, VerdictChange, VerdictStatus};
 use crate::store::read::TierWatermark;
 use crate::store::{BucketSummary, LatencySummary, ParkedRow, TierSummary};
@@ -108,7 +106,7 @@ pub struct TopicLine {
     /// Latest topic-level verdict per edge and datacenter (as `/api/v1/topics`).
     pub verdicts: Vec<Verdict>,
     /// Open incidents of the topic (as `/api/v1/alerts?status=open`).
-    pub open_incidents: Vec<Alert>,
+    pub open_incidents: Vec<Incident>,
     /// Watermark of every tier.
     pub watermarks: Vec<TierWatermark>,
 }
@@ -148,7 +146,7 @@ pub struct IndexPage {
     /// `q` filter as given.
     pub q: Option<String>,
     /// Open incidents, newest first (the first few are listed).
-    pub open: Vec<Alert>,
+    pub open: Vec<Incident>,
     /// Records the dead-letter topic did not take: how many are parked, and the latest.
     pub parked: (i64, Vec<ParkedRow>),
     /// Show the logout button.
@@ -309,7 +307,7 @@ pub struct TopicPage {
     /// Every tier over the whole range, histograms merged exactly.
     pub range_tiers: Vec<TierSummary>,
     /// Current verdicts of the range, topic-level and per partition.
-    pub verdicts: Vec<BucketVerdict>,
+    pub verdicts: Vec<Verdict>,
     /// Every judgement and change of the range, oldest first.
     pub history: Vec<VerdictChange>,
     /// Watermark of every tier.
@@ -341,22 +339,23 @@ pub struct EdgeTotals {
 }
 
 /// [`EdgeTotals`] of the topic-level verdicts among `verdicts`, by edge and datacenter.
-pub fn edge_totals(verdicts: &[BucketVerdict]) -> Vec<EdgeTotals> {
+pub fn edge_totals(verdicts: &[Verdict]) -> Vec<EdgeTotals> {
     let mut by: std::collections::BTreeMap<(&str, &str), EdgeTotals> = Default::default();
-    for v in verdicts.iter().filter(|v| v.partition < 0) {
+    for v in verdicts.iter().filter(|v| v.partition.is_none()) {
+        let datacenter = v.datacenter.as_deref().unwrap_or("");
         let t = by
-            .entry((&v.edge, &v.datacenter))
+            .entry((&v.edge, datacenter))
             .or_insert_with(|| EdgeTotals {
                 edge: v.edge.clone(),
-                datacenter: v.datacenter.clone(),
+                datacenter: datacenter.to_owned(),
                 ..EdgeTotals::default()
             });
         t.buckets += 1;
-        t.bad += usize::from(v.status != "complete");
+        t.bad += usize::from(v.status != VerdictStatus::Complete);
         t.expected += v.expected;
         t.actual += v.actual;
         t.missing += v.missing;
-        if v.status == "duplicated" {
+        if v.status == VerdictStatus::Duplicated {
             t.duplicated += v.difference;
         }
     }
@@ -369,16 +368,17 @@ fn latency_cells(l: &LatencySummary) -> Markup {
     }
 }
 
-fn verdict_row(now: DateTime<Utc>, v: &BucketVerdict) -> Markup {
+fn verdict_row(now: DateTime<Utc>, v: &Verdict) -> Markup {
+    let datacenter = v.datacenter.as_deref().unwrap_or("");
     html! {
-        tr.verdict data-edge=(v.edge) data-datacenter=(v.datacenter) data-partition=(v.partition)
-            data-bucket=(v.bucket_start_ms) data-status=(v.status) data-expected=(v.expected)
+        tr.verdict data-edge=(v.edge) data-datacenter=(datacenter) data-partition=(v.partition.unwrap_or(-1))
+            data-bucket=(v.bucket_start_ms) data-status=(v.status.as_str()) data-expected=(v.expected)
             data-actual=(v.actual) data-difference=(v.difference) data-missing=(v.missing)
             data-revisions=(v.revisions) {
             td { (time_ms(now, v.bucket_start_ms)) }
-            td { (edge_label(&v.edge, Some(&v.datacenter))) }
-            @if v.partition >= 0 { td.n { (v.partition) } }
-            td { (badge(&v.status))
+            td { (edge_label(&v.edge, Some(datacenter))) }
+            @if let Some(partition) = v.partition { td.n { (partition) } }
+            td { (badge(v.status.as_str()))
                 @if let Some(t) = &v.silent_tier { " " span.muted { (t) " silent" } }
                 @if let Some(l) = v.lag_ms { " " span.muted { (duration_ms(l)) " behind" } } }
             td.n { (v.expected) } td.n { (v.actual) } td.n { (chart::signed(v.difference)) }
@@ -431,19 +431,25 @@ pub fn topic(p: &TopicPage) -> Markup {
     let marks: Vec<BadBucketMark> = p
         .verdicts
         .iter()
-        .filter(|v| v.partition < 0 && (v.status == "missing" || v.status == "duplicated"))
+        .filter(|v| {
+            v.partition.is_none()
+                && matches!(v.status, VerdictStatus::Missing | VerdictStatus::Duplicated)
+        })
         .map(|v| BadBucketMark {
             bucket_start_ms: v.bucket_start_ms,
             bucket_width_ms: v.bucket_width_ms,
-            status: v.status.clone(),
+            status: v.status.as_str().to_owned(),
             edge: v.edge.clone(),
             difference: v.difference,
         })
         .collect();
     let totals = edge_totals(&p.verdicts);
-    let (topic_level, partitions): (Vec<&BucketVerdict>, Vec<&BucketVerdict>) =
-        p.verdicts.iter().partition(|v| v.partition < 0);
-    let bad_partitions = partitions.iter().filter(|v| v.status != "complete").count();
+    let (topic_level, partitions): (Vec<&Verdict>, Vec<&Verdict>) =
+        p.verdicts.iter().partition(|v| v.partition.is_none());
+    let bad_partitions = partitions
+        .iter()
+        .filter(|v| v.status != VerdictStatus::Complete)
+        .count();
     let body = html! {
         h1 { "Topic " code { (p.topic) } }
         p.muted { "Buckets starting from " (time_ms(p.now, p.from_ms)) " to " (time_ms(p.now, p.to_ms)) }
@@ -524,12 +530,10 @@ pub fn topic(p: &TopicPage) -> Markup {
 pub struct IncidentPage {
     /// The collector's clock.
     pub now: DateTime<Utc>,
-    /// The incident.
+    /// The incident, with its webhook notifications.
     pub incident: Incident,
     /// Topic-level verdicts of its buckets.
-    pub verdicts: Vec<BucketVerdict>,
-    /// Its webhook notifications.
-    pub deliveries: Vec<IncidentDelivery>,
+    pub verdicts: Vec<Verdict>,
     /// Show the logout button.
     pub with_logout: bool,
 }
@@ -537,7 +541,7 @@ pub struct IncidentPage {
 /// `/incidents/{id}`: the incident's buckets and its notifications.
 pub fn incident(p: &IncidentPage) -> Markup {
     let i = &p.incident;
-    let count = |state: &str| p.deliveries.iter().filter(|d| d.state() == state).count();
+    let count = |state: &str| i.deliveries.iter().filter(|d| d.state == state).count();
     let (sent, pending, parked) = (count("sent"), count("pending"), count("parked"));
     let missing: i64 = p.verdicts.iter().map(|v| v.missing).sum();
     let topic_range = format!(
@@ -564,21 +568,21 @@ pub fn incident(p: &IncidentPage) -> Markup {
         table #incident-buckets {
             tr { th { "Bucket" } th { "Verdict" } th.n { "Expected" } th.n { "Actual" } th.n { "Difference" } th.n { "Missing" } th.n { "Revisions" } th { "Changed" } }
             @for v in &p.verdicts {
-                tr.verdict data-bucket=(v.bucket_start_ms) data-status=(v.status) data-expected=(v.expected)
+                tr.verdict data-bucket=(v.bucket_start_ms) data-status=(v.status.as_str()) data-expected=(v.expected)
                     data-actual=(v.actual) data-difference=(v.difference) data-missing=(v.missing) data-revisions=(v.revisions) {
-                    td { (time_ms(p.now, v.bucket_start_ms)) } td { (badge(&v.status)) }
+                    td { (time_ms(p.now, v.bucket_start_ms)) } td { (badge(v.status.as_str())) }
                     td.n { (v.expected) } td.n { (v.actual) } td.n { (chart::signed(v.difference)) }
                     td.n { (v.missing) } td.n { (v.revisions) } td { (time(p.now, v.changed_at)) }
                 }
             }
         }
         h2 { "Notifications" }
-        @if p.deliveries.is_empty() { p.muted { "No webhook was notified (none configured, or none whose filters pass)." } }
+        @if i.deliveries.is_empty() { p.muted { "No webhook was notified (none configured, or none whose filters pass)." } }
         @else {
             table #deliveries {
                 tr { th { "Webhook" } th { "Event" } th { "State" } th.n { "Attempts" } th { "Sent" } th { "Next attempt" } th.n { "Last status" } th { "Last error" } }
-                @for d in &p.deliveries {
-                    @let state = d.state();
+                @for d in &i.deliveries {
+                    @let state = d.state.as_str();
                     tr.delivery data-webhook=(d.webhook) data-kind=(d.kind) data-state=(state) data-attempts=(d.attempts)
                         data-last-status=[d.last_status] {
                         td { (d.webhook) } td { (d.kind) } td { (badge(state)) } td.n { (d.attempts) }

@@ -21,6 +21,8 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
+use crate::api::constant_time_eq;
+
 /// Cookie holding the session id (hex) after a login.
 pub const COOKIE: &str = "chaperone_session";
 
@@ -263,24 +265,9 @@ pub(crate) async fn revoke(pool: &PgPool, id: &[u8; 32]) -> Result<(), sqlx::Err
     Ok(())
 }
 
-/// Compares in time independent of where the inputs differ (tokens, token hashes).
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn compares_tokens() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-    }
 
     fn at(s: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_764_067_200 + s, 0).expect("time")

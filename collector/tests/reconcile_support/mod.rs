@@ -7,9 +7,11 @@
 
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use chaperone_collector::alerts::Incidents;
 use chaperone_collector::reconcile::{
     PassReport, ReconcileConfig, ReconcileMetrics, Reconciler, Verdict,
 };
@@ -210,7 +212,13 @@ pub fn reconciler(
     let clock = ManualClock::new(at(now_ms));
     let metrics = ReconcileMetrics::new(&prometheus::Registry::new()).expect("metrics register");
     (
-        Reconciler::new(pool.clone(), config, clock.clock(), metrics),
+        Reconciler::new(
+            pool.clone(),
+            config.clone(),
+            clock.clock(),
+            metrics,
+            Arc::new(Incidents::new(&config)),
+        ),
         clock,
     )
 }

@@ -9,25 +9,9 @@ use super::{
     EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate_all, event_lag_ms, judge,
     sources_passed,
 };
+use crate::model::BucketKey;
 use crate::reconcile::config::{EdgeConfig, ReconcileConfig, millis, tier_pattern};
-
-/// A queued bucket of one topic.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct BucketKey {
-    pub(crate) topic: String,
-    pub(crate) start: i64,
-    pub(crate) width: i64,
-}
-
-/// Counts of one tier, datacenter and partition in the bucket, summed over clusters: `None`
-/// when that sum does not fit in an `i64`.
-#[derive(Debug, Clone)]
-pub(crate) struct CountRow {
-    pub(crate) tier: String,
-    pub(crate) datacenter: String,
-    pub(crate) partition: i32,
-    pub(crate) count: Option<i64>,
-}
+use crate::store::CellCount;
 
 /// What judging found that is reported rather than judged.
 #[derive(Debug, Default)]
@@ -107,7 +91,7 @@ pub(crate) fn judge_bucket(
     config: &ReconcileConfig,
     key: &BucketKey,
     Times { queued_ms, now_ms }: Times,
-    rows: &[CountRow],
+    rows: &[CellCount],
     progress: &[ProgressRow],
     sources: &mut SourcesPassed,
     findings: &mut Findings,
@@ -141,7 +125,7 @@ pub(crate) fn judge_bucket(
     let mut out = Vec::new();
     for edge in topic_edges(&config.edges, progress) {
         let edge = edge.as_ref();
-        let on_edge: Vec<&CountRow> = rows
+        let on_edge: Vec<&CellCount> = rows
             .iter()
             .filter(|r| r.tier == edge.from || r.tier == edge.to)
             .collect();
@@ -443,8 +427,8 @@ mod tests {
         }
     }
 
-    fn counts(tier: &str, dc: &str, partition: i32, count: i64) -> CountRow {
-        CountRow {
+    fn counts(tier: &str, dc: &str, partition: i32, count: i64) -> CellCount {
+        CellCount {
             tier: tier.into(),
             datacenter: dc.into(),
             partition,
@@ -470,7 +454,7 @@ mod tests {
     }
 
     fn judged(
-        rows: &[CountRow],
+        rows: &[CellCount],
         marks: &[ProgressRow],
         now_ms: i64,
     ) -> (Vec<Computed>, bool, Findings) {
@@ -502,7 +486,7 @@ mod tests {
     fn two_datacenters(
         dc2_mirrored: i64,
         dc2_aggregate_mark: i64,
-    ) -> (Vec<CountRow>, Vec<ProgressRow>) {
+    ) -> (Vec<CellCount>, Vec<ProgressRow>) {
         let passed = PASSED;
         let rows = vec![
             counts("producer", "dc1", -1, 10),
@@ -749,7 +733,7 @@ mod tests {
             ],
             vec![
                 counts("producer", "dc1", -1, 10),
-                CountRow {
+                CellCount {
                     count: None,
                     ..counts("regional", "dc1", 0, 0)
                 },
