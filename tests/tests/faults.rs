@@ -235,6 +235,8 @@ struct Outcome {
     ever_bad: i64,
     /// Verdict changes to a status that notifies (`missing`, `duplicated`, `tier_silent`).
     ever_alarming: i64,
+    /// Verdict changes to `lagging`.
+    ever_lagging: i64,
     firing: usize,
     resolved: usize,
     /// Seconds from the end of the first bad bucket to its firing notification.
@@ -255,6 +257,13 @@ async fn outcome(db: &TestDb, hooks: &[Notification], topics: &[&str]) -> anyhow
         ever_bad: sqlx::query_scalar(
             "SELECT count(*) FROM reconcile_verdict_history
               WHERE topic = ANY($1) AND partition = -1 AND status <> 'complete'",
+        )
+        .bind(topics)
+        .fetch_one(&db.pool)
+        .await?,
+        ever_lagging: sqlx::query_scalar(
+            "SELECT count(*) FROM reconcile_verdict_history
+              WHERE topic = ANY($1) AND partition = -1 AND status = 'lagging'",
         )
         .bind(topics)
         .fetch_one(&db.pool)
@@ -317,11 +326,33 @@ impl Outcome {
             .fold((0, 0), |(x, y), (_, v)| (x + v.1, y + v.2))
     }
 
+    /// Nothing was ever judged but `complete`, nobody was notified.
     fn quiet(&self, name: &str) -> anyhow::Result<()> {
         ensure!(
             self.bad().is_empty() && self.ever_bad == 0 && self.firing == 0 && self.resolved == 0,
             "{name}: nothing was lost, yet: {self:#?}"
         );
+        Ok(())
+    }
+
+    /// Every verdict ends `complete` and nobody was notified; `lagging` on the way is allowed
+    /// (nothing else): a machine that stalls for longer than the lateness (every process,
+    /// PostgreSQL and the brokers frozen together, consumer sessions timing out) really delays
+    /// the tiers, and `lagging` says so without notifying anyone.
+    fn quiet_but_for_delay(&self, name: &str) -> anyhow::Result<()> {
+        ensure!(
+            self.bad().is_empty()
+                && self.ever_bad == self.ever_lagging
+                && self.firing == 0
+                && self.resolved == 0,
+            "{name}: nothing was lost, yet: {self:#?}"
+        );
+        if self.ever_lagging > 0 {
+            println!(
+                "{name}: {} verdicts were lagging before complete (a stalled machine)",
+                self.ever_lagging
+            );
+        }
         Ok(())
     }
 }
@@ -417,9 +448,9 @@ struct Report(Vec<(String, Outcome)>);
 impl Report {
     fn print(&self) {
         println!(
-            "\n| scenario | verdicts (edge status: buckets, expected, actual) | revisions | firing | resolved | detection |"
+            "\n| scenario | verdicts (edge status: buckets, expected, actual) | revisions | lagging on the way | firing | resolved | detection |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
         for (name, o) in &self.0 {
             let verdicts: Vec<String> = o
                 .verdicts
@@ -430,9 +461,10 @@ impl Report {
                 .detection_s
                 .map_or("-".to_owned(), |s| format!("{s:.1} s"));
             println!(
-                "| {name} | {} | {} | {} | {} | {detection} |",
+                "| {name} | {} | {} | {} | {} | {} | {detection} |",
                 verdicts.join("; "),
                 o.revisions,
+                o.ever_lagging,
                 o.firing,
                 o.resolved
             );
@@ -749,11 +781,12 @@ async fn scenarios(
         ("partitions never written", vec![&idle]),
     ] {
         let o = outcome(db, &hooks, &topics).await?;
-        o.quiet(name)?;
+        o.quiet_but_for_delay(name)?;
         // Counts of a skewed producer that arrive after a bucket was judged complete on the
-        // on-time producer's counts revise its totals (complete -> complete), nothing else.
+        // on-time producer's counts revise its totals (complete -> complete); a lagging bucket
+        // is revised once it is complete; nothing else.
         ensure!(
-            o.revisions == 0 || topics == [skew.as_str()],
+            o.revisions <= o.ever_lagging || topics == [skew.as_str()],
             "{name}: revisions {o:#?}"
         );
         report.0.push((name.into(), o));
