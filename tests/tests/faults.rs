@@ -30,14 +30,16 @@ use tokio::process::{Child, Command};
 
 const WIDTH: &str = "10s";
 const WIDTH_MS: i64 = 10_000;
-const MAX_WAIT_S: u64 = 60;
+/// Far enough above the instance timeout that a producer killed mid-stream is stale before its
+/// buckets are judged by waiting.
+const MAX_WAIT_S: u64 = 90;
 /// How long MirrorMaker may take to create the copy of a new topic.
 const MIRRORED: Duration = Duration::from_secs(120);
 
 fn reconcile_section() -> String {
     format!(
         "interval = \"1s\"\nallowed_lateness = \"3s\"\nsettle = \"5s\"\nmax_wait = \"{MAX_WAIT_S}s\"\n\
-         loss_after = \"600s\"\ninstance_timeout = \"45s\""
+         loss_after = \"600s\"\ninstance_timeout = \"75s\""
     )
 }
 
