@@ -18,6 +18,17 @@ pub struct BucketKey {
     pub width: i64,
 }
 
+impl BucketKey {
+    /// The topics, starts and widths of `keys`, as three columns for SQL (`unnest`).
+    pub fn columns(keys: &[BucketKey]) -> (Vec<String>, Vec<i64>, Vec<i64>) {
+        (
+            keys.iter().map(|k| k.topic.clone()).collect(),
+            keys.iter().map(|k| k.start).collect(),
+            keys.iter().map(|k| k.width).collect(),
+        )
+    }
+}
+
 /// A configuration value that cannot work, with the key that holds it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration key `{key}`: {message}")]

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use changes::{ChangedVerdict, IncidentRecorder, RecordError, Recording};
 pub use config::{ConfigError, EdgeConfig, ReconcileConfig};
 
-use crate::store::{Cutoff, Prune};
+use crate::store::{Cutoff, Kept, Prune};
 
 /// Rows deleted per retention statement by [`Reconciler::prune`].
 const PRUNE_BATCH: i64 = 1_000;
@@ -96,21 +96,14 @@ impl Reconciler {
     /// what its [`IncidentRecorder`] wrote ([`IncidentRecorder::prune`]). Returns the rows
     /// deleted.
     pub async fn prune(&self) -> Result<u64, crate::store::StoreError> {
-        if self.config.retention_days == 0 {
-            return Ok(0);
-        }
-        let cutoff =
-            self.clock.now() - chrono::Duration::days(i64::from(self.config.retention_days));
+        let now = self.clock.now();
         let mut deleted = 0;
-        for statements in [PRUNE, self.incidents.prune()] {
-            let per_table = crate::store::prune(
-                &self.pool,
-                statements,
-                cutoff.timestamp_millis(),
-                cutoff,
-                PRUNE_BATCH,
-            )
-            .await?;
+        for prune in [PRUNE, self.incidents.prune()] {
+            let kept = Kept {
+                days: self.config.retention_days,
+                prune,
+            };
+            let per_table = kept.prune_older(&self.pool, now, PRUNE_BATCH).await?;
             deleted += per_table.iter().map(|&(_, n)| n).sum::<u64>();
         }
         Ok(deleted)

@@ -13,11 +13,11 @@ use super::config::{ReconcileConfig, millis};
 use super::metrics::ReconcileMetrics;
 use super::query;
 use super::verdict::{
-    Computed, Findings, ProgressRow, SourcesPassed, Times, VerdictKey, VerdictStatus, judge_bucket,
+    Computed, Findings, SourcesPassed, Times, VerdictKey, VerdictStatus, judge_bucket,
 };
 use crate::ingest::Reach;
 use crate::model::BucketKey;
-use crate::store::evidence::{self, Silence, key_columns};
+use crate::store::evidence::{self, ProgressMark, Silence};
 
 /// Advisory lock key (hashed by PostgreSQL) held by every reconciler transaction.
 const LOCK_KEY: &str = "chaperone-reconcile";
@@ -293,7 +293,7 @@ async fn enqueue(
     lock(&mut tx).await?;
     let changed =
         evidence::take_changed_buckets(&mut tx, &config.tier_like_patterns(), oldest_end).await?;
-    let (topics, starts, widths) = key_columns(&changed);
+    let (topics, starts, widths) = BucketKey::columns(&changed);
     let queued = sqlx::query(
         "INSERT INTO reconcile_pending (topic, bucket_start_ms, bucket_width_ms, queued_at,
              first_queued_at)
@@ -379,16 +379,11 @@ async fn load_progress(
     topics: &[String],
     config: &ReconcileConfig,
     silence: &Silence<'_>,
-) -> Result<HashMap<String, Vec<ProgressRow>>, sqlx::Error> {
+) -> Result<HashMap<String, Vec<ProgressMark>>, sqlx::Error> {
     let marks = evidence::progress_marks(tx, topics, &config.tier_like_patterns(), silence).await?;
-    let mut out: HashMap<String, Vec<ProgressRow>> = HashMap::new();
-    for r in marks {
-        out.entry(r.topic).or_default().push(ProgressRow {
-            tier: r.tier,
-            datacenter: r.datacenter,
-            width: r.bucket_width_ms,
-            mark: r.mark,
-        });
+    let mut out: HashMap<String, Vec<ProgressMark>> = HashMap::new();
+    for m in marks {
+        out.entry(m.topic.clone()).or_default().push(m);
     }
     Ok(out)
 }
@@ -436,7 +431,7 @@ async fn load_sources_passed(
         datacenter: String,
         passed_at_ms: i64,
     }
-    let (topics, starts, widths) = key_columns(keys);
+    let (topics, starts, widths) = BucketKey::columns(keys);
     let rows: Vec<PassedRow> = sqlx::query_as(
         "SELECT s.topic, s.bucket_start_ms, s.bucket_width_ms, s.datacenter, s.passed_at_ms
            FROM reconcile_sources_passed s
@@ -472,7 +467,7 @@ async fn store_sources_passed(
         return Ok(());
     }
     let keys: Vec<BucketKey> = passed.iter().map(|(k, _, _)| k.clone()).collect();
-    let (topics, starts, widths) = key_columns(&keys);
+    let (topics, starts, widths) = BucketKey::columns(&keys);
     let datacenters: Vec<&str> = passed.iter().map(|(_, dc, _)| dc.as_str()).collect();
     let at: Vec<i64> = passed.iter().map(|&(_, _, at)| at).collect();
     sqlx::query(
@@ -498,7 +493,7 @@ async fn delete_pending(
     if done.is_empty() {
         return Ok(());
     }
-    let (topics, starts, widths) = key_columns(done);
+    let (topics, starts, widths) = BucketKey::columns(done);
     sqlx::query(
         "DELETE FROM reconcile_pending p
           USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS k (topic, start_ms, width_ms)

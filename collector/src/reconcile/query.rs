@@ -5,7 +5,6 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::model::{BucketKey, VerdictStatus};
-use crate::store::evidence::key_columns;
 
 /// Most rows one listing returns.
 pub const MAX_ROWS: i64 = 10_000;
@@ -136,7 +135,7 @@ pub(crate) async fn bucket_verdicts(
     conn: &mut PgConnection,
     keys: &[BucketKey],
 ) -> Result<Vec<Verdict>, sqlx::Error> {
-    let (topics, starts, widths) = key_columns(keys);
+    let (topics, starts, widths) = BucketKey::columns(keys);
     let rows: Vec<VerdictDbRow> = sqlx::query_as(&format!(
         "SELECT {VERDICT_COLUMNS} FROM reconcile_verdicts
           WHERE (topic, bucket_start_ms, bucket_width_ms) IN

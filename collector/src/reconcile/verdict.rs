@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 
 mod bucket;
 
-pub(crate) use bucket::{
-    Computed, Findings, ProgressRow, SourcesPassed, Times, VerdictKey, judge_bucket,
-};
+pub(crate) use bucket::{Computed, Findings, SourcesPassed, Times, VerdictKey, judge_bucket};
 
 pub use crate::model::{UnknownStatus, VerdictStatus};
 pub use crate::store::evidence::Mark;

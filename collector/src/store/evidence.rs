@@ -102,15 +102,6 @@ fn stale_sql(
     )
 }
 
-/// The topics, starts and widths of `keys`, as three columns for SQL.
-pub fn key_columns(keys: &[BucketKey]) -> (Vec<String>, Vec<i64>, Vec<i64>) {
-    (
-        keys.iter().map(|k| k.topic.clone()).collect(),
-        keys.iter().map(|k| k.start).collect(),
-        keys.iter().map(|k| k.width).collect(),
-    )
-}
-
 /// Takes (deletes) every count change this transaction's snapshot sees and returns the
 /// buckets they touched: those of tiers matching `tiers` (`LIKE` patterns) that end at or
 /// after `min_end_ms`.
@@ -162,7 +153,7 @@ pub async fn cell_counts(
         partition: i32,
         count: Option<i64>,
     }
-    let (topics, starts, widths) = key_columns(keys);
+    let (topics, starts, widths) = BucketKey::columns(keys);
     // The sum over clusters is `numeric`; one that does not fit in a bigint comes back NULL
     // (the judgement reports the cell), not as an error that would fail the pass.
     let rows: Vec<CellSum> = sqlx::query_as(

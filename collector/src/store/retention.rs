@@ -198,6 +198,30 @@ pub struct Kept {
     pub prune: &'static [Prune],
 }
 
+impl Kept {
+    /// Deletes what is older than `days` before `now`, `batch` rows per transaction (nothing
+    /// when `days` is 0). Returns the rows deleted per table.
+    pub async fn prune_older(
+        &self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        if self.days == 0 {
+            return Ok(Vec::new());
+        }
+        let cutoff_at = now - chrono::Duration::days(i64::from(self.days));
+        prune(
+            pool,
+            self.prune,
+            cutoff_at.timestamp_millis(),
+            cutoff_at,
+            batch,
+        )
+        .await
+    }
+}
+
 /// Every `config.interval` until `shutdown`, prunes each stage's tables of what is older than
 /// its days (`kept`, in order), `config.batch_size` rows per transaction. Failures are logged
 /// and retried at the next interval.
@@ -238,22 +262,14 @@ async fn run_once(
     metrics: &crate::metrics::IngestMetrics,
 ) -> Result<(), StoreError> {
     for k in kept.iter().filter(|k| k.days > 0) {
-        let cutoff_at = now - chrono::Duration::days(i64::from(k.days));
-        let deleted = prune(
-            pool,
-            k.prune,
-            cutoff_at.timestamp_millis(),
-            cutoff_at,
-            config.batch_size,
-        )
-        .await?;
+        let deleted = k.prune_older(pool, now, config.batch_size).await?;
         for &(table, n) in &deleted {
             metrics
                 .retention_deleted
                 .with_label_values(&[table])
                 .inc_by(n);
         }
-        tracing::info!(%cutoff_at, ?deleted, "retention run finished");
+        tracing::info!(days = k.days, ?deleted, "retention run finished");
     }
     Ok(())
 }

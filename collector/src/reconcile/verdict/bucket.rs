@@ -11,7 +11,7 @@ use super::{
 };
 use crate::model::BucketKey;
 use crate::reconcile::config::{EdgeConfig, ReconcileConfig, millis, tier_pattern};
-use crate::store::CellCount;
+use crate::store::{CellCount, ProgressMark};
 
 /// What judging found that is reported rather than judged.
 #[derive(Debug, Default)]
@@ -40,15 +40,6 @@ pub(crate) struct Times {
     pub(crate) queued_ms: i64,
     /// Now, on the reconciler's clock.
     pub(crate) now_ms: i64,
-}
-
-/// One observer's progress in one partition of the bucket's topic.
-#[derive(Debug, Clone)]
-pub(crate) struct ProgressRow {
-    pub(crate) tier: String,
-    pub(crate) datacenter: String,
-    pub(crate) width: i64,
-    pub(crate) mark: Mark,
 }
 
 /// What a verdict is about: edge, topic, scope (datacenter, '' when summed), partition (-1
@@ -92,7 +83,7 @@ pub(crate) fn judge_bucket(
     key: &BucketKey,
     Times { queued_ms, now_ms }: Times,
     rows: &[CellCount],
-    progress: &[ProgressRow],
+    progress: &[ProgressMark],
     sources: &mut SourcesPassed,
     findings: &mut Findings,
 ) -> (Vec<Computed>, bool) {
@@ -139,7 +130,7 @@ pub(crate) fn judge_bucket(
         };
         for scope in scopes {
             let in_scope = |dc: &str| scope.is_empty() || dc == scope;
-            let scoped: Vec<&ProgressRow> = progress
+            let scoped: Vec<&ProgressMark> = progress
                 .iter()
                 .filter(|p| in_scope(&p.datacenter))
                 .collect();
@@ -147,7 +138,7 @@ pub(crate) fn judge_bucket(
                 scoped
                     .iter()
                     .filter(|p| p.tier == tier && !p.mark.stale)
-                    .map(|p| p.width)
+                    .map(|p| p.bucket_width_ms)
                     .collect()
             };
             // A consumer group that stopped cleanly (its last progress records are final) is
@@ -374,7 +365,7 @@ pub(crate) fn judge_bucket(
 /// The edges judged for one topic: an edge to a pattern of tiers (`consumer:*`) reaches each
 /// matching tier that announced the topic with progress records, so that a consumer group
 /// that does not read the topic is never judged on it.
-fn topic_edges<'a>(edges: &'a [EdgeConfig], progress: &[ProgressRow]) -> Vec<Cow<'a, EdgeConfig>> {
+fn topic_edges<'a>(edges: &'a [EdgeConfig], progress: &[ProgressMark]) -> Vec<Cow<'a, EdgeConfig>> {
     let announced: BTreeSet<&str> = progress.iter().map(|p| p.tier.as_str()).collect();
     let mut out = Vec::new();
     for edge in edges {
@@ -436,11 +427,12 @@ mod tests {
         }
     }
 
-    fn progress(tier: &str, dc: &str, partition: i32, watermark_ms: i64) -> ProgressRow {
-        ProgressRow {
+    fn progress(tier: &str, dc: &str, partition: i32, watermark_ms: i64) -> ProgressMark {
+        ProgressMark {
+            topic: "orders".into(),
             tier: tier.into(),
             datacenter: dc.into(),
-            width: WIDTH,
+            bucket_width_ms: WIDTH,
             mark: Mark {
                 partition,
                 observer: format!("{tier}-{dc}/1"),
@@ -455,7 +447,7 @@ mod tests {
 
     fn judged(
         rows: &[CellCount],
-        marks: &[ProgressRow],
+        marks: &[ProgressMark],
         now_ms: i64,
     ) -> (Vec<Computed>, bool, Findings) {
         let mut findings = Findings::default();
@@ -486,7 +478,7 @@ mod tests {
     fn two_datacenters(
         dc2_mirrored: i64,
         dc2_aggregate_mark: i64,
-    ) -> (Vec<CellCount>, Vec<ProgressRow>) {
+    ) -> (Vec<CellCount>, Vec<ProgressMark>) {
         let passed = PASSED;
         let rows = vec![
             counts("producer", "dc1", -1, 10),
@@ -612,7 +604,7 @@ mod tests {
             progress("aggregate", "dc1", 0, PASSED),
             progress("consumer:billing", "dc1", 0, PASSED),
         ];
-        let judge = |marks: &[ProgressRow]| {
+        let judge = |marks: &[ProgressMark]| {
             let times = Times {
                 queued_ms: END,
                 now_ms: END + 5_000,
@@ -666,7 +658,7 @@ mod tests {
     fn different_bucket_widths_are_not_compared_and_stay_queued() {
         let (rows, mut marks) = two_datacenters(6, END + 2_000);
         for m in marks.iter_mut().filter(|m| m.tier == "aggregate") {
-            m.width = 10_000;
+            m.bucket_width_ms = 10_000;
         }
         let (v, done, Findings { mismatches, .. }) = judged(&rows, &marks, END + 5_000);
         assert!(!done);
