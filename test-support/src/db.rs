@@ -105,26 +105,25 @@ impl Drop for TestDb {
 
 /// Drops `name`, ending the sessions still connected to it. An autovacuum worker busy in the
 /// database has no role, and PostgreSQL 15 refuses to end it for a user that is not a
-/// superuser ("must be a member of the role whose process is being terminated"): such a worker
-/// is done within moments, so the drop is tried again for a few seconds.
+/// superuser ("must be a member of the role whose process is being terminated", SQLSTATE
+/// 42501): such a worker is done within moments, so the drop is tried again for a few seconds.
 async fn drop_database(name: &str) -> anyhow::Result<()> {
-    let mut admin = PgConnection::connect(&database_url()).await?;
-    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-    let mut attempt = 1;
-    let result = loop {
-        match sqlx::query(&drop).execute(&mut admin).await {
-            Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some("42501") && attempt < 40 =>
-            {
-                attempt += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let drop = &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    crate::eventually(
+        &format!("no autovacuum worker in database {name}, to drop it"),
+        std::time::Duration::from_secs(10),
+        || async move {
+            let mut admin = PgConnection::connect(&database_url()).await?;
+            let result = sqlx::query(drop).execute(&mut admin).await;
+            admin.close().await.ok();
+            match result {
+                Ok(_) => Ok(Some(())),
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => Ok(None),
+                Err(e) => Err(e.into()),
             }
-            other => break other,
-        }
-    };
-    admin.close().await.ok();
-    result?;
-    Ok(())
+        },
+    )
+    .await
 }
 
 /// `url` with its database replaced by `db`, query parameters kept.

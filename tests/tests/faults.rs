@@ -255,29 +255,20 @@ async fn outcome(db: &TestDb, hooks: &[Notification], topics: &[&str]) -> anyhow
     .bind(topics)
     .fetch_all(&db.pool)
     .await?;
+    let (ever_bad, ever_lagging, ever_alarming): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status <> 'complete'),
+                count(*) FILTER (WHERE status = 'lagging'),
+                count(*) FILTER (WHERE status IN ('missing', 'duplicated', 'tier_silent'))
+           FROM reconcile_verdict_history
+          WHERE topic = ANY($1) AND partition = -1",
+    )
+    .bind(topics)
+    .fetch_one(&db.pool)
+    .await?;
     let mut o = Outcome {
-        ever_bad: sqlx::query_scalar(
-            "SELECT count(*) FROM reconcile_verdict_history
-              WHERE topic = ANY($1) AND partition = -1 AND status <> 'complete'",
-        )
-        .bind(topics)
-        .fetch_one(&db.pool)
-        .await?,
-        ever_lagging: sqlx::query_scalar(
-            "SELECT count(*) FROM reconcile_verdict_history
-              WHERE topic = ANY($1) AND partition = -1 AND status = 'lagging'",
-        )
-        .bind(topics)
-        .fetch_one(&db.pool)
-        .await?,
-        ever_alarming: sqlx::query_scalar(
-            "SELECT count(*) FROM reconcile_verdict_history
-              WHERE topic = ANY($1) AND partition = -1
-                AND status IN ('missing', 'duplicated', 'tier_silent')",
-        )
-        .bind(topics)
-        .fetch_one(&db.pool)
-        .await?,
+        ever_bad,
+        ever_lagging,
+        ever_alarming,
         ..Outcome::default()
     };
     for (edge, status, n, e, a, r) in rows {
