@@ -500,6 +500,7 @@ impl Core {
             bucket_width: self.width,
             emitted_at_ms: now,
             closing,
+            at_least_once: !self.transactional,
         }))
     }
 
@@ -1371,6 +1372,7 @@ mod tests {
             bucket_width: BucketWidth::default(),
             emitted_at_ms: 1_764_067_200_000,
             closing: true,
+            at_least_once: true,
         };
         let back =
             AuditRecord::decode(&AuditRecord::Progress(p.clone()).encode()).expect("decodes");

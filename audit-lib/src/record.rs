@@ -176,6 +176,11 @@ pub struct Progress {
     /// cleanly: every count it made was sent before it (JSON `"final": true`, omitted when
     /// false). The collector stops waiting for an instance once it has said so.
     pub closing: bool,
+    /// The observer is a consumer whose counts are at-least-once (JSON `"at_least_once":
+    /// true`, omitted when false): a member killed after its counts were sent and before its
+    /// offsets were committed has its messages processed, and counted, again by the next
+    /// owner. The collector marks a surplus on such a tier `redelivered`, not `duplicated`.
+    pub at_least_once: bool,
 }
 
 /// One audit record, as carried on the audit topic.
@@ -309,6 +314,8 @@ struct Wire {
     watermark_ms: Option<i64>,
     #[serde(rename = "final", default, skip_serializing_if = "Option::is_none")]
     closing: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    at_least_once: Option<bool>,
     emitted_at_ms: Option<i64>,
 }
 
@@ -418,6 +425,7 @@ impl Counts {
         forbid(w.high_watermark.is_some(), "high_watermark")?;
         forbid(w.watermark_ms.is_some(), "watermark_ms")?;
         forbid(w.closing.is_some(), "final")?;
+        forbid(w.at_least_once.is_some(), "at_least_once")?;
         let id = name(w.id.take(), "id", MAX_NAME_LEN)?;
         let topic = name(w.topic.take(), "topic", MAX_TOPIC_LEN)?;
         let physical_topic = name(w.physical_topic.take(), "physical_topic", MAX_TOPIC_LEN)?;
@@ -572,6 +580,7 @@ impl Progress {
             bucket_width,
             emitted_at_ms,
             closing: w.closing.unwrap_or(false),
+            at_least_once: w.at_least_once.unwrap_or(false),
         })
     }
 
@@ -588,6 +597,7 @@ impl Progress {
             high_watermark: self.high_watermark,
             watermark_ms: Some(self.watermark_ms),
             closing: self.closing.then_some(true),
+            at_least_once: self.at_least_once.then_some(true),
             emitted_at_ms: Some(self.emitted_at_ms),
             ..Wire::default()
         };
@@ -730,6 +740,7 @@ mod tests {
             bucket_width: BucketWidth::default(),
             emitted_at_ms: 1_764_067_270_000,
             closing: false,
+            at_least_once: false,
         }
     }
 
@@ -980,6 +991,26 @@ mod tests {
         assert_eq!(
             with("final", json!(true)),
             Err(DecodeError::UnknownField("final".into()))
+        );
+    }
+
+    #[test]
+    fn at_least_once_progress_round_trips_and_counts_reject_it() {
+        let redelivers = Progress {
+            at_least_once: true,
+            ..progress()
+        };
+        let v = json_of(&AuditRecord::Progress(redelivers.clone()));
+        assert_eq!(v["at_least_once"], json!(true));
+        assert_eq!(decode_value(&v), Ok(AuditRecord::Progress(redelivers)));
+        assert!(
+            json_of(&AuditRecord::Progress(progress()))
+                .get("at_least_once")
+                .is_none()
+        );
+        assert_eq!(
+            with("at_least_once", json!(true)),
+            Err(DecodeError::UnknownField("at_least_once".into()))
         );
     }
 

@@ -299,6 +299,7 @@ impl Core {
                     bucket_width: self.width,
                     emitted_at_ms: now_ms,
                     closing,
+                    at_least_once: false,
                 };
                 EncodedRecord::new(&AuditRecord::Progress(p))
             })

@@ -475,6 +475,7 @@ impl Core {
                 bucket_width: width,
                 emitted_at_ms: now.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
                 closing: false,
+                at_least_once: false,
             };
             records.push((record_key, AuditRecord::Progress(progress).encode()));
         }

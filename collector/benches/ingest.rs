@@ -94,6 +94,7 @@ fn worst_case_records(n: usize) -> Vec<AuditRecord> {
                     bucket_width: BucketWidth::default(),
                     emitted_at_ms: bucket + 1_000,
                     closing: false,
+                    at_least_once: false,
                 });
             }
             let count = 20 + (i % 30) as u64;
@@ -199,6 +200,7 @@ impl Reporter {
                         bucket_width: width,
                         emitted_at_ms: at,
                         closing: false,
+                        at_least_once: false,
                     }),
                 ));
             }

@@ -69,17 +69,22 @@ pub enum VerdictStatus {
     /// instance that stopped without a clean shutdown may have lost counts of the bucket:
     /// the auditor's own gap, not the pipeline's.
     UpstreamIncomplete,
+    /// The downstream tier, a consumer group counting at-least-once, saw more than the
+    /// upstream tier: messages processed again after a member stopped between sending its
+    /// counts and committing its offsets, which its delivery guarantee allows.
+    Redelivered,
 }
 
 impl VerdictStatus {
     /// Every status, in a stable order.
-    pub const ALL: [VerdictStatus; 6] = [
+    pub const ALL: [VerdictStatus; 7] = [
         VerdictStatus::Complete,
         VerdictStatus::Missing,
         VerdictStatus::Duplicated,
         VerdictStatus::TierSilent,
         VerdictStatus::Lagging,
         VerdictStatus::UpstreamIncomplete,
+        VerdictStatus::Redelivered,
     ];
 
     /// The status as stored and served.
@@ -91,12 +96,14 @@ impl VerdictStatus {
             VerdictStatus::TierSilent => "tier_silent",
             VerdictStatus::Lagging => "lagging",
             VerdictStatus::UpstreamIncomplete => "upstream_incomplete",
+            VerdictStatus::Redelivered => "redelivered",
         }
     }
 
     /// Whether the status is a fault of the audited pipeline, which opens incidents and
-    /// notifies. `lagging` (delay) and `upstream_incomplete` (the auditor's own gap) are
-    /// stored, served and exported as metrics, but do not notify.
+    /// notifies. `lagging` (delay), `upstream_incomplete` (the auditor's own gap) and
+    /// `redelivered` (what an at-least-once consumer may do) are stored, served and exported
+    /// as metrics, but do not notify.
     pub fn is_bad(self) -> bool {
         matches!(
             self,
@@ -115,7 +122,7 @@ impl fmt::Display for VerdictStatus {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "unknown verdict status `{0}` (expected complete, missing, duplicated, tier_silent, \
-     lagging or upstream_incomplete)"
+     lagging, upstream_incomplete or redelivered)"
 )]
 pub struct UnknownStatus(pub String);
 

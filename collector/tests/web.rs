@@ -143,6 +143,7 @@ fn progress(topic: &str, tier: Tier, partition: Option<i32>, watermark_ms: i64) 
         bucket_width: BucketWidth::default(),
         emitted_at_ms: watermark_ms,
         closing: false,
+        at_least_once: false,
     })
 }
 

@@ -199,6 +199,13 @@ pub(crate) fn slack_body(
             ":grey_question: counts of tier `{}` are incomplete: {whereabouts}, bucket {bucket} ({} counted, {} seen)",
             data.from_tier, data.expected, data.actual
         ),
+        (_, VerdictStatus::Redelivered) => format!(
+            ":repeat: {} messages processed again by at-least-once tier `{}`: {whereabouts}, bucket {bucket} ({} expected, {} seen)",
+            data.actual - data.expected,
+            data.to_tier,
+            data.expected,
+            data.actual
+        ),
         (_, VerdictStatus::Complete) => {
             format!("{whereabouts}: bucket {bucket} is complete")
         }

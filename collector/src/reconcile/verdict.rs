@@ -97,6 +97,9 @@ pub struct TierState {
     /// `host/instance partition N` for a consumer partition (the furthest owner), or
     /// `partition N` for a partition with counts and no progress at all.
     pub waiting_on: Vec<String>,
+    /// The tier is a consumer group counting at-least-once (its progress says so): a
+    /// surplus is messages it processed again, not duplicates in the pipeline.
+    pub redelivers: bool,
 }
 
 impl TierState {
@@ -112,6 +115,7 @@ impl TierState {
         for t in parts {
             all.passed &= t.passed;
             all.live &= t.live || t.passed;
+            all.redelivers |= t.redelivers;
             all.stale.extend(t.stale);
             all.waiting_on.extend(t.waiting_on);
             all.behind_ms = match (all.behind_ms, t.behind_ms) {
@@ -216,6 +220,7 @@ fn tier_state(
             }
         }
     }
+    state.redelivers = marks.iter().any(|m| m.consumer && m.at_least_once);
     // Consumer partitions: the furthest mark of any owner.
     let mut owned: BTreeMap<i32, (i64, &str, bool)> = BTreeMap::new();
     for m in marks.iter().filter(|m| m.consumer) {
@@ -379,7 +384,8 @@ pub struct Judgement {
 ///   (downstream); an upstream tier likewise that counted nothing: tier silent (upstream);
 /// * downstream saw more: duplicated, unless the upstream tier did not pass the bucket or
 ///   an upstream instance stopped without a clean shutdown before passing it: then
-///   `upstream_incomplete`;
+///   `upstream_incomplete`; or unless the downstream tier is a consumer group counting
+///   at-least-once: then `redelivered`;
 /// * downstream saw fewer: missing once the downstream tier passed the bucket (or at
 ///   `loss_after`), lagging until then.
 pub fn judge(outcome: &Outcome, now_ms: i64, expected: i64, actual: i64) -> Judgement {
@@ -401,10 +407,12 @@ pub fn judge(outcome: &Outcome, now_ms: i64, expected: i64, actual: i64) -> Judg
     } else if expected == 0 && !up.live && !up.passed {
         silent(Side::Upstream)
     } else if actual > expected {
-        if up.passed && up.stale.is_empty() {
-            status(VerdictStatus::Duplicated)
-        } else {
+        if !(up.passed && up.stale.is_empty()) {
             status(VerdictStatus::UpstreamIncomplete)
+        } else if down.redelivers {
+            status(VerdictStatus::Redelivered)
+        } else {
+            status(VerdictStatus::Duplicated)
         }
     } else if actual < expected {
         if down.passed || outcome.finality == Finality::LossAfter {
@@ -450,6 +458,7 @@ mod tests {
             last_emitted_ms: watermark_ms,
             consumer: false,
             closing: false,
+            at_least_once: false,
             stale: false,
         }
     }
@@ -708,6 +717,40 @@ mod tests {
             &[(0, 12)],
         );
         assert_eq!(c.status(SOON), None);
+        assert_eq!(
+            c.status(END + 1_000),
+            Some(VerdictStatus::UpstreamIncomplete)
+        );
+    }
+
+    #[test]
+    fn a_surplus_at_an_at_least_once_consumer_is_redelivery_and_a_shortfall_still_loss() {
+        let at_least_once = |partition, watermark| Mark {
+            at_least_once: true,
+            ..consumer(partition, watermark)
+        };
+        let c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![at_least_once(0, END + 10), consumer(1, END + 10)],
+            &[(0, 10), (1, 5)],
+            &[(0, 12), (1, 5)],
+        );
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Redelivered));
+        assert!(!VerdictStatus::Redelivered.is_bad());
+        let c = Case::new(
+            vec![instance("a/1", END + 10)],
+            vec![at_least_once(0, END + 10)],
+            &[(0, 10)],
+            &[(0, 7)],
+        );
+        assert_eq!(c.status(SOON), Some(VerdictStatus::Missing));
+        // The upstream's own gap comes first.
+        let c = Case::new(
+            vec![instance("a/1", END - 500)],
+            vec![at_least_once(0, END + 10)],
+            &[(0, 10)],
+            &[(0, 12)],
+        );
         assert_eq!(
             c.status(END + 1_000),
             Some(VerdictStatus::UpstreamIncomplete)

@@ -58,6 +58,9 @@ pub struct Mark {
     pub consumer: bool,
     /// The observer shut down cleanly after sending every count.
     pub closing: bool,
+    /// The observer is a consumer whose counts are at-least-once: a member killed between
+    /// sending its counts and committing its offsets has those messages counted again.
+    pub at_least_once: bool,
     /// No progress from the observer within `instance_timeout`, both on the collector's clock
     /// and against the newest progress of any observer (so a collector that lags behind its
     /// audit topics does not find everyone stale), while its cluster was reachable
@@ -201,7 +204,7 @@ pub async fn progress_marks(
     sqlx::query_as(&format!(
         "SELECT topic, tier, datacenter, partition, host || '/' || instance AS observer,
                 watermark_ms, last_emitted_ms,
-                tier IN (SELECT tier FROM consumer_tiers) AS consumer, closing,
+                tier IN (SELECT tier FROM consumer_tiers) AS consumer, closing, at_least_once,
                 {stale} AS stale, bucket_width_ms
            FROM audit_progress
           WHERE topic = ANY($1) AND tier LIKE ANY($2)",

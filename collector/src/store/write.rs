@@ -856,6 +856,7 @@ async fn upsert_progress(
     let mut host = Vec::with_capacity(n);
     let mut instance = Vec::with_capacity(n);
     let mut closing = Vec::with_capacity(n);
+    let mut at_least_once = Vec::with_capacity(n);
     let mut source = Vec::with_capacity(n);
     for (k, m) in &progress {
         tier.push(k.tier.as_str());
@@ -872,15 +873,16 @@ async fn upsert_progress(
         host.push(k.host.as_str());
         instance.push(k.instance.as_str());
         closing.push(m.latest.closing);
+        at_least_once.push(m.latest.at_least_once);
         source.push(m.source);
     }
     sqlx::query(
         "INSERT INTO audit_progress AS p (tier, cluster, datacenter, topic, physical_topic, \
              partition, watermark_ms, position, high_watermark, bucket_width_ms, last_emitted_ms, \
-             host, instance, closing, source) \
+             host, instance, closing, source, at_least_once) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], \
-             $12::text[], $13::text[], $14::bool[], $15::text[]) \
+             $12::text[], $13::text[], $14::bool[], $15::text[], $16::bool[]) \
          ON CONFLICT (tier, cluster, datacenter, topic, physical_topic, partition, host, instance) \
          DO UPDATE SET \
              watermark_ms = GREATEST(p.watermark_ms, EXCLUDED.watermark_ms), \
@@ -890,6 +892,8 @@ async fn upsert_progress(
                  THEN EXCLUDED.bucket_width_ms ELSE p.bucket_width_ms END, \
              closing = CASE WHEN EXCLUDED.last_emitted_ms >= p.last_emitted_ms \
                  THEN EXCLUDED.closing ELSE p.closing END, \
+             at_least_once = CASE WHEN EXCLUDED.last_emitted_ms >= p.last_emitted_ms \
+                 THEN EXCLUDED.at_least_once ELSE p.at_least_once END, \
              last_emitted_ms = GREATEST(p.last_emitted_ms, EXCLUDED.last_emitted_ms), \
              last_seen_at = now(), \
              source = COALESCE(EXCLUDED.source, p.source), \
@@ -910,6 +914,7 @@ async fn upsert_progress(
     .bind(&instance)
     .bind(&closing)
     .bind(&source)
+    .bind(&at_least_once)
     .execute(&mut **tx)
     .await?;
     Ok(())

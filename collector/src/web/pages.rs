@@ -25,7 +25,7 @@ th,td{border-bottom:1px solid #e3e6ea;padding:.3rem .5rem;text-align:left;vertic
 th{background:#eef0f3;font-weight:600}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .badge{display:inline-block;padding:0 .45rem;border-radius:.6rem;font-size:.85em;font-weight:600;background:#d9dde3}
 .complete{background:#d3f2dc;color:#125c2b}.missing{background:#fbd5d5;color:#8a1111}
-.duplicated{background:#ffe6c7;color:#7a4300}.tier_silent,.lagging,.upstream_incomplete{background:#fff3bf;color:#6b5300}
+.duplicated{background:#ffe6c7;color:#7a4300}.tier_silent,.lagging,.upstream_incomplete,.redelivered{background:#fff3bf;color:#6b5300}
 .open{background:#fbd5d5;color:#8a1111}.resolved{background:#d3f2dc;color:#125c2b}.superseded{background:#e4e0f5}
 .pending{background:#fff3bf;color:#6b5300}.sent{background:#d3f2dc;color:#125c2b}.parked{background:#fbd5d5;color:#8a1111}
 .rel{color:#5c6670}.muted{color:#5c6670}.err{color:#8a1111;font-weight:600}
@@ -77,7 +77,7 @@ pub fn severity(status: Option<VerdictStatus>) -> u8 {
         Some(VerdictStatus::Duplicated) => 5,
         Some(VerdictStatus::TierSilent) => 4,
         Some(VerdictStatus::UpstreamIncomplete) => 3,
-        Some(VerdictStatus::Lagging) => 2,
+        Some(VerdictStatus::Lagging | VerdictStatus::Redelivered) => 2,
         Some(VerdictStatus::Complete) => 1,
         None => 0,
     }

@@ -340,6 +340,7 @@ pub fn progress(
         bucket_width: BucketWidth::default(),
         emitted_at_ms: watermark_ms + 1_000,
         closing: false,
+        at_least_once: false,
     }
 }
 

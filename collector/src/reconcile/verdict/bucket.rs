@@ -440,6 +440,7 @@ mod tests {
                 last_emitted_ms: watermark_ms,
                 consumer: tier != "producer",
                 closing: false,
+                at_least_once: false,
                 stale: false,
             },
         }
