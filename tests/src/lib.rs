@@ -6,9 +6,10 @@
 //! the webhook receiver) is in `chaperone-test-support`. This library holds what only the
 //! tests in `tests/tests/` share: [`pipeline`] runs the daemons in the test process,
 //! [`programs`] finds the workspace's programs to run as processes, [`producer`] sends
-//! numbered messages through an audited producer, and [`verdicts`] sums what the collector
-//! judged.
+//! numbered messages through an audited producer, [`group`] runs the members of an audited
+//! consumer group as processes to kill, and [`verdicts`] sums what the collector judged.
 
+pub mod group;
 pub mod pipeline;
 pub mod producer;
 pub mod programs;

@@ -9,14 +9,20 @@
 //! - A third group, reading another topic only, gets no verdict on this one.
 //! - A group that stops processing for longer than `max_wait` while producers go on is
 //!   `lagging`, never `missing`, and `complete` once it catches up; nobody is notified.
+//! - Two groups of three member processes through a join, a leave and a `kill -9`: the
+//!   transactional one `complete`, exactly; the at-least-once one, replayed from the start,
+//!   `redelivered` on every bucket and never `duplicated`; nobody is notified.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chaperone_audit::{AuditConfig, AuditedConsumer, ConsumerOptions, CountOn};
 use chaperone_test_support::{
-    Receiver, TestDb, aggregate_bootstrap, create_topic, eventually, regional_bootstrap, unique,
-    wait_for_topics,
+    Receiver, TestDb, aggregate_bootstrap, create_topic, end_offsets, eventually,
+    regional_bootstrap, unique, wait_for_topics,
 };
+use chaperone_tests::group::{self, Member};
 use chaperone_tests::pipeline::{Pipeline, PipelineSpec, create_audit_topic};
 use chaperone_tests::producer::{TestProducer, regional_client};
 use chaperone_tests::verdicts::{edge_totals, verdicts};
@@ -374,4 +380,213 @@ async fn a_group_stopped_past_max_wait_is_lagging_until_it_catches_up() -> anyho
     outcome?;
     stopped?;
     db.drop_db().await
+}
+
+/// Entry point of the member processes [`groups_through_rebalances_are_exact_or_redelivered`]
+/// starts (see `chaperone_tests::group`).
+#[test]
+#[ignore = "a member process of the group test, started by it with its settings"]
+fn member_process() -> anyhow::Result<()> {
+    group::run_member()
+}
+
+const GROUP_PARTITIONS: i32 = 6;
+
+/// Each group's committed offsets, a lookup that fails (a timeout on a loaded host) read as
+/// none.
+async fn committed_of(groups: &[String], topic: &str) -> Vec<Vec<i64>> {
+    let (groups, topic) = (groups.to_vec(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        groups
+            .iter()
+            .map(|g| {
+                group::committed(g, &topic, GROUP_PARTITIONS)
+                    .unwrap_or_else(|_| vec![-1; GROUP_PARTITIONS as usize])
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Waits until every group committed past `floor` in every partition; returns the offsets.
+async fn committed_past(
+    groups: &[String],
+    topic: &str,
+    floor: &[Vec<i64>],
+    what: &str,
+) -> anyhow::Result<Vec<Vec<i64>>> {
+    eventually(what, Duration::from_secs(120), || async {
+        let c = committed_of(groups, topic).await;
+        let past = c.len() == floor.len()
+            && c.iter()
+                .zip(floor)
+                .all(|(c, f)| c.iter().zip(f).all(|(c, f)| c > f));
+        Ok(past.then_some(c))
+    })
+    .await
+}
+
+/// Waits until every group committed exactly `ends`.
+async fn committed_all(groups: &[String], topic: &str, ends: &[i64]) -> anyhow::Result<()> {
+    eventually(
+        "the groups to commit every message",
+        Duration::from_secs(120),
+        || async {
+            let c = committed_of(groups, topic).await;
+            Ok(c.iter().all(|c| c == ends).then_some(()))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_through_rebalances_are_exact_or_redelivered() -> anyhow::Result<()> {
+    let id = unique("e2e-group");
+    let topic = format!("{id}-orders");
+    let audit_topic = format!("{id}-audit");
+    create_topic(&regional_bootstrap(), &topic, GROUP_PARTITIONS).await?;
+    create_audit_topic(&audit_topic).await?;
+    wait_for_topics(
+        &aggregate_bootstrap(),
+        &[format!("regional.{topic}")],
+        Duration::from_secs(120),
+    )
+    .await?;
+    let db = TestDb::create().await?;
+    let receiver = Receiver::start().await?;
+    let pipeline = Pipeline::start(&db, &spec(&id, &audit_topic, &topic, 90, &receiver)).await?;
+    let outcome = rebalances(&db, &receiver, &id, &topic, &audit_topic).await;
+    let stopped = pipeline.stop().await;
+    outcome?;
+    stopped?;
+    db.drop_db().await
+}
+
+/// Two groups of three member processes read `topic` while producers write it: `exact` in
+/// transactional mode, `redo` at-least-once. In both, a member joins, one leaves, one is
+/// killed with `kill -9` and restarted. Then `redo` is replayed from the start, as an operator
+/// would with `kafka-consumer-groups --reset-offsets`: every message is processed twice.
+///
+/// `exact` is `complete` with exactly what was produced; every verdict of `redo` is
+/// `redelivered`, with at least twice that; no verdict notifies and nobody is notified.
+async fn rebalances(
+    db: &TestDb,
+    receiver: &Receiver,
+    id: &str,
+    topic: &str,
+    audit_topic: &str,
+) -> anyhow::Result<()> {
+    let (exact, redo) = (format!("{id}-exact"), format!("{id}-redo"));
+    let groups = [exact.clone(), redo.clone()];
+    let member = |group: &str, slot: &str, instance: &str| Member {
+        topic: topic.to_owned(),
+        audit_topic: audit_topic.to_owned(),
+        group: group.to_owned(),
+        instance: instance.to_owned(),
+        slot: slot.to_owned(),
+        transactional: group == exact,
+    };
+    let start = |slot: &str, instance: &str| -> anyhow::Result<Vec<group::Running>> {
+        groups
+            .iter()
+            .map(|g| member(g, slot, instance).start())
+            .collect()
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = Arc::clone(&stop);
+    let (topic_w, audit_w) = (topic.to_owned(), audit_topic.to_owned());
+    let producer = tokio::spawn(async move {
+        let registry = prometheus::Registry::new();
+        let p = TestProducer::new(&regional_client(), &audit_w, &registry)?;
+        let mut sent = 0;
+        while !writing.load(Ordering::Relaxed) {
+            p.send_numbered(&[&topic_w], 60, None).await?;
+            sent += 60;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        p.shutdown().await;
+        anyhow::Ok(sent)
+    });
+
+    let none = vec![vec![-1; GROUP_PARTITIONS as usize]; 2];
+    let m1 = start("m1", "m1")?;
+    let m2 = start("m2", "m2")?;
+    let c = committed_past(&groups, topic, &none, "two members to commit").await?;
+    let m3 = start("m3", "m3")?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let c = committed_past(&groups, topic, &c, "commits after m3 joined").await?;
+    for m in m2 {
+        m.stop()?;
+    }
+    let c = committed_past(&groups, topic, &c, "commits after m2 left").await?;
+    for m in m1 {
+        m.kill()?;
+    }
+    let c = committed_past(&groups, topic, &c, "commits after m1 was killed").await?;
+    let m1 = start("m1", "m1-restarted")?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    committed_past(&groups, topic, &c, "commits after m1 restarted").await?;
+    stop.store(true, Ordering::Relaxed);
+    let n: i64 = producer.await??;
+
+    let t = topic.to_owned();
+    let ends = tokio::task::spawn_blocking(move || {
+        end_offsets(&regional_bootstrap(), &t, GROUP_PARTITIONS)
+    })
+    .await??;
+    committed_all(&groups, topic, &ends).await?;
+    // Caught up and idle past the last bucket, as a long-running group would be.
+    tokio::time::sleep(LINGER).await;
+    for m in m1.into_iter().chain(m3) {
+        m.stop()?;
+    }
+
+    let (g, t) = (redo.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || group::reset_offsets(&g, &t, GROUP_PARTITIONS, 0))
+        .await??;
+    let replay = member(&redo, "replay", "replay").start()?;
+    committed_all(std::slice::from_ref(&redo), topic, &ends).await?;
+    tokio::time::sleep(LINGER).await;
+    replay.stop()?;
+
+    let (exact_edge, redo_edge) = (
+        format!("regional->consumer:{exact}"),
+        format!("regional->consumer:{redo}"),
+    );
+    let v = eventually("the groups' verdicts", Duration::from_secs(180), || async {
+        let v = verdicts(&db.pool, topic).await?;
+        let (e, a) = edge_totals(&v, &redo_edge);
+        let done = edge_totals(&v, "producer->regional") == (n, n)
+            && edge_totals(&v, &exact_edge) == (n, n)
+            && e == n
+            && a >= 2 * n
+            && v.iter()
+                .filter(|r| r.0 == redo_edge)
+                .all(|r| r.1 == "redelivered");
+        Ok(done.then_some(v))
+    })
+    .await?;
+    eprintln!("{n} produced; verdicts of {topic}: {v:?}");
+    anyhow::ensure!(
+        v.iter()
+            .all(|r| r.1 == "complete" || r.0 == redo_edge && r.1 == "redelivered"),
+        "verdicts of {topic}: {v:?}"
+    );
+    let alarming: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reconcile_verdict_history
+          WHERE topic = $1 AND status IN ('missing', 'duplicated', 'tier_silent')",
+    )
+    .bind(topic)
+    .fetch_one(&db.pool)
+    .await?;
+    anyhow::ensure!(alarming == 0, "{alarming} verdicts that notify");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    anyhow::ensure!(
+        receiver.received().is_empty(),
+        "notified: {:?}",
+        receiver.received()
+    );
+    Ok(())
 }

@@ -1,0 +1,211 @@
+//! Members of an audited consumer group, each a process of its own so that it can be killed
+//! with `kill -9`: the test binary run again as its `member_process` test, which calls
+//! [`run_member`] with the settings [`Member::start`] put in its environment. A member reads
+//! until its stdin closes, then closes its consumer cleanly (final progress records).
+
+use std::io::Read as _;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chaperone_audit::{AuditConfig, AuditedConsumer, ConsumerOptions};
+use chaperone_test_support::{regional_bootstrap, unique};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// The environment variable that carries a member's settings.
+pub const MEMBER_ENV: &str = "CHAPERONE_E2E_MEMBER";
+
+/// One member of a group reading a regional topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Topic read.
+    pub topic: String,
+    /// Audit topic the counts go to.
+    pub audit_topic: String,
+    /// `group.id`; the tier is `consumer:<group>`.
+    pub group: String,
+    /// The audit instance; a restarted member gets a new one, and keeps its predecessor's
+    /// transactional id through `slot`.
+    pub instance: String,
+    /// Which member this is, the same for a killed member and its restart (the transactional
+    /// id, so the restart fences what its predecessor left open).
+    pub slot: String,
+    /// Counts, progress and offsets in one transaction; else at-least-once.
+    pub transactional: bool,
+}
+
+impl Member {
+    fn encode(&self) -> String {
+        [
+            self.topic.as_str(),
+            &self.audit_topic,
+            &self.group,
+            &self.instance,
+            &self.slot,
+            if self.transactional { "1" } else { "0" },
+        ]
+        .join("\t")
+    }
+
+    fn decode(s: &str) -> anyhow::Result<Self> {
+        let f: Vec<&str> = s.split('\t').collect();
+        let [topic, audit_topic, group, instance, slot, transactional] = f[..] else {
+            anyhow::bail!("{MEMBER_ENV} holds {} fields, expected 6", f.len());
+        };
+        Ok(Self {
+            topic: topic.to_owned(),
+            audit_topic: audit_topic.to_owned(),
+            group: group.to_owned(),
+            instance: instance.to_owned(),
+            slot: slot.to_owned(),
+            transactional: transactional == "1",
+        })
+    }
+
+    /// Starts the member as a process of its own.
+    pub fn start(&self) -> anyhow::Result<Running> {
+        let child = Command::new(std::env::current_exe()?)
+            .args([
+                "member_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(MEMBER_ENV, self.encode())
+            .stdin(Stdio::piped())
+            .spawn()?;
+        Ok(Running { child })
+    }
+}
+
+/// The body of a member process: reads as [`MEMBER_ENV`] says until stdin closes, counting
+/// every message it receives (offsets mode), committing every 200 in transactional mode, then
+/// closes.
+pub fn run_member() -> anyhow::Result<()> {
+    let spec = Member::decode(
+        &std::env::var(MEMBER_ENV).map_err(|_| anyhow::anyhow!("{MEMBER_ENV} is not set"))?,
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        stopping.store(true, Ordering::Relaxed);
+    });
+    let mut kafka = ClientConfig::new();
+    kafka
+        .set("bootstrap.servers", regional_bootstrap())
+        .set("group.id", &spec.group)
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("fetch.queue.backoff.ms", "1");
+    if spec.transactional {
+        kafka.set("enable.auto.commit", "false");
+    }
+    let audit = AuditConfig {
+        topic: spec.audit_topic.clone(),
+        flush_interval: Duration::from_secs(1),
+        bucket_width: Duration::from_secs(10),
+        instance: Some(spec.instance.clone()),
+        spool_dir: std::env::temp_dir().join(unique("e2e-member-spool")),
+        ..AuditConfig::default()
+    };
+    let options = ConsumerOptions {
+        transactional: spec.transactional,
+        transactional_id: Some(format!("{}-{}", spec.group, spec.slot)),
+        transaction_timeout: Duration::from_secs(10),
+        ..ConsumerOptions::default()
+    };
+    let consumer =
+        AuditedConsumer::with_options(&kafka, audit, options, &prometheus::Registry::new())?;
+    consumer.subscribe(&[&spec.topic])?;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                n += 1;
+                if spec.transactional && n.is_multiple_of(200) {
+                    consumer.commit_message(&m, CommitMode::Async)?;
+                }
+            }
+            Some(Err(e)) => eprintln!("member {}: consumer error: {e}", spec.instance),
+            None => {}
+        }
+    }
+    if spec.transactional {
+        consumer.commit_consumer_state(CommitMode::Async)?;
+    }
+    let stats = consumer.close();
+    eprintln!("member {} stopped: {stats:?}", spec.instance);
+    Ok(())
+}
+
+/// A running member process.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+}
+
+impl Running {
+    /// Clean stop: closes stdin and waits for the member to close its consumer and exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.child.stdin.take());
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "member exited with {status}");
+        Ok(())
+    }
+
+    /// `kill -9`.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn group_client(group: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", regional_bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?)
+}
+
+/// The committed offsets of `group` in partitions `0..partitions` of `topic` (-1 where none).
+/// Blocks.
+pub fn committed(group: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let c = group_client(group)?.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok((0..partitions)
+        .map(|p| {
+            c.find_partition(topic, p)
+                .and_then(|e| e.offset().to_raw())
+                .unwrap_or(-1)
+        })
+        .collect())
+}
+
+/// Sets the committed offsets of `group`, which has no member, to `offset` in partitions
+/// `0..partitions` of `topic`: what an operator's `kafka-consumer-groups --reset-offsets`
+/// does to replay a topic. Blocks.
+pub fn reset_offsets(group: &str, topic: &str, partitions: i32, offset: i64) -> anyhow::Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Offset(offset))?;
+    }
+    group_client(group)?.commit(&tpl, CommitMode::Sync)?;
+    Ok(())
+}
