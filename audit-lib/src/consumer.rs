@@ -65,6 +65,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bucket::BucketWidth;
 use crate::config::{AuditConfig, ConfigError};
+use crate::mapping::{Mapping, MappingConfig, MappingKind};
 use crate::metrics::AuditMetrics;
 use crate::record::{AuditRecord, MAX_NAME_LEN, Observer, Progress, Tier};
 use crate::reporter::{AuditError, Clock, SystemClock, audit_client_config};
@@ -100,6 +101,12 @@ pub struct ConsumerOptions {
     /// Longest wait for one Kafka call of a flush (end offsets, committed offsets, commit).
     #[serde(with = "crate::duration")]
     pub kafka_timeout: Duration,
+    /// How the topics read map to logical topics and source datacenters, as
+    /// chaperone-service's `[mapping]`; `identity` unless `kind` says otherwise. A group
+    /// reading MirrorMaker 2's `regional.orders` on the aggregate cluster sets
+    /// `kind = "mirror"` and reports `orders` from datacenter `regional`, lined up with the
+    /// tiers before it.
+    pub mapping: MappingConfig,
 }
 
 impl Default for ConsumerOptions {
@@ -111,6 +118,7 @@ impl Default for ConsumerOptions {
             transactional_id: None,
             transaction_timeout: Duration::from_secs(60),
             kafka_timeout: Duration::from_secs(10),
+            mapping: MappingConfig::default(),
         }
     }
 }
@@ -179,6 +187,8 @@ enum Why {
 
 /// The state shared by the consumer and its rebalance callback.
 struct Core {
+    /// Physical topic -> logical topic and source datacenter.
+    mapping: Mapping,
     tracker: Tracker,
     ledger: Mutex<Ledger>,
     out: Mutex<Out>,
@@ -480,6 +490,14 @@ impl Core {
         }
     }
 
+    /// The observer, for messages that originated in `datacenter`.
+    fn observer_in(&self, datacenter: String) -> Observer {
+        Observer {
+            datacenter,
+            ..self.observer.clone()
+        }
+    }
+
     fn progress_record(
         &self,
         end: &PartitionEnd,
@@ -488,12 +506,13 @@ impl Core {
         now: i64,
         closing: bool,
     ) -> EncodedRecord {
+        let mapped = self.mapping.map(&end.topic);
         EncodedRecord::new(&AuditRecord::Progress(Progress {
             id: uuid::Uuid::now_v7().to_string(),
-            topic: end.topic.clone(),
+            topic: mapped.topic,
             physical_topic: end.topic.clone(),
             partition: Some(end.partition),
-            observer: self.observer.clone(),
+            observer: self.observer_in(mapped.datacenter),
             position,
             high_watermark: end.high.map(|h| position.map_or(h, |p| h.max(p))),
             watermark_ms,
@@ -543,15 +562,21 @@ impl Core {
                 .into_iter()
                 .map(|e| {
                     let id = ids.next(&e.topic);
-                    let logical = e.topic.clone();
-                    let c = e.into_counts(id, logical, self.width, self.observer.clone(), now);
+                    let mapped = self.mapping.map(&e.topic);
+                    let c = e.into_counts(
+                        id,
+                        mapped.topic,
+                        self.width,
+                        self.observer_in(mapped.datacenter),
+                        now,
+                    );
                     EncodedRecord::new(&AuditRecord::Counts(c))
                 })
                 .collect()
         };
         // Per partition: whether it is caught up (everything in its log when its end offset
         // was read was received, and everything received is counted in this flush or
-        // before), and its end offset.
+        // before; never for a mirror), and its end offset.
         let ends_now: Vec<PartitionEnd> = ledger
             .partitions()
             .into_iter()
@@ -565,8 +590,15 @@ impl Core {
                     .and_then(|l| l.find_partition(&t, p))
                     .and_then(|e| e.offset().to_raw());
                 let nothing_waiting = ledger.get(&t, p).is_some_and(|x| x.nothing_waiting());
+                // Having read a mirror to its end says nothing about what is still upstream
+                // of the mirror maker: its watermark stays an event time.
+                let mirrored = self.mapping.map(&t).mirrored;
                 let caught_up = match (end, pos) {
-                    (Some((high, at)), Some(pos)) if nothing_waiting && pos >= high => Some(at),
+                    (Some((high, at)), Some(pos))
+                        if nothing_waiting && pos >= high && !mirrored =>
+                    {
+                        Some(at)
+                    }
                     _ => None,
                 };
                 PartitionEnd {
@@ -776,6 +808,10 @@ fn prepare(
     }
     let mut observer = audit.observer();
     observer.tier = Tier::from(tier);
+    let mapping = options
+        .mapping
+        .rule(MappingKind::Identity, &observer.datacenter)
+        .map_err(|e| bad(&format!("mapping.{}", e.key), e.reason))?;
 
     let base = sink::producer_base(kafka);
     let mut pc = audit_client_config(&base, &audit);
@@ -822,6 +858,7 @@ fn prepare(
         cc.set(key, value);
     }
     let core = Core {
+        mapping,
         tracker: Tracker::new(width, audit.max_open_cells),
         ledger: Mutex::new(Ledger::default()),
         out: Mutex::new(out),
@@ -1415,5 +1452,40 @@ mod tests {
             ..ConsumerOptions::default()
         };
         assert_eq!(err(&kafka, txn), "enable.auto.commit");
+        let regex = ConsumerOptions {
+            mapping: MappingConfig {
+                kind: Some(MappingKind::Regex),
+                pattern: Some("^(?P<topic>.+)$".into()),
+                ..MappingConfig::default()
+            },
+            ..ConsumerOptions::default()
+        };
+        assert_eq!(err(&kafka, regex), "mapping.pattern");
+    }
+
+    #[test]
+    fn a_mirror_mapping_reads_from_toml() {
+        let o: ConsumerOptions = serde_json::from_str(
+            r#"{"mapping":{"kind":"mirror","sources":["regional","regional2"]}}"#,
+        )
+        .expect("parses");
+        let m = o
+            .mapping
+            .rule(MappingKind::Identity, "aggregate")
+            .expect("valid");
+        let mapped = m.map("regional2.orders");
+        assert_eq!(
+            (
+                mapped.topic.as_str(),
+                mapped.datacenter.as_str(),
+                mapped.mirrored
+            ),
+            ("orders", "regional2", true)
+        );
+        let unset = ConsumerOptions::default()
+            .mapping
+            .rule(MappingKind::Identity, "aggregate")
+            .expect("valid");
+        assert_eq!(unset.map("regional.orders").topic, "regional.orders");
     }
 }

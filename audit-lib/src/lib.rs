@@ -23,6 +23,8 @@
 //!   collector remembers applied records as ranges.
 //! - [`spool`]: the crash-safe, bounded local file store of undelivered records.
 //! - [`config`]: [`AuditConfig`], serde configuration with validation naming the bad key.
+//! - [`mapping`]: physical topic -> logical topic and source datacenter across mirrors, for
+//!   chaperone-service and consumers reading mirrors.
 //! - [`duration`]: the workspace's one duration syntax (a unit is required), also used by
 //!   chaperone-service and the collector.
 //! - [`metrics`]: [`AuditMetrics`], registered in a registry the application hands in.
@@ -38,6 +40,7 @@ pub mod config;
 pub mod consumer;
 pub mod duration;
 pub mod histogram;
+pub mod mapping;
 pub mod metrics;
 pub mod producer;
 // `record` was written for Rust 1.85, before this crate needed 1.89 (see Cargo.toml); it

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use chaperone_audit::mapping::{Mapping, MappingError};
+pub use chaperone_audit::mapping::{MappingConfig, MappingKind};
 use chaperone_audit::{BucketWidth, Tier};
 use chaperone_daemon_support::secrets;
 use regex::Regex;
@@ -67,18 +69,6 @@ pub enum TimeSource {
     JsonField,
 }
 
-/// How a physical topic name maps to its logical topic and source datacenter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MappingKind {
-    /// Physical topic = logical topic; datacenter = `datacenter`.
-    Identity,
-    /// MirrorMaker 2's DefaultReplicationPolicy: `<source><separator><topic>`.
-    Mirror,
-    /// A regular expression with named groups `source` and `topic`.
-    Regex,
-}
-
 /// Which topics to audit.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -126,33 +116,6 @@ impl Default for EventTimeConfig {
             sources: vec![TimeSource::CreateTime, TimeSource::JsonField],
             json_field: None,
             watermark_lateness: Duration::ZERO,
-        }
-    }
-}
-
-/// Topic mapping across mirrors.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MappingConfig {
-    /// The rule. Defaults to `mirror` on the `aggregate` tier and `identity` elsewhere.
-    pub kind: Option<MappingKind>,
-    /// MirrorMaker 2's `replication.policy.separator`.
-    pub separator: String,
-    /// Source cluster aliases the `mirror` rule recognises; empty means any prefix before the
-    /// first separator. Listing them keeps local topics with dots in their names intact.
-    pub sources: Vec<String>,
-    /// For `regex`: a pattern with named groups `source` and `topic`, matched against the
-    /// whole physical topic name.
-    pub pattern: Option<String>,
-}
-
-impl Default for MappingConfig {
-    fn default() -> Self {
-        Self {
-            kind: None,
-            separator: ".".to_owned(),
-            sources: Vec::new(),
-            pattern: None,
         }
     }
 }
@@ -376,6 +339,11 @@ impl Config {
         BucketWidth::from_duration(self.bucket_width).unwrap_or_default()
     }
 
+    /// The mapping rule built from `[mapping]` (checked by validation).
+    pub fn mapping_rule(&self) -> Result<Mapping, MappingError> {
+        self.mapping.rule(self.mapping_kind(), &self.datacenter)
+    }
+
     /// The mapping rule in force.
     pub fn mapping_kind(&self) -> MappingKind {
         self.mapping
@@ -498,28 +466,14 @@ impl Config {
             }
             _ => {}
         }
-        if self.mapping.separator.is_empty() {
-            return Err(invalid("mapping.separator", "must not be empty"));
-        }
-        match (self.mapping_kind(), &self.mapping.pattern) {
-            (MappingKind::Regex, None) => {
-                return Err(invalid(
-                    "mapping.pattern",
-                    "must be set when mapping.kind is `regex`",
-                ));
-            }
-            (MappingKind::Regex, Some(p)) => {
-                let re = Regex::new(p).map_err(|e| invalid("mapping.pattern", e.to_string()))?;
-                let groups: Vec<_> = re.capture_names().flatten().collect();
-                if !groups.contains(&"source") || !groups.contains(&"topic") {
-                    return Err(invalid(
-                        "mapping.pattern",
-                        "must have named groups `source` and `topic`",
-                    ));
-                }
-            }
-            _ => {}
-        }
+        self.mapping_rule().map_err(|e| {
+            let key = if e.key == "separator" {
+                "mapping.separator"
+            } else {
+                "mapping.pattern"
+            };
+            invalid(key, e.reason)
+        })?;
         for (key, props) in [
             ("kafka", &self.kafka),
             ("kafka_consumer", &self.kafka_consumer),

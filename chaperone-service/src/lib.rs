@@ -5,7 +5,6 @@
 //! - [`subscription`]: which topics are audited (include/exclude patterns plus topics that
 //!   are never counted), re-evaluated periodically so new topics are picked up.
 //! - [`event_time`]: how a message is dated (CreateTime, a JSON field, or its arrival).
-//! - [`mapping`]: physical topic -> logical topic and source datacenter across mirrors.
 //! - [`kafka`]: client configurations with forced safety settings, audit topic creation.
 //! - [`tally`] and [`latency`]: the open counts between two flushes, kept small (sparse
 //!   latencies) and measured, so the loop can commit early before they outgrow their limit.
@@ -24,7 +23,6 @@ pub mod event_time;
 pub mod http;
 pub mod kafka;
 pub mod latency;
-pub mod mapping;
 pub mod metrics;
 pub mod pipeline;
 pub mod subscription;
@@ -133,14 +131,7 @@ async fn start_pipeline(
         &config.mapping.separator,
     )
     .context("invalid topic patterns")?;
-    let mapping = mapping::Mapping::new(
-        config.mapping_kind(),
-        &config.mapping.separator,
-        &config.mapping.sources,
-        config.mapping.pattern.as_deref(),
-        &config.datacenter,
-    )
-    .context("invalid mapping.pattern")?;
+    let mapping = config.mapping_rule().context("invalid [mapping]")?;
     let dater = event_time::Dater::new(
         config.event_time.sources.clone(),
         config.event_time.json_field.clone(),

@@ -38,12 +38,12 @@ pub use crate::error::PipelineError;
 use crate::error::fatal;
 use crate::event_time::{Dater, EventTime};
 use crate::http::Health;
-use crate::mapping::{Mapped, Mapping};
 use crate::metrics::Metrics;
 use crate::subscription::Selector;
 use crate::tally::Tally;
 use crate::transaction::{Batch, Committer, Outcome, Totals};
 use crate::watermark::{self, Committed, Ends, Key, Marks};
+use chaperone_audit::mapping::{Mapped, Mapping};
 
 /// The wall clock, read in epoch milliseconds; injected so tests can control time.
 pub use chaperone_daemon_support::Clock;
@@ -832,7 +832,8 @@ mod tests {
     /// topic's partitions and lost their order.
     #[test]
     fn records_are_keyed_by_logical_topic() {
-        let mapping = Mapping::new(crate::config::MappingKind::Mirror, ".", &[], None, "dc1")
+        let mapping = chaperone_audit::mapping::MappingConfig::default()
+            .rule(chaperone_audit::mapping::MappingKind::Mirror, "dc1")
             .expect("valid mapping");
         for physical in ["regional.orders", "eu.orders", "orders"] {
             assert_eq!(record_key(&mapping.map(physical)), "orders", "{physical}");

@@ -3,7 +3,9 @@
 //! chaperone-services and the collector, whose `[reconcile]` has one edge to `consumer:*`.
 //!
 //! - A group in transactional mode that processes everything: `complete` on its own edge,
-//!   `regional->consumer:<group>`, with exactly what was produced.
+//!   `regional->consumer:<group>`, with exactly what was produced. Another reads
+//!   MirrorMaker 2's copy on the aggregate cluster, mapped back to the logical topic (a
+//!   `mirror` mapping): the same.
 //! - A group that passes over one message in a hundred (it never says they were processed):
 //!   exactly those `missing` on its edge, notified; nothing else is.
 //! - A third group, reading another topic only, gets no verdict on this one.
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use chaperone_audit::mapping::{MappingConfig, MappingKind};
 use chaperone_audit::{AuditConfig, AuditedConsumer, ConsumerOptions, CountOn};
 use chaperone_test_support::{
     Receiver, TestDb, aggregate_bootstrap, create_topic, end_offsets, eventually,
@@ -122,6 +125,9 @@ struct Group {
     skip: fn(i64) -> bool,
     /// After this many messages, stop polling for this long (a stalled application).
     pause: Option<(usize, Duration)>,
+    /// Reads MirrorMaker 2's copy `regional.<topic>` on the aggregate cluster, mapped back to
+    /// `<topic>` from datacenter `regional`.
+    mirror: bool,
 }
 
 /// How long a group goes on polling, caught up and idle, after its last message: past the end
@@ -140,10 +146,16 @@ fn read_group(g: Group, audit_topic: &str) -> anyhow::Result<Read> {
         transactional,
         skip,
         mut pause,
+        mirror,
     } = g;
+    let (bootstrap, topic) = if mirror {
+        (aggregate_bootstrap(), format!("regional.{topic}"))
+    } else {
+        (regional_bootstrap(), topic)
+    };
     let mut kafka = ClientConfig::new();
     kafka
-        .set("bootstrap.servers", regional_bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -161,6 +173,10 @@ fn read_group(g: Group, audit_topic: &str) -> anyhow::Result<Read> {
             CountOn::default()
         } else {
             CountOn::Processed
+        },
+        mapping: MappingConfig {
+            kind: mirror.then_some(MappingKind::Mirror),
+            ..MappingConfig::default()
         },
         ..ConsumerOptions::default()
     };
@@ -234,9 +250,14 @@ async fn scenario(
         transactional,
         skip: |_| false,
         pause: None,
+        mirror: false,
     };
     let groups = [
         group("clean", topic, MESSAGES, true),
+        Group {
+            mirror: true,
+            ..group("mirror", topic, MESSAGES, true)
+        },
         Group {
             skip: |offset| offset % 100 == 7,
             ..group("lossy", topic, MESSAGES, false)
@@ -255,8 +276,9 @@ async fn scenario(
     anyhow::ensure!(passed_over > 0, "the lossy group passed nothing over");
 
     let n = MESSAGES as i64;
-    let (clean, lossy, elsewhere) = (
+    let (clean, mirror, lossy, elsewhere) = (
         format!("regional->consumer:{id}-clean"),
+        format!("regional->consumer:{id}-mirror"),
         format!("regional->consumer:{id}-lossy"),
         format!("regional->consumer:{id}-elsewhere"),
     );
@@ -267,6 +289,7 @@ async fn scenario(
             let v = verdicts(&db.pool, topic).await?;
             let done = edge_totals(&v, "producer->regional") == (n, n)
                 && edge_totals(&v, &clean) == (n, n)
+                && edge_totals(&v, &mirror) == (n, n)
                 && edge_totals(&v, &lossy) == (n, n - passed_over);
             Ok(done.then_some(v))
         },
@@ -330,6 +353,7 @@ async fn a_group_stopped_past_max_wait_is_lagging_until_it_catches_up() -> anyho
             transactional: false,
             skip: |_| false,
             pause: Some((200, Duration::from_secs(30))),
+            mirror: false,
         };
         let audit = audit_topic.clone();
         let reader = tokio::task::spawn_blocking(move || read_group(g, &audit));

@@ -4,11 +4,110 @@
 //! `regional.orders`. To line aggregate counts up with the regional counts they came from,
 //! each physical topic maps to a logical topic and the datacenter the messages originated in.
 //! Topics the rule does not match are local: logical = physical, datacenter = the configured
-//! one.
+//! one. chaperone-service maps every topic it reads; an [`AuditedConsumer`] reading mirrors
+//! on the aggregate cluster maps them the same way (`ConsumerOptions::mapping`).
+//!
+//! [`AuditedConsumer`]: crate::AuditedConsumer
 
 use regex::Regex;
+use serde::{Deserialize, Serialize};
 
-use crate::config::MappingKind;
+/// How a physical topic name maps to its logical topic and source datacenter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MappingKind {
+    /// Physical topic = logical topic; datacenter = the reader's own.
+    Identity,
+    /// MirrorMaker 2's DefaultReplicationPolicy: `<source><separator><topic>`.
+    Mirror,
+    /// A regular expression with named groups `source` and `topic`.
+    Regex,
+}
+
+/// Topic mapping across mirrors, as configured (`[mapping]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MappingConfig {
+    /// The rule; unset, the reader's default (chaperone-service: `mirror` on the `aggregate`
+    /// tier, `identity` elsewhere; a consumer: `identity`).
+    pub kind: Option<MappingKind>,
+    /// MirrorMaker 2's `replication.policy.separator`.
+    pub separator: String,
+    /// Source cluster aliases the `mirror` rule recognises; empty means any prefix before the
+    /// first separator. Listing them keeps local topics with dots in their names intact.
+    pub sources: Vec<String>,
+    /// For `regex`: a pattern with named groups `source` and `topic`, matched against the
+    /// whole physical topic name.
+    pub pattern: Option<String>,
+}
+
+impl Default for MappingConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            separator: ".".to_owned(),
+            sources: Vec::new(),
+            pattern: None,
+        }
+    }
+}
+
+/// A mapping configuration that cannot work: the key (under `mapping.`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mapping.{key}: {reason}")]
+pub struct MappingError {
+    /// `separator` or `pattern`.
+    pub key: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl MappingConfig {
+    /// The rule, with `default` when `kind` is unset, for a reader in `local_datacenter`;
+    /// an empty separator or a `regex` rule without a valid pattern with named groups
+    /// `source` and `topic` is an error naming the key.
+    pub fn rule(
+        &self,
+        default: MappingKind,
+        local_datacenter: &str,
+    ) -> Result<Mapping, MappingError> {
+        let invalid = |key, reason: &str| MappingError {
+            key,
+            reason: reason.to_owned(),
+        };
+        if self.separator.is_empty() {
+            return Err(invalid("separator", "must not be empty"));
+        }
+        let kind = self.kind.unwrap_or(default);
+        let pattern = match (kind, &self.pattern) {
+            (MappingKind::Regex, None) => {
+                return Err(invalid(
+                    "pattern",
+                    "must be set when mapping.kind is `regex`",
+                ));
+            }
+            (MappingKind::Regex, Some(p)) => {
+                let re = Regex::new(p).map_err(|e| invalid("pattern", &e.to_string()))?;
+                let groups: Vec<_> = re.capture_names().flatten().collect();
+                if !groups.contains(&"source") || !groups.contains(&"topic") {
+                    return Err(invalid(
+                        "pattern",
+                        "must have named groups `source` and `topic`",
+                    ));
+                }
+                Some(re)
+            }
+            _ => None,
+        };
+        Ok(Mapping {
+            kind,
+            separator: self.separator.clone(),
+            sources: self.sources.clone(),
+            pattern,
+            local_datacenter: local_datacenter.to_owned(),
+        })
+    }
+}
 
 /// A physical topic's logical name and source datacenter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,24 +133,6 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Builds the rule; `pattern` must be valid and have groups `source` and `topic` when
-    /// `kind` is [`MappingKind::Regex`] (checked by config validation).
-    pub fn new(
-        kind: MappingKind,
-        separator: &str,
-        sources: &[String],
-        pattern: Option<&str>,
-        local_datacenter: &str,
-    ) -> Result<Self, regex::Error> {
-        Ok(Self {
-            kind,
-            separator: separator.to_owned(),
-            sources: sources.to_vec(),
-            pattern: pattern.map(Regex::new).transpose()?,
-            local_datacenter: local_datacenter.to_owned(),
-        })
-    }
-
     fn local(&self, physical: &str) -> Mapped {
         Mapped {
             topic: physical.to_owned(),
@@ -135,8 +216,36 @@ mod tests {
     use super::*;
 
     fn m(kind: MappingKind, sources: &[&str], pattern: Option<&str>) -> Mapping {
-        let s: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-        Mapping::new(kind, ".", &s, pattern, "agg-dc").expect("valid")
+        let c = MappingConfig {
+            kind: Some(kind),
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+            pattern: pattern.map(str::to_owned),
+            ..MappingConfig::default()
+        };
+        c.rule(MappingKind::Identity, "agg-dc").expect("valid")
+    }
+
+    #[test]
+    fn bad_rules_name_their_key() {
+        let key = |c: MappingConfig| c.rule(MappingKind::Mirror, "dc").unwrap_err().key;
+        let separator = MappingConfig {
+            separator: String::new(),
+            ..MappingConfig::default()
+        };
+        assert_eq!(key(separator), "separator");
+        let regex = |pattern: Option<&str>| MappingConfig {
+            kind: Some(MappingKind::Regex),
+            pattern: pattern.map(str::to_owned),
+            ..MappingConfig::default()
+        };
+        assert_eq!(key(regex(None)), "pattern");
+        assert_eq!(key(regex(Some("("))), "pattern");
+        assert_eq!(key(regex(Some("^(?P<source>x)$"))), "pattern");
+        let unset = MappingConfig::default().rule(MappingKind::Mirror, "dc");
+        assert_eq!(
+            unset.expect("valid").map("regional.orders").datacenter,
+            "regional"
+        );
     }
 
     /// A mapped topic; mirrored unless it is in the local datacenter `agg-dc`.
