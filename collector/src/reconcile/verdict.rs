@@ -79,6 +79,11 @@ pub struct EdgeBucket<'a> {
     /// ([`sources_passed`]), on its clock, epoch ms: `i64::MAX` while they have not, `None`
     /// when there is no live producer instance to wait for.
     pub sources_passed_ms: Option<i64>,
+    /// Partitions of the upstream tier whose counts of the bucket the edge into that tier
+    /// proved complete ([`proven_downstream`]): they count as passed whatever the upstream's
+    /// own marks say (the reader of a mirror, whose watermark stays an event time once the
+    /// stream stops).
+    pub upstream_proven: &'a BTreeSet<i32>,
 }
 
 /// How far a tier got, for one bucket.
@@ -306,7 +311,9 @@ pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
         .copied()
         .filter(|&p| p >= 0)
         .collect();
-    let upstream = tier_state(b.upstream, due, consumer_due, &BTreeSet::new(), |_| false);
+    let upstream = tier_state(b.upstream, due, consumer_due, &BTreeSet::new(), |p| {
+        b.upstream_proven.contains(&p)
+    });
     let downstream = tier_state(b.downstream, due, consumer_due, &partitions, |p| {
         upstream.passed && equal_at(b.expected, b.actual, p)
     });
@@ -332,6 +339,33 @@ pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
         upstream,
         downstream,
     })
+}
+
+/// The partitions of the downstream tier whose counts of the bucket are proven complete: the
+/// upstream tier passed the bucket (by its marks, or proven in turn) and both tiers counted the
+/// same in the partition, idle ones included. Everything of the bucket that the downstream will
+/// ever count there has been counted, so an edge from the downstream tier may take those
+/// partitions as passed ([`EdgeBucket::upstream_proven`]). Partitions are only compared when
+/// both sides know them.
+pub fn proven_downstream(rules: &Rules, b: &EdgeBucket<'_>) -> BTreeSet<i32> {
+    let due = b.end_ms.saturating_add(rules.lateness_ms);
+    let consumer_due = due
+        .saturating_add(b.event_lag_ms)
+        .max(b.sources_passed_ms.unwrap_or(i64::MIN));
+    let upstream = tier_state(b.upstream, due, consumer_due, &BTreeSet::new(), |p| {
+        b.upstream_proven.contains(&p)
+    });
+    let unknown = |c: &BTreeMap<i32, i64>| c.get(&-1).is_some_and(|&n| n != 0);
+    if !upstream.passed || unknown(b.expected) || unknown(b.actual) {
+        return BTreeSet::new();
+    }
+    b.expected
+        .keys()
+        .chain(b.actual.keys())
+        .copied()
+        .chain(b.downstream.iter().map(|m| m.partition))
+        .filter(|&p| p >= 0 && equal_at(b.expected, b.actual, p))
+        .collect()
 }
 
 /// [`evaluate`] for an edge summed over datacenters: each part (datacenter) is evaluated on
@@ -483,6 +517,7 @@ mod tests {
         lag: i64,
         queued: i64,
         sources_passed: Option<i64>,
+        proven: BTreeSet<i32>,
     }
 
     impl Case {
@@ -500,6 +535,7 @@ mod tests {
                 lag: 0,
                 queued: END - 100,
                 sources_passed: None,
+                proven: BTreeSet::new(),
             }
         }
 
@@ -514,6 +550,7 @@ mod tests {
                 actual: &self.actual,
                 event_lag_ms: self.lag,
                 sources_passed_ms: self.sources_passed,
+                upstream_proven: &self.proven,
             };
             let o = evaluate(&RULES, &b)?;
             let e = self.expected.values().sum();
@@ -758,6 +795,63 @@ mod tests {
     }
 
     #[test]
+    fn a_tier_proven_complete_by_the_edge_into_it_has_passed_for_the_next_edge() {
+        // regional -> aggregate: regional passed; aggregate reads a mirror, its watermark an
+        // event time short of the bucket end, and counted the same in partitions 0 and 1
+        // (2 idle); partition 3 is short.
+        let regional = vec![consumer(0, END + 10)];
+        let aggregate = vec![
+            consumer(0, END - 300),
+            consumer(1, END - 300),
+            consumer(2, END - 300),
+            consumer(3, END - 300),
+        ];
+        let into = Case::new(
+            regional.clone(),
+            aggregate.clone(),
+            &[(0, 10), (1, 4), (3, 5)],
+            &[(0, 10), (1, 4), (3, 2)],
+        );
+        let b = EdgeBucket {
+            end_ms: END,
+            queued_ms: into.queued,
+            now_ms: SOON,
+            upstream: &into.up,
+            downstream: &into.down,
+            expected: &into.expected,
+            actual: &into.actual,
+            event_lag_ms: 0,
+            sources_passed_ms: None,
+            upstream_proven: &BTreeSet::new(),
+        };
+        assert_eq!(proven_downstream(&RULES, &b), BTreeSet::from([0, 1, 2]));
+        // An upstream that has not passed proves nothing.
+        let unproven = EdgeBucket {
+            upstream: &aggregate,
+            ..b
+        };
+        assert!(proven_downstream(&RULES, &unproven).is_empty());
+
+        // aggregate -> consumer: the consumer reads the same mirror and counted the same.
+        let mut next = Case::new(
+            aggregate[..3].to_vec(),
+            vec![consumer(0, END - 300), consumer(1, END - 300)],
+            &[(0, 10), (1, 4)],
+            &[(0, 10), (1, 4)],
+        );
+        assert_eq!(next.status(SOON), None);
+        next.proven = BTreeSet::from([0, 1, 2]);
+        let (o, j) = next.at(SOON).unwrap();
+        assert_eq!(
+            (o.finality, j.status),
+            (Finality::Progress, VerdictStatus::Complete)
+        );
+        // Where the consumer counted fewer, it still has to show it read past the bucket.
+        next.actual = counts(&[(0, 10), (1, 3)]);
+        assert_eq!(next.status(SOON), None);
+    }
+
+    #[test]
     fn event_lag_is_the_largest_over_live_instances() {
         let mut a = instance("a/1", 1_000);
         a.last_emitted_ms = 91_000;
@@ -870,6 +964,7 @@ mod tests {
                 actual: &c.actual,
                 event_lag_ms: c.lag,
                 sources_passed_ms: c.sources_passed,
+                upstream_proven: &c.proven,
             }
         }
         assert_eq!(

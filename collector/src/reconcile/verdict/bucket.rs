@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     EdgeBucket, Finality, Mark, Rules, Side, VerdictStatus, evaluate_all, event_lag_ms, judge,
-    sources_passed,
+    proven_downstream, sources_passed,
 };
 use crate::model::BucketKey;
 use crate::reconcile::config::{EdgeConfig, ReconcileConfig, millis, tier_pattern};
@@ -114,6 +114,10 @@ pub(crate) fn judge_bucket(
     }
     let mut all_final = true;
     let mut out = Vec::new();
+    // Per (tier, datacenter): the partitions an edge judged before proved complete, taken as
+    // passed on the edges from that tier (edges are taken in the configured order).
+    let mut proven: BTreeMap<(String, String), BTreeSet<i32>> = BTreeMap::new();
+    let none = BTreeSet::new();
     for edge in topic_edges(&config.edges, progress) {
         let edge = edge.as_ref();
         let on_edge: Vec<&CellCount> = rows
@@ -236,7 +240,8 @@ pub(crate) fn judge_bucket(
                         .map(|r| r.datacenter.as_str()),
                 )
                 .collect();
-            struct Part {
+            struct Part<'d> {
+                dc: &'d str,
                 up: Vec<Mark>,
                 down: Vec<Mark>,
                 expected: BTreeMap<i32, i64>,
@@ -261,6 +266,7 @@ pub(crate) fn judge_bucket(
                         by_partition(tier, Some(dc)).filter(|m| checked_total(m).is_some())
                     };
                     Some(Part {
+                        dc,
                         up: marks(&edge.from),
                         down: marks(&edge.to),
                         expected: counts(&edge.from)?,
@@ -293,9 +299,24 @@ pub(crate) fn judge_bucket(
                     actual: &p.actual,
                     event_lag_ms: p.event_lag_ms,
                     sources_passed_ms: p.sources_passed_ms,
+                    upstream_proven: proven
+                        .get(&(edge.from.clone(), p.dc.to_owned()))
+                        .unwrap_or(&none),
                 })
                 .collect();
-            let Some(outcome) = evaluate_all(&rules, &buckets) else {
+            let proofs: Vec<(String, BTreeSet<i32>)> = parts
+                .iter()
+                .zip(&buckets)
+                .map(|(p, b)| (p.dc.to_owned(), proven_downstream(&rules, b)))
+                .collect();
+            let outcome = evaluate_all(&rules, &buckets);
+            for (dc, partitions) in proofs {
+                proven
+                    .entry((edge.to.clone(), dc))
+                    .or_default()
+                    .extend(partitions);
+            }
+            let Some(outcome) = outcome else {
                 all_final = false;
                 continue;
             };
