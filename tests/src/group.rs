@@ -1,7 +1,8 @@
-//! Members of an audited consumer group, each a process of its own so that it can be killed
-//! with `kill -9`: the test binary run again as its `member_process` test, which calls
-//! [`run_member`] with the settings [`Member::start`] put in its environment. A member reads
-//! until its stdin closes, then closes its consumer cleanly (final progress records).
+//! Audited consumer groups as the end-to-end tests run them: a [`Reader`] reads in a thread
+//! of the test; a [`Member`] is a process of its own so that it can be killed with `kill -9`
+//! (the test binary run again as its `member_process` test, which calls [`run_member`] with
+//! the settings [`Member::start`] put in its environment). A member reads until its stdin
+//! closes, then closes its consumer cleanly (final progress records).
 
 use std::io::Read as _;
 use std::process::{Child, Command, Stdio};
@@ -9,8 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use chaperone_audit::{AuditConfig, AuditedConsumer, ConsumerOptions};
+use chaperone_audit::mapping::{MappingConfig, MappingKind};
+use chaperone_audit::{AuditConfig, AuditedConsumer, ConsumerOptions, CountOn};
 use chaperone_test_support::{regional_bootstrap, unique};
+use rdkafka::Message as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -81,8 +84,7 @@ impl Member {
     }
 }
 
-/// The body of a member process: reads as [`MEMBER_ENV`] says until stdin closes, counting
-/// every message it receives (offsets mode), committing every 200 in transactional mode, then
+/// The body of a member process: reads as [`MEMBER_ENV`] says until stdin closes, then
 /// closes.
 pub fn run_member() -> anyhow::Result<()> {
     let spec = Member::decode(
@@ -94,53 +96,134 @@ pub fn run_member() -> anyhow::Result<()> {
         let _ = std::io::stdin().read_to_end(&mut Vec::new());
         stopping.store(true, Ordering::Relaxed);
     });
-    let mut kafka = ClientConfig::new();
-    kafka
-        .set("bootstrap.servers", regional_bootstrap())
-        .set("group.id", &spec.group)
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .set("fetch.queue.backoff.ms", "1");
-    if spec.transactional {
-        kafka.set("enable.auto.commit", "false");
-    }
-    let audit = AuditConfig {
-        topic: spec.audit_topic.clone(),
-        flush_interval: Duration::from_secs(1),
-        bucket_width: Duration::from_secs(10),
-        instance: Some(spec.instance.clone()),
-        spool_dir: std::env::temp_dir().join(unique("e2e-member-spool")),
-        ..AuditConfig::default()
-    };
-    let options = ConsumerOptions {
+    let reader = Reader {
+        bootstrap: regional_bootstrap(),
+        topics: vec![spec.topic.clone()],
+        audit_topic: spec.audit_topic.clone(),
+        group: spec.group.clone(),
+        instance: spec.instance.clone(),
+        transactional_id: format!("{}-{}", spec.group, spec.slot),
         transactional: spec.transactional,
-        transactional_id: Some(format!("{}-{}", spec.group, spec.slot)),
-        transaction_timeout: Duration::from_secs(10),
-        ..ConsumerOptions::default()
+        mirror: false,
+        skip: None,
     };
-    let consumer =
-        AuditedConsumer::with_options(&kafka, audit, options, &prometheus::Registry::new())?;
-    consumer.subscribe(&[&spec.topic])?;
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                n += 1;
-                if spec.transactional && n.is_multiple_of(200) {
-                    consumer.commit_message(&m, CommitMode::Async)?;
-                }
-            }
-            Some(Err(e)) => eprintln!("member {}: consumer error: {e}", spec.instance),
-            None => {}
-        }
-    }
-    if spec.transactional {
-        consumer.commit_consumer_state(CommitMode::Async)?;
-    }
-    let stats = consumer.close();
-    eprintln!("member {} stopped: {stats:?}", spec.instance);
+    reader.run(&stop)?;
     Ok(())
+}
+
+/// One audited consumer of a group, reading in the calling thread.
+#[derive(Debug, Clone)]
+pub struct Reader {
+    /// Cluster read.
+    pub bootstrap: String,
+    /// Topics read.
+    pub topics: Vec<String>,
+    /// Audit topic the counts go to (on the cluster read).
+    pub audit_topic: String,
+    /// `group.id`; the tier is `consumer:<group>`.
+    pub group: String,
+    /// The audit instance.
+    pub instance: String,
+    /// Transactional id in transactional mode.
+    pub transactional_id: String,
+    /// Counts, progress and offsets in one transaction (committed every 200 messages and on
+    /// every flush); else at-least-once.
+    pub transactional: bool,
+    /// The topics are MirrorMaker 2's copies on the aggregate cluster, mapped back to the
+    /// logical topics (`mirror` mapping).
+    pub mirror: bool,
+    /// With `Some`, a message counts only once said `processed`, and the offsets this says
+    /// are never said to be: a consumer that passes over records. With `None`, every message
+    /// received counts.
+    pub skip: Option<fn(i64) -> bool>,
+}
+
+impl Reader {
+    /// Reads until `stop`, then closes cleanly (final progress records); returns the
+    /// messages passed over.
+    pub fn run(&self, stop: &AtomicBool) -> anyhow::Result<u64> {
+        let mut kafka = ClientConfig::new();
+        kafka
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", &self.group)
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .set("fetch.queue.backoff.ms", "1");
+        if self.transactional {
+            kafka.set("enable.auto.commit", "false");
+        }
+        let audit = AuditConfig {
+            topic: self.audit_topic.clone(),
+            flush_interval: Duration::from_secs(1),
+            bucket_width: Duration::from_secs(10),
+            instance: Some(self.instance.clone()),
+            spool_dir: std::env::temp_dir().join(unique("e2e-reader-spool")),
+            ..AuditConfig::default()
+        };
+        let options = ConsumerOptions {
+            transactional: self.transactional,
+            transactional_id: Some(self.transactional_id.clone()),
+            transaction_timeout: Duration::from_secs(10),
+            count_on: if self.skip.is_some() {
+                CountOn::Processed
+            } else {
+                CountOn::Offsets
+            },
+            mapping: MappingConfig {
+                kind: self.mirror.then_some(MappingKind::Mirror),
+                ..MappingConfig::default()
+            },
+            ..ConsumerOptions::default()
+        };
+        // Creating a transactional consumer waits for its producer id; on a stalled machine
+        // that can time out, and an application would start again.
+        let mut attempts = 0;
+        let consumer = loop {
+            match AuditedConsumer::with_options(
+                &kafka,
+                audit.clone(),
+                options.clone(),
+                &prometheus::Registry::new(),
+            ) {
+                Ok(c) => break c,
+                Err(e) if attempts < 5 && !stop.load(Ordering::Relaxed) => {
+                    attempts += 1;
+                    eprintln!("reader {}: cannot start yet: {e}", self.instance);
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let (mut n, mut passed_over) = (0u64, 0u64);
+        while !stop.load(Ordering::Relaxed) {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    n += 1;
+                    match self.skip {
+                        Some(skip) if skip(m.offset()) => passed_over += 1,
+                        Some(_) => {
+                            consumer.processed(&m);
+                        }
+                        None => {}
+                    }
+                    if self.transactional && n.is_multiple_of(200) {
+                        consumer.commit_message(&m, CommitMode::Async)?;
+                    }
+                }
+                Some(Err(e)) => eprintln!("reader {}: consumer error: {e}", self.instance),
+                None => {}
+            }
+        }
+        if self.transactional {
+            consumer.commit_consumer_state(CommitMode::Async)?;
+        }
+        let stats = consumer.close();
+        eprintln!("reader {} stopped: {stats:?}", self.instance);
+        Ok(passed_over)
+    }
 }
 
 /// A running member process.

@@ -6,12 +6,16 @@
 //! One pipeline (collector, a chaperone-service per cluster) serves every scenario, each on
 //! topics of its own, with 10 s buckets. Producers are `loadgen` processes (audit-lib's example),
 //! so that they can be killed with SIGKILL. Scenarios that stop MirrorMaker run one after the
-//! other, after the ones that need it running. At the end a table of verdicts, revisions,
+//! other, after the ones that need it running. Two audited consumer groups read the copies of
+//! some topics on aggregate during the first phase, so the `aggregate->consumer:<group>` edges
+//! are judged and asserted with the others. At the end a table of verdicts, revisions,
 //! notifications and detection times per scenario is printed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -19,6 +23,7 @@ use chaperone_test_support::{
     Notification, Receiver, TestDb, aggregate_bootstrap, create_topic, dev_stack, end_offsets,
     eventually, regional_bootstrap, regional2_bootstrap, unique, wait_for_topics,
 };
+use chaperone_tests::group::Reader;
 use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
 use chaperone_tests::programs::built;
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -36,10 +41,26 @@ const MAX_WAIT_S: u64 = 90;
 /// How long MirrorMaker may take to create the copy of a new topic.
 const MIRRORED: Duration = Duration::from_secs(120);
 
+/// The default edges, and one from aggregate to every consumer group.
 fn reconcile_section() -> String {
     format!(
-        "interval = \"1s\"\nallowed_lateness = \"3s\"\nsettle = \"5s\"\nmax_wait = \"{MAX_WAIT_S}s\"\n\
-         loss_after = \"600s\"\ninstance_timeout = \"75s\""
+        r#"interval = "1s"
+allowed_lateness = "3s"
+settle = "5s"
+max_wait = "{MAX_WAIT_S}s"
+loss_after = "600s"
+instance_timeout = "75s"
+tiers = ["producer", "regional", "aggregate", "consumer:*"]
+[[reconcile.edges]]
+from = "producer"
+to = "regional"
+per_datacenter = true
+[[reconcile.edges]]
+from = "regional"
+to = "aggregate"
+[[reconcile.edges]]
+from = "aggregate"
+to = "consumer:*""#
     )
 }
 
@@ -436,6 +457,67 @@ async fn produce(bootstrap: &str, topic: &str, partitions: i32, n: usize) -> any
     Ok(())
 }
 
+/// Two audited consumer groups reading MirrorMaker 2's copies on the aggregate cluster,
+/// mapped back to the logical topics, each in a thread of its own: `sink` (transactional)
+/// reads every message of its topics, `skipper` (at-least-once, `processed`) passes over the
+/// offsets 7, 27, ... 187 of each partition of its one topic.
+struct Readers {
+    id: String,
+    stop: StopOnDrop,
+    sink: tokio::task::JoinHandle<anyhow::Result<u64>>,
+    skipper: tokio::task::JoinHandle<anyhow::Result<u64>>,
+}
+
+impl Readers {
+    fn start(id: &str, audit: &str, sink_topics: &[&str], skipper_topic: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = |name: &str, topics: &[&str], transactional, skip| {
+            let r = Reader {
+                bootstrap: aggregate_bootstrap(),
+                topics: topics.iter().map(|t| format!("regional.{t}")).collect(),
+                audit_topic: audit.to_owned(),
+                group: format!("{id}-{name}"),
+                instance: name.to_owned(),
+                transactional_id: format!("{id}-{name}"),
+                transactional,
+                mirror: true,
+                skip,
+            };
+            let stop = Arc::clone(&stop);
+            tokio::task::spawn_blocking(move || r.run(&stop))
+        };
+        let skip: fn(i64) -> bool = |offset| offset % 20 == 7 && offset < 200;
+        Self {
+            id: id.to_owned(),
+            sink: reader("sink", sink_topics, true, None),
+            skipper: reader("skipper", &[skipper_topic], false, Some(skip)),
+            stop: StopOnDrop(stop),
+        }
+    }
+
+    /// The edge from aggregate to the group `name`.
+    fn edge(&self, name: &str) -> String {
+        format!("aggregate->consumer:{}-{name}", self.id)
+    }
+
+    /// Stops both cleanly; returns how many messages `skipper` passed over.
+    async fn stop(self) -> anyhow::Result<i64> {
+        self.stop.0.store(true, Ordering::Relaxed);
+        self.sink.await??;
+        Ok(self.skipper.await?? as i64)
+    }
+}
+
+/// Stops the readers when a scenario fails before it stops them (the runtime waits for its
+/// blocking threads).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 struct Report(Vec<(String, Outcome)>);
 
 impl Report {
@@ -522,6 +604,8 @@ async fn scenarios(
     let (slow, skew, exit, killed) = (t("slow"), t("skew"), t("exit"), t("killed"));
     let (lossy, dup, idle) = (t("lossy"), t("dup"), t("idle"));
     let restarted = t("restarted");
+    // Read at the end of the path by a consumer group that passes over some records.
+    let sunk = t("sunk");
     // Written in both datacenters; the second one loses messages and its mirror is paused.
     let two_dc = t("two-dc");
     // Written in phase 4, made now so that its copy on aggregate is there by then.
@@ -530,6 +614,7 @@ async fn scenarios(
     topics(
         &[
             &clean_a, &clean_b, &skew, &exit, &killed, &lossy, &dup, &restarted, &two_dc, &crashed,
+            &sunk,
         ],
         3,
     )
@@ -538,7 +623,8 @@ async fn scenarios(
     topics(&[&idle], 4).await?;
     // MirrorMaker picks new topics up on its refresh interval: wait for the copies.
     let mirrored: Vec<String> = [
-        &clean_a, &clean_b, &slow, &skew, &exit, &killed, &lossy, &dup, &idle, &restarted, &crashed,
+        &clean_a, &clean_b, &slow, &skew, &exit, &killed, &lossy, &dup, &idle, &restarted,
+        &crashed, &sunk,
     ]
     .iter()
     .map(|t| format!("regional.{t}"))
@@ -549,6 +635,9 @@ async fn scenarios(
     // machine) copies nothing for a while: before the traffic starts, wait until both copy
     // again (dev/stack sends each a fresh probe record and waits for its copy).
     dev_stack(&["start-mirror"])?;
+    // Two consumer groups at the end of the path, reading the copies on aggregate: one reads
+    // every message of four scenarios' topics; one passes over some records of its topic.
+    let readers = Readers::start(id, audit, &[&clean_a, &clean_b, &lossy, &dup, &sunk], &sunk);
 
     // Phase 1: the faults that need MirrorMaker running, all at once. One process writes
     // several topics where it can, to keep the machine (and the brokers) responsive.
@@ -557,7 +646,7 @@ async fn scenarios(
     let mut service = ServiceProcess::start(id, audit, &format!("^{restarted}$"))?;
     let second = Loadgen::start(
         audit,
-        &[&clean_a, &clean_b, &slow, &skew, &restarted],
+        &[&clean_a, &clean_b, &slow, &skew, &restarted, &sunk],
         &rate,
     )?;
     let late = Loadgen::start(
@@ -692,6 +781,7 @@ async fn scenarios(
         &idle,
         &restarted,
         &two_dc,
+        &sunk,
     ];
     let exact = [
         clean_a.as_str(),
@@ -711,17 +801,35 @@ async fn scenarios(
         |_| true,
     )
     .await?;
+    let (sink, skipper) = (readers.edge("sink"), readers.edge("skipper"));
     for topic in exact {
         let n = produced(topic);
+        // The topics the sink group reads are judged on its edge too.
+        let read = [clean_a.as_str(), &clean_b].contains(&topic);
         settled(
             db,
             &[topic],
             &format!("exact totals of {topic}"),
             Duration::from_secs(120),
-            |o| o.totals(P2R) == (n, n) && o.totals(R2A) == (n, n),
+            |o| {
+                o.totals(P2R) == (n, n)
+                    && o.totals(R2A) == (n, n)
+                    && (!read || o.totals(&sink) == (n, n))
+            },
         )
         .await?;
     }
+    let n = produced(&sunk);
+    settled(
+        db,
+        &[&sunk],
+        "the consumer groups judged",
+        Duration::from_secs(120),
+        |o| o.totals(R2A) == (n, n) && o.totals(&sink) == (n, n) && o.totals(&skipper).0 == n,
+    )
+    .await?;
+    let passed_over = readers.stop().await?;
+    ensure!(passed_over > 0, "the skipping consumer passed nothing over");
     let lost = skipped(&lossy);
     ensure!(lost > 0, "the lossy loadgen skipped nothing");
     settled(
@@ -821,12 +929,21 @@ async fn scenarios(
     );
     ensure!(o.firing == 1, "one firing for the loss: {o:#?}");
     ensure!(o.count(R2A, "missing").0 == 0, "{o:#?}");
+    let n = produced(&lossy);
+    ensure!(
+        o.totals(&sink) == (n, n) && o.count(&sink, "complete").1 == n,
+        "the consumer read what aggregate holds: {o:#?}"
+    );
     report.0.push(("loss producer->regional".into(), o));
 
     let o = outcome(db, &hooks, &[&dup]).await?;
     let (_, e, a) = o.count(R2A, "duplicated");
     ensure!(a - e == 40, "40 duplicates found exactly: {o:#?}");
     ensure!(o.firing == 1, "one firing for the duplicates: {o:#?}");
+    ensure!(
+        o.totals(&sink) == (e + 40, e + 40) && o.count(&sink, "complete").1 == e + 40,
+        "the consumer read what aggregate holds, the duplicates too: {o:#?}"
+    );
     report.0.push(("duplicates in aggregate".into(), o));
 
     let o = outcome(db, &hooks, &[&two_dc]).await?;
@@ -862,6 +979,22 @@ async fn scenarios(
         "two datacenters: loss in regional2, its mirror paused 25 s".into(),
         o,
     ));
+
+    let o = outcome(db, &hooks, &[&sunk]).await?;
+    let (_, e, a) = o.count(&skipper, "missing");
+    ensure!(
+        e - a == passed_over as i64 && o.firing == 1 && o.resolved == 0,
+        "{skipper}: {passed_over} passed over found exactly, one firing: {o:#?}"
+    );
+    ensure!(
+        o.verdicts
+            .keys()
+            .all(|(edge, status)| status == "complete" || edge == &skipper),
+        "only the skipping group's edge is not complete: {o:#?}"
+    );
+    report
+        .0
+        .push(("consumer group passes over records".into(), o));
 
     dead_lettered(audit).await?;
 
