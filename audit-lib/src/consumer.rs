@@ -422,12 +422,11 @@ impl Core {
     fn seek_back<K: Consumer<AuditConsumerContext>>(
         &self,
         consumer: &K,
-        rewind: Vec<(String, i32, Option<i64>)>,
+        rewind: Vec<(String, i32, i64)>,
     ) {
         let mut tpl = TopicPartitionList::new();
-        for (t, p, committed) in rewind {
-            let offset = committed.map_or(Offset::Stored, Offset::Offset);
-            if let Err(e) = tpl.add_partition_offset(&t, p, offset) {
+        for (t, p, from) in rewind {
+            if let Err(e) = tpl.add_partition_offset(&t, p, Offset::Offset(from)) {
                 tracing::warn!(error = %e, topic = t, partition = p, "cannot rewind");
             }
         }

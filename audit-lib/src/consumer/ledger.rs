@@ -62,6 +62,9 @@ pub struct Partition {
     pub stored: Option<i64>,
     /// Next offset the group has committed (by this consumer, or found at assignment).
     pub committed: Option<i64>,
+    /// Lowest offset received since the partition was assigned: where it is read again from
+    /// while the group has committed nothing.
+    pub first_received: Option<i64>,
     /// Highest event time counted in the partition since it was assigned.
     pub counted_max_event_ms: Option<i64>,
     /// Highest watermark reported for the partition.
@@ -177,6 +180,7 @@ impl Ledger {
         }
         part.waiting.push_back(w);
         part.received_to = Some(w.offset + 1);
+        part.first_received = Some(part.first_received.map_or(w.offset, |f| f.min(w.offset)));
         match &mut self.last {
             Some((t, p)) if t == topic => *p = partition,
             last => *last = Some((topic.to_owned(), partition)),
@@ -330,16 +334,20 @@ impl Ledger {
     }
 
     /// Forgets everything not committed (a transaction was aborted, or an assignment lost):
-    /// returns where each partition must be read again from (its committed offset; `None`
-    /// when the group has none), so that its messages are processed and counted again.
-    pub fn rewind(&mut self) -> Vec<(String, i32, Option<i64>)> {
+    /// returns where each partition must be read again from, so that its messages are
+    /// processed and counted again: its committed offset, or, while the group has committed
+    /// none, the first offset received since it was assigned (a partition that received
+    /// nothing has nothing to read again).
+    pub fn rewind(&mut self) -> Vec<(String, i32, i64)> {
         let mut v = Vec::new();
         for (t, m) in &mut self.parts {
             for (p, part) in m.iter_mut() {
                 part.waiting.clear();
                 part.stored = None;
                 part.received_to = None;
-                v.push((t.clone(), *p, part.committed));
+                if let Some(from) = part.committed.or(part.first_received) {
+                    v.push((t.clone(), *p, from));
+                }
             }
         }
         v.sort();
@@ -476,8 +484,22 @@ mod tests {
             counted.push(w.offset)
         });
         assert_eq!(counted, vec![2, 3]);
-        assert_eq!(l.rewind(), vec![("t".to_owned(), 0, Some(0))]);
+        assert_eq!(l.rewind(), vec![("t".to_owned(), 0, 0)]);
         assert!(l.to_commit().is_empty());
+    }
+
+    #[test]
+    fn rewind_without_a_committed_offset_restarts_at_the_first_offset_received() {
+        let mut l = Ledger::default();
+        l.assign("t", 0, None);
+        l.assign("t", 1, None);
+        l.received("t", 0, w(40));
+        l.received("t", 0, w(41));
+        // Nothing committed and nothing received in partition 1: nothing to read again.
+        assert_eq!(l.rewind(), vec![("t".to_owned(), 0, 40)]);
+        // Read again from 40, the same start holds until something is committed.
+        l.received("t", 0, w(40));
+        assert_eq!(l.rewind(), vec![("t".to_owned(), 0, 40)]);
     }
 
     #[test]

@@ -6,9 +6,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{
     BaseProducer, BaseRecord, DefaultProducerContext, DeliveryResult, Producer, ProducerContext,
+    PurgeConfig,
 };
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
@@ -121,6 +122,22 @@ pub enum TxnError {
     },
 }
 
+/// Aborts the open transaction. librdkafka's abort waits until every outstanding record is
+/// reported, and a `BaseProducer` reports them only when polled (its `commit_transaction`
+/// polls, its `abort_transaction` does not): what is queued or in flight is purged and the
+/// reports served first, or the abort times out ("the event queue must be polled") on every
+/// attempt.
+fn abort(producer: &BaseProducer<DefaultProducerContext>, timeout: Duration) -> KafkaResult<()> {
+    producer.purge(PurgeConfig::default().queue().inflight());
+    let deadline = Instant::now() + timeout;
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        producer.poll(Duration::from_millis(1));
+    }
+    producer.abort_transaction(Timeout::After(
+        deadline.saturating_duration_since(Instant::now()),
+    ))
+}
+
 fn is_fatal(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(rd) if rd.is_fatal())
 }
@@ -139,7 +156,7 @@ pub fn commit_transaction(
     // An abort that did not finish in time is resumed (librdkafka refuses anything else
     // until it has).
     if *abort_pending {
-        match producer.abort_transaction(Timeout::After(timeout)) {
+        match abort(producer, timeout) {
             Ok(()) => *abort_pending = false,
             Err(e) if is_fatal(&e) => {
                 return Err(TxnError::Fatal {
@@ -160,7 +177,7 @@ pub fn commit_transaction(
         if is_fatal(&source) {
             return TxnError::Fatal { action, source };
         }
-        if let Err(e) = producer.abort_transaction(Timeout::After(timeout)) {
+        if let Err(e) = abort(producer, timeout) {
             if is_fatal(&e) {
                 return TxnError::Fatal {
                     action: "aborting",
