@@ -145,24 +145,22 @@ pub(crate) fn judge_bucket(
                     .map(|p| p.bucket_width_ms)
                     .collect()
             };
-            // A consumer group that stopped cleanly (its last progress records are final) is
-            // not waited for and not judged on what came after it stopped.
+            // A consumer group that stopped cleanly (its last progress records are final) before
+            // the bucket ended is not waited for and not judged on it, unless it counted
+            // exactly what its upstream counted there (below).
             let down: Vec<&Mark> = scoped
                 .iter()
                 .filter(|p| p.tier == edge.to)
                 .map(|p| &p.mark)
                 .collect();
-            if !down.is_empty()
+            let stopped_before = !down.is_empty()
                 && down.iter().all(|m| m.consumer && m.closing)
                 && down
                     .iter()
                     .map(|m| m.watermark_ms)
                     .min()
                     .unwrap_or(i64::MAX)
-                    < end.saturating_add(rules.lateness_ms)
-            {
-                continue;
-            }
+                    < end.saturating_add(rules.lateness_ms);
             let (up_widths, down_widths) = (widths(&edge.from), widths(&edge.to));
             if !up_widths.is_empty()
                 && !down_widths.is_empty()
@@ -214,6 +212,15 @@ pub(crate) fn judge_bucket(
                 overflow(findings);
                 continue;
             };
+            let nonzero = |m: &BTreeMap<i32, i64>| {
+                m.iter()
+                    .filter(|&(_, &n)| n != 0)
+                    .map(|(&p, &n)| (p, n))
+                    .collect::<Vec<_>>()
+            };
+            if stopped_before && nonzero(&expected) != nonzero(&actual) {
+                continue;
+            }
             // The topic-level counts and their difference (stored with the verdict).
             let Some((expected_total, actual_total)) = checked_total(&expected)
                 .zip(checked_total(&actual))
@@ -626,7 +633,7 @@ mod tests {
             progress("aggregate", "dc1", 0, PASSED),
             progress("consumer:billing", "dc1", 0, PASSED),
         ];
-        let judge = |marks: &[ProgressMark]| {
+        let judge_rows = |rows: &[CellCount], marks: &[ProgressMark]| {
             let times = Times {
                 queued_ms: END,
                 now_ms: END + 5_000,
@@ -636,12 +643,13 @@ mod tests {
                 &config,
                 &key(),
                 times,
-                &rows,
+                rows,
                 marks,
                 &mut sources,
                 &mut Findings::default(),
             )
         };
+        let judge = |marks: &[ProgressMark]| judge_rows(&rows, marks);
         let (v, done) = judge(&marks);
         assert!(done);
         let edges: Vec<(&str, VerdictStatus, i64, i64)> = v
@@ -657,6 +665,18 @@ mod tests {
         marks[1].mark.watermark_ms = END - 1_000;
         let (v, done) = judge(&marks);
         assert!(done && v.is_empty(), "{v:?}");
+        // ... unless it counted what aggregate counted there (a reader of a mirror stops
+        // with an event-time watermark short of the last bucket's end): complete.
+        let mut equal = rows.clone();
+        equal[1] = counts("consumer:billing", "dc1", 0, 10);
+        let (v, done) = judge_rows(&equal, &marks);
+        assert!(done);
+        assert_eq!(
+            v.iter()
+                .map(|c| (c.key.edge.as_str(), c.status))
+                .collect::<Vec<_>>(),
+            [("aggregate->consumer:billing", VerdictStatus::Complete)]
+        );
         // Stopped after it: judged as before.
         marks[1].mark.watermark_ms = PASSED;
         let (v, _) = judge(&marks);
