@@ -11,12 +11,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chaperone_audit::{AuditRecord, AuditedConsumer, ConsumerOptions};
+use chaperone_test_support::TestProcess;
 use common::{
     Sums, audit_config, client, create_topic, group_offsets, read_audit_messages,
     regional_bootstrap, sum_counts, temp_dir, unique,
@@ -95,47 +95,9 @@ fn member_process() -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Running {
-    child: Child,
-}
-
-impl Running {
-    fn start(spec: &Member) -> anyhow::Result<Self> {
-        let child = Command::new(std::env::current_exe()?)
-            .args([
-                "member_process",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(MEMBER_ENV, serde_json::to_string(spec)?)
-            .stdin(Stdio::piped())
-            .spawn()?;
-        Ok(Self { child })
-    }
-
-    /// Clean stop: close stdin, wait for the process to close its consumer and exit.
-    fn stop(mut self) -> anyhow::Result<()> {
-        drop(self.child.stdin.take());
-        let status = self.child.wait()?;
-        anyhow::ensure!(status.success(), "member exited with {status}");
-        Ok(())
-    }
-
-    /// `kill -9`.
-    fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A member process.
+fn start(spec: &Member) -> anyhow::Result<TestProcess> {
+    TestProcess::start("member_process", (MEMBER_ENV, serde_json::to_string(spec)?))
 }
 
 /// Produces to `topic` in batches until `stop`, event time = now; returns what went where.
@@ -243,12 +205,12 @@ async fn scenario(transactional: bool) -> anyhow::Result<(Sums, Vec<AuditRecord>
     let producer = produce_until(topic.clone(), Arc::clone(&stop));
     let none = vec![-1; PARTITIONS as usize];
 
-    let m1 = Running::start(&spec("m1"))?;
-    let m2 = Running::start(&spec("m2"))?;
+    let m1 = start(&spec("m1"))?;
+    let m2 = start(&spec("m2"))?;
     let c = committed_past(&group, &topic, &none, "two members to commit").await?;
     counted_by(&audit_topic, "m2").await?;
     // A member joins.
-    let m3 = Running::start(&spec("m3"))?;
+    let m3 = start(&spec("m3"))?;
     counted_by(&audit_topic, "m3").await?;
     let c = committed_past(&group, &topic, &c, "commits after m3 joined").await?;
     // A member leaves.
@@ -259,7 +221,7 @@ async fn scenario(transactional: bool) -> anyhow::Result<(Sums, Vec<AuditRecord>
     counted_by(&audit_topic, "m1").await?;
     m1.kill()?;
     let c = committed_past(&group, &topic, &c, "commits after m1 was killed").await?;
-    let m1 = Running::start(&spec("m1-restarted"))?;
+    let m1 = start(&spec("m1-restarted"))?;
     counted_by(&audit_topic, "m1-restarted").await?;
     committed_past(&group, &topic, &c, "commits after m1 restarted").await?;
 

@@ -11,6 +11,7 @@
 //! - [`layering`]: [`assert_no_circles`], which fails on an import circle between the
 //!   module files of a crate.
 //! - [`poll`]: [`eventually`], the only way a test waits for a condition.
+//! - [`process`]: [`TestProcess`], the test binary run again as one of its tests, to kill.
 //! - [`proxy`]: [`FreezingProxy`], a TCP proxy that can freeze its connections open and
 //!   silent, as a network partition does.
 //! - [`webhook`]: [`Receiver`], a webhook endpoint recording every [`Notification`].
@@ -23,6 +24,7 @@ pub mod db;
 pub mod kafka;
 pub mod layering;
 pub mod poll;
+pub mod process;
 pub mod proxy;
 pub mod stack;
 pub mod webhook;
@@ -32,6 +34,7 @@ pub use db::TestDb;
 pub use kafka::{create_topic, create_topics, end_offsets, wait_for_topics};
 pub use layering::assert_no_circles;
 pub use poll::eventually;
+pub use process::TestProcess;
 pub use proxy::FreezingProxy;
 pub use stack::{
     SecureListener, aggregate_bootstrap, database_url, dev_stack, regional_bootstrap,

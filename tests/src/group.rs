@@ -5,14 +5,13 @@
 //! closes, then closes its consumer cleanly (final progress records).
 
 use std::io::Read as _;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chaperone_audit::mapping::{MappingConfig, MappingKind};
 use chaperone_audit::{AuditConfig, AuditedConsumer, ConsumerOptions, CountOn};
-use chaperone_test_support::{regional_bootstrap, unique};
+use chaperone_test_support::{TestProcess, regional_bootstrap, unique};
 use rdkafka::Message as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -68,19 +67,8 @@ impl Member {
     }
 
     /// Starts the member as a process of its own.
-    pub fn start(&self) -> anyhow::Result<Running> {
-        let child = Command::new(std::env::current_exe()?)
-            .args([
-                "member_process",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(MEMBER_ENV, self.encode())
-            .stdin(Stdio::piped())
-            .spawn()?;
-        Ok(Running { child })
+    pub fn start(&self) -> anyhow::Result<TestProcess> {
+        TestProcess::start("member_process", (MEMBER_ENV, self.encode()))
     }
 }
 
@@ -223,36 +211,6 @@ impl Reader {
         let stats = consumer.close();
         eprintln!("reader {} stopped: {stats:?}", self.instance);
         Ok(passed_over)
-    }
-}
-
-/// A running member process.
-#[derive(Debug)]
-pub struct Running {
-    child: Child,
-}
-
-impl Running {
-    /// Clean stop: closes stdin and waits for the member to close its consumer and exit.
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        drop(self.child.stdin.take());
-        let status = self.child.wait()?;
-        anyhow::ensure!(status.success(), "member exited with {status}");
-        Ok(())
-    }
-
-    /// `kill -9`.
-    pub fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

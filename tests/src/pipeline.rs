@@ -201,6 +201,24 @@ refresh_interval = "2s"
     Ok(chaperone_service::Config::from_toml(&toml)?)
 }
 
+/// `[reconcile]` lines for the default edges (`producer->regional` per datacenter,
+/// `regional->aggregate`) and one from `from` to every consumer group (`consumer:*`).
+pub fn edges_to_consumers(from: &str) -> String {
+    format!(
+        r#"tiers = ["producer", "regional", "aggregate", "consumer:*"]
+[[reconcile.edges]]
+from = "producer"
+to = "regional"
+per_datacenter = true
+[[reconcile.edges]]
+from = "regional"
+to = "aggregate"
+[[reconcile.edges]]
+from = "{from}"
+to = "consumer:*""#
+    )
+}
+
 /// The start of a collector's TOML configuration: its database and a `[[clusters]]` entry per
 /// `(alias, bootstrap)`, each reading `audit_topic` and dead-lettering to `<audit_topic>-dlq`.
 /// What follows may add a `[clusters.librdkafka]` table to the last cluster.

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use chaperone_audit::mapping::{MappingConfig, MappingKind};
 use chaperone_audit::{AuditConfig, AuditedConsumer, ConsumerOptions, CountOn};
 use chaperone_test_support::{
-    Receiver, TestDb, aggregate_bootstrap, create_topic, end_offsets, eventually,
+    Receiver, TestDb, TestProcess, aggregate_bootstrap, create_topic, end_offsets, eventually,
     regional_bootstrap, unique, wait_for_topics,
 };
 use chaperone_tests::group::{self, Member};
-use chaperone_tests::pipeline::{Pipeline, PipelineSpec, create_audit_topic};
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec, create_audit_topic, edges_to_consumers};
 use chaperone_tests::producer::{TestProducer, regional_client};
 use chaperone_tests::verdicts::{edge_totals, verdicts};
 use rdkafka::ClientConfig;
@@ -86,17 +86,8 @@ fn spec(
 allowed_lateness = "2s"
 settle = "2s"
 max_wait = "{max_wait_s}s"
-tiers = ["producer", "regional", "aggregate", "consumer:*"]
-[[reconcile.edges]]
-from = "producer"
-to = "regional"
-per_datacenter = true
-[[reconcile.edges]]
-from = "regional"
-to = "aggregate"
-[[reconcile.edges]]
-from = "regional"
-to = "consumer:*""#
+{edges}"#,
+            edges = edges_to_consumers("regional")
         ),
         webhooks: format!(
             "[[alerts.webhooks]]\nname = \"ops\"\nurl = \"{}\"\n",
@@ -325,24 +316,68 @@ async fn scenario(
     Ok(())
 }
 
+/// One topic of `partitions` on regional (and its copy on aggregate), an audit topic, a test
+/// database, a webhook receiver and a pipeline judging with `max_wait_s`.
+struct Setup {
+    id: String,
+    topic: String,
+    audit_topic: String,
+    db: TestDb,
+    receiver: Receiver,
+    pipeline: Pipeline,
+}
+
+impl Setup {
+    async fn start(prefix: &str, partitions: i32, max_wait_s: u64) -> anyhow::Result<Self> {
+        let id = unique(prefix);
+        let topic = format!("{id}-orders");
+        let audit_topic = format!("{id}-audit");
+        create_topic(&regional_bootstrap(), &topic, partitions).await?;
+        create_audit_topic(&audit_topic).await?;
+        wait_for_topics(
+            &aggregate_bootstrap(),
+            &[format!("regional.{topic}")],
+            Duration::from_secs(120),
+        )
+        .await?;
+        let db = TestDb::create().await?;
+        let receiver = Receiver::start().await?;
+        let spec = spec(&id, &audit_topic, &topic, max_wait_s, &receiver);
+        let pipeline = Pipeline::start(&db, &spec).await?;
+        Ok(Self {
+            id,
+            topic,
+            audit_topic,
+            db,
+            receiver,
+            pipeline,
+        })
+    }
+}
+
+/// Verdicts of `topic` that were ever something that notifies.
+async fn alarming(db: &TestDb, topic: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM reconcile_verdict_history
+          WHERE topic = $1 AND status IN ('missing', 'duplicated', 'tier_silent')",
+    )
+    .bind(topic)
+    .fetch_one(&db.pool)
+    .await?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_group_stopped_past_max_wait_is_lagging_until_it_catches_up() -> anyhow::Result<()> {
     const ROUNDS: usize = 30;
     const PER_ROUND: usize = 40;
-    let id = unique("e2e-stalled");
-    let topic = format!("{id}-orders");
-    let audit_topic = format!("{id}-audit");
-    create_topic(&regional_bootstrap(), &topic, PARTITIONS).await?;
-    create_audit_topic(&audit_topic).await?;
-    wait_for_topics(
-        &aggregate_bootstrap(),
-        &[format!("regional.{topic}")],
-        Duration::from_secs(120),
-    )
-    .await?;
-    let db = TestDb::create().await?;
-    let receiver = Receiver::start().await?;
-    let pipeline = Pipeline::start(&db, &spec(&id, &audit_topic, &topic, 15, &receiver)).await?;
+    let Setup {
+        id,
+        topic,
+        audit_topic,
+        db,
+        receiver,
+        pipeline,
+    } = Setup::start("e2e-stalled", PARTITIONS, 15).await?;
     let outcome = async {
         // Producers write for 30 s; the group stops for 30 s after its first 200 messages.
         let total = ROUNDS * PER_ROUND;
@@ -384,13 +419,7 @@ async fn a_group_stopped_past_max_wait_is_lagging_until_it_catches_up() -> anyho
         .fetch_one(&db.pool)
         .await?;
         anyhow::ensure!(lagging > 0, "never lagging while stopped");
-        let alarming: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM reconcile_verdict_history
-              WHERE topic = $1 AND status IN ('missing', 'duplicated', 'tier_silent')",
-        )
-        .bind(&topic)
-        .fetch_one(&db.pool)
-        .await?;
+        let alarming = alarming(&db, &topic).await?;
         anyhow::ensure!(alarming == 0, "{alarming} verdicts that notify");
         anyhow::ensure!(
             receiver.received().is_empty(),
@@ -466,20 +495,14 @@ async fn committed_all(groups: &[String], topic: &str, ends: &[i64]) -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn groups_through_rebalances_are_exact_or_redelivered() -> anyhow::Result<()> {
-    let id = unique("e2e-group");
-    let topic = format!("{id}-orders");
-    let audit_topic = format!("{id}-audit");
-    create_topic(&regional_bootstrap(), &topic, GROUP_PARTITIONS).await?;
-    create_audit_topic(&audit_topic).await?;
-    wait_for_topics(
-        &aggregate_bootstrap(),
-        &[format!("regional.{topic}")],
-        Duration::from_secs(120),
-    )
-    .await?;
-    let db = TestDb::create().await?;
-    let receiver = Receiver::start().await?;
-    let pipeline = Pipeline::start(&db, &spec(&id, &audit_topic, &topic, 90, &receiver)).await?;
+    let Setup {
+        id,
+        topic,
+        audit_topic,
+        db,
+        receiver,
+        pipeline,
+    } = Setup::start("e2e-group", GROUP_PARTITIONS, 90).await?;
     let outcome = rebalances(&db, &receiver, &id, &topic, &audit_topic).await;
     let stopped = pipeline.stop().await;
     outcome?;
@@ -511,7 +534,7 @@ async fn rebalances(
         slot: slot.to_owned(),
         transactional: group == exact,
     };
-    let start = |slot: &str, instance: &str| -> anyhow::Result<Vec<group::Running>> {
+    let start = |slot: &str, instance: &str| -> anyhow::Result<Vec<TestProcess>> {
         groups
             .iter()
             .map(|g| member(g, slot, instance).start())
@@ -598,13 +621,7 @@ async fn rebalances(
             .all(|r| r.1 == "complete" || r.0 == redo_edge && r.1 == "redelivered"),
         "verdicts of {topic}: {v:?}"
     );
-    let alarming: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM reconcile_verdict_history
-          WHERE topic = $1 AND status IN ('missing', 'duplicated', 'tier_silent')",
-    )
-    .bind(topic)
-    .fetch_one(&db.pool)
-    .await?;
+    let alarming = alarming(db, topic).await?;
     anyhow::ensure!(alarming == 0, "{alarming} verdicts that notify");
     tokio::time::sleep(Duration::from_secs(3)).await;
     anyhow::ensure!(

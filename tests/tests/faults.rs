@@ -24,7 +24,7 @@ use chaperone_test_support::{
     eventually, regional_bootstrap, regional2_bootstrap, unique, wait_for_topics,
 };
 use chaperone_tests::group::Reader;
-use chaperone_tests::pipeline::{Pipeline, PipelineSpec};
+use chaperone_tests::pipeline::{Pipeline, PipelineSpec, edges_to_consumers};
 use chaperone_tests::programs::built;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -50,17 +50,8 @@ settle = "5s"
 max_wait = "{MAX_WAIT_S}s"
 loss_after = "600s"
 instance_timeout = "75s"
-tiers = ["producer", "regional", "aggregate", "consumer:*"]
-[[reconcile.edges]]
-from = "producer"
-to = "regional"
-per_datacenter = true
-[[reconcile.edges]]
-from = "regional"
-to = "aggregate"
-[[reconcile.edges]]
-from = "aggregate"
-to = "consumer:*""#
+{edges}"#,
+        edges = edges_to_consumers("aggregate")
     )
 }
 
