@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bucket::BucketWidth;
 use crate::config::{AuditConfig, ConfigError};
-use crate::mapping::{Mapping, MappingConfig, MappingKind};
+use crate::mapping::{Mapped, Mapping, MappingConfig, MappingKind};
 use crate::metrics::AuditMetrics;
 use crate::record::{AuditRecord, MAX_NAME_LEN, Observer, Progress, Tier};
 use crate::reporter::{AuditError, Clock, SystemClock, audit_client_config};
@@ -505,13 +505,12 @@ impl Core {
         now: i64,
         closing: bool,
     ) -> EncodedRecord {
-        let mapped = self.mapping.map(&end.topic);
         EncodedRecord::new(&AuditRecord::Progress(Progress {
             id: uuid::Uuid::now_v7().to_string(),
-            topic: mapped.topic,
+            topic: end.mapped.topic.clone(),
             physical_topic: end.topic.clone(),
             partition: Some(end.partition),
-            observer: self.observer_in(mapped.datacenter),
+            observer: self.observer_in(end.mapped.datacenter.clone()),
             position,
             high_watermark: end.high.map(|h| position.map_or(h, |p| h.max(p))),
             watermark_ms,
@@ -591,10 +590,10 @@ impl Core {
                 let nothing_waiting = ledger.get(&t, p).is_some_and(|x| x.nothing_waiting());
                 // Having read a mirror to its end says nothing about what is still upstream
                 // of the mirror maker: its watermark stays an event time.
-                let mirrored = self.mapping.map(&t).mirrored;
+                let mapped = self.mapping.map(&t);
                 let caught_up = match (end, pos) {
                     (Some((high, at)), Some(pos))
-                        if nothing_waiting && pos >= high && !mirrored =>
+                        if nothing_waiting && pos >= high && !mapped.mirrored =>
                     {
                         Some(at)
                     }
@@ -602,6 +601,7 @@ impl Core {
                 };
                 PartitionEnd {
                     topic: t,
+                    mapped,
                     partition: p,
                     high: end.map(|(h, _)| h),
                     caught_up,
@@ -757,6 +757,8 @@ impl Core {
 #[derive(Debug)]
 struct PartitionEnd {
     topic: String,
+    /// The topic's logical name and source datacenter.
+    mapped: Mapped,
     partition: i32,
     /// End offset, when read.
     high: Option<i64>,

@@ -270,15 +270,33 @@ fn total(counts: &BTreeMap<i32, i64>) -> i128 {
     counts.values().map(|&n| i128::from(n)).sum()
 }
 
+/// Whether a side counted messages without knowing their partition (partition -1).
+fn counted_without_partitions(counts: &BTreeMap<i32, i64>) -> bool {
+    counts.get(&-1).is_some_and(|&n| n != 0)
+}
+
 /// Whether the counts of `p` are known to be equal on both sides.
 fn equal_at(expected: &BTreeMap<i32, i64>, actual: &BTreeMap<i32, i64>, p: i32) -> bool {
-    let unknown = |c: &BTreeMap<i32, i64>| c.get(&-1).is_some_and(|&n| n != 0);
-    if unknown(expected) || unknown(actual) {
+    if counted_without_partitions(expected) || counted_without_partitions(actual) {
         // A side counted without partitions: only the whole topic can be compared.
         total(expected) == total(actual)
     } else {
         expected.get(&p).copied().unwrap_or(0) == actual.get(&p).copied().unwrap_or(0)
     }
+}
+
+/// The marks a bucket is due at, `end + lateness` for instances and, for consumer partitions,
+/// that plus the producers' event lag and no earlier than they passed it (see [`evaluate`]),
+/// and how far the upstream tier got.
+fn upstream_state(rules: &Rules, b: &EdgeBucket<'_>) -> (i64, i64, TierState) {
+    let due = b.end_ms.saturating_add(rules.lateness_ms);
+    let consumer_due = due
+        .saturating_add(b.event_lag_ms)
+        .max(b.sources_passed_ms.unwrap_or(i64::MIN));
+    let upstream = tier_state(b.upstream, due, consumer_due, &BTreeSet::new(), |p| {
+        b.upstream_proven.contains(&p)
+    });
+    (due, consumer_due, upstream)
 }
 
 /// Decides whether one edge, scope and bucket can be judged now; `None` while it must wait.
@@ -300,10 +318,7 @@ fn equal_at(expected: &BTreeMap<i32, i64>, actual: &BTreeMap<i32, i64>, p: i32) 
 ///   same point.
 pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
     let waited_from = b.end_ms.max(b.queued_ms);
-    let due = b.end_ms.saturating_add(rules.lateness_ms);
-    let consumer_due = due
-        .saturating_add(b.event_lag_ms)
-        .max(b.sources_passed_ms.unwrap_or(i64::MIN));
+    let (due, consumer_due, upstream) = upstream_state(rules, b);
     let partitions: BTreeSet<i32> = b
         .expected
         .keys()
@@ -311,9 +326,6 @@ pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
         .copied()
         .filter(|&p| p >= 0)
         .collect();
-    let upstream = tier_state(b.upstream, due, consumer_due, &BTreeSet::new(), |p| {
-        b.upstream_proven.contains(&p)
-    });
     let downstream = tier_state(b.downstream, due, consumer_due, &partitions, |p| {
         upstream.passed && equal_at(b.expected, b.actual, p)
     });
@@ -348,15 +360,11 @@ pub fn evaluate(rules: &Rules, b: &EdgeBucket<'_>) -> Option<Outcome> {
 /// partitions as passed ([`EdgeBucket::upstream_proven`]). Partitions are only compared when
 /// both sides know them.
 pub fn proven_downstream(rules: &Rules, b: &EdgeBucket<'_>) -> BTreeSet<i32> {
-    let due = b.end_ms.saturating_add(rules.lateness_ms);
-    let consumer_due = due
-        .saturating_add(b.event_lag_ms)
-        .max(b.sources_passed_ms.unwrap_or(i64::MIN));
-    let upstream = tier_state(b.upstream, due, consumer_due, &BTreeSet::new(), |p| {
-        b.upstream_proven.contains(&p)
-    });
-    let unknown = |c: &BTreeMap<i32, i64>| c.get(&-1).is_some_and(|&n| n != 0);
-    if !upstream.passed || unknown(b.expected) || unknown(b.actual) {
+    let (_, _, upstream) = upstream_state(rules, b);
+    if !upstream.passed
+        || counted_without_partitions(b.expected)
+        || counted_without_partitions(b.actual)
+    {
         return BTreeSet::new();
     }
     b.expected
