@@ -74,7 +74,7 @@ use crate::spool::EncodedRecord;
 use crate::tracker::Tracker;
 
 pub use ledger::CountOn;
-use ledger::{Ledger, Waiting};
+use ledger::{Handle, Ledger, Waiting};
 use sink::{Acks, TxnError};
 
 /// Consumer-side options, next to the [`AuditConfig`] shared with producers.
@@ -215,6 +215,7 @@ struct Core {
     /// A poll found no message waiting since the last flush: only then can a partition be
     /// caught up, and only then does a flush ask for end offsets.
     idled: AtomicBool,
+    /// Messages counted; written only under the ledger's lock.
     counted: AtomicU64,
     flushes: AtomicU64,
     aborted: AtomicU64,
@@ -260,6 +261,9 @@ impl ConsumerContext for AuditConsumerContext {
                         partitions = tpl.count(),
                         "partitions revoked: committing their counts"
                     );
+                    // Only a poll runs this callback: the application is done with the
+                    // message it had.
+                    core.before_poll();
                     core.flush(consumer, Why::Revoke);
                 }
                 let mut ledger = lock(&core.ledger);
@@ -294,6 +298,15 @@ impl ConsumerContext for AuditConsumerContext {
     }
 }
 
+/// Where the ledger finds a message's partition fast (see [`ledger::Handle`]).
+#[inline]
+fn handle(m: &BorrowedMessage<'_>) -> Handle {
+    Handle {
+        topic: m.topic_ptr() as usize,
+        partition: m.partition(),
+    }
+}
+
 /// Polls between two reads of the clock (and checks of the flush deadline) while messages
 /// arrive without waiting.
 const READ_CLOCK_EVERY: u32 = 64;
@@ -319,11 +332,11 @@ impl Core {
     /// the clock and returns `true` (time to check the flush deadline).
     #[inline]
     fn quick_poll(&self) -> bool {
-        if self
-            .polls
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(READ_CLOCK_EVERY)
-        {
+        // Not a read-modify-write: polls from several threads at once may lose a count,
+        // which only delays a clock read.
+        let n = self.polls.load(Ordering::Relaxed);
+        self.polls.store(n.wrapping_add(1), Ordering::Relaxed);
+        if n.is_multiple_of(READ_CLOCK_EVERY) {
             self.read_clock();
             true
         } else {
@@ -340,7 +353,9 @@ impl Core {
                     .tracker
                     .record_untimed(topic, Some(partition), w.bytes, now, false),
             }
-            self.counted.fetch_add(1, Ordering::Relaxed);
+            // Counting happens under the ledger's lock: no read-modify-write needed.
+            let n = self.counted.load(Ordering::Relaxed);
+            self.counted.store(n + 1, Ordering::Relaxed);
         }
     }
 
@@ -355,6 +370,8 @@ impl Core {
         }
     }
 
+    /// A message is handed to the application; with librdkafka's auto offset store, the
+    /// previous one is done (as in [`Core::before_poll`], under the same lock).
     #[inline]
     fn received(&self, m: &BorrowedMessage<'_>) {
         let w = Waiting::new(
@@ -362,13 +379,39 @@ impl Core {
             m.timestamp().to_millis(),
             m.payload_len() as u64,
         );
-        lock(&self.ledger).received(m.topic(), m.partition(), w);
+        let mut ledger = lock(&self.ledger);
+        if self.auto_store {
+            let now = self.now();
+            ledger.store_last_received(self.count_on, &mut self.count_fn(now));
+        }
+        ledger.received_by(handle(m), || m.topic(), w);
     }
 
-    fn processed(&self, topic: &str, partition: i32, offset: i64) -> bool {
+    #[inline]
+    fn processed(&self, m: &BorrowedMessage<'_>) -> bool {
         let now = self.now();
         let mut count = self.count_fn(now);
-        lock(&self.ledger).processed(topic, partition, offset, self.count_on, &mut count)
+        lock(&self.ledger).processed_by(
+            handle(m),
+            || m.topic(),
+            m.offset(),
+            self.count_on,
+            &mut count,
+        )
+    }
+
+    /// Stores the offset after `m`.
+    #[inline]
+    fn store_after(&self, m: &BorrowedMessage<'_>) -> bool {
+        let now = self.now();
+        let mut count = self.count_fn(now);
+        lock(&self.ledger).store_by(
+            handle(m),
+            || m.topic(),
+            m.offset() + 1,
+            self.count_on,
+            &mut count,
+        )
     }
 
     fn store(&self, topic: &str, partition: i32, next: i64) -> bool {
@@ -906,15 +949,19 @@ macro_rules! audited_consumer_trait {
                 self.inner.unsubscribe()
             }
             fn assign(&self, assignment: &TopicPartitionList) -> KafkaResult<()> {
+                self.forget_handles();
                 self.inner.assign(assignment)
             }
             fn unassign(&self) -> KafkaResult<()> {
+                self.forget_handles();
                 self.inner.unassign()
             }
             fn incremental_assign(&self, assignment: &TopicPartitionList) -> KafkaResult<()> {
+                self.forget_handles();
                 self.inner.incremental_assign(assignment)
             }
             fn incremental_unassign(&self, assignment: &TopicPartitionList) -> KafkaResult<()> {
+                self.forget_handles();
                 self.inner.incremental_unassign(assignment)
             }
             fn seek<T: Into<Timeout>>(
@@ -952,8 +999,7 @@ macro_rules! audited_consumer_trait {
                 message: &BorrowedMessage<'_>,
                 mode: CommitMode,
             ) -> KafkaResult<()> {
-                self.core()
-                    .store(message.topic(), message.partition(), message.offset() + 1);
+                self.core().store_after(message);
                 self.commit_now(mode)
             }
             /// Like librdkafka's, `offset` is the last message processed.
@@ -962,8 +1008,7 @@ macro_rules! audited_consumer_trait {
                 Ok(())
             }
             fn store_offset_from_message(&self, message: &BorrowedMessage<'_>) -> KafkaResult<()> {
-                self.core()
-                    .store(message.topic(), message.partition(), message.offset() + 1);
+                self.core().store_after(message);
                 Ok(())
             }
             fn store_offsets(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
@@ -1067,11 +1112,15 @@ macro_rules! audited_consumer_trait {
                 &self.inner.context().core
             }
 
+            /// The assignment changes outside a rebalance callback: see [`ledger::Handle`].
+            fn forget_handles(&self) {
+                lock(&self.core().ledger).forget_handles();
+            }
+
             /// Marks `message` processed and counts it (see [`CountOn`]). Returns whether it
             /// was counted now (`false`: counted or passed over before).
             pub fn processed(&self, message: &BorrowedMessage<'_>) -> bool {
-                self.core()
-                    .processed(message.topic(), message.partition(), message.offset())
+                self.core().processed(message)
             }
 
             /// What the consumer counted and committed since it started.
@@ -1159,9 +1208,11 @@ impl AuditedConsumer {
         if let Some(e) = core.take_fatal() {
             return Some(Err(e));
         }
-        core.before_poll();
         // A message already waiting: no clock read, no wait (the common case under load).
+        // The previous message is stored as done when the next one is received, under the
+        // same lock, or before a flush or a wait.
         if core.quick_poll() {
+            core.before_poll();
             core.tick(&self.inner);
         }
         if let Some(r) = self.inner.poll(Duration::ZERO) {
@@ -1170,6 +1221,7 @@ impl AuditedConsumer {
             }
             return Some(r);
         }
+        core.before_poll();
         core.idle();
         core.tick(&self.inner);
         let deadline = match timeout.into() {
@@ -1313,8 +1365,10 @@ impl AuditedStreamConsumer {
             return Err(e);
         }
         core.read_clock();
-        core.before_poll();
+        // The previous message is stored as done when the next one is received, or before a
+        // flush (see `AuditedConsumer::poll`).
         if core.until_flush().is_zero() {
+            core.before_poll();
             blocking(|| core.tick(&self.inner));
         }
         loop {
@@ -1326,6 +1380,7 @@ impl AuditedStreamConsumer {
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
+                    core.before_poll();
                     core.idle();
                     blocking(|| core.tick(&self.inner));
                     if let Some(e) = core.take_fatal() {

@@ -104,59 +104,209 @@ impl Partition {
     }
 }
 
+/// Where a message's partition is found without hashing its topic name: the address of
+/// librdkafka's topic handle (rdkafka's `BorrowedMessage::topic_ptr`) and the partition.
+/// The address is only compared, never followed; the ledger forgets it whenever partitions
+/// are assigned or revoked (and the consumer whenever its assignment changes), so an address
+/// that a later topic handle reuses is never taken for the old topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handle {
+    /// The topic handle's address.
+    pub topic: usize,
+    /// The partition.
+    pub partition: i32,
+}
+
+/// One assigned partition, with its name.
+#[derive(Debug)]
+struct Slot {
+    topic: String,
+    partition: i32,
+    part: Partition,
+}
+
+impl Slot {
+    /// Counts the messages waiting below `next`; returns how many.
+    fn count_below(&mut self, next: i64, count: &mut impl FnMut(&str, i32, &Waiting)) -> usize {
+        let mut n = 0;
+        while let Some(w) = self.part.waiting.front().copied() {
+            if w.offset >= next {
+                break;
+            }
+            self.part.waiting.pop_front();
+            self.part.count(&self.topic, self.partition, &w, count);
+            n += 1;
+        }
+        n
+    }
+
+    /// Stores `next` (see [`Ledger::store`]); returns how many messages it passed over.
+    fn store(
+        &mut self,
+        next: i64,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) -> u64 {
+        let mut passed = 0;
+        while let Some(w) = self.part.waiting.front().copied() {
+            if w.offset >= next {
+                break;
+            }
+            self.part.waiting.pop_front();
+            match mode {
+                CountOn::Offsets => self.part.count(&self.topic, self.partition, &w, count),
+                CountOn::Processed => passed += 1,
+            }
+        }
+        self.part.stored = self.part.stored.max(Some(next));
+        passed
+    }
+
+    /// The message at `offset` was processed (see [`Ledger::processed`]).
+    fn processed(
+        &mut self,
+        offset: i64,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) -> bool {
+        if mode == CountOn::Offsets {
+            return self.count_below(offset + 1, count) > 0;
+        }
+        let part = &mut self.part;
+        let Ok(i) = part.waiting.binary_search_by_key(&offset, |w| w.offset) else {
+            return false;
+        };
+        let Some(w) = part.waiting.remove(i) else {
+            return false;
+        };
+        part.count(&self.topic, self.partition, &w, count);
+        true
+    }
+}
+
 /// Every assigned partition of one consumer.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    parts: HashMap<String, HashMap<i32, Partition>>,
+    /// The partitions, in no order; `index` finds one by name.
+    slots: Vec<Slot>,
+    index: HashMap<String, HashMap<i32, usize>>,
+    /// The handle last looked up, and its slot.
+    cursor: Option<(Handle, usize)>,
     /// Messages passed over without being counted ([`CountOn::Processed`]).
     pub passed_over: u64,
-    /// The partition of the last message received, until it is stored.
-    last: Option<(String, i32)>,
+    /// The slot of the last message received.
+    last: Option<usize>,
 }
 
 impl Ledger {
+    fn slot_of(&self, topic: &str, partition: i32) -> Option<usize> {
+        self.index
+            .get(topic)
+            .and_then(|m| m.get(&partition))
+            .copied()
+    }
+
+    /// The slot of a message's partition, if it is assigned: by its handle when it is the
+    /// one looked up last (the common case: messages come in runs from one partition), else
+    /// by name.
+    #[inline]
+    fn slot_by<'a>(&mut self, handle: Handle, topic: impl Fn() -> &'a str) -> Option<usize> {
+        match self.cursor {
+            Some((h, i)) if h == handle => Some(i),
+            _ => self.slot_by_name(handle, topic()),
+        }
+    }
+
+    #[cold]
+    fn slot_by_name(&mut self, handle: Handle, topic: &str) -> Option<usize> {
+        let i = self.slot_of(topic, handle.partition)?;
+        self.cursor = Some((handle, i));
+        Some(i)
+    }
+
     /// The state of a partition, if it is assigned.
     pub fn get(&self, topic: &str, partition: i32) -> Option<&Partition> {
-        self.parts.get(topic).and_then(|m| m.get(&partition))
+        self.slot_of(topic, partition).map(|i| &self.slots[i].part)
     }
 
     fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut Partition> {
-        self.parts
-            .get_mut(topic)
-            .and_then(|m| m.get_mut(&partition))
+        self.slot_of(topic, partition)
+            .map(|i| &mut self.slots[i].part)
+    }
+
+    /// Forgets the handle looked up last: the consumer's assignment changed, so a topic
+    /// handle may be gone and its address serve another topic.
+    pub fn forget_handles(&mut self) {
+        self.cursor = None;
     }
 
     /// A partition was assigned; `committed` is the group's committed offset, if known.
-    pub fn assign(&mut self, topic: &str, partition: i32, committed: Option<i64>) {
-        let part = self
-            .parts
-            .entry(topic.to_owned())
-            .or_default()
-            .entry(partition)
-            .or_default();
-        *part = Partition {
-            committed,
-            claimed_ms: part.claimed_ms,
-            ..Partition::default()
-        };
+    /// Returns its slot.
+    pub fn assign(&mut self, topic: &str, partition: i32, committed: Option<i64>) -> usize {
+        self.cursor = None;
+        match self.slot_of(topic, partition) {
+            Some(i) => {
+                let part = &mut self.slots[i].part;
+                *part = Partition {
+                    committed,
+                    claimed_ms: part.claimed_ms,
+                    ..Partition::default()
+                };
+                i
+            }
+            None => {
+                let i = self.slots.len();
+                self.slots.push(Slot {
+                    topic: topic.to_owned(),
+                    partition,
+                    part: Partition {
+                        committed,
+                        ..Partition::default()
+                    },
+                });
+                self.index
+                    .entry(topic.to_owned())
+                    .or_default()
+                    .insert(partition, i);
+                i
+            }
+        }
     }
 
     /// A partition went: what was received and not counted is left to its next owner.
     pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<Partition> {
-        let m = self.parts.get_mut(topic)?;
-        let part = m.remove(&partition);
-        if m.is_empty() {
-            self.parts.remove(topic);
+        let i = self.slot_of(topic, partition)?;
+        self.cursor = None;
+        if let Some(m) = self.index.get_mut(topic) {
+            m.remove(&partition);
+            if m.is_empty() {
+                self.index.remove(topic);
+            }
         }
-        part
+        let gone = self.slots.swap_remove(i);
+        // The last slot took the place of the one removed.
+        if let Some(moved) = self.slots.get(i)
+            && let Some(at) = self
+                .index
+                .get_mut(&moved.topic)
+                .and_then(|m| m.get_mut(&moved.partition))
+        {
+            *at = i;
+        }
+        self.last = match self.last {
+            Some(l) if l == i => None,
+            Some(l) if l == self.slots.len() => Some(i),
+            l => l,
+        };
+        Some(gone.part)
     }
 
     /// Every assigned partition, sorted.
     pub fn partitions(&self) -> Vec<(String, i32)> {
         let mut v: Vec<(String, i32)> = self
-            .parts
+            .slots
             .iter()
-            .flat_map(|(t, m)| m.keys().map(move |p| (t.clone(), *p)))
+            .map(|s| (s.topic.clone(), s.partition))
             .collect();
         v.sort();
         v
@@ -166,13 +316,30 @@ impl Ledger {
     /// before (the application seeked back) forgets the waiting messages from there on.
     /// Messages of partitions not assigned (yet) are tracked from here on.
     pub fn received(&mut self, topic: &str, partition: i32, w: Waiting) {
-        let part = match self.get_mut(topic, partition) {
-            Some(p) => p,
+        let i = match self.slot_of(topic, partition) {
+            Some(i) => i,
+            None => self.assign(topic, partition, None),
+        };
+        self.received_in(i, w);
+    }
+
+    /// [`Ledger::received`], the partition found by its handle (`topic` gives its name when
+    /// the handle is not the one looked up last).
+    #[inline]
+    pub fn received_by<'a>(&mut self, handle: Handle, topic: impl Fn() -> &'a str, w: Waiting) {
+        let i = match self.slot_by(handle, &topic) {
+            Some(i) => i,
             None => {
-                self.assign(topic, partition, None);
-                self.get_mut(topic, partition).expect("just assigned")
+                let i = self.assign(topic(), handle.partition, None);
+                self.cursor = Some((handle, i));
+                i
             }
         };
+        self.received_in(i, w);
+    }
+
+    fn received_in(&mut self, i: usize, w: Waiting) {
+        let part = &mut self.slots[i].part;
         if part.received_to.is_some_and(|r| w.offset < r) {
             while part.waiting.back().is_some_and(|b| b.offset >= w.offset) {
                 part.waiting.pop_back();
@@ -181,34 +348,26 @@ impl Ledger {
         part.waiting.push_back(w);
         part.received_to = Some(w.offset + 1);
         part.first_received = Some(part.first_received.map_or(w.offset, |f| f.min(w.offset)));
-        match &mut self.last {
-            Some((t, p)) if t == topic => *p = partition,
-            last => *last = Some((topic.to_owned(), partition)),
-        }
+        self.last = Some(i);
     }
 
     /// Stores the offset after the last message received (once): the application came back
     /// for another message, so with librdkafka's `enable.auto.offset.store` it is done with
     /// the previous one.
+    #[inline]
     pub fn store_last_received(
         &mut self,
         mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
     ) {
-        // Taken out and put back, so the topic's allocation serves the next message too.
-        let Some((topic, partition)) = self.last.take() else {
+        let Some(slot) = self.last.and_then(|i| self.slots.get_mut(i)) else {
             return;
         };
-        if let Some(part) = self
-            .parts
-            .get_mut(&topic)
-            .and_then(|m| m.get_mut(&partition))
-            && let Some(next) = part.received_to
-            && part.stored < Some(next)
+        if let Some(next) = slot.part.received_to
+            && slot.part.stored < Some(next)
         {
-            self.passed_over += store_in(part, &topic, partition, next, mode, count);
+            self.passed_over += slot.store(next, mode, count);
         }
-        self.last = Some((topic, partition));
     }
 
     /// The message at `offset` was processed: counts it (through `count`) unless it was
@@ -222,43 +381,22 @@ impl Ledger {
         mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
     ) -> bool {
-        if mode == CountOn::Offsets {
-            let before = self.counted_below(topic, partition, offset + 1, count);
-            return before > 0;
-        }
-        let Some(part) = self.get_mut(topic, partition) else {
-            return false;
-        };
-        let Ok(i) = part.waiting.binary_search_by_key(&offset, |w| w.offset) else {
-            return false;
-        };
-        let Some(w) = part.waiting.remove(i) else {
-            return false;
-        };
-        part.count(topic, partition, &w, count);
-        true
+        self.slot_of(topic, partition)
+            .is_some_and(|i| self.slots[i].processed(offset, mode, count))
     }
 
-    fn counted_below(
+    /// [`Ledger::processed`], the partition found by its handle.
+    #[inline]
+    pub fn processed_by<'a>(
         &mut self,
-        topic: &str,
-        partition: i32,
-        next: i64,
+        handle: Handle,
+        topic: impl Fn() -> &'a str,
+        offset: i64,
+        mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
-    ) -> usize {
-        let Some(part) = self.get_mut(topic, partition) else {
-            return 0;
-        };
-        let mut n = 0;
-        while let Some(w) = part.waiting.front().copied() {
-            if w.offset >= next {
-                break;
-            }
-            part.waiting.pop_front();
-            part.count(topic, partition, &w, count);
-            n += 1;
-        }
-        n
+    ) -> bool {
+        self.slot_by(handle, topic)
+            .is_some_and(|i| self.slots[i].processed(offset, mode, count))
     }
 
     /// The application stored (or committed) `next`, the offset after the last message it
@@ -273,14 +411,27 @@ impl Ledger {
         mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
     ) -> bool {
-        let Some(part) = self
-            .parts
-            .get_mut(topic)
-            .and_then(|m| m.get_mut(&partition))
-        else {
+        let Some(i) = self.slot_of(topic, partition) else {
             return false;
         };
-        self.passed_over += store_in(part, topic, partition, next, mode, count);
+        self.passed_over += self.slots[i].store(next, mode, count);
+        true
+    }
+
+    /// [`Ledger::store`], the partition found by its handle.
+    #[inline]
+    pub fn store_by<'a>(
+        &mut self,
+        handle: Handle,
+        topic: impl Fn() -> &'a str,
+        next: i64,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) -> bool {
+        let Some(i) = self.slot_by(handle, topic) else {
+            return false;
+        };
+        self.passed_over += self.slots[i].store(next, mode, count);
         true
     }
 
@@ -290,27 +441,22 @@ impl Ledger {
         mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
     ) {
-        let received: Vec<(String, i32, i64)> = self
-            .parts
-            .iter()
-            .flat_map(|(t, m)| {
-                m.iter()
-                    .filter_map(move |(p, part)| part.received_to.map(|r| (t.clone(), *p, r)))
-            })
-            .collect();
-        for (t, p, r) in received {
-            self.store(&t, p, r, mode, count);
+        for slot in &mut self.slots {
+            if let Some(r) = slot.part.received_to {
+                self.passed_over += slot.store(r, mode, count);
+            }
         }
     }
 
     /// The offsets a flush commits: `(topic, partition, next offset)` where it moves.
     pub fn to_commit(&self) -> Vec<(String, i32, i64)> {
         let mut v: Vec<(String, i32, i64)> = self
-            .parts
+            .slots
             .iter()
-            .flat_map(|(t, m)| {
-                m.iter()
-                    .filter_map(move |(p, part)| part.to_commit().map(|o| (t.clone(), *p, o)))
+            .filter_map(|s| {
+                s.part
+                    .to_commit()
+                    .map(|o| (s.topic.clone(), s.partition, o))
             })
             .collect();
         v.sort();
@@ -340,44 +486,18 @@ impl Ledger {
     /// nothing has nothing to read again).
     pub fn rewind(&mut self) -> Vec<(String, i32, i64)> {
         let mut v = Vec::new();
-        for (t, m) in &mut self.parts {
-            for (p, part) in m.iter_mut() {
-                part.waiting.clear();
-                part.stored = None;
-                part.received_to = None;
-                if let Some(from) = part.committed.or(part.first_received) {
-                    v.push((t.clone(), *p, from));
-                }
+        for s in &mut self.slots {
+            let part = &mut s.part;
+            part.waiting.clear();
+            part.stored = None;
+            part.received_to = None;
+            if let Some(from) = part.committed.or(part.first_received) {
+                v.push((s.topic.clone(), s.partition, from));
             }
         }
         v.sort();
         v
     }
-}
-
-/// Stores `next` in one partition (see [`Ledger::store`]); returns how many messages it
-/// passed over.
-fn store_in(
-    part: &mut Partition,
-    topic: &str,
-    partition: i32,
-    next: i64,
-    mode: CountOn,
-    count: &mut impl FnMut(&str, i32, &Waiting),
-) -> u64 {
-    let mut passed = 0;
-    while let Some(w) = part.waiting.front().copied() {
-        if w.offset >= next {
-            break;
-        }
-        part.waiting.pop_front();
-        match mode {
-            CountOn::Offsets => part.count(topic, partition, &w, count),
-            CountOn::Processed => passed += 1,
-        }
-    }
-    part.stored = part.stored.max(Some(next));
-    passed
 }
 
 /// The event-time watermark of a partition at a flush, from what is known then:
@@ -516,6 +636,43 @@ mod tests {
         assert!(l.revoke("u", 1).is_some());
         assert_eq!(l.partitions(), vec![("t".to_owned(), 0)]);
         assert!(!l.store("u", 1, 9, CountOn::Offsets, &mut |_, _, _| {}));
+    }
+
+    #[test]
+    fn handles_find_partitions_until_the_assignment_changes() {
+        let mut l = Ledger::default();
+        l.assign("a", 0, Some(0));
+        l.assign("b", 1, Some(0));
+        let a = Handle {
+            topic: 1,
+            partition: 0,
+        };
+        let b = Handle {
+            topic: 2,
+            partition: 1,
+        };
+        l.received_by(a, || "a", w(0));
+        l.received_by(b, || "b", w(0));
+        l.received_by(b, || unreachable!("the handle looked up last"), w(1));
+        // `a` goes: `b` takes its slot, and stays the partition of the last message.
+        assert!(l.revoke("a", 0).is_some());
+        let mut counted = Vec::new();
+        l.store_last_received(CountOn::Offsets, &mut |t, p, w| {
+            counted.push((t.to_owned(), p, w.offset))
+        });
+        assert_eq!(counted, [("b".to_owned(), 1, 0), ("b".to_owned(), 1, 1)]);
+        // `a`'s address now serves another topic: found by name, never taken for `a`.
+        let c = Handle {
+            topic: 1,
+            partition: 1,
+        };
+        l.received_by(c, || "b", w(2));
+        assert!(l.processed_by(c, || "b", 2, CountOn::Offsets, &mut |_, _, _| {}));
+        // A handle of a partition not assigned finds nothing and assigns nothing.
+        assert!(!l.processed_by(a, || "a", 0, CountOn::Offsets, &mut |_, _, _| {}));
+        assert!(!l.store_by(a, || "a", 1, CountOn::Offsets, &mut |_, _, _| {}));
+        assert_eq!(l.partitions(), vec![("b".to_owned(), 1)]);
+        assert_eq!(l.to_commit(), vec![("b".to_owned(), 1, 2)]);
     }
 
     #[test]
