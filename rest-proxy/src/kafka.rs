@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -158,8 +159,40 @@ pub fn is_retriable(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// A delivery report to wait for.
-pub type Delivery = Pin<Box<dyn Future<Output = Result<Ack, Refused>> + Send>>;
+/// A delivery report to wait for (a future resolving to the record's [`Ack`] or why it was
+/// [`Refused`]).
+pub enum Delivery {
+    /// Enqueued on the audited producer.
+    Audited(chaperone_audit::DeliveryFuture),
+    /// Enqueued on the bare producer.
+    Bare(rdkafka::producer::DeliveryFuture),
+    /// Not enqueued (taken when the future resolves).
+    Refused(Option<Refused>),
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Audited(d) => f.debug_tuple("Audited").field(d).finish(),
+            Self::Bare(_) => f.write_str("Bare"),
+            Self::Refused(r) => f.debug_tuple("Refused").field(r).finish(),
+        }
+    }
+}
+
+impl Future for Delivery {
+    type Output = Result<Ack, Refused>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Audited(f) => Pin::new(f).poll(cx).map(settle),
+            Self::Bare(f) => Pin::new(f).poll(cx).map(settle),
+            Self::Refused(r) => Poll::Ready(Err(r
+                .take()
+                .unwrap_or_else(|| Refused::interrupted("the record was not enqueued")))),
+        }
+    }
+}
 
 /// The proxy's producer: audited, or bare when the audit is disabled.
 pub enum Producer {
@@ -226,14 +259,11 @@ impl Producer {
             rec.timestamp = r.timestamp_ms;
             rec.headers = headers.clone();
             let sent = match self {
-                Self::Audited(p) => match p.send_result(rec) {
-                    Ok(f) => Ok(Box::pin(async move { settle(f.await) }) as Delivery),
-                    Err((e, _)) => Err(e),
-                },
-                Self::Bare(p) => match p.send_result(rec) {
-                    Ok(f) => Ok(Box::pin(async move { settle(f.await) }) as Delivery),
-                    Err((e, _)) => Err(e),
-                },
+                Self::Audited(p) => p
+                    .send_result(rec)
+                    .map(Delivery::Audited)
+                    .map_err(|(e, _)| e),
+                Self::Bare(p) => p.send_result(rec).map(Delivery::Bare).map_err(|(e, _)| e),
             };
             match sent {
                 Ok(d) => return d,
@@ -242,10 +272,7 @@ impl Producer {
                 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err(e) => {
-                    let refused = Refused::from_kafka(&e);
-                    return Box::pin(async move { Err(refused) });
-                }
+                Err(e) => return Delivery::Refused(Some(Refused::from_kafka(&e))),
             }
         }
     }

@@ -15,7 +15,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+
+use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+use serde::de::{MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::error::{ApiError, V2_JSON, codes};
@@ -80,11 +84,12 @@ pub fn negotiate(headers: &HeaderMap, offered: &[&'static str]) -> Result<&'stat
 
 const V2_OFFERED: &[&str] = &[V2_JSON, "application/vnd.kafka+json", "application/json"];
 
-/// A v2 produce request.
+/// A v2 produce request, borrowing its strings from the body where it can.
 #[derive(Debug, Deserialize)]
-pub struct ProduceRequest {
+pub struct ProduceRequest<'a> {
     /// The records.
-    pub records: Vec<ProduceRecord>,
+    #[serde(borrow)]
+    pub records: Vec<ProduceRecord<'a>>,
     /// Schema formats only.
     #[serde(default)]
     pub key_schema: Option<Value>,
@@ -101,13 +106,13 @@ pub struct ProduceRequest {
 
 /// One record of a v2 request.
 #[derive(Debug, Deserialize)]
-pub struct ProduceRecord {
+pub struct ProduceRecord<'a> {
     /// Key: base64 (binary) or any JSON; null or absent for none.
-    #[serde(default)]
-    pub key: Option<Value>,
+    #[serde(default, borrow)]
+    pub key: Option<Embedded<'a>>,
     /// Value, likewise.
-    #[serde(default)]
-    pub value: Option<Value>,
+    #[serde(default, borrow)]
+    pub value: Option<Embedded<'a>>,
     /// Partition, overriding the one in the path.
     #[serde(default)]
     pub partition: Option<i32>,
@@ -137,13 +142,73 @@ pub struct ProduceResponse {
     pub value_schema_id: Option<i32>,
 }
 
-fn embedded(format: Format, v: Option<Value>, what: &str) -> Result<Option<Vec<u8>>, ApiError> {
+/// A key or value as a request embeds it: a string (borrowed from the body unless it has
+/// escapes), or any other JSON. Null is `None` around it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Embedded<'a> {
+    /// A JSON string.
+    Text(Cow<'a, str>),
+    /// Any other JSON value.
+    Json(Value),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Embedded<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Strings<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Strings<'a> {
+            type Value = Embedded<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Embedded::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Embedded::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Embedded::Text(Cow::Owned(v)))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Embedded::Json(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Embedded::Json(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Embedded::Json(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Embedded::Json(Value::from(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Embedded::Json(Value::Null))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(SeqAccessDeserializer::new(seq)).map(Embedded::Json)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(MapAccessDeserializer::new(map)).map(Embedded::Json)
+            }
+        }
+        d.deserialize_any(Strings(std::marker::PhantomData))
+    }
+}
+
+fn embedded(
+    format: Format,
+    v: Option<Embedded<'_>>,
+    what: &str,
+) -> Result<Option<Vec<u8>>, ApiError> {
     match (format, v) {
-        (_, None | Some(Value::Null)) => Ok(None),
-        (Format::Json, Some(v)) => serde_json::to_vec(&v)
+        (_, None | Some(Embedded::Json(Value::Null))) => Ok(None),
+        (Format::Json, Some(Embedded::Text(s))) => serde_json::to_vec(&*s)
             .map(Some)
             .map_err(ApiError::json_conversion),
-        (_, Some(Value::String(s))) => base64::engine::general_purpose::STANDARD
+        (Format::Json, Some(Embedded::Json(v))) => serde_json::to_vec(&v)
+            .map(Some)
+            .map_err(ApiError::json_conversion),
+        (_, Some(Embedded::Text(s))) => base64::engine::general_purpose::STANDARD
             .decode(s.as_bytes())
             .map(Some)
             .map_err(|_| {
@@ -152,6 +217,12 @@ fn embedded(format: Format, v: Option<Value>, what: &str) -> Result<Option<Vec<u
         (_, Some(_)) => Err(ApiError::json_conversion(format!(
             "the record's {what} must be a base64 string"
         ))),
+    }
+}
+
+impl Embedded<'_> {
+    fn is_null(&self) -> bool {
+        matches!(self, Self::Json(Value::Null))
     }
 }
 
@@ -359,12 +430,13 @@ async fn produce_records(
     for r in &records {
         pending.push(s.producer.enqueue(topic, r, deadline).await);
     }
-    let results = futures_util::future::join_all(pending).await;
-    let mut offsets = Vec::with_capacity(results.len());
+    let mut offsets = Vec::with_capacity(records.len());
     let (mut acked, mut failed, mut acked_bytes) = (0u64, 0u64, 0u64);
     let mut status = StatusCode::OK;
-    for (r, res) in records.iter().zip(results) {
-        offsets.push(match res {
+    // In order, one after the other: they are acknowledged together, so this wakes up about
+    // once per batch, without the bookkeeping of polling them all at once.
+    for (r, delivery) in records.iter().zip(pending) {
+        offsets.push(match delivery.await {
             Ok(ack) => {
                 acked += 1;
                 acked_bytes += r.payload_len() as u64;
@@ -636,6 +708,29 @@ mod tests {
         assert_eq!(recs[0].key.as_deref(), Some(&b"\"somekey\""[..]));
         assert_eq!(recs[0].value.as_deref(), Some(&br#"{"foo":"bar"}"#[..]));
         assert_eq!(recs[1].partition, Some(2));
+        // Escaped strings, scalars and nesting come out as compact JSON.
+        let recs = decode(
+            Format::Json,
+            br#"{"records":[{"key":"a\"b\u00e9","value":{"n":[1, 2.5, true, null]}},{"value":-3}]}"#,
+            None,
+            10,
+        )
+        .unwrap();
+        assert_eq!(recs[0].key.as_deref(), Some("\"a\\\"bé\"".as_bytes()));
+        assert_eq!(
+            recs[0].value.as_deref(),
+            Some(&br#"{"n":[1,2.5,true,null]}"#[..])
+        );
+        assert_eq!(recs[1].value.as_deref(), Some(&b"-3"[..]));
+        // An escaped base64 string decodes like a plain one.
+        let recs = decode(
+            Format::Binary,
+            br#"{"records":[{"value":"dmFs\u0064WU="}]}"#,
+            None,
+            10,
+        )
+        .unwrap();
+        assert_eq!(recs[0].value.as_deref(), Some(&b"value"[..]));
     }
 
     #[test]
