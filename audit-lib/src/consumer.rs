@@ -435,6 +435,11 @@ impl Core {
         if !self.failed.load(Ordering::Relaxed) {
             return None;
         }
+        self.fatal_error()
+    }
+
+    #[cold]
+    fn fatal_error(&self) -> Option<KafkaError> {
         lock(&self.fatal).clone()
     }
 
