@@ -147,17 +147,19 @@ impl Slot {
         mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
     ) -> u64 {
-        let mut passed = 0;
-        while let Some(w) = self.part.waiting.front().copied() {
-            if w.offset >= next {
-                break;
+        let passed = match mode {
+            CountOn::Offsets => {
+                self.count_below(next, count);
+                0
             }
-            self.part.waiting.pop_front();
-            match mode {
-                CountOn::Offsets => self.part.count(&self.topic, self.partition, &w, count),
-                CountOn::Processed => passed += 1,
+            CountOn::Processed => {
+                let before = self.part.waiting.len();
+                while self.part.waiting.front().is_some_and(|w| w.offset < next) {
+                    self.part.waiting.pop_front();
+                }
+                (before - self.part.waiting.len()) as u64
             }
-        }
+        };
         self.part.stored = self.part.stored.max(Some(next));
         passed
     }
