@@ -78,6 +78,36 @@ async fn duplicate_ids_are_ignored() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_topic_created_again_under_its_stored_offsets_is_read_from_its_start()
+-> anyhow::Result<()> {
+    let db = ingest_db().await?;
+    let topics = Topics::create(3).await?;
+    // The database remembers offsets of the topic's earlier life, past the new log's end
+    // (a topic deleted and created again, a cluster rebuilt under a kept database).
+    for partition in 0..topics.partitions {
+        sqlx::query(
+            "INSERT INTO ingest_offsets (cluster, topic, partition, next_offset) \
+             VALUES ($1, $2, $3, 5000)",
+        )
+        .bind(&topics.alias)
+        .bind(&topics.audit)
+        .bind(partition)
+        .execute(&db.pool)
+        .await?;
+    }
+    let records = mixed_records(&unique("again"), 300);
+    produce(&topics, &encode_all(&records)).await?;
+
+    let collector = InProcess::start(config(&db, &topics), db.pool.clone(), None).await?;
+    // Every record is stored, and the stored offsets follow the new log.
+    wait_caught_up(&db.pool, &topics, Duration::from_secs(60)).await?;
+    assert_eq!(stored_totals(&db.pool).await?, expected_totals(&records));
+
+    collector.stop().await?;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_malformed_records_all_reach_the_dlq() -> anyhow::Result<()> {
     let db = ingest_db().await?;
     let topics = Topics::create(2).await?;

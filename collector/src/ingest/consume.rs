@@ -435,7 +435,8 @@ pub(super) async fn consume(
     let error_log = RateLimit::new(Duration::from_secs(10));
     let store_log = RateLimit::new(Duration::from_secs(10));
     // The partitions read, each with the next offset accepted: a message from before it
-    // (fetched from an earlier position) is dropped.
+    // (fetched from an earlier position) is dropped, unless the partition's log now ends
+    // before it (see `log_restarted`).
     let mut reading: HashMap<i32, i64> = HashMap::new();
     loop {
         let synced = tokio::select! {
@@ -466,7 +467,21 @@ pub(super) async fn consume(
         };
         match reading.get_mut(&m.partition()) {
             Some(next) if m.offset() >= *next => *next = m.offset() + 1,
-            _ => continue,
+            Some(next) => {
+                if !log_restarted(&source, m.partition(), *next).await {
+                    continue;
+                }
+                tracing::error!(
+                    cluster = %alias,
+                    topic = %source.config.audit_topic,
+                    partition = m.partition(),
+                    stored_offset = *next,
+                    offset = m.offset(),
+                    "the audit partition's log ends before the offset stored for it (the topic was deleted and created again, or the cluster rebuilt): reading it from its start; what was stored before is recognised by its ids"
+                );
+                *next = m.offset() + 1;
+            }
+            None => continue,
         }
         let consumed = decode(source.index, &source.config.alias, &source.poison_log, &m);
         tokio::select! {
@@ -614,6 +629,21 @@ async fn sync_assignment(
         .map_err(|_| WriterGone)?;
     }
     Ok(())
+}
+
+/// Whether the log of an audit partition now ends before `stored`, the next offset stored for
+/// it: then librdkafka's `auto.offset.reset` took the consumer back to the start of a log
+/// that restarted (a topic deleted and created again, a cluster rebuilt), and its records are
+/// new. Otherwise a message below `stored` is one fetched before a seek, already stored.
+async fn log_restarted(source: &Arc<Source>, partition: i32, stored: i64) -> bool {
+    let s = Arc::clone(source);
+    let high = tokio::task::spawn_blocking(move || {
+        s.consumer
+            .fetch_watermarks(&s.config.audit_topic, partition, METADATA_TIMEOUT)
+            .map(|(_, high)| high)
+    })
+    .await;
+    matches!(high, Ok(Ok(high)) if high < stored)
 }
 
 /// The number of partitions this collector reads and their ingest lag in records: the high
