@@ -328,4 +328,14 @@ impl Pipeline {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.daemons.stop().await
     }
+
+    /// Ends a test: stops the daemons whatever `outcome` was, returns the outcome's error
+    /// first (it says more than a failed stop), then the stop's, and drops `db` only after a
+    /// test that passed (a failed one leaves it to look at).
+    pub async fn finish(self, outcome: anyhow::Result<()>, db: TestDb) -> anyhow::Result<()> {
+        let stopped = self.stop().await;
+        outcome?;
+        stopped?;
+        db.drop_db().await
+    }
 }

@@ -188,10 +188,7 @@ async fn the_lossy_topic_shows_its_exact_loss_in_chromium() -> anyhow::Result<()
     };
     let pipeline = Pipeline::start(&db, &spec).await?;
     let outcome = scenario(&db, &pipeline, &healthy, &lossy, &audit_topic).await;
-    let stopped = pipeline.stop().await;
-    outcome?;
-    stopped?;
-    db.drop_db().await
+    pipeline.finish(outcome, db).await
 }
 
 async fn scenario(

@@ -61,10 +61,7 @@ async fn each_consumer_group_is_judged_on_what_it_processed() -> anyhow::Result<
     );
     let pipeline = Pipeline::start(&db, &spec).await?;
     let outcome = scenario(&db, &receiver, &id, &topic, &other, &audit_topic).await;
-    let stopped = pipeline.stop().await;
-    outcome?;
-    stopped?;
-    db.drop_db().await
+    pipeline.finish(outcome, db).await
 }
 
 /// A pipeline whose collector judges one edge from regional to every consumer group, with
@@ -429,10 +426,7 @@ async fn a_group_stopped_past_max_wait_is_lagging_until_it_catches_up() -> anyho
         anyhow::Ok(())
     }
     .await;
-    let stopped = pipeline.stop().await;
-    outcome?;
-    stopped?;
-    db.drop_db().await
+    pipeline.finish(outcome, db).await
 }
 
 /// Entry point of the member processes [`groups_through_rebalances_are_exact_or_redelivered`]
@@ -504,10 +498,7 @@ async fn groups_through_rebalances_are_exact_or_redelivered() -> anyhow::Result<
         pipeline,
     } = Setup::start("e2e-group", GROUP_PARTITIONS, 90).await?;
     let outcome = rebalances(&db, &receiver, &id, &topic, &audit_topic).await;
-    let stopped = pipeline.stop().await;
-    outcome?;
-    stopped?;
-    db.drop_db().await
+    pipeline.finish(outcome, db).await
 }
 
 /// Two groups of three member processes read `topic` while producers write it: `exact` in

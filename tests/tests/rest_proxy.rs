@@ -83,10 +83,7 @@ async fn the_proxys_records_get_exact_verdicts_and_a_real_loss_is_notified() -> 
         killed_proxy(&db, &spec, &receiver, &killed).await
     }
     .await;
-    let stopped = pipeline.stop().await;
-    outcome?;
-    stopped?;
-    db.drop_db().await
+    pipeline.finish(outcome, db).await
 }
 
 /// The proxy, running in this process.

@@ -413,11 +413,8 @@ impl Ledger {
         mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
     ) -> bool {
-        let Some(i) = self.slot_of(topic, partition) else {
-            return false;
-        };
-        self.passed_over += self.slots[i].store(next, mode, count);
-        true
+        let slot = self.slot_of(topic, partition);
+        self.store_in(slot, next, mode, count)
     }
 
     /// [`Ledger::store`], the partition found by its handle.
@@ -430,7 +427,18 @@ impl Ledger {
         mode: CountOn,
         count: &mut impl FnMut(&str, i32, &Waiting),
     ) -> bool {
-        let Some(i) = self.slot_by(handle, topic) else {
+        let slot = self.slot_by(handle, topic);
+        self.store_in(slot, next, mode, count)
+    }
+
+    fn store_in(
+        &mut self,
+        slot: Option<usize>,
+        next: i64,
+        mode: CountOn,
+        count: &mut impl FnMut(&str, i32, &Waiting),
+    ) -> bool {
+        let Some(i) = slot else {
             return false;
         };
         self.passed_over += self.slots[i].store(next, mode, count);
