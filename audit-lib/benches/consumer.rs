@@ -5,9 +5,13 @@
 //! (`CHAPERONE_BENCH_MESSAGES`, default 5,000,000, of 100 B, on 3 partitions) are produced
 //! once; each round reads all of them with a new group, counting every message
 //! (`processed` on the audited side) and committing every 1,000 (`commit_message`, async).
-//! `CHAPERONE_BENCH_KAFKA` adds librdkafka properties to both consumers.
-//! Rounds alternate which consumer goes first; the summary shows the median of each and the
-//! ratio. Timings are never asserted.
+//! `CHAPERONE_BENCH_ROUNDS` sets the rounds of each side (default 10),
+//! `CHAPERONE_BENCH_KAFKA` adds librdkafka properties to both consumers,
+//! `CHAPERONE_BENCH_SIDE=bare` or `audited` runs one side alone (to profile it), and
+//! `CHAPERONE_BENCH_BARE_CLOCK_READS` gives the bare consumer that many clock reads per
+//! message (to see what a known amount of work per message costs on the host).
+//! Rounds alternate which consumer goes first; the summary shows the medians, the ratio, and
+//! the CPU per message of the process and of the polling thread. Timings are never asserted.
 
 use std::time::{Duration, Instant};
 
@@ -18,14 +22,22 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 const PAYLOAD: usize = 100;
 const PARTITIONS: i32 = 3;
-const ROUNDS: usize = 3;
 const COMMIT_EVERY: usize = 1_000;
 
 fn messages() -> usize {
-    std::env::var("CHAPERONE_BENCH_MESSAGES")
+    env_number("CHAPERONE_BENCH_MESSAGES", 5_000_000)
+}
+
+/// Rounds of each side (`CHAPERONE_BENCH_ROUNDS`, default 10).
+fn rounds() -> usize {
+    env_number("CHAPERONE_BENCH_ROUNDS", 10).max(1)
+}
+
+fn env_number(key: &str, default: usize) -> usize {
+    std::env::var(key)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000_000)
+        .unwrap_or(default)
 }
 
 fn kafka() -> ClientConfig {
@@ -60,10 +72,10 @@ fn extra_properties() -> Vec<(String, String)> {
         .collect()
 }
 
-/// CPU time of the whole process (every thread, librdkafka's included), in clock ticks
-/// (1/100 s on Linux), from `/proc/self/stat`; 0 where unavailable.
-fn cpu_ticks() -> u64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+/// CPU time (user and system) in clock ticks (1/100 s on Linux) from a `stat` file of
+/// `/proc`; 0 where unavailable.
+fn ticks(path: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0;
     };
     let Some((_, rest)) = stat.rsplit_once(')') else {
@@ -77,6 +89,57 @@ fn cpu_ticks() -> u64 {
             .unwrap_or(0)
     };
     field(11) + field(12)
+}
+
+/// CPU time of the whole process (librdkafka's threads included) and of the polling thread,
+/// in clock ticks.
+#[derive(Clone, Copy)]
+struct Cpu {
+    process: u64,
+    thread: u64,
+}
+
+impl Cpu {
+    fn now() -> Self {
+        Self {
+            process: ticks("/proc/self/stat"),
+            thread: ticks("/proc/thread-self/stat"),
+        }
+    }
+}
+
+/// One side's figures in one round.
+#[derive(Clone, Copy)]
+struct Run {
+    /// Messages per second.
+    rate: f64,
+    /// CPU µs per message, whole process.
+    cpu: f64,
+    /// CPU µs per message, polling thread.
+    thread_cpu: f64,
+}
+
+impl Run {
+    /// `n` messages in `elapsed` seconds, CPU from `since`.
+    fn new(n: usize, elapsed: f64, since: Cpu) -> Self {
+        let now = Cpu::now();
+        let us = |a: u64, b: u64| (b - a) as f64 * 10_000.0 / n as f64;
+        Self {
+            rate: (n - 1) as f64 / elapsed,
+            cpu: us(since.process, now.process),
+            thread_cpu: us(since.thread, now.thread),
+        }
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>9.0} msg/s, cpu-us/msg {:.2} (polling thread {:.2})",
+            self.rate, self.cpu, self.thread_cpu
+        )
+    }
 }
 
 fn produce(topic: &str, n: usize) -> anyhow::Result<()> {
@@ -109,41 +172,41 @@ fn produce(topic: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads `n` messages of `topic` with a bare consumer; returns (msgs/s, CPU µs/msg).
-fn bare(topic: &str, n: usize) -> anyhow::Result<(f64, f64)> {
+/// Reads `n` messages of `topic` with a bare consumer (`CHAPERONE_BENCH_BARE_CLOCK_READS`:
+/// that many reads of the clock per message, work of a known cost).
+fn bare(topic: &str, n: usize) -> anyhow::Result<Run> {
     let consumer: BaseConsumer =
         consumer_config(&chaperone_test_support::unique("bench-bare")).create()?;
     consumer.subscribe(&[topic])?;
+    let extra_clock_reads = env_number("CHAPERONE_BENCH_BARE_CLOCK_READS", 0);
     let mut bytes = 0usize;
     let mut received = 0usize;
     let mut start = None;
-    let mut cpu = 0;
     while received < n {
         let Some(m) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
         let m = m?;
         if start.is_none() {
-            start = Some(Instant::now());
-            cpu = cpu_ticks();
+            start = Some((Instant::now(), Cpu::now()));
         }
         bytes += m.payload_len();
+        for _ in 0..extra_clock_reads {
+            std::hint::black_box(Instant::now());
+        }
         received += 1;
         if received.is_multiple_of(COMMIT_EVERY) {
             consumer.commit_message(&m, CommitMode::Async)?;
         }
     }
-    let elapsed = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let (start, cpu) = start.expect("messages were read");
+    let run = Run::new(n, start.elapsed().as_secs_f64(), cpu);
     anyhow::ensure!(bytes == n * PAYLOAD, "payload bytes");
-    Ok((
-        (n - 1) as f64 / elapsed,
-        (cpu_ticks() - cpu) as f64 * 10_000.0 / n as f64,
-    ))
+    Ok(run)
 }
 
-/// Reads `n` messages of `topic` with an audited consumer, each marked processed; returns
-/// (msgs/s, CPU µs/msg).
-fn audited(topic: &str, audit_topic: &str, n: usize) -> anyhow::Result<(f64, f64)> {
+/// Reads `n` messages of `topic` with an audited consumer, each marked processed.
+fn audited(topic: &str, audit_topic: &str, n: usize) -> anyhow::Result<Run> {
     // The default flush interval (10 s).
     let audit = AuditConfig {
         topic: audit_topic.to_owned(),
@@ -157,15 +220,13 @@ fn audited(topic: &str, audit_topic: &str, n: usize) -> anyhow::Result<(f64, f64
     consumer.subscribe(&[topic])?;
     let mut received = 0usize;
     let mut start = None;
-    let mut cpu = 0;
     while received < n {
         let Some(m) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
         let m = m?;
         if start.is_none() {
-            start = Some(Instant::now());
-            cpu = cpu_ticks();
+            start = Some((Instant::now(), Cpu::now()));
         }
         consumer.processed(&m);
         received += 1;
@@ -173,24 +234,19 @@ fn audited(topic: &str, audit_topic: &str, n: usize) -> anyhow::Result<(f64, f64
             consumer.commit_message(&m, CommitMode::Async)?;
         }
     }
-    let elapsed = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
-    let cpu_us = (cpu_ticks() - cpu) as f64 * 10_000.0 / n as f64;
+    let (start, cpu) = start.expect("messages were read");
+    let run = Run::new(n, start.elapsed().as_secs_f64(), cpu);
     let stats = consumer.close();
     anyhow::ensure!(
         stats.counted == n as u64,
         "counted {} of {n}",
         stats.counted
     );
-    Ok(((n - 1) as f64 / elapsed, cpu_us))
+    Ok(run)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn main() -> anyhow::Result<()> {
-    let n = messages();
+/// Creates the topics and produces `n` messages; returns (topic, audit topic).
+fn setup(n: usize) -> anyhow::Result<(String, String)> {
     let topic = chaperone_test_support::unique("bench-consumed");
     let audit_topic = chaperone_test_support::unique("bench-audit");
     let rt = tokio::runtime::Runtime::new()?;
@@ -214,38 +270,79 @@ fn main() -> anyhow::Result<()> {
         "produced {n} messages of {PAYLOAD} B in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let (mut b, mut a, mut bc, mut ac) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..ROUNDS * 2 {
-        let (rb, cb, ra, ca) = if round % 2 == 0 {
-            let (rb, cb) = bare(&topic, n)?;
-            let (ra, ca) = audited(&topic, &audit_topic, n)?;
-            (rb, cb, ra, ca)
+    Ok((topic, audit_topic))
+}
+
+/// Runs one side alone (`CHAPERONE_BENCH_SIDE`), for a profiler.
+fn alone(side: &str, n: usize) -> anyhow::Result<()> {
+    let (topic, audit_topic) = setup(n)?;
+    for round in 0..rounds() {
+        let run = if side == "bare" {
+            bare(&topic, n)?
         } else {
-            let (ra, ca) = audited(&topic, &audit_topic, n)?;
-            let (rb, cb) = bare(&topic, n)?;
-            (rb, cb, ra, ca)
+            audited(&topic, &audit_topic, n)?
+        };
+        println!("round {round:>2}: {side} {run}");
+    }
+    Ok(())
+}
+
+/// `CHAPERONE_BENCH_SIDE`: `Some("bare")` or `Some("audited")` to run only that side.
+fn side() -> anyhow::Result<Option<String>> {
+    match std::env::var("CHAPERONE_BENCH_SIDE") {
+        Err(_) => Ok(None),
+        Ok(s) if s == "bare" || s == "audited" => Ok(Some(s)),
+        Ok(s) => anyhow::bail!("CHAPERONE_BENCH_SIDE is {s:?}: expected bare or audited"),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let n = messages();
+    if let Some(side) = side()? {
+        return alone(&side, n);
+    }
+    let (topic, audit_topic) = setup(n)?;
+    let rounds = rounds();
+    let mut pairs: Vec<(Run, Run)> = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let (b, a) = if round % 2 == 0 {
+            let b = bare(&topic, n)?;
+            (b, audited(&topic, &audit_topic, n)?)
+        } else {
+            let a = audited(&topic, &audit_topic, n)?;
+            (bare(&topic, n)?, a)
         };
         println!(
-            "round {round:>2}: bare {rb:>9.0} msg/s {cb:>5.2} cpu-us/msg, audited {ra:>9.0} msg/s {ca:>5.2} cpu-us/msg, ratio {:.3}",
-            ra / rb
+            "round {round:>2}: bare {b}\n          audited {a}, ratio {:.3}",
+            a.rate / b.rate
         );
-        b.push(rb);
-        a.push(ra);
-        bc.push(cb);
-        ac.push(ca);
+        pairs.push((b, a));
     }
-    let ratios: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a / b).collect();
-    let (mb, ma) = (median(b), median(a));
-    let (mbc, mac) = (median(bc), median(ac));
+    let med = |f: &dyn Fn(&(Run, Run)) -> f64| median(pairs.iter().map(f).collect());
+    let (rb, ra) = (med(&|p| p.0.rate), med(&|p| p.1.rate));
+    let (cb, ca) = (med(&|p| p.0.cpu), med(&|p| p.1.cpu));
+    let (tb, ta) = (med(&|p| p.0.thread_cpu), med(&|p| p.1.thread_cpu));
     println!(
-        "\n{n} messages x {} rounds each, extra properties {:?}",
-        ROUNDS * 2,
+        "\n{n} messages x {rounds} rounds each, extra properties {:?} (medians)",
         extra_properties()
     );
-    println!("  bare BaseConsumer:  {mb:>9.0} msg/s  {mbc:.3} cpu-us/msg (median)");
-    println!("  AuditedConsumer:    {ma:>9.0} msg/s  {mac:.3} cpu-us/msg (median)");
-    println!("  ratio of medians:   {:.3}x (target >= 0.95x)", ma / mb);
-    println!("  median round ratio: {:.3}x", median(ratios));
-    println!("  cpu per message:    {:.3}x of bare", mac / mbc);
+    println!("  bare BaseConsumer:  {rb:>9.0} msg/s, cpu-us/msg {cb:.3} (polling thread {tb:.3})");
+    println!("  AuditedConsumer:    {ra:>9.0} msg/s, cpu-us/msg {ca:.3} (polling thread {ta:.3})");
+    println!("  ratio of medians:   {:.3}x (target >= 0.95x)", ra / rb);
+    println!(
+        "  median round ratio: {:.3}x",
+        med(&|p| p.1.rate / p.0.rate)
+    );
+    println!(
+        "  cpu per message:    {:.3}x of bare (polling thread {:.3}x, +{:.3} us)",
+        ca / cb,
+        ta / tb,
+        ta - tb
+    );
     Ok(())
 }

@@ -40,8 +40,10 @@
 //! so what is drained and the offsets committed always match; `poll` wakes up for a flush
 //! while idle, so a caught-up partition still reports progress.
 //!
-//! [`ledger`] keeps the per-partition bookkeeping, [`sink`] the audit producer.
+//! [`ledger`] keeps the per-partition bookkeeping, [`counted`] the counts since the last
+//! flush, [`sink`] the audit producer.
 
+pub mod counted;
 pub mod ledger;
 pub mod sink;
 
@@ -71,8 +73,8 @@ use crate::record::{AuditRecord, MAX_NAME_LEN, Observer, Progress, Tier};
 use crate::reporter::{AuditError, Clock, SystemClock, audit_client_config};
 use crate::sequence::SequenceIds;
 use crate::spool::EncodedRecord;
-use crate::tracker::Tracker;
 
+use counted::Counted;
 pub use ledger::CountOn;
 use ledger::{Handle, Ledger, Waiting};
 use sink::{Acks, TxnError};
@@ -189,8 +191,8 @@ enum Why {
 struct Core {
     /// Physical topic -> logical topic and source datacenter.
     mapping: Mapping,
-    tracker: Tracker,
-    ledger: Mutex<Ledger>,
+    /// The ledger and the counts, under one lock.
+    books: Mutex<Books>,
     out: Mutex<Out>,
     ids: Mutex<SequenceIds>,
     observer: Observer,
@@ -215,10 +217,15 @@ struct Core {
     /// A poll found no message waiting since the last flush: only then can a partition be
     /// caught up, and only then does a flush ask for end offsets.
     idled: AtomicBool,
-    /// Messages counted; written only under the ledger's lock.
-    counted: AtomicU64,
     flushes: AtomicU64,
     aborted: AtomicU64,
+}
+
+/// What a consumer knows about its partitions and what it counted since the last flush:
+/// one lock for both, taken once for each message received and each one processed.
+struct Books {
+    ledger: Ledger,
+    counted: Counted,
 }
 
 /// The librdkafka context of an audited consumer: counts, flushes, and hands partitions over
@@ -266,7 +273,7 @@ impl ConsumerContext for AuditConsumerContext {
                     core.before_poll();
                     core.flush(consumer, Why::Revoke);
                 }
-                let mut ledger = lock(&core.ledger);
+                let ledger = &mut lock(&core.books).ledger;
                 for el in tpl.elements() {
                     ledger.revoke(el.topic(), el.partition());
                 }
@@ -277,7 +284,7 @@ impl ConsumerContext for AuditConsumerContext {
                     .committed_offsets((*tpl).clone(), core.kafka_timeout)
                     .map_err(|e| tracing::warn!(error = %e, "cannot read committed offsets"))
                     .ok();
-                let mut ledger = lock(&core.ledger);
+                let ledger = &mut lock(&core.books).ledger;
                 for el in tpl.elements() {
                     let c = committed.as_ref().and_then(|c| {
                         c.find_partition(el.topic(), el.partition())
@@ -344,19 +351,13 @@ impl Core {
         }
     }
 
+    /// Runs `f` on the ledger and the counts, with the time messages are processed at.
     #[inline]
-    fn count_fn(&self, now: i64) -> impl FnMut(&str, i32, &Waiting) + '_ {
-        move |topic: &str, partition: i32, w: &Waiting| {
-            match w.event_ms {
-                Some(e) => self.tracker.record(topic, Some(partition), e, w.bytes, now),
-                None => self
-                    .tracker
-                    .record_untimed(topic, Some(partition), w.bytes, now, false),
-            }
-            // Counting happens under the ledger's lock: no read-modify-write needed.
-            let n = self.counted.load(Ordering::Relaxed);
-            self.counted.store(n + 1, Ordering::Relaxed);
-        }
+    fn with_books<R>(&self, f: impl FnOnce(&mut Ledger, &mut Counted, i64) -> R) -> R {
+        let now = self.now();
+        let mut books = lock(&self.books);
+        let Books { ledger, counted } = &mut *books;
+        f(ledger, counted, now)
     }
 
     /// Before the application asks for a message: the previous one is done when
@@ -364,9 +365,9 @@ impl Core {
     #[inline]
     fn before_poll(&self) {
         if self.auto_store {
-            let now = self.now();
-            let mut count = self.count_fn(now);
-            lock(&self.ledger).store_last_received(self.count_on, &mut count);
+            self.with_books(|ledger, counted, now| {
+                ledger.store_last_received(self.count_on, &mut counted.at(now))
+            });
         }
     }
 
@@ -379,51 +380,51 @@ impl Core {
             m.timestamp().to_millis(),
             m.payload_len() as u64,
         );
-        let mut ledger = lock(&self.ledger);
-        if self.auto_store {
-            let now = self.now();
-            ledger.store_last_received(self.count_on, &mut self.count_fn(now));
-        }
-        ledger.received_by(handle(m), || m.topic(), w);
+        self.with_books(|ledger, counted, now| {
+            if self.auto_store {
+                ledger.store_last_received(self.count_on, &mut counted.at(now));
+            }
+            ledger.received_by(handle(m), || m.topic(), w);
+        })
     }
 
     #[inline]
     fn processed(&self, m: &BorrowedMessage<'_>) -> bool {
-        let now = self.now();
-        let mut count = self.count_fn(now);
-        lock(&self.ledger).processed_by(
-            handle(m),
-            || m.topic(),
-            m.offset(),
-            self.count_on,
-            &mut count,
-        )
+        self.with_books(|ledger, counted, now| {
+            ledger.processed_by(
+                handle(m),
+                || m.topic(),
+                m.offset(),
+                self.count_on,
+                &mut counted.at(now),
+            )
+        })
     }
 
     /// Stores the offset after `m`.
     #[inline]
     fn store_after(&self, m: &BorrowedMessage<'_>) -> bool {
-        let now = self.now();
-        let mut count = self.count_fn(now);
-        lock(&self.ledger).store_by(
-            handle(m),
-            || m.topic(),
-            m.offset() + 1,
-            self.count_on,
-            &mut count,
-        )
+        self.with_books(|ledger, counted, now| {
+            ledger.store_by(
+                handle(m),
+                || m.topic(),
+                m.offset() + 1,
+                self.count_on,
+                &mut counted.at(now),
+            )
+        })
     }
 
     fn store(&self, topic: &str, partition: i32, next: i64) -> bool {
-        let now = self.now();
-        let mut count = self.count_fn(now);
-        lock(&self.ledger).store(topic, partition, next, self.count_on, &mut count)
+        self.with_books(|ledger, counted, now| {
+            ledger.store(topic, partition, next, self.count_on, &mut counted.at(now))
+        })
     }
 
     fn store_all_received(&self) {
-        let now = self.now();
-        let mut count = self.count_fn(now);
-        lock(&self.ledger).store_all_received(self.count_on, &mut count);
+        self.with_books(|ledger, counted, now| {
+            ledger.store_all_received(self.count_on, &mut counted.at(now))
+        });
     }
 
     fn until_flush(&self) -> Duration {
@@ -454,8 +455,10 @@ impl Core {
     /// either, so the new owner counts them) and the partitions still assigned are read again
     /// from their committed offsets.
     fn discard(&self, consumer: &BaseConsumer<AuditConsumerContext>) {
-        let dropped = self.tracker.drain().messages();
-        let rewind = lock(&self.ledger).rewind();
+        let (dropped, rewind) = {
+            let mut books = lock(&self.books);
+            (books.counted.drain().messages(), books.ledger.rewind())
+        };
         if dropped > 0 {
             tracing::warn!(dropped, "uncommitted counts discarded");
         }
@@ -502,7 +505,7 @@ impl Core {
         consumer: &K,
     ) -> Vec<((String, i32), (i64, i64))> {
         let candidates: Vec<(String, i32)> = {
-            let ledger = lock(&self.ledger);
+            let ledger = &lock(&self.books).ledger;
             ledger
                 .partitions()
                 .into_iter()
@@ -589,8 +592,9 @@ impl Core {
         let now = self.clock.now_ms();
 
         // Drain and read the offsets together: nothing is counted on this thread meanwhile.
-        let mut ledger = lock(&self.ledger);
-        let drained = self.tracker.drain();
+        let mut books = lock(&self.books);
+        let drained = books.counted.drain();
+        let ledger = &mut books.ledger;
         let offsets = ledger.to_commit();
         let messages = drained.messages();
         self.metrics.messages_tracked.inc_by(messages);
@@ -784,7 +788,7 @@ impl Core {
             }
         };
         drop(out);
-        drop(ledger);
+        drop(books);
         // The next one an interval after this one ended, however long it took.
         *lock(&self.next_flush) = Instant::now() + self.flush_interval;
         tracing::debug!(
@@ -908,8 +912,10 @@ fn prepare(
     }
     let core = Core {
         mapping,
-        tracker: Tracker::new(width, audit.max_open_cells),
-        ledger: Mutex::new(Ledger::default()),
+        books: Mutex::new(Books {
+            ledger: Ledger::default(),
+            counted: Counted::new(width, audit.max_open_cells),
+        }),
         out: Mutex::new(out),
         ids: Mutex::new(SequenceIds::new()),
         observer,
@@ -929,7 +935,6 @@ fn prepare(
         failed: AtomicBool::new(false),
         polls: AtomicU32::new(0),
         idled: AtomicBool::new(true),
-        counted: AtomicU64::new(0),
         flushes: AtomicU64::new(0),
         aborted: AtomicU64::new(0),
     };
@@ -1119,7 +1124,7 @@ macro_rules! audited_consumer_trait {
 
             /// The assignment changes outside a rebalance callback: see [`ledger::Handle`].
             fn forget_handles(&self) {
-                lock(&self.core().ledger).forget_handles();
+                lock(&self.core().books).ledger.forget_handles();
             }
 
             /// Marks `message` processed and counts it (see [`CountOn`]). Returns whether it
@@ -1131,17 +1136,13 @@ macro_rules! audited_consumer_trait {
             /// What the consumer counted and committed since it started.
             pub fn stats(&self) -> ConsumerStats {
                 let core = self.core();
+                let books = lock(&core.books);
                 ConsumerStats {
-                    counted: core.counted.load(Ordering::Relaxed),
-                    passed_over: lock(&core.ledger).passed_over,
+                    counted: books.counted.total,
+                    passed_over: books.ledger.passed_over,
                     flushes: core.flushes.load(Ordering::Relaxed),
                     aborted: core.aborted.load(Ordering::Relaxed),
                 }
-            }
-
-            /// The tracker the consumer counts into.
-            pub fn tracker(&self) -> &Tracker {
-                &self.core().tracker
             }
 
             /// The wrapped rdkafka consumer. Offsets committed through it directly bypass the

@@ -195,6 +195,22 @@ impl Tally {
         &mut self.cells[i].1
     }
 
+    /// The cell for (topic, partition, bucket) if it is open, or opened when fewer than
+    /// `max_cells` are: `None` when opening it would pass that cap.
+    #[inline]
+    pub fn cell_within(
+        &mut self,
+        topic: &str,
+        partition: Option<i32>,
+        bucket_start_ms: i64,
+        max_cells: usize,
+    ) -> Option<&mut Cell> {
+        if self.cells.len() >= max_cells && !self.contains(topic, partition, bucket_start_ms) {
+            return None;
+        }
+        Some(self.cell(topic, partition, bucket_start_ms))
+    }
+
     /// Counts one message with a known event time.
     #[inline]
     pub fn record(
