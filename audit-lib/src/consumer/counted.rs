@@ -14,6 +14,9 @@ use crate::tracker::Drained;
 #[derive(Debug)]
 pub struct Counted {
     tally: Tally,
+    /// The bucket of the last message counted, `[start, end)`: most messages fall in it, and
+    /// finding theirs then takes no division.
+    last_bucket: (i64, i64),
     max_open_cells: usize,
     overflowed: u64,
     /// Messages counted since the consumer started (not reset by a drain).
@@ -25,6 +28,7 @@ impl Counted {
     pub fn new(width: BucketWidth, max_open_cells: usize) -> Self {
         Self {
             tally: Tally::new(width),
+            last_bucket: (0, 0),
             max_open_cells: max_open_cells.max(1),
             overflowed: 0,
             total: 0,
@@ -35,8 +39,16 @@ impl Counted {
     /// bucket of its event time, else (untimed) of `now_ms`.
     #[inline]
     pub fn add(&mut self, topic: &str, partition: i32, w: &Waiting, now_ms: i64) {
-        let width = self.tally.width();
-        let start = width.start_of(w.event_ms.unwrap_or(now_ms));
+        let t = w.event_ms.unwrap_or(now_ms);
+        let start = match self.last_bucket {
+            (start, end) if start <= t && t < end => start,
+            _ => {
+                let width = self.tally.width();
+                let start = width.start_of(t);
+                self.last_bucket = (start, width.end_of(start));
+                start
+            }
+        };
         match self
             .tally
             .cell_within(topic, Some(partition), start, self.max_open_cells)
@@ -105,7 +117,18 @@ mod tests {
         // A drain empties the cells and the overflow count, not the total.
         let d = c.drain();
         assert!(d.entries.is_empty() && d.overflowed == 0);
+        // Back and forth across a bucket edge: each message in its own bucket.
         c.add("t", 2, &minute, T + 61_000);
-        assert_eq!((c.total, c.drain().entries.len()), (5, 1));
+        c.add("t", 2, &Waiting::new(4, Some(T - 1), 10), T + 61_000);
+        c.add("t", 2, &Waiting::new(5, Some(T), 10), T + 61_000);
+        assert_eq!(c.total, 7);
+        assert_eq!(
+            c.drain()
+                .entries
+                .iter()
+                .map(|e| (e.bucket_start_ms, e.cell.count))
+                .collect::<Vec<_>>(),
+            vec![(T - 600_000, 1), (T, 2)]
+        );
     }
 }
