@@ -166,11 +166,16 @@ impl EdgeConfig {
 
     /// This edge to `tier`, when `to` is a pattern that `tier` matches.
     pub fn to_tier(&self, tier: &str) -> Option<EdgeConfig> {
-        let prefix = tier_pattern(&self.to)?;
-        (tier.starts_with(prefix) && tier.len() > prefix.len()).then(|| EdgeConfig {
+        self.reaches(tier).then(|| EdgeConfig {
             to: tier.to_owned(),
             ..self.clone()
         })
+    }
+
+    /// Whether `to` is a pattern that `tier` matches.
+    pub fn reaches(&self, tier: &str) -> bool {
+        tier_pattern(&self.to)
+            .is_some_and(|prefix| tier.starts_with(prefix) && tier.len() > prefix.len())
     }
 }
 

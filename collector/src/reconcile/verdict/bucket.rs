@@ -387,7 +387,24 @@ pub(crate) fn judge_bucket(
             }
         }
     }
+    // A tier of a pattern edge that counted here and has not announced the topic yet is about
+    // to: its progress follows its counts, and may be stored after a pass has judged the
+    // bucket. The bucket stays queued for it (up to `max_wait` after it was queued) so that
+    // its edge is judged when the progress comes, not left out for good.
+    if now_ms < queued_ms.saturating_add(rules.max_wait_ms)
+        && unannounced_counts(&config.edges, rows, progress)
+    {
+        all_final = false;
+    }
     (out, all_final)
+}
+
+/// Whether a tier that an edge reaches through a pattern (`consumer:*`) has counts in `rows`
+/// and no progress on the topic.
+fn unannounced_counts(edges: &[EdgeConfig], rows: &[CellCount], progress: &[ProgressMark]) -> bool {
+    rows.iter().any(|r| {
+        edges.iter().any(|e| e.reaches(&r.tier)) && !progress.iter().any(|p| p.tier == r.tier)
+    })
 }
 
 /// The edges judged for one topic: an edge to a pattern of tiers (`consumer:*`) reaches each
@@ -626,17 +643,15 @@ mod tests {
         let rows = vec![
             counts("aggregate", "dc1", 0, 10),
             counts("consumer:billing", "dc1", 0, 7),
-            // Counts without progress: `search` never announced this topic.
-            counts("consumer:search", "dc1", 0, 3),
         ];
         let mut marks = vec![
             progress("aggregate", "dc1", 0, PASSED),
             progress("consumer:billing", "dc1", 0, PASSED),
         ];
-        let judge_rows = |rows: &[CellCount], marks: &[ProgressMark]| {
+        let judge_at = |rows: &[CellCount], marks: &[ProgressMark], now_ms: i64| {
             let times = Times {
                 queued_ms: END,
-                now_ms: END + 5_000,
+                now_ms,
             };
             let mut sources = SourcesPassed::from([("dc1".into(), PASSED)]);
             judge_bucket(
@@ -649,6 +664,8 @@ mod tests {
                 &mut Findings::default(),
             )
         };
+        let judge_rows =
+            |rows: &[CellCount], marks: &[ProgressMark]| judge_at(rows, marks, END + 5_000);
         let judge = |marks: &[ProgressMark]| judge_rows(&rows, marks);
         let (v, done) = judge(&marks);
         assert!(done);
@@ -681,6 +698,57 @@ mod tests {
         marks[1].mark.watermark_ms = PASSED;
         let (v, _) = judge(&marks);
         assert_eq!(v.len(), 1, "{v:?}");
+    }
+
+    #[test]
+    fn a_group_whose_counts_come_before_its_progress_is_waited_for() {
+        let config = ReconcileConfig {
+            tiers: vec!["aggregate".into(), "consumer:*".into()],
+            edges: vec![EdgeConfig {
+                from: "aggregate".into(),
+                to: "consumer:*".into(),
+                ..EdgeConfig::default()
+            }],
+            ..config()
+        };
+        config.validate().expect("valid");
+        // `search` counted, and its progress (sent after its counts) is not stored yet.
+        let rows = vec![
+            counts("aggregate", "dc1", 0, 10),
+            counts("consumer:search", "dc1", 0, 9),
+        ];
+        let mut marks = vec![progress("aggregate", "dc1", 0, PASSED)];
+        let judge = |marks: &[ProgressMark], now_ms: i64| {
+            let times = Times {
+                queued_ms: END,
+                now_ms,
+            };
+            let mut sources = SourcesPassed::from([("dc1".into(), PASSED)]);
+            judge_bucket(
+                &config,
+                &key(),
+                times,
+                &rows,
+                marks,
+                &mut sources,
+                &mut Findings::default(),
+            )
+        };
+        let (v, done) = judge(&marks, END + 5_000);
+        assert!(v.is_empty() && !done, "the bucket stays queued: {v:?}");
+        // The progress comes: its edge is judged, and the bucket is settled.
+        marks.push(progress("consumer:search", "dc1", 0, PASSED));
+        let (v, done) = judge(&marks, END + 6_000);
+        assert!(done);
+        assert_eq!(
+            v.iter()
+                .map(|c| (c.key.edge.as_str(), c.status, c.expected, c.actual))
+                .collect::<Vec<_>>(),
+            [("aggregate->consumer:search", VerdictStatus::Missing, 10, 9)]
+        );
+        // Never any progress: not waited for past `max_wait` (60 s), and not judged.
+        let (v, done) = judge(&marks[..1], END + 60_000);
+        assert!(v.is_empty() && done, "{v:?}");
     }
 
     #[test]
