@@ -628,8 +628,8 @@ mod tests {
         assert_eq!(sources.keys().collect::<Vec<_>>(), ["dc2"]);
     }
 
-    #[test]
-    fn each_consumer_group_is_an_edge_on_the_topics_it_announced() {
+    /// One edge, from aggregate to every consumer group.
+    fn to_consumers() -> ReconcileConfig {
         let config = ReconcileConfig {
             tiers: vec!["aggregate".into(), "consumer:*".into()],
             edges: vec![EdgeConfig {
@@ -640,6 +640,35 @@ mod tests {
             ..config()
         };
         config.validate().expect("valid");
+        config
+    }
+
+    /// Judges the bucket queued at its end, at `now_ms`, its producers in dc1 passed.
+    fn judge_queued_at_end(
+        config: &ReconcileConfig,
+        rows: &[CellCount],
+        marks: &[ProgressMark],
+        now_ms: i64,
+    ) -> (Vec<Computed>, bool) {
+        let times = Times {
+            queued_ms: END,
+            now_ms,
+        };
+        let mut sources = SourcesPassed::from([("dc1".into(), PASSED)]);
+        judge_bucket(
+            config,
+            &key(),
+            times,
+            rows,
+            marks,
+            &mut sources,
+            &mut Findings::default(),
+        )
+    }
+
+    #[test]
+    fn each_consumer_group_is_an_edge_on_the_topics_it_announced() {
+        let config = to_consumers();
         let rows = vec![
             counts("aggregate", "dc1", 0, 10),
             counts("consumer:billing", "dc1", 0, 7),
@@ -648,24 +677,9 @@ mod tests {
             progress("aggregate", "dc1", 0, PASSED),
             progress("consumer:billing", "dc1", 0, PASSED),
         ];
-        let judge_at = |rows: &[CellCount], marks: &[ProgressMark], now_ms: i64| {
-            let times = Times {
-                queued_ms: END,
-                now_ms,
-            };
-            let mut sources = SourcesPassed::from([("dc1".into(), PASSED)]);
-            judge_bucket(
-                &config,
-                &key(),
-                times,
-                rows,
-                marks,
-                &mut sources,
-                &mut Findings::default(),
-            )
+        let judge_rows = |rows: &[CellCount], marks: &[ProgressMark]| {
+            judge_queued_at_end(&config, rows, marks, END + 5_000)
         };
-        let judge_rows =
-            |rows: &[CellCount], marks: &[ProgressMark]| judge_at(rows, marks, END + 5_000);
         let judge = |marks: &[ProgressMark]| judge_rows(&rows, marks);
         let (v, done) = judge(&marks);
         assert!(done);
@@ -702,16 +716,7 @@ mod tests {
 
     #[test]
     fn a_group_whose_counts_come_before_its_progress_is_waited_for() {
-        let config = ReconcileConfig {
-            tiers: vec!["aggregate".into(), "consumer:*".into()],
-            edges: vec![EdgeConfig {
-                from: "aggregate".into(),
-                to: "consumer:*".into(),
-                ..EdgeConfig::default()
-            }],
-            ..config()
-        };
-        config.validate().expect("valid");
+        let config = to_consumers();
         // `search` counted, and its progress (sent after its counts) is not stored yet.
         let rows = vec![
             counts("aggregate", "dc1", 0, 10),
@@ -719,20 +724,7 @@ mod tests {
         ];
         let mut marks = vec![progress("aggregate", "dc1", 0, PASSED)];
         let judge = |marks: &[ProgressMark], now_ms: i64| {
-            let times = Times {
-                queued_ms: END,
-                now_ms,
-            };
-            let mut sources = SourcesPassed::from([("dc1".into(), PASSED)]);
-            judge_bucket(
-                &config,
-                &key(),
-                times,
-                &rows,
-                marks,
-                &mut sources,
-                &mut Findings::default(),
-            )
+            judge_queued_at_end(&config, &rows, marks, now_ms)
         };
         let (v, done) = judge(&marks, END + 5_000);
         assert!(v.is_empty() && !done, "the bucket stays queued: {v:?}");
